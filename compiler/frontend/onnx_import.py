@@ -1,0 +1,178 @@
+"""Import an ONNX model into Relax: validate it, pin shapes, and fix what TVM's importer gets wrong."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import warnings
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
+
+from compiler.errors import ShrinkcError
+from compiler.frontend.model_info import ModelInfo, TensorInfo
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    """Read and sanity-check an ONNX file, turning every failure into one clear error."""
+    if not os.path.exists(path):
+        raise ShrinkcError(f"model file '{path}' does not exist", "check the path")
+    if os.path.getsize(path) == 0:
+        raise ShrinkcError(f"model file '{path}' is empty", "re-export the model")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except Exception as err:  # protobuf DecodeError, missing external data, ...
+        raise ShrinkcError(f"'{path}' is not a readable ONNX model ({type(err).__name__}: {err})",
+                           "re-export the model; the file may be truncated or not ONNX") from None
+    if model.ir_version < 3 or not model.graph.node or not model.graph.output:
+        raise ShrinkcError(f"'{path}' is not a valid ONNX model (no graph, outputs or IR version)",
+                           "re-export the model; the file may be truncated or not ONNX")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0]
+        if "is required but missing" not in first:  # exporters often leave output shapes out
+            raise ShrinkcError(f"'{path}' fails the ONNX checker: {first}",
+                               "re-export the model with a recent exporter") from None
+    return model
+
+
+def parse_input_pins(pins: list[str] | None) -> dict[str, list[int]]:
+    """Parse `--input NAME:1x3x224x224` pins into {name: shape}."""
+    out: dict[str, list[int]] = {}
+    for pin in pins or []:
+        m = re.fullmatch(r"(.+):(\d+(?:x\d+)*)", pin.strip())
+        if not m:
+            raise ShrinkcError(f"cannot read --input '{pin}'", "write it as NAME:1x3x224x224")
+        out[m.group(1)] = [int(d) for d in m.group(2).split("x")]
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]]) -> list[TensorInfo]:
+    """The real inputs (not initializers) with every dimension fixed, or an error naming the free one."""
+    inits = {i.name for i in model.graph.initializer}
+    result = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tt.elem_type, "float32")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in tt.shape.dim]
+        if vi.name in pins:
+            pinned = pins[vi.name]
+            if len(pinned) != len(dims):
+                raise ShrinkcError(f"--input {vi.name} has {len(pinned)} dimensions but the model's input "
+                                   f"has {len(dims)} ({'x'.join(map(str, dims))})",
+                                   f"pin all {len(dims)} dimensions")
+            dims = pinned
+        free = [d for d in dims if not isinstance(d, int)]
+        if free:
+            example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims)
+            raise ShrinkcError(f"input '{vi.name}' has a dynamic dimension '{free[0]}'",
+                               f"pin it with --input {vi.name}:{example}")
+        result.append(TensorInfo(vi.name, dims, dtype))
+    unknown = set(pins) - {t.name for t in result}
+    if unknown:
+        raise ShrinkcError(f"--input names '{sorted(unknown)[0]}', which is not an input of the model",
+                           f"the inputs are: {', '.join(t.name for t in result)}")
+    return result
+
+
+def _check_ops(model: onnx.ModelProto) -> None:
+    supported = _tvm_onnx._get_convert_map()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ShrinkcError(f"custom op '{node.domain}.{node.op_type}' (node '{node.name}') is not supported",
+                               "export the model with standard ONNX ops only")
+        if node.op_type not in supported and node.op_type not in ("Constant", "If"):
+            raise ShrinkcError(f"unsupported op '{node.op_type}' (node '{node.name}')",
+                               "replace it with standard ops before export, or open an issue naming the op")
+
+
+class _Clip(_tvm_onnx.Clip):
+    """Clip with constant bounds as one R.clip, so later passes can see ReLU6 (TVM emits max/min TIR)."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        bounds = inputs[1:3] if len(inputs) > 1 else []
+        if all(b is None or isinstance(b, tvm.ir.Constant) for b in bounds) and inputs[0].ty.dtype == "float32":
+            lo = float(bounds[0].value.numpy()) if len(bounds) > 0 and bounds[0] is not None else -np.inf
+            hi = float(bounds[1].value.numpy()) if len(bounds) > 1 and bounds[1] is not None else np.inf
+            return relax.op.clip(inputs[0], lo, hi)
+        return super()._impl_v13(bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return relax.op.clip(inputs[0], float(attr.get("min", -np.inf)), float(attr.get("max", np.inf)))
+
+
+def _convert_map():
+    table = _ORIGINAL_CONVERT_MAP()
+    table["Clip"] = _Clip
+    return table
+
+
+_ORIGINAL_CONVERT_MAP = _tvm_onnx._get_convert_map
+_ORIGINAL_CONVERT_OPERATOR = _tvm_onnx.ONNXGraphImporter._convert_operator
+
+
+def _named_convert_operator(self, op_name, inputs, attrs, opset):
+    """Emit each converted node under its ONNX name, so reports can name layers; name failures."""
+    node_name = attrs.get("tvm_custom", {}).get("name", "") or op_name
+    try:
+        sym = _ORIGINAL_CONVERT_OPERATOR(self, op_name, inputs, attrs, opset)
+    except ShrinkcError:
+        raise
+    except Exception as err:
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ShrinkcError(f"cannot import op '{op_name}' (node '{node_name}'): {msg[:200]}",
+                           "check the node's attributes and shapes, or open an issue naming the op") from None
+    if isinstance(sym, relax.Call) and isinstance(sym.ty, relax.TensorType):
+        sym = self.bb.emit(sym, name_hint=_sanitize(node_name))
+    return sym
+
+
+def _sanitize(name: str) -> str:
+    s = re.sub(r"[^0-9a-zA-Z_]", "_", name)
+    return s if s and not s[0].isdigit() else "n_" + s
+
+
+@contextlib.contextmanager
+def _patched_importer():
+    _tvm_onnx._get_convert_map = _convert_map
+    _tvm_onnx.ONNXGraphImporter._convert_operator = _named_convert_operator
+    try:
+        yield
+    finally:
+        _tvm_onnx._get_convert_map = _ORIGINAL_CONVERT_MAP
+        _tvm_onnx.ONNXGraphImporter._convert_operator = _ORIGINAL_CONVERT_OPERATOR
+
+
+def import_onnx(path: str, pins: dict[str, list[int]] | None = None) -> tuple[tvm.IRModule, ModelInfo]:
+    """ONNX file -> (Relax module with weights as constants, the model's signature)."""
+    model = load_onnx(path)
+    inputs = graph_inputs(model, pins or {})
+    _check_ops(model)
+    shape_dict = {t.name: t.shape for t in inputs}
+    dtype_dict = {t.name: t.dtype for t in inputs}
+    with _patched_importer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        mod = _tvm_onnx.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                                  keep_params_in_input=False)
+    ret = mod["main"].ret_ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    outputs = []
+    for vi, ty in zip(model.graph.output, fields):
+        if not isinstance(ty, relax.TensorType) or ty.shape is None or any(
+                not isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+            raise ShrinkcError(f"output '{vi.name}' has a shape that depends on the data",
+                               "shrinkc serves static shapes only; pin every input with --input")
+        outputs.append(TensorInfo(vi.name, [int(d) for d in ty.shape.values], str(ty.dtype)))
+    return mod, ModelInfo("onnx", os.path.abspath(path), inputs, outputs)

@@ -1,0 +1,226 @@
+"""What each target is, as data: TVM target, cross compiler, ISA facts and kernel defaults.
+
+This is the only place that knows a board by name. Everything else asks a `TargetSpec` for facts
+(`vector_lanes`, `is_cpu`, ...) and never branches on `spec.name`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+
+from targets.errors import ShrinkcError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One compilation target."""
+
+    name: str
+    tvm: dict                       # TVM target JSON (for CUDA: the device target, host in `host`)
+    description: str
+    isa: str                        # "avx512", "avx2", "neon", "cuda"
+    vector_lanes: int               # fp32 lanes of one vector register
+    vector_registers: int           # architectural vector registers
+    threads: int                    # cores the library is built and tuned for
+    cross_compiler: str | None = None   # None: the host's `g++`
+    compiler_package: str = ""      # what to install when the cross compiler is missing
+    host: dict | None = None        # host target for device code (CUDA)
+    notes: str = ""
+    kernel_defaults: dict = field(default_factory=dict)  # knob overrides for the schedules
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.tvm.get("kind") == "llvm"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.tvm.get("kind") == "cuda"
+
+    @property
+    def triple(self) -> str:
+        return (self.host or self.tvm).get("mtriple", "")
+
+    @property
+    def is_aarch64(self) -> bool:
+        return self.triple.startswith(("aarch64", "arm64"))
+
+    def runs_here(self) -> bool:
+        """Can a library for this target be loaded and run on this machine (no emulator, no GPU)?"""
+        import platform
+        machine = platform.machine()
+        if self.is_gpu:
+            return _have_cuda_device()
+        return (machine == "x86_64" and self.triple.startswith("x86_64")) or (
+            machine in ("aarch64", "arm64") and self.is_aarch64)
+
+    def tvm_target(self):
+        import tvm
+        if self.host is not None:
+            return tvm.target.Target(self.tvm, host=self.host)
+        return tvm.target.Target(self.tvm)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "tvm": self.tvm, "host": self.host, "isa": self.isa,
+                "vector_lanes": self.vector_lanes, "threads": self.threads,
+                "cross_compiler": self.cross_compiler}
+
+
+def _have_cuda_device() -> bool:
+    try:
+        import tvm
+        return bool(tvm.cuda(0).exist)
+    except Exception:
+        return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _host_mcpu() -> str:
+    import tvm
+    try:
+        return str(tvm.target.Target.from_device("cpu").attrs.get("mcpu", "")) or "x86-64-v3"
+    except Exception:
+        return "x86-64-v3"
+
+
+def x86_host() -> TargetSpec:
+    """This machine, its vector ISA detected from /proc/cpuinfo."""
+    flags = _cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    threads = os.cpu_count() or 1
+    return TargetSpec(
+        name="x86",
+        tvm={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": _host_mcpu(), "num-cores": threads},
+        description="this machine (x86-64), features detected",
+        isa="avx512" if avx512 else "avx2" if "avx2" in flags else "sse",
+        vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
+        vector_registers=32 if avx512 else 16,
+        threads=threads,
+        notes="builds for this CPU's exact features; run it on the same kind of CPU",
+    )
+
+
+def rpi4() -> TargetSpec:
+    return TargetSpec(
+        name="rpi4",
+        # TVM's raspberry-pi/4b-aarch64 tag: Cortex-A72, aarch64, NEON, 4 cores
+        tvm={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
+             "num-cores": 4},
+        description="Raspberry Pi 4 (Cortex-A72, aarch64 Linux, NEON)",
+        isa="neon", vector_lanes=4, vector_registers=32, threads=4,
+        cross_compiler="aarch64-linux-gnu-g++", compiler_package="g++-aarch64-linux-gnu",
+        notes="runs on 64-bit Raspberry Pi OS / Debian arm64 with the TVM runtime",
+        kernel_defaults={"block_lanes": 8},
+    )
+
+
+def android_compiler() -> str | None:
+    """The Android NDK clang to link Pixel libraries with, from the environment, if set."""
+    cc = os.environ.get("SHRINKC_ANDROID_CC")
+    if cc:
+        return cc
+    ndk = os.environ.get("ANDROID_NDK_HOME") or os.environ.get("ANDROID_NDK_ROOT")
+    if ndk:
+        path = os.path.join(ndk, "toolchains/llvm/prebuilt/linux-x86_64/bin/aarch64-linux-android28-clang++")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def pixel() -> TargetSpec:
+    ndk = android_compiler()
+    triple = "aarch64-linux-android" if ndk else "aarch64-linux-gnu"
+    return TargetSpec(
+        name="pixel",
+        tvm={"kind": "llvm", "mtriple": triple, "mcpu": "cortex-a76", "mattr": ["+neon"], "num-cores": 4},
+        description="Pixel-class phone (Cortex-A76 big cores, aarch64)",
+        isa="neon", vector_lanes=4, vector_registers=32, threads=4,
+        cross_compiler=ndk or "aarch64-linux-gnu-g++",
+        compiler_package="the Android NDK (set SHRINKC_ANDROID_CC or ANDROID_NDK_HOME)" if ndk
+        else "g++-aarch64-linux-gnu",
+        notes="links with the Android NDK clang from SHRINKC_ANDROID_CC / ANDROID_NDK_HOME or --cc; "
+              "without one, falls back to aarch64-linux-gnu-g++ (a glibc library: aarch64 Linux, not Android)",
+        kernel_defaults={"block_lanes": 8},
+    )
+
+
+def cuda(arch: str = "sm_80") -> TargetSpec:
+    return TargetSpec(
+        name="cuda" if arch == "sm_80" else f"cuda:{arch}",
+        tvm={"kind": "cuda", "arch": arch},
+        host={"kind": "llvm", "mtriple": "x86_64-linux-gnu"},
+        description=f"NVIDIA GPU ({arch}), device code compiled with nvcc",
+        isa="cuda", vector_lanes=1, vector_registers=0, threads=1,
+        compiler_package="the CUDA toolkit (nvcc)",
+        notes="compiles and exports without a GPU; running and verifying need one",
+    )
+
+
+NAMED = {"x86": x86_host, "rpi4": rpi4, "pixel": pixel, "cuda": cuda}
+
+
+def resolve(target: str | dict | None, cc: str | None = None) -> TargetSpec:
+    """A name from `shrinkc targets` (or cuda:sm_XX), a TVM target JSON dict / string, or None (host)."""
+    if target is None or target == "":
+        spec = x86_host()
+    elif isinstance(target, dict) or (isinstance(target, str) and target.strip().startswith("{")):
+        spec = _from_json(target)
+    elif target.startswith("cuda:"):
+        arch = target.split(":", 1)[1]
+        if not arch.startswith("sm_") or not arch[3:].isdigit():
+            raise ShrinkcError(f"unknown CUDA architecture '{arch}'", "use cuda:sm_XX, for example cuda:sm_80")
+        spec = cuda(arch)
+    elif target in NAMED:
+        spec = NAMED[target]()
+    else:
+        raise ShrinkcError(f"unknown target '{target}'",
+                           f"use one of {', '.join(NAMED)} (see `shrinkc targets`) or a TVM target JSON dict")
+    if cc:
+        spec = replace(spec, cross_compiler=cc)
+    return spec
+
+
+def _from_json(target: str | dict) -> TargetSpec:
+    try:
+        d = json.loads(target) if isinstance(target, str) else dict(target)
+        import tvm
+        tvm.target.Target(d)
+    except Exception as err:
+        raise ShrinkcError(f"cannot read target JSON {target!r}: {str(err).splitlines()[0][:120]}",
+                           'write it like {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}') from None
+    kind = d.get("kind")
+    if kind == "cuda":
+        return replace(cuda(d.get("arch", "sm_80")), tvm=d)
+    if kind != "llvm":
+        raise ShrinkcError(f"target kind '{kind}' is not supported", "use an llvm (CPU) or cuda target")
+    triple = d.get("mtriple", "x86_64-linux-gnu")
+    if triple.startswith(("aarch64", "arm64")):
+        base = rpi4()
+        return replace(base, name="custom-aarch64", tvm=d, description="custom aarch64 target",
+                       threads=int(d.get("num-cores", base.threads)))
+    host = x86_host()
+    if d.get("mcpu") and d.get("mcpu") != host.tvm["mcpu"]:
+        # a different x86 CPU: assume AVX2 unless its name says AVX-512 is there
+        return replace(host, name="custom-x86", tvm=d, description="custom x86 target")
+    return replace(host, name="custom-x86", tvm=d, description="custom x86 target")
+
+
+def describe_all() -> list[dict]:
+    rows = []
+    for name, make in NAMED.items():
+        spec = make()
+        rows.append({"name": name, "tvm": spec.tvm, "host": spec.host, "cross_compiler": spec.cross_compiler,
+                     "compiler_package": spec.compiler_package, "notes": spec.notes,
+                     "description": spec.description})
+    return rows
