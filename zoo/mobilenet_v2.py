@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx
 
-from zoo.onnx_builder import OnnxBuilder
+from zoo.onnx_builder import OnnxBuilder, check_shrink_options
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2
 _BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -17,15 +17,19 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000,
                  sparsity: float = 0.0, linear_blocks: tuple[int, ...] = (), bn: bool = False,
-                 seed: int = 0) -> onnx.ModelProto:
+                 seed: int = 0, explicit_pad: bool = False, sparse_from: int = 0) -> onnx.ModelProto:
     """Build MobileNetV2.
 
     sparsity: share of zeros in every 1x1 conv weight (unstructured), 0 for dense.
+    sparse_from: index of the first block (counting all 17 blocks from 0) whose 1x1 convs get
+        `sparsity`; the blocks before it stay dense, the head conv always gets it.
     linear_blocks: indices of inverted residual blocks whose two ReLU6 are removed
         (DepthShrinker's 'linear' blocks), counting the expansion blocks from 0.
     bn: emit BatchNormalization nodes after convs instead of folded biases.
+    explicit_pad: a separate Pad node before each 3x3 conv, whose own pads are 0.
     """
-    b = OnnxBuilder(f"mobilenet_v2_{width}_{resolution}", seed)
+    check_shrink_options("mobilenet_v2", sparsity, linear_blocks, sum(n for t, _, n, _ in _BLOCKS if t != 1))
+    b = OnnxBuilder(f"mobilenet_v2_{width}_{resolution}", seed, explicit_pad)
     x = b.input("input", [1, 3, resolution, resolution])
     cin = make_divisible(32 * width)
     x = b.relu6(b.conv(x, 3, cin, 3, 2, name="stem", bn=bn), name="stem.relu6")
@@ -38,15 +42,16 @@ def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1
             name = f"block{block}"
             hidden = cin * t
             linear = t != 1 and expand_idx in linear_blocks
+            sp = sparsity if block >= sparse_from else 0.0
             y = x
             if t != 1:
-                y = b.conv(y, cin, hidden, 1, name=f"{name}.expand", bn=bn, sparsity=sparsity)
+                y = b.conv(y, cin, hidden, 1, name=f"{name}.expand", bn=bn, sparsity=sp)
                 if not linear:
                     y = b.relu6(y, name=f"{name}.expand.relu6")
             y = b.conv(y, hidden, hidden, 3, stride, groups=hidden, name=f"{name}.dw", bn=bn)
             if not linear:
                 y = b.relu6(y, name=f"{name}.dw.relu6")
-            y = b.conv(y, hidden, cout, 1, name=f"{name}.project", bn=bn, sparsity=sparsity)
+            y = b.conv(y, hidden, cout, 1, name=f"{name}.project", bn=bn, sparsity=sp)
             if stride == 1 and cin == cout:
                 y = b.add(y, x, name=f"{name}.add")
             if t != 1:

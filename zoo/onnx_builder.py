@@ -5,12 +5,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from targets.errors import ShrinkcError
+
 
 class OnnxBuilder:
     """Appends nodes and initializers; each layer gets a readable, unique name."""
 
-    def __init__(self, name: str, seed: int = 0):
+    def __init__(self, name: str, seed: int = 0, explicit_pad: bool = False):
         self.name = name
+        self.explicit_pad = explicit_pad  # separate Pad node before each kxk conv, as TF->ONNX emits
+        self.opset = 13  # raised by ops that need a newer one
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -44,9 +48,12 @@ class OnnxBuilder:
         fan_in = cin // groups * k * k
         w = self.rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
         w *= np.float32(np.sqrt(2.0 / fan_in))
-        if sparsity > 0:
-            w[self.rng.random(w.shape) < sparsity] = 0.0
+        if sparsity > 0:  # exactly round(sparsity * size) zeros, at random places
+            flat = w.reshape(-1)
+            flat[self.rng.choice(flat.size, int(round(sparsity * flat.size)), replace=False)] = 0.0
         p = k // 2 if pad is None else pad
+        if self.explicit_pad and p > 0:
+            x, p = self.pad(x, p, name=name + ".pad"), 0
         inputs = [x, self.const(name + ".weight", w)]
         if bias and not bn:
             inputs.append(self.const(name + ".bias", (self.rng.standard_normal(cout) * 0.05).astype(np.float32)))
@@ -55,6 +62,11 @@ class OnnxBuilder:
         if bn:
             y = self.batchnorm(y, cout, name=name + ".bn")
         return y
+
+    def pad(self, x: str, p: int, name: str = "pad") -> str:
+        """Zero-pad H and W by p on each side with a Pad node (opset 13: pads as an int64 input)."""
+        pads = self.const(name + ".pads", np.array([0, 0, p, p, 0, 0, p, p], np.int64))
+        return self.node("Pad", [x, pads], name=name, mode="constant")
 
     def batchnorm(self, x: str, c: int, name: str = "bn") -> str:
         r = self.rng
@@ -75,10 +87,18 @@ class OnnxBuilder:
         return self.node("Relu", [x], name=name)
 
     def hardswish(self, x: str, name: str = "hswish") -> str:
+        self.opset = max(self.opset, 14)  # HardSwish exists from opset 14 on
         return self.node("HardSwish", [x], name=name)
 
     def hardsigmoid(self, x: str, name: str = "hsigmoid") -> str:
         return self.node("HardSigmoid", [x], name=name, alpha=1.0 / 6, beta=0.5)
+
+    def squeeze_excite(self, x: str, c: int, squeeze: int, name: str = "se") -> str:
+        """x * hardsigmoid(conv(relu(conv(global_pool(x))))), MobileNetV3's squeeze-and-excitation."""
+        s = self.global_pool(x, name=name + ".pool")
+        s = self.relu(self.conv(s, c, squeeze, 1, name=name + ".fc1"), name=name + ".relu")
+        s = self.hardsigmoid(self.conv(s, squeeze, c, 1, name=name + ".fc2"), name=name + ".hsigmoid")
+        return self.mul(x, s, name=name + ".mul")
 
     def add(self, a: str, b: str, name: str = "add") -> str:
         return self.node("Add", [a, b], name=name)
@@ -105,7 +125,8 @@ class OnnxBuilder:
         return self.node("Gemm", [x, self.const(name + ".weight", w), self.const(name + ".bias", b)],
                          name=name, transB=1)
 
-    def finish(self, outputs: list[str], opset: int = 13) -> onnx.ModelProto:
+    def finish(self, outputs: list[str], opset: int | None = None) -> onnx.ModelProto:
+        opset = opset or self.opset
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
@@ -119,3 +140,13 @@ class OnnxBuilder:
                 o.type.CopyFrom(inferred[o.name].type)
         onnx.checker.check_model(model)
         return model
+
+
+def check_shrink_options(model: str, sparsity: float, linear_blocks, n_expansion: int) -> None:
+    """Raise ShrinkcError when sparsity or linear_blocks do not fit a model with n_expansion blocks."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ShrinkcError(f"{model}: sparsity {sparsity} is outside [0, 1)", "give the share of zeros, e.g. 0.85")
+    bad = [i for i in linear_blocks if not 0 <= i < n_expansion]
+    if bad:
+        raise ShrinkcError(f"{model}: linear_blocks {bad} do not exist",
+                           f"use expansion block indices from 0 to {n_expansion - 1}")

@@ -1,0 +1,171 @@
+"""The built-in model zoo: every model builds, checks, runs in onnxruntime, and its options do what they say."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import zoo
+from targets.errors import ShrinkcError
+from zoo.efficientnet_lite import efficientnet_lite
+from zoo.mobilenet_v2 import mobilenet_v2
+from zoo.mobilenet_v3 import mobilenet_v3
+
+# reduced sizes that keep the whole file fast
+SMALL = {
+    "mobilenet_v2": dict(width=0.5, resolution=96),
+    "mobilenet_v2_1.4": dict(resolution=64),
+    "mobilenet_v3_large": dict(width=0.5, resolution=96),
+    "mobilenet_v3_small": dict(width=0.75, resolution=96),
+    "efficientnet_lite0": dict(resolution=64),
+}
+BUILDERS = {
+    "mobilenet_v2": lambda **kw: mobilenet_v2(width=0.35, resolution=64, **kw),
+    "mobilenet_v3_large": lambda **kw: mobilenet_v3("large", width=0.5, resolution=64, **kw),
+    "mobilenet_v3_small": lambda **kw: mobilenet_v3("small", width=0.5, resolution=64, **kw),
+    "efficientnet_lite0": lambda **kw: efficientnet_lite(0, resolution=64, **kw),
+}
+ACTIVATIONS = {"Relu", "Clip", "HardSwish"}
+
+
+def run(model: onnx.ModelProto) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return sess.run(None, {model.graph.input[0].name: x})[0]
+
+
+def conv_weights(model: onnx.ModelProto) -> dict[str, list[np.ndarray]]:
+    """Conv weights sorted into pointwise (1x1, not squeeze-excite), squeeze-excite, depthwise, other."""
+    inits = {i.name: i for i in model.graph.initializer}
+    kinds: dict[str, list[np.ndarray]] = {"pointwise": [], "se": [], "depthwise": [], "other": []}
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if attr(node, "group") > 1:
+            kinds["depthwise"].append(w)
+        elif ".se." in node.name:
+            kinds["se"].append(w)
+        elif list(attr(node, "kernel_shape")) == [1, 1]:
+            kinds["pointwise"].append(w)
+        else:
+            kinds["other"].append(w)
+    return kinds
+
+
+def attr(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def zero_share(ws: list[np.ndarray]) -> float:
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.size for w in ws)
+
+
+@pytest.mark.parametrize("name", list(zoo.BUILTIN))
+def test_builtin_builds_checks_and_runs(name):
+    model = zoo.build(name, num_classes=10, **SMALL[name])
+    onnx.checker.check_model(model, full_check=True)
+    out = run(model)
+    assert out.shape == (1, 10)
+    assert np.isfinite(out).all()
+
+
+def test_registry_variants_differ():
+    def stem_channels(name):
+        m = zoo.build(name, resolution=64)
+        return next(i.dims[0] for i in m.graph.initializer if i.name == "stem.weight")
+
+    def n_convs(name):
+        return sum(n.op_type == "Conv" for n in zoo.build(name, resolution=64).graph.node)
+
+    assert stem_channels("mobilenet_v2") == 32 and stem_channels("mobilenet_v2_1.4") == 48
+    assert n_convs("mobilenet_v3_large") > n_convs("mobilenet_v3_small")
+
+
+def test_build_errors_name_the_fix():
+    with pytest.raises(ShrinkcError) as e:
+        zoo.build("resnet50")
+    assert "mobilenet_v3_small" in e.value.fix and "efficientnet_lite0" in e.value.fix
+    with pytest.raises(ShrinkcError) as e:
+        zoo.build("efficientnet_lite0", width=0.5)
+    assert "width" in e.value.what and "resolution" in e.value.fix
+    with pytest.raises(ShrinkcError):
+        zoo.build("mobilenet_v2", linear_blocks=(16,))
+    with pytest.raises(ShrinkcError):
+        zoo.build("mobilenet_v3_small", sparsity=1.0)
+    with pytest.raises(ShrinkcError):
+        mobilenet_v3("medium")
+    with pytest.raises(ShrinkcError):
+        efficientnet_lite(7)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_sparsity_zeros_pointwise_only(name):
+    kinds = conv_weights(BUILDERS[name](sparsity=0.7))
+    for w in kinds["pointwise"]:  # exactly round(0.7 * size) zeros in each tensor
+        assert (w == 0).sum() == round(0.7 * w.size)
+    for kind in ("depthwise", "se", "other"):
+        if kinds[kind]:
+            assert zero_share(kinds[kind]) == 0.0, kind
+    assert zero_share(conv_weights(BUILDERS[name]())["pointwise"]) == 0.0
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_linear_blocks_remove_two_activations_each(name):
+    def acts(m):
+        return {n.name for n in m.graph.node if n.op_type in ACTIVATIONS}
+    dense, linear = acts(BUILDERS[name]()), acts(BUILDERS[name](linear_blocks=(0, 3, 5)))
+    removed = dense - linear
+    assert linear <= dense and len(removed) == 6
+    assert all(".expand." in r or ".dw." in r for r in removed)
+
+
+@pytest.mark.parametrize("name,bn", [(n, False) for n in BUILDERS] + [("mobilenet_v3_small", True)])
+def test_explicit_pad_matches_conv_pads(name, bn):
+    plain, padded = BUILDERS[name](bn=bn), BUILDERS[name](bn=bn, explicit_pad=True)
+    convs = [n for n in padded.graph.node if n.op_type == "Conv"]
+    pads = [n for n in padded.graph.node if n.op_type == "Pad"]
+    kxk = [n for n in convs if attr(n, "kernel_shape")[0] > 1]
+    assert len(pads) == len(kxk) > 0
+    assert not any(n.op_type == "Pad" for n in plain.graph.node)
+    assert all(list(attr(n, "pads")) == [0, 0, 0, 0] for n in convs)
+    producers = {n.output[0]: n for n in padded.graph.node}
+    assert all(producers[n.input[0]].op_type == "Pad" for n in kxk)
+    inits = {i.name: numpy_helper.to_array(i) for i in padded.graph.initializer}
+    for p in pads:
+        assert attr(p, "mode") == b"constant" and inits[p.input[1]].dtype == np.int64
+    np.testing.assert_allclose(run(padded), run(plain), rtol=1e-4, atol=1e-4)
+
+
+def test_bn_option_emits_batchnorm():
+    model = BUILDERS["efficientnet_lite0"](bn=True)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert n_bn == sum(n.op_type == "Conv" for n in model.graph.node)
+    assert run(model).shape == (1, 1000)
+
+
+def test_demo_model_is_as_documented():
+    model = zoo.demo_model()
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 224, 224]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for block in range(17):
+        for part in ("expand", "project"):
+            w = inits.get(f"block{block}.{part}.weight")
+            if w is not None:
+                assert (w == 0).sum() == (round(0.85 * w.size) if block >= 10 else 0), (block, part)
+    assert (inits["head.weight"] == 0).mean() == pytest.approx(0.85, abs=1e-5)
+    for name, w in inits.items():
+        if name.endswith(".dw.weight") or name in ("stem.weight", "classifier.weight"):
+            assert (w == 0).sum() == 0, name
+    clips = {n.name for n in model.graph.node if n.op_type == "Clip"}
+    linear = [b for b in range(1, 17) if f"block{b}.expand.relu6" not in clips]
+    assert linear == [5, 9, 12]
+    assert all(f"block{b}.dw.relu6" not in clips and f"block{b}.add" in
+               {n.name for n in model.graph.node} for b in linear)
+    assert len(clips) == 35 - 6
+    assert run(model).shape == (1, 1000)
