@@ -113,9 +113,22 @@ class _Clip(_tvm_onnx.Clip):
         return relax.op.clip(inputs[0], float(attr.get("min", -np.inf)), float(attr.get("max", np.inf)))
 
 
+class _Pad(_tvm_onnx.Pad):
+    """Constant-mode Pad as R.nn.pad (TVM emits opaque TIR), so it can be folded into the next conv."""
+
+    @classmethod
+    def _lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+        if attr.get("mode", b"constant").decode("utf-8") != "constant":
+            return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+        before, after, value = cls._parse_pads_and_axes(inputs, params)
+        width = [int(v) for pair in zip(before, after) for v in pair]
+        return relax.op.nn.pad(inputs[0], width, "constant", float(value))
+
+
 def _convert_map():
     table = _ORIGINAL_CONVERT_MAP()
     table["Clip"] = _Clip
+    table["Pad"] = _Pad
     return table
 
 

@@ -1,0 +1,97 @@
+"""The whole compile pipeline as ONE list of phases; each step is a pass from passes/ or TVM's own."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.apply_schedules import ApplySchedules
+from passes.convert_to_blocked_layout import ConvertToBlockedLayout
+from passes.fold_pad_into_conv import FoldPadIntoConv
+from passes.fold_scale_into_conv import FoldScaleIntoConv
+from schedules import registry
+from targets import TargetSpec
+
+
+@dataclass
+class Options:
+    """What the user asked for on the command line (and what tuning found)."""
+
+    shrink: str = "merge"           # off | merge | auto
+    sparse: str = "auto"            # off | auto
+    sparse_min: float = 2 / 3
+    max_drop: float = 0.01
+    shrink_blocks: list[str] = field(default_factory=list)
+    calib: dict | None = None
+    knobs: dict = field(default_factory=dict)   # kernel knobs by function name, from a tuning database
+    dump_dir: str | None = None
+
+
+def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
+    """The pipeline. Target-dependent steps are written inline."""
+    return [
+        # Phase 1. Graph cleanup: constants folded, BN / bias / explicit pads folded into convs.
+        ("cleanup", [
+            relax.transform.Normalize(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.FoldConstant(),
+            FoldPadIntoConv(),
+            FoldScaleIntoConv(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(),
+        ]),
+        # Phase 2. Shrink depth (issue: DepthShrinker) -- not yet.
+        ("shrink", []),
+        # Phase 3. Sparsity (issue: sparse 1x1) -- not yet.
+        ("sparse", []),
+        # Phase 4. Lower: layouts, kernels, fusion, schedules.
+        ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec)),
+    ]
+
+
+def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
+    return [
+        ConvertToBlockedLayout(spec.kernel_defaults.get("block_lanes", spec.vector_lanes)),
+        relax.transform.FoldConstant(),
+        relax.transform.LegalizeOps(registry.cpu_legalize_map()),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        ApplySchedules(registry.CPU_RULES, spec, opts.knobs),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def _lower_gpu(spec: TargetSpec) -> list:
+    from tvm.s_tir import dlight
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                                    dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),
+    ]
+
+
+def run(mod: tvm.IRModule, spec: TargetSpec, opts: Options) -> tuple[tvm.IRModule, dict, dict]:
+    """Run every phase; returns the lowered module, what each pass changed, and phase timings."""
+    timings: dict[str, float] = {}
+    with changelog.collecting() as book, spec.tvm_target():
+        for phase, passes in phases(spec, opts):
+            t0 = time.perf_counter()
+            for p in passes:
+                mod = p(mod)
+            timings[phase] = round(time.perf_counter() - t0, 3)
+            if opts.dump_dir:
+                os.makedirs(opts.dump_dir, exist_ok=True)
+                with open(os.path.join(opts.dump_dir, f"{len(timings)}_{phase}.py"), "w") as f:
+                    f.write(mod.script(show_meta=False))
+    return mod, book.summary(), timings

@@ -1,0 +1,65 @@
+"""ApplySchedules: schedule every fused TIR function with the first rule that applies, and name it after its kernel."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from passes import changelog
+
+NAME = "ApplySchedules"
+
+
+@mutator
+class _Renamer(PyExprMutator):
+    # call_tir(fused_conv2d_add_clip, ...)  =>  call_tir(f32_conv1x1_nchw16c_7x48, ...)
+    def __init__(self, mod, renames):
+        super().__init__(mod)
+        self.renames = renames
+
+    def visit_global_var_(self, op):
+        return self.renames.get(op, op)
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class ApplySchedules:
+    """Schedule every fused TIR function with the first rule that applies, and name it after its kernel.
+
+    `rules` come from schedules/ (in order), `spec` is the TargetSpec, `knobs` maps a kernel's
+    original function name to knob overrides (from tuning)."""
+
+    def __init__(self, rules, spec, knobs: dict | None = None):
+        self.rules, self.spec, self.knobs = rules, spec, knobs or {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        funcs, renames, taken = {}, {}, set()
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs is not None and "shrinkc.scheduled" in func.attrs:
+                funcs[gv] = func
+                continue
+            done = None
+            for rule in self.rules:
+                done = rule.apply(func, self.spec, self.knobs.get(gv.name_hint))
+                if done is not None:
+                    break
+            new = done.func.with_attr("shrinkc.scheduled", 1)
+            name = done.name or gv.name_hint
+            if done.name:
+                changelog.record(NAME, done.name.split("_")[1], gv.name_hint, kernel=done.name, knobs=done.knobs)
+            unique, i = name, 1
+            while unique in taken:
+                unique, i = f"{name}_{i}", i + 1
+            taken.add(unique)
+            renames[gv] = unique
+            funcs[gv] = new.with_attr("global_symbol", unique)
+        bb = relax.BlockBuilder(tvm.IRModule({}, attrs=mod.attrs))
+        new_gvs = {}
+        for gv, func in funcs.items():  # PrimFuncs first; add_func gives their GlobalVars types
+            if isinstance(func, tirx.PrimFunc):
+                new_gvs[gv] = bb.add_func(func, renames.get(gv, gv.name_hint))
+        for gv, func in funcs.items():
+            if isinstance(func, relax.Function):
+                bb.add_func(_Renamer(mod, new_gvs).visit_expr(func), gv.name_hint)
+            elif not isinstance(func, tirx.PrimFunc):
+                bb.add_func(func, gv.name_hint)
+        return bb.get()

@@ -1,0 +1,54 @@
+"""What each pass changed (counts and layer names), collected for the compile report."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+
+log = logging.getLogger("shrinkc.passes")
+_ACTIVE: contextvars.ContextVar["ChangeLog | None"] = contextvars.ContextVar("shrinkc_changelog", default=None)
+
+
+class ChangeLog:
+    """Per pass: a list of {"what": ..., "layer": ..., **details} entries and skip reasons."""
+
+    def __init__(self):
+        self.entries: dict[str, list[dict]] = {}
+        self.skipped: dict[str, list[dict]] = {}
+
+    def summary(self) -> dict:
+        out = {}
+        for name in sorted(set(self.entries) | set(self.skipped)):
+            changes = self.entries.get(name, [])
+            counts: dict[str, int] = {}
+            for c in changes:
+                counts[c["what"]] = counts.get(c["what"], 0) + 1
+            out[name] = {"counts": counts, "changes": changes}
+            if self.skipped.get(name):
+                out[name]["skipped"] = self.skipped[name]
+        return out
+
+
+@contextlib.contextmanager
+def collecting():
+    logbook = ChangeLog()
+    token = _ACTIVE.set(logbook)
+    try:
+        yield logbook
+    finally:
+        _ACTIVE.reset(token)
+
+
+def record(pass_name: str, what: str, layer: str = "", **details) -> None:
+    """Note one change a pass made, e.g. record("FoldScaleIntoConv", "folded", "block3.expand")."""
+    book = _ACTIVE.get()
+    if book is not None:
+        book.entries.setdefault(pass_name, []).append({"what": what, "layer": layer, **details})
+
+
+def skip(pass_name: str, layer: str, why: str) -> None:
+    """Note where a pass declined and why (also logged, as the style guide asks)."""
+    log.info("%s skipped %s: %s", pass_name, layer, why)
+    book = _ACTIVE.get()
+    if book is not None:
+        book.skipped.setdefault(pass_name, []).append({"layer": layer, "why": why})

@@ -1,0 +1,141 @@
+"""Binding-by-binding rewriting of a Relax function, and reading constants and calls off it."""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+rewriter = mutator  # decorate each concrete BindingRewriter subclass with this
+
+
+def op_name(expr) -> str:
+    """'relax.nn.conv2d' for a call of that op, '' for anything else."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return ""
+
+
+def is_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.Constant)
+
+
+def const_np(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def const(array: np.ndarray) -> relax.Expr:
+    return relax.const(np.ascontiguousarray(array))
+
+
+def shape_of(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape.values]
+
+
+def channel_vector(expr, channels: int, axis: int = 1, ndim: int = 4) -> np.ndarray | None:
+    """A constant that broadcasts along one channel axis only (bias, BN scale), as a [C] vector."""
+    if not is_const(expr):
+        return None
+    v = const_np(expr)
+    if v.dtype != np.float32 or v.ndim > ndim:
+        return None
+    full = v.reshape((1,) * (ndim - v.ndim) + v.shape)
+    for i, d in enumerate(full.shape):
+        if i != axis and d != 1:
+            return None
+    if full.shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(full.reshape(-1), (channels,)).astype(np.float32)
+
+
+def users_of(func: relax.Function) -> dict:
+    """For each variable, the bindings that read it; the function's return is the binding None."""
+    users: dict = {}
+
+    def reader(binding):
+        def visit(e):
+            if isinstance(e, relax.Var):
+                users.setdefault(e, []).append(binding)
+        return visit
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, reader(b))
+    relax.analysis.post_order_visit(func.body.body, reader(None))
+    return users
+
+
+class BindingRewriter(PyExprMutator):
+    """Visit bindings in order; `rewrite(var, value)` returns a replacement expression or None.
+
+    `rewrite` gets the input variable (its `.ty` is the original type) and the value with its
+    arguments remapped but not re-normalized. `self.producer(v)` gives the
+    (rewritten) expression bound to a variable; `self.users[v]` lists the bindings of the input
+    function that read the (input) variable v, to look ahead.
+    Replaced bindings that become unused are dropped by `rewrite_main`.
+    NOTE: each concrete subclass must be decorated with `@rewriter` (TVM's `mutator`), this base not.
+    """
+
+    def __init__(self, mod: tvm.IRModule, func: relax.Function):
+        super().__init__(mod)
+        self.users = users_of(func)
+        self._old_of_new: dict = {}
+        self.changes: list[str] = []
+
+    def rewrite(self, var: relax.Var, value: relax.Expr) -> relax.Expr | None:
+        return None
+
+    def producer(self, var) -> relax.Expr | None:
+        if not isinstance(var, relax.Var):
+            return None
+        return self.lookup_binding(var)
+
+    def only_user(self, var) -> relax.VarBinding | None:
+        """The one binding of the input function that reads `var`, if exactly one does."""
+        users = self.users.get(var, [])
+        return users[0] if len(users) == 1 else None
+
+    def emit(self, expr: relax.Expr, name: str = "") -> relax.Var:
+        """Emit a helper binding (inside the current dataflow block)."""
+        return self.builder_.emit(expr, name_hint=name)
+
+    def remap(self, value: relax.Expr) -> relax.Expr:
+        """The value with its variables replaced by their rewritten versions, not re-normalized
+        (a rewritten argument may have a new shape, as in a layout change)."""
+        if isinstance(value, relax.Call):
+            return relax.Call(value.op, [self.visit_expr(a) for a in value.args], value.attrs, value.ty_args)
+        return self.visit_expr(value)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = self.remap(binding.value)
+        new_value = self.rewrite(binding.var, value)
+        if new_value is None:
+            new_value = value
+        name = binding.var.name
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(new_value, name_hint=name)
+        else:
+            new_var = self.builder_.emit_output(new_value, name_hint=name)
+        self._old_of_new[new_var] = binding.var
+        self.set_var_remap(binding.var, new_var)
+
+
+def rewrite_main(mod: tvm.IRModule, rewriter_cls, *args) -> tuple[tvm.IRModule, list[str]]:
+    """Run a BindingRewriter over every Relax function; drop dead bindings; return changes made."""
+    changes: list[str] = []
+    out = mod
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        rw = rewriter_cls(out, func, *args)
+        new_func = rw.visit_expr(func)
+        new_func = relax.analysis.remove_all_unused(new_func)
+        out = _with_func(out, gv, new_func)
+        changes.extend(rw.changes)
+    return out, changes
+
+
+def _with_func(mod: tvm.IRModule, gv, func) -> tvm.IRModule:
+    new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    new[gv] = func
+    return new

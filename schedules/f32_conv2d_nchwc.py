@@ -1,0 +1,132 @@
+"""Dense kxk and 1x1 convolutions in NCHW{c}c: a register tile of output pixels x channel blocks.
+
+Applies to `relax.nn.conv2d` with groups == 1, kernel OHWI{b}o, output NCHW{b}c, input NCHW{c}c or
+plain NCHW (the stem reading an RGB image). The inner loop broadcasts one input value and FMAs it
+into P x OB accumulator vectors, one per output pixel and channel block of the tile.
+Knobs: `pixel_tile` (P), `oc_blocks` (OB), `unroll_taps`.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, te, tirx
+
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, inline_epilogue, \
+    inline_producers, kernel_block, schedule_injective
+
+KIND = "conv2d_nchwc"
+
+
+def padded(data: te.Tensor, pads: list[int], h_axis: int = 2) -> te.Tensor:
+    """Zero-pad H and W (pads = top, left, bottom, right); a no-op without padding."""
+    top, left, bottom, right = pads
+    if not any(pads):
+        return data
+    shape = list(data.shape)
+    h, w = int(shape[h_axis]), int(shape[h_axis + 1])
+    shape[h_axis] = h + top + bottom
+    shape[h_axis + 1] = w + left + right
+
+    def value(*idx):
+        y, x = idx[h_axis], idx[h_axis + 1]
+        src = list(idx)
+        src[h_axis], src[h_axis + 1] = y - top, x - left
+        inside = tvm.tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        return tvm.tirx.if_then_else(inside, data[tuple(src)], tvm.tirx.const(0.0, data.dtype))
+
+    return te.compute(shape, value, name="pad")
+
+
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
+    """out[n, ob, y, x, o] = sum_{kh, kw, ci} in[n, ci, y*s+kh*d, x*s+kw*d] * k[ob, kh, kw, ci, o]."""
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    blocked_in = len(data.shape) == 5
+    n, _, h, w = (int(v) for v in data.shape[:4])
+    cob, kh_, kw_, cin, bo = (int(v) for v in kernel.shape)
+    bi = int(data.shape[4]) if blocked_in else 1
+    top, left, bottom, right = (int(v) for v in padding)
+    oh = (h + top + bottom - dh * (kh_ - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw_ - 1) - 1) // sw + 1
+    src = padded(data, [top, left, bottom, right])
+    kh = te.reduce_axis((0, kh_), "kh")
+    kw = te.reduce_axis((0, kw_), "kw")
+    ci = te.reduce_axis((0, cin), "ci")
+
+    def load(b, c, y, x):
+        if blocked_in:
+            return src[b, c // bi, y, x, c % bi]
+        return src[b, c, y, x]
+
+    return te.compute(
+        (n, cob, oh, ow, bo),
+        lambda b, ob, y, x, o: te.sum(load(b, ci, y * sh + kh * dh, x * sw + kw * dw) * kernel[ob, kh, kw, ci, o],
+                                      axis=[kh, kw, ci]),
+        name="conv",
+        attrs={KERNEL_ATTR: KIND, "kh": kh_, "kw": kw_, "stride": sh, "pad": [top, left, bottom, right],
+               "in_block": bi if blocked_in else 0},
+    )
+
+
+def row_tile(oh: int, ow: int, target: int) -> int:
+    """A pixel tile whose region is a rectangle: a divisor of the row, or whole rows (k*ow, k | oh).
+
+    NOTE: a tile straddling rows makes the write-back region a bounding box, and the kernel then
+    writes pixels it never computed."""
+    options = [d for d in range(1, ow + 1) if ow % d == 0] + [k * ow for k in range(2, oh + 1) if oh % k == 0]
+    fitting = [p for p in options if p <= target]
+    return max(fitting) if fitting else min(options)
+
+
+def pixel_tile_loops(sch, y, x, ow: int, tile: int):
+    """Split the (y, x) loops into outer loops and ONE inner pixel loop of `tile` pixels."""
+    if tile <= ow:
+        x_o, x_i = sch.split(x, [None, tile])
+        return [y, x_o], x_i
+    y_o, y_i = sch.split(y, [None, tile // ow])
+    return [y_o], sch.fuse(y_i, x)
+
+
+class Conv2dNCHWc(ScheduleRule):
+    """Dense kxk and 1x1 convolutions in NCHW{c}c with a P x OB register tile."""
+
+    kind = KIND
+
+    def default_knobs(self, info: dict, spec) -> dict:
+        bo, cob = info["bo"], info["cob"]
+        regs_per_vec = max(1, bo // spec.vector_lanes)
+        budget = max(4, (spec.vector_registers - 11) // regs_per_vec)   # accumulators in registers
+        ob = best_divisor(cob, 3 if budget >= 18 else 2)
+        p = row_tile(info["oh"], info["ow"], max(1, budget // ob))
+        return {"pixel_tile": p, "oc_blocks": ob, **spec.kernel_defaults.get(KIND, {})}
+
+    def apply(self, func, spec, knobs=None):
+        sch = s_tir.Schedule(func)
+        conv, ann = kernel_block(sch, KIND)
+        if conv is None:
+            return None
+        n, ob, y, x, o, kh, kw, ci = sch.get_loops(conv)
+        _, cob, oh, ow, bo = (int(sch.get(lp).extent) for lp in (n, ob, y, x, o))
+        k = {**self.default_knobs({"bo": bo, "cob": cob, "oh": oh, "ow": ow}, spec), **(knobs or {})}
+        inline_producers(sch, conv)
+        ob_o, ob_i = sch.split(ob, [None, k["oc_blocks"]])
+        outer, pix = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
+        sch.reorder(n, ob_o, *outer, kh, kw, ci, ob_i, pix, o)
+        outer = [n, ob_o, *outer]
+        wb = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(wb, outer[-1])
+        left = inline_epilogue(sch, wb)
+        sch.parallel(sch.fuse(*outer))
+        sch.unroll(ob_i)
+        sch.unroll(pix)
+        sch.vectorize(o)
+        if ann["kh"] * ann["kw"] <= 25:
+            sch.unroll(kh)
+            sch.unroll(kw)
+        sch.vectorize(sch.get_loops(wb)[-1])
+        sch.decompose_reduction(conv, kh)   # NOTE: must come after vectorize/parallel
+        for c in left:
+            schedule_injective(sch, c, spec.vector_lanes)
+        tile = f"{k['pixel_tile']}x{k['oc_blocks'] * bo}"
+        name = f"f32_conv{ann['kh']}x{ann['kw']}_nchw{bo}c_{tile}"
+        return Scheduled(sch.mod["main"], name, k)
+

@@ -1,0 +1,74 @@
+"""Depthwise kxk convolutions in NCHW{c}c: each channel vector slides over a row tile of pixels.
+
+Applies to `relax.nn.conv2d` with groups == channels, kernel OHWI{b}o ([C/b, KH, KW, 1, b]) and
+input/output NCHW{b}c. Padding is inlined as a guarded load. Knob: `pixel_tile` (output pixels
+along a row held in registers).
+"""
+from __future__ import annotations
+
+from tvm import s_tir, te
+
+from schedules.f32_conv2d_nchwc import padded, pixel_tile_loops, row_tile
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, inline_epilogue, \
+    inline_producers, kernel_block, schedule_injective
+
+KIND = "dwconv2d_nchwc"
+
+
+def dwconv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
+    """out[n, cb, y, x, c] = sum_{kh, kw} in[n, cb, y*s+kh*d, x*s+kw*d, c] * k[cb, kh, kw, 0, c]."""
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    n, cb, h, w, b = (int(v) for v in data.shape)
+    _, kh_, kw_, _, _ = (int(v) for v in kernel.shape)
+    top, left, bottom, right = (int(v) for v in padding)
+    oh = (h + top + bottom - dh * (kh_ - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw_ - 1) - 1) // sw + 1
+    src = padded(data, [top, left, bottom, right])
+    kh = te.reduce_axis((0, kh_), "kh")
+    kw = te.reduce_axis((0, kw_), "kw")
+    return te.compute(
+        (n, cb, oh, ow, b),
+        lambda i, c, y, x, v: te.sum(src[i, c, y * sh + kh * dh, x * sw + kw * dw, v] * kernel[c, kh, kw, 0, v],
+                                     axis=[kh, kw]),
+        name="dwconv",
+        attrs={KERNEL_ATTR: KIND, "kh": kh_, "kw": kw_, "stride": sh, "pad": [top, left, bottom, right]},
+    )
+
+
+class DwConv2dNCHWc(ScheduleRule):
+    """Depthwise kxk convolutions in NCHW{c}c with a row tile of pixels in registers."""
+
+    kind = KIND
+
+    def default_knobs(self, info: dict, spec) -> dict:
+        regs_per_vec = max(1, info["b"] // spec.vector_lanes)
+        budget = max(2, (spec.vector_registers - 8) // regs_per_vec)
+        return {"pixel_tile": row_tile(info["oh"], info["ow"], min(8, budget)),
+                **spec.kernel_defaults.get(KIND, {})}
+
+    def apply(self, func, spec, knobs=None):
+        sch = s_tir.Schedule(func)
+        conv, ann = kernel_block(sch, KIND)
+        if conv is None:
+            return None
+        n, c, y, x, v, kh, kw = sch.get_loops(conv)
+        b, oh, ow = int(sch.get(v).extent), int(sch.get(y).extent), int(sch.get(x).extent)
+        k = {**self.default_knobs({"b": b, "oh": oh, "ow": ow}, spec), **(knobs or {})}
+        inline_producers(sch, conv)
+        outer, x_i = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
+        sch.reorder(n, c, *outer, kh, kw, x_i, v)
+        wb = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(wb, outer[-1])
+        left = inline_epilogue(sch, wb)
+        sch.parallel(sch.fuse(n, c, *outer[:-1]))
+        sch.unroll(kh)
+        sch.unroll(kw)
+        sch.unroll(x_i)
+        sch.vectorize(v)
+        sch.vectorize(sch.get_loops(wb)[-1])
+        sch.decompose_reduction(conv, kh)   # NOTE: must come after vectorize/parallel
+        for blk in left:
+            schedule_injective(sch, blk, spec.vector_lanes)
+        name = f"f32_dwconv{ann['kh']}x{ann['kw']}s{ann['stride']}_nchw{b}c_{k['pixel_tile']}"
+        return Scheduled(sch.mod["main"], name, k)

@@ -1,0 +1,62 @@
+"""Which kernel computes each op (legalization) and which rules schedule kernels, in the order tried."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from schedules.f32_conv2d_nchwc import Conv2dNCHWc, conv2d_nchwc
+from schedules.f32_dense import Dense, dense
+from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
+from schedules.f32_fallback import Fallback
+from schedules.f32_pool_nchwc import MeanHW, mean_hw
+
+# Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
+CPU_RULES = [Conv2dNCHWc(), DwConv2dNCHWc(), MeanHW(), Dense(), Fallback()]
+
+
+def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    a = call.attrs
+    if str(a.kernel_layout).startswith("OHWI") and str(a.out_layout).startswith("NCHW") \
+            and len(str(a.out_layout)) > 4 and call.ty.dtype == "float32":
+        groups = int(a.groups)
+        args = dict(strides=a.strides, padding=a.padding, dilation=a.dilation)
+        if groups == 1:
+            return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="conv2d")
+        if str(a.data_layout) == str(a.out_layout):
+            return bb.call_te(dwconv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="dwconv2d")
+    return None
+
+
+def _legalize_mean(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    x = call.args[0]
+    ndim = len(x.ty.shape.values)
+    axes = sorted(int(v) % ndim for v in call.attrs.axis) if call.attrs.axis is not None else []
+    if ndim in (4, 5) and axes == [2, 3] and x.ty.dtype == "float32":
+        return bb.call_te(mean_hw, x, bool(call.attrs.keepdims), primfunc_name_hint="mean")
+    return None
+
+
+def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    x, w = call.args
+    if isinstance(w, tvm.ir.Constant) and len(w.ty.shape.values) == 2 and len(x.ty.shape.values) == 2 \
+            and call.ty.dtype == "float32":
+        return bb.call_te(dense, x, w, primfunc_name_hint="dense")
+    return None
+
+
+def _with_default(ours, op_name):
+    """Use our kernel where it applies, else TVM's own legalization."""
+    default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
+
+    def legalize(bb, call):
+        out = ours(bb, call)
+        return out if out is not None else default(bb, call)
+    return legalize
+
+
+def cpu_legalize_map() -> dict:
+    return {
+        "relax.nn.conv2d": _with_default(_legalize_conv2d, "relax.nn.conv2d"),
+        "relax.mean": _with_default(_legalize_mean, "relax.mean"),
+        "relax.matmul": _with_default(_legalize_matmul, "relax.matmul"),
+    }

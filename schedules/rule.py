@@ -1,0 +1,119 @@
+"""What a schedule rule is, and the steps CPU rules share: find the kernel block, fuse epilogues, pick tiles."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tvm import s_tir, tirx
+
+KERNEL_ATTR = "shrinkc.kernel"
+
+
+@dataclass
+class Scheduled:
+    """A scheduled PrimFunc, the kernel name it deserves (dtype_op_layout_tile) and its knobs."""
+
+    func: tirx.PrimFunc
+    name: str
+    knobs: dict = field(default_factory=dict)
+
+
+class ScheduleRule:
+    """A family of kernels. `apply` returns Scheduled, or None when the function is not its kind."""
+
+    kind = ""  # the `shrinkc.kernel` block annotation this rule schedules ("" = decides by itself)
+
+    def default_knobs(self, info: dict, spec) -> dict:
+        return {}
+
+    def apply(self, func: tirx.PrimFunc, spec, knobs: dict | None = None) -> Scheduled | None:
+        raise NotImplementedError
+
+
+def kernel_block(sch: s_tir.Schedule, kind: str):
+    """The block annotated `shrinkc.kernel == kind`, with its annotations, or (None, None)."""
+    for block_rv in sch.get_child_blocks(_root(sch)):
+        block = sch.get(block_rv)
+        ann = block.annotations
+        if KERNEL_ATTR in ann and str(ann[KERNEL_ATTR]) == kind:
+            return block_rv, {k: _py(v) for k, v in ann.items()}
+    return None, None
+
+
+def _root(sch: s_tir.Schedule):
+    return sch.get_sblock("root")
+
+
+def _py(v):
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, (bool, int, float)):
+        return v
+    if isinstance(v, (tirx.IntImm,)):
+        return int(v)
+    if hasattr(v, "value") and isinstance(getattr(v, "value"), (int, float, str)):
+        return v.value
+    try:
+        return [int(x) for x in v]
+    except TypeError:
+        return str(v)
+
+
+def top_blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(_root(sch)))
+
+
+def inline_producers(sch: s_tir.Schedule, block) -> None:
+    """compute_inline every injective producer of `block` (padding, layout shuffles) into it."""
+    for p in sch.get_producers(block):
+        try:
+            sch.compute_inline(p)
+        except Exception:  # a producer that cannot be inlined stays a loop nest of its own
+            pass
+
+
+def inline_epilogue(sch: s_tir.Schedule, block) -> list:
+    """reverse_compute_inline the chain of elementwise consumers of `block` (bias, clip, add).
+
+    Returns the consumers that could not be inlined (they get their own loop nests)."""
+    left = []
+    while True:
+        consumers = sch.get_consumers(block)
+        if not consumers:
+            return left
+        progressed = False
+        for c in consumers:
+            try:
+                sch.reverse_compute_inline(c)
+                progressed = True
+                break
+            except Exception:
+                left.append(c)
+        if not progressed:
+            return left
+
+
+def best_divisor(extent: int, target: int, low: int = 1) -> int:
+    """The divisor of `extent` nearest to `target` (not above it when possible), at least `low`."""
+    divs = [d for d in range(1, extent + 1) if extent % d == 0]
+    below = [d for d in divs if low <= d <= target]
+    if below:
+        return max(below)
+    return min(divs, key=lambda d: abs(d - target))
+
+
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int, min_parallel: int = 4096) -> None:
+    """Fuse the loops of an elementwise block, vectorise the innermost run, parallelise the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    total = 1
+    for e in extents:
+        total *= e
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    vec = lanes if extents[-1] % lanes == 0 else 1
+    if vec > 1:
+        fused, vi = sch.split(fused, [None, vec])
+        sch.vectorize(vi)
+    if total >= min_parallel:
+        sch.parallel(fused)
