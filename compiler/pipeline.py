@@ -11,6 +11,7 @@ from tvm import relax
 from passes import changelog
 from passes.apply_schedules import ApplySchedules
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
+from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
 from schedules import registry
@@ -39,6 +40,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.Normalize(),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
+            FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             FoldPadIntoConv(),
             FoldScaleIntoConv(),

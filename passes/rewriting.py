@@ -99,6 +99,19 @@ class BindingRewriter(PyExprMutator):
         """Emit a helper binding (inside the current dataflow block)."""
         return self.builder_.emit(expr, name_hint=name)
 
+    def _const_or_var(self, var):
+        new = self.get_var_remap(var)
+        if new is None:  # not rebound here (a function parameter)
+            return var
+        bound = self.lookup_binding(new)
+        return bound if is_const(bound) else new
+
+    def visit_var_(self, op):  # uses of a variable bound to a constant see the constant itself
+        return self._const_or_var(op)
+
+    def visit_dataflow_var_(self, op):
+        return self._const_or_var(op)
+
     def remap(self, value: relax.Expr) -> relax.Expr:
         """The value with its variables replaced by their rewritten versions, not re-normalized
         (a rewritten argument may have a new shape, as in a layout change)."""

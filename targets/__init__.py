@@ -29,6 +29,7 @@ class TargetSpec:
     host: dict | None = None        # host target for device code (CUDA)
     notes: str = ""
     kernel_defaults: dict = field(default_factory=dict)  # knob overrides for the schedules
+    warning: str = ""               # said once at compile time (a fallback was taken)
 
     @property
     def is_cpu(self) -> bool:
@@ -152,6 +153,8 @@ def pixel() -> TargetSpec:
         notes="links with the Android NDK clang from SHRINKC_ANDROID_CC / ANDROID_NDK_HOME or --cc; "
               "without one, falls back to aarch64-linux-gnu-g++ (a glibc library: aarch64 Linux, not Android)",
         kernel_defaults={"block_lanes": 8},
+        warning="" if ndk else "no Android NDK clang found (SHRINKC_ANDROID_CC, ANDROID_NDK_HOME or --cc): "
+                               "linking with aarch64-linux-gnu-g++, a glibc library for aarch64 Linux, not Android",
     )
 
 
@@ -187,7 +190,7 @@ def resolve(target: str | dict | None, cc: str | None = None) -> TargetSpec:
         raise ShrinkcError(f"unknown target '{target}'",
                            f"use one of {', '.join(NAMED)} (see `shrinkc targets`) or a TVM target JSON dict")
     if cc:
-        spec = replace(spec, cross_compiler=cc)
+        spec = replace(spec, cross_compiler=cc, warning="")
     return spec
 
 

@@ -168,9 +168,13 @@ def _patched_importer():
         _tvm_onnx.ONNXGraphImporter._convert_operator = _ORIGINAL_CONVERT_OPERATOR
 
 
-def import_onnx(path: str, pins: dict[str, list[int]] | None = None) -> tuple[tvm.IRModule, ModelInfo]:
-    """ONNX file -> (Relax module with weights as constants, the model's signature)."""
-    model = load_onnx(path)
+def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | None = None
+                ) -> tuple[tvm.IRModule, ModelInfo]:
+    """ONNX file (or ModelProto) -> (Relax module with weights as constants, the model's signature)."""
+    if isinstance(source, onnx.ModelProto):
+        model, path = source, "<in-memory ONNX model>"
+    else:
+        model, path = load_onnx(source), os.path.abspath(source)
     inputs = graph_inputs(model, pins or {})
     _check_ops(model)
     shape_dict = {t.name: t.shape for t in inputs}
@@ -188,4 +192,4 @@ def import_onnx(path: str, pins: dict[str, list[int]] | None = None) -> tuple[tv
             raise ShrinkcError(f"output '{vi.name}' has a shape that depends on the data",
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(vi.name, [int(d) for d in ty.shape.values], str(ty.dtype)))
-    return mod, ModelInfo("onnx", os.path.abspath(path), inputs, outputs)
+    return mod, ModelInfo("onnx", path, inputs, outputs)

@@ -1,0 +1,88 @@
+"""Build the lowered module for its target and write OUT.so + OUT.json atomically (weights inside)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import tvm
+from tvm import relax
+
+from compiler.native_log import quiet_scope_warnings
+from targets import TargetSpec
+from targets.errors import ShrinkcError
+
+VERSION = "0.1.0"
+
+
+def _finalize_passes(spec: TargetSpec) -> tvm.transform.Pass:
+    """The VM lowering TVM runs after our pipeline (memory planning, shape lowering)."""
+    if spec.is_gpu:
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+    target = spec.tvm_target()
+    return tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+
+
+def check_toolchain(spec: TargetSpec) -> None:
+    """A missing cross compiler (or nvcc) is one clear error naming what to install."""
+    if spec.is_gpu:
+        if shutil.which("nvcc") is None:
+            raise ShrinkcError("nvcc (the CUDA compiler) is not on PATH",
+                               "install the CUDA toolkit and put its bin/ on PATH")
+        return
+    cc = spec.cross_compiler or "g++"
+    if shutil.which(cc) is None and not os.path.exists(cc):
+        raise ShrinkcError(f"cross compiler '{cc}' for target '{spec.name}' is not installed",
+                           f"install {spec.compiler_package or 'a C++ compiler'}"
+                           + (f" (apt-get install {spec.compiler_package})" if spec.compiler_package.startswith("g++") else "")
+                           + " or pass --cc")
+
+
+def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
+    """Compile the lowered module for the target (host code for CUDA included)."""
+    if spec.is_gpu:
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # NVRTC needs cuda-bindings; nvcc does not
+    with spec.tvm_target():
+        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec))
+
+
+def _fcompile(spec: TargetSpec):
+    if spec.is_gpu or not spec.cross_compiler:
+        return None
+    from tvm.support import cc
+    return cc.cross_compiler(spec.cross_compiler)
+
+
+def write(executable, metadata: dict, out_path: str, spec: TargetSpec) -> tuple[str, str]:
+    """Write OUT.so and OUT.json next to it; never leave a partial file behind."""
+    out_path = os.path.abspath(out_path)
+    out_dir = os.path.dirname(out_path)
+    if not os.path.isdir(out_dir):
+        raise ShrinkcError(f"output directory '{out_dir}' does not exist", "create it or choose another -o path")
+    json_path = os.path.splitext(out_path)[0] + ".json"
+    fd, tmp_so = tempfile.mkstemp(prefix=".shrinkc-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    tmp_json = tmp_so[:-3] + ".json"
+    try:
+        try:
+            kwargs = {"fcompile": _fcompile(spec)} if _fcompile(spec) else {}
+            with quiet_scope_warnings():
+                executable.export_library(tmp_so, **kwargs)
+        except (RuntimeError, subprocess.CalledProcessError, tvm.error.TVMError) as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise ShrinkcError(f"linking the library for '{spec.name}' failed: {first[:200]}",
+                               f"check that {spec.cross_compiler or 'g++'} works for this target") from None
+        metadata = dict(metadata, library=os.path.basename(out_path), size_bytes=os.path.getsize(tmp_so))
+        with open(tmp_json, "w") as f:
+            json.dump(metadata, f, indent=1, default=str)
+        os.replace(tmp_json, json_path)
+        os.replace(tmp_so, out_path)
+    finally:
+        for p in (tmp_so, tmp_json):
+            if os.path.exists(p):
+                os.remove(p)
+    return out_path, json_path

@@ -1,0 +1,32 @@
+"""Silence TVM's native per-constant 'Scope Saving/Loaded' warnings while keeping other native messages."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+_NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
+
+
+@contextlib.contextmanager
+def quiet_scope_warnings():
+    """Redirect fd 2 around a native call; re-print what it wrote, minus the per-constant noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreter): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if not any(n in line for n in _NOISE):
+                    print(line, file=sys.stderr)

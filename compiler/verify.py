@@ -1,0 +1,69 @@
+"""Run the source model in ONNX Runtime (ONNX) or LiteRT (TFLite) on the same input and compare."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from targets.errors import ShrinkcError
+
+DEFAULT_TOLERANCE = 1e-3   # max |ours - ref| / max |ref|, per output
+
+
+@dataclass
+class Comparison:
+    output: str
+    max_abs_err: float
+    rel_err: float
+    where: tuple
+    ours: float
+    ref: float
+    ok: bool
+
+    def line(self) -> str:
+        return (f"{self.output}: max abs err {self.max_abs_err:.3g} (relative {self.rel_err:.3g}) at {list(self.where)}: "
+                f"ours {self.ours:.6g} vs reference {self.ref:.6g} -> {'ok' if self.ok else 'MISMATCH'}")
+
+
+def reference_outputs(source: str, path: str, inputs: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
+    """Outputs of the source model in its own runtime."""
+    if source == "onnx":
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, inputs)
+    if source == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+        interp = Interpreter(model_path=path, num_threads=threads)
+        interp.allocate_tensors()
+        by_name = {d["name"]: d for d in interp.get_input_details()}
+        for name, value in inputs.items():
+            d = by_name[name]
+            if list(d["shape"]) != list(value.shape):
+                interp.resize_tensor_input(d["index"], list(value.shape))
+                interp.allocate_tensors()
+            interp.set_tensor(d["index"], value)
+        interp.invoke()
+        return [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
+    raise ShrinkcError(f"cannot verify a model from '{source}'", "verify supports ONNX and TFLite models")
+
+
+def compare(names: list[str], ours: list[np.ndarray], refs: list[np.ndarray],
+            tolerance: float = DEFAULT_TOLERANCE) -> list[Comparison]:
+    results = []
+    for name, a, b in zip(names, ours, refs):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64).reshape(a.shape) if np.asarray(b).size == a.size else np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            results.append(Comparison(name, float("inf"), float("inf"), (), float("nan"), float("nan"), False))
+            continue
+        diff = np.abs(a - b)
+        idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
+        scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-6)
+        err = float(diff[idx]) if diff.size else 0.0
+        results.append(Comparison(name, err, err / scale, tuple(int(i) for i in idx),
+                                  float(a[idx]) if diff.size else 0.0, float(b[idx]) if diff.size else 0.0,
+                                  bool(err / scale <= tolerance and np.all(np.isfinite(a)))))
+    return results
