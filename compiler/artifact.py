@@ -72,7 +72,7 @@ def write(executable, metadata: dict, out_path: str, spec: TargetSpec) -> tuple[
             kwargs = {"fcompile": _fcompile(spec)} if _fcompile(spec) else {}
             with quiet_scope_warnings():
                 executable.export_library(tmp_so, **kwargs)
-        except (RuntimeError, subprocess.CalledProcessError, tvm.error.TVMError) as err:
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise ShrinkcError(f"linking the library for '{spec.name}' failed: {first[:200]}",
                                f"check that {spec.cross_compiler or 'g++'} works for this target") from None

@@ -52,7 +52,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # Phase 3. Sparsity (issue: sparse 1x1) -- not yet.
         ("sparse", []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
-        ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec)),
+        ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]
 
 
@@ -70,16 +70,15 @@ def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
     ]
 
 
-def _lower_gpu(spec: TargetSpec) -> list:
-    from tvm.s_tir import dlight
+def _lower_gpu(spec: TargetSpec, opts: Options) -> list:
+    from schedules.gpu_dlight import GPU_RULES
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dlight.ApplyDefaultSchedule(dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
-                                    dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()),
+        ApplySchedules(GPU_RULES, spec, opts.knobs),
     ]
 
 

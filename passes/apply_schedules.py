@@ -6,6 +6,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes import changelog
+from targets.errors import ShrinkcError
 
 NAME = "ApplySchedules"
 
@@ -42,6 +43,9 @@ class ApplySchedules:
                 done = rule.apply(func, self.spec, self.knobs.get(gv.name_hint))
                 if done is not None:
                     break
+            if done is None:
+                raise ShrinkcError(f"no schedule applies to kernel '{gv.name_hint}' on target '{self.spec.name}'",
+                                   "report the model and target; try --target x86 meanwhile")
             new = done.func.with_attr("shrinkc.scheduled", 1)
             name = done.name or gv.name_hint
             if done.name:

@@ -114,7 +114,7 @@ class Conv2dNCHWc(ScheduleRule):
         outer = [n, ob_o, *outer]
         wb = sch.cache_write(conv, 0, "local")
         sch.reverse_compute_at(wb, outer[-1])
-        left = inline_epilogue(sch, wb)
+        left = inline_epilogue(sch, wb, outer[-1])
         sch.parallel(sch.fuse(*outer))
         sch.unroll(ob_i)
         sch.unroll(pix)

@@ -41,7 +41,7 @@ class Dense(ScheduleRule):
         sch.reorder(i, j_o, k, j_v, j_l)
         wb = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(wb, j_o)
-        left = inline_epilogue(sch, wb)
+        left = inline_epilogue(sch, wb, j_o)
         sch.parallel(sch.fuse(i, j_o))
         sch.unroll(j_v)
         if lanes > 1:

@@ -60,7 +60,7 @@ class DwConv2dNCHWc(ScheduleRule):
         sch.reorder(n, c, *outer, kh, kw, x_i, v)
         wb = sch.cache_write(conv, 0, "local")
         sch.reverse_compute_at(wb, outer[-1])
-        left = inline_epilogue(sch, wb)
+        left = inline_epilogue(sch, wb, outer[-1])
         sch.parallel(sch.fuse(n, c, *outer[:-1]))
         sch.unroll(kh)
         sch.unroll(kw)

@@ -48,7 +48,7 @@ class MeanHW(ScheduleRule):
             sch.reorder(*spatial[:-1], rh, rw, lane)
         wb = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(wb, spatial[1])
-        left = inline_epilogue(sch, wb)
+        left = inline_epilogue(sch, wb, spatial[1])
         if blocked:
             sch.vectorize(lane)
             sch.vectorize(sch.get_loops(wb)[-1])

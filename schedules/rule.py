@@ -71,25 +71,56 @@ def inline_producers(sch: s_tir.Schedule, block) -> None:
             pass
 
 
-def inline_epilogue(sch: s_tir.Schedule, block) -> list:
-    """reverse_compute_inline the chain of elementwise consumers of `block` (bias, clip, add).
+def _writes_output(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block writes one of the function's parameters (its outputs)."""
+    params = list(sch.mod["main"].params)
+    return any(any(region.source.same_as(p) for p in params) for region in sch.get(block).writes)
 
-    Returns the consumers that could not be inlined (they get their own loop nests)."""
-    left = []
-    while True:
-        consumers = sch.get_consumers(block)
-        if not consumers:
-            return left
-        progressed = False
-        for c in consumers:
+
+def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
+    """Fuse the elementwise consumers of `block` (bias, activation, residual add) into it.
+
+    Intermediate elementwise blocks are inlined into their readers first (so x * relu6(x + 3)
+    becomes one block), then what is left is inlined into `block`; a consumer that cannot be
+    (it reads the tile more than once, say) is computed inside `tile_loop`, still in cache.
+    Returns the consumers that stay loop nests of their own."""
+    for blk in list(top_blocks(sch)):
+        if sch.get(blk).same_as(sch.get(block)) or _writes_output(sch, blk):
+            continue
+        if block_is_after(sch, blk, block):
             try:
-                sch.reverse_compute_inline(c)
-                progressed = True
-                break
+                sch.compute_inline(blk)
+            except Exception:
+                pass
+    left = []
+    for c in list(sch.get_consumers(block)):
+        try:
+            sch.reverse_compute_inline(c)
+        except Exception:
+            if tile_loop is None:
+                left.append(c)
+                continue
+            try:
+                sch.reverse_compute_at(c, tile_loop)
+                sch.vectorize(sch.get_loops(c)[-1])
             except Exception:
                 left.append(c)
-        if not progressed:
-            return left
+    return left
+
+
+def block_is_after(sch: s_tir.Schedule, blk, block) -> bool:
+    """Whether `blk` depends (transitively) on `block`."""
+    frontier, seen = list(sch.get_consumers(block)), set()
+    while frontier:
+        b = frontier.pop()
+        key = sch.get(b).name_hint
+        if key in seen:
+            continue
+        seen.add(key)
+        if sch.get(b).same_as(sch.get(blk)):
+            return True
+        frontier.extend(sch.get_consumers(b))
+    return False
 
 
 def best_divisor(extent: int, target: int, low: int = 1) -> int:

@@ -1,0 +1,76 @@
+"""Shared fixtures: small models built in code, and a way to run the CLI in-process."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def save(model: onnx.ModelProto, folder, name: str) -> str:
+    path = os.path.join(str(folder), name)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_mv2(model_dir) -> str:
+    from zoo.mobilenet_v2 import mobilenet_v2
+    return save(mobilenet_v2(width=0.35, resolution=64, num_classes=10), model_dir, "mv2_small.onnx")
+
+
+def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=False, act="relu6",
+                      w=None, seed=0, sparsity=0.0) -> onnx.ModelProto:
+    """Conv (+bias) -> activation (-> + input): the unit most kernels serve."""
+    rng = np.random.default_rng(seed)
+    w = w if w is not None else rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
+    if sparsity:
+        w = w * (rng.random(w.shape) >= sparsity)
+    b = rng.standard_normal(cout).astype(np.float32)
+    p = k // 2 if pad is None else pad
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[p] * 4, group=groups)]
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(b, "b")]
+    out = "y"
+    if act == "relu6":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        nodes.append(helper.make_node("Clip", ["y", "lo", "hi"], ["z"]))
+        out = "z"
+    elif act == "relu":
+        nodes.append(helper.make_node("Relu", ["y"], ["z"]))
+        out = "z"
+    if residual:
+        nodes.append(helper.make_node("Add", [out, "x"], ["r"]))
+        out = "r"
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", 1, [1, cin, h, h])],
+                              [helper.make_tensor_value_info(out, 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def assert_matches_ort(model, target=None, tol=1e-4, **options):
+    """Compile for this machine and compare with ONNX Runtime on a seeded random input."""
+    import compiler
+    cm = compiler.compile_model(model, target, **options)
+    results = cm.verify(tolerance=tol)
+    assert all(r.ok for r in results), [r.line() for r in results]
+    return cm
+
+
+def run_cli(argv, capsys):
+    """Run `shrinkc ARGV` in-process; returns (exit code, stdout, stderr)."""
+    from compiler.cli import main
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -1,0 +1,121 @@
+"""The command line end to end, and every user error as one clear line with exit code 2."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import run_cli, save, single_conv_model
+
+
+def test_compile_verify_run(small_mv2, tmp_path, capsys):
+    out = tmp_path / "m.so"
+    code, stdout, err = run_cli(["compile", small_mv2, "-o", out, "--verify", "--report", tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert "verify" in stdout and "MISMATCH" not in stdout
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["inputs"] == [{"name": "input", "shape": [1, 3, 64, 64], "dtype": "float32"}]
+    assert meta["outputs"][0]["shape"] == [1, 10]
+    assert meta["target"]["name"] == "x86" and meta["shrinkc_version"]
+    assert "ApplySchedules" in meta["passes"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"import", "cleanup", "lower", "build"} <= set(report["timings_s"])
+
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 64, 64), np.float32))
+    code, stdout, err = run_cli(["run", out, "--input", f"input={tmp_path / 'x.npy'}", "--save", tmp_path / "o.npz",
+                                 "--repeat", "3"], capsys)
+    assert code == 0, err
+    assert "classifier: shape [1, 10]" in stdout and "checksum" in stdout and "median" in stdout
+    assert np.load(tmp_path / "o.npz")["classifier"].shape == (1, 10)
+
+
+def test_targets_and_inspect(small_mv2, capsys):
+    code, stdout, _ = run_cli(["targets"], capsys)
+    assert code == 0
+    for name in ("x86", "rpi4", "pixel", "cuda", "aarch64-linux-gnu-g++", "cortex-a72"):
+        assert name in stdout
+    code, stdout, _ = run_cli(["inspect", small_mv2], capsys)
+    assert code == 0 and "input: 1x3x64x64" in stdout and "Conv" in stdout and "depthwise 3x3" in stdout
+
+
+def _truncated(path, tmp_path):
+    data = open(path, "rb").read()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    return bad
+
+
+def _not_a_model(tmp_path):
+    p = tmp_path / "notes.onnx"
+    p.write_text("this is not a model\n" * 20)
+    return p
+
+
+def _unsupported_op(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="ok"),
+                           helper.make_node("Celu", ["y"], ["z"], name="celu_1")],
+                          "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("z", 1, None)])
+    return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path, "unsupported.onnx")
+
+
+def _dynamic(tmp_path):
+    m = single_conv_model(8, 8, 8)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    return save(m, tmp_path, "dynamic.onnx")
+
+
+@pytest.mark.parametrize("case,extra,needle", [
+    ("missing", [], "does not exist"),
+    ("not_a_model", [], "not a readable ONNX model"),
+    ("truncated", [], "not a readable ONNX model"),
+    ("unsupported", [], "unsupported op 'Celu' (node 'celu_1')"),
+    ("dynamic", [], "dynamic dimension 'batch'"),
+    ("unknown_target", ["--target", "vax"], "unknown target 'vax'"),
+    ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
+    ("bad_pin", ["--input", "x=1x8x8x8"], "cannot read --input"),
+])
+def test_errors_are_one_line(case, extra, needle, small_mv2, tmp_path, capsys):
+    model = {"missing": tmp_path / "nope.onnx", "not_a_model": _not_a_model(tmp_path),
+             "truncated": _truncated(small_mv2, tmp_path), "unsupported": _unsupported_op(tmp_path),
+             "dynamic": _dynamic(tmp_path)}.get(case, small_mv2)
+    out = tmp_path / "out.so"
+    code, _, err = run_cli(["compile", model, "-o", out, *extra], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shrinkc: error: "), err
+    assert needle in lines[0] and "fix:" in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".so")]
+
+
+def test_dynamic_dimension_can_be_pinned(tmp_path, capsys):
+    code, stdout, err = run_cli(["compile", _dynamic(tmp_path), "-o", tmp_path / "d.so", "--input", "x:1x8x8x8",
+                                 "--verify"], capsys)
+    assert code == 0, err and "ok" in stdout
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    code, _, err = run_cli(["compile", tmp_path / "nope.onnx", "-o", tmp_path / "o.so", "--debug"], capsys)
+    assert code == 2 and "Traceback" in err
+
+
+def test_failed_link_leaves_previous_library(small_mv2, tmp_path, capsys):
+    out = tmp_path / "keep.so"
+    out.write_bytes(b"previous library")
+    fake_cc = tmp_path / "broken-g++"
+    fake_cc.write_text("#!/bin/sh\necho 'broken linker' >&2\nexit 1\n")
+    fake_cc.chmod(0o755)
+    code, _, err = run_cli(["compile", small_mv2, "-o", out, "--target", "rpi4", "--cc", fake_cc], capsys)
+    assert code == 2 and "linking the library for 'rpi4' failed" in err
+    assert out.read_bytes() == b"previous library"
+    assert sorted(os.listdir(tmp_path)) == ["broken-g++", "keep.so"]
+
+
+def test_run_errors(tmp_path, capsys):
+    code, _, err = run_cli(["run", tmp_path / "none.so"], capsys)
+    assert code == 2 and "does not exist" in err
