@@ -58,9 +58,10 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
 
 def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
     return [
-        ConvertToBlockedLayout(spec.kernel_defaults.get("block_lanes", spec.vector_lanes)),
+        ConvertToBlockedLayout(spec.kernel_defaults.get("block_lanes", spec.vector_lanes),
+                               pad=spec.kernel_defaults.get("pad_channels", spec.isa == "avx512")),
         relax.transform.FoldConstant(),
-        relax.transform.LegalizeOps(registry.cpu_legalize_map()),
+        relax.transform.LegalizeOps(registry.cpu_legalize_map(spec.vector_lanes)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -1,10 +1,12 @@
 """Fully connected layers (x[M, K] @ W[K, N] with constant W, small M): vectorised over N.
 
-Applies to `relax.matmul` whose right operand is a 2-D constant. Each task keeps `n_vectors`
-accumulator vectors of N in registers while streaming K. Knob: `n_vectors`.
+Applies to `relax.matmul` whose right operand is a 2-D constant. W is packed at compile time into
+[N/T, K, T] panels (T = n_vectors x lanes, N zero-padded), so each task streams one contiguous
+panel while T accumulators of the output stay in registers. Knob: `n_vectors` (fixed at packing).
 """
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, te
 
 from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, inline_epilogue, kernel_block, \
@@ -13,12 +15,22 @@ from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, i
 KIND = "dense"
 
 
-def dense(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+def pack_weights(w: np.ndarray, tile: int) -> np.ndarray:
+    """[K, N] -> [ceil(N/tile), K, tile], zero-padded."""
+    k, n = w.shape
+    n_pad = -(-n // tile) * tile
+    full = np.zeros((k, n_pad), np.float32)
+    full[:, :n] = w
+    return np.ascontiguousarray(full.reshape(k, n_pad // tile, tile).transpose(1, 0, 2))
+
+
+def dense(x: te.Tensor, wp: te.Tensor) -> te.Tensor:
+    """out[i, j] = sum_k x[i, k] * wp[j // T, k, j % T], over the padded N."""
     m, k_ = (int(v) for v in x.shape)
-    n = int(w.shape[1])
+    panels, _, tile = (int(v) for v in wp.shape)
     k = te.reduce_axis((0, k_), "k")
-    return te.compute((m, n), lambda i, j: te.sum(x[i, k] * w[k, j], axis=k), name="dense",
-                      attrs={KERNEL_ATTR: KIND})
+    return te.compute((m, panels * tile), lambda i, j: te.sum(x[i, k] * wp[j // tile, k, j % tile], axis=k),
+                      name="dense", attrs={KERNEL_ATTR: KIND, "tile": tile})
 
 
 class Dense(ScheduleRule):
@@ -32,11 +44,9 @@ class Dense(ScheduleRule):
         if block is None:
             return None
         i, j, k = sch.get_loops(block)
-        n = int(sch.get(j).extent)
-        lanes = spec.vector_lanes
-        if n % lanes:
-            lanes = best_divisor(n, lanes)
-        nv = (knobs or {}).get("n_vectors", best_divisor(n // lanes, 4))
+        tile = int(kernel_block(sch, KIND)[1]["tile"])
+        lanes = best_divisor(tile, spec.vector_lanes)
+        nv = tile // lanes
         j_o, j_v, j_l = sch.split(j, [None, nv, lanes])
         sch.reorder(i, j_o, k, j_v, j_l)
         wb = sch.cache_write(block, 0, "local")

@@ -5,7 +5,7 @@ import tvm
 from tvm import relax
 
 from schedules.f32_conv2d_nchwc import Conv2dNCHWc, conv2d_nchwc
-from schedules.f32_dense import Dense, dense
+from schedules.f32_dense import Dense, dense, pack_weights
 from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
 from schedules.f32_pool_nchwc import MeanHW, mean_hw
@@ -36,11 +36,16 @@ def _legalize_mean(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | Non
     return None
 
 
-def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
     x, w = call.args
     if isinstance(w, tvm.ir.Constant) and len(w.ty.shape.values) == 2 and len(x.ty.shape.values) == 2 \
             and call.ty.dtype == "float32":
-        return bb.call_te(dense, x, w, primfunc_name_hint="dense")
+        n = int(w.ty.shape.values[1])
+        wp = relax.const(pack_weights(w.value.numpy(), min(8 * lanes, -(-n // lanes) * lanes)))
+        out = bb.call_te(dense, x, wp, primfunc_name_hint="dense")
+        if int(wp.ty.shape.values[0]) * int(wp.ty.shape.values[2]) != n:
+            out = bb.normalize(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
+        return out
     return None
 
 
@@ -54,9 +59,9 @@ def _with_default(ours, op_name):
     return legalize
 
 
-def cpu_legalize_map() -> dict:
+def cpu_legalize_map(lanes: int) -> dict:
     return {
         "relax.nn.conv2d": _with_default(_legalize_conv2d, "relax.nn.conv2d"),
         "relax.mean": _with_default(_legalize_mean, "relax.mean"),
-        "relax.matmul": _with_default(_legalize_matmul, "relax.matmul"),
+        "relax.matmul": _with_default(lambda bb, call: _legalize_matmul(bb, call, lanes), "relax.matmul"),
     }

@@ -1,0 +1,154 @@
+"""Measuring without fooling ourselves: interleaved in-process timing, one process per runtime at
+more than one thread, machine facts, and the markdown/PNG writers that tools/bench.py uses."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import onnxruntime
+    import tvm
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+            f"TVM {tvm.__version__}, ONNX Runtime {onnxruntime.__version__}")
+
+
+def interleave(fns: dict, rounds: int, warmup: int = 5, burst: int = 1) -> dict[str, list[float]]:
+    """Per-run seconds of each function, run in turn round after round (drift hits all alike)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                f()
+                out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def stats(times: list[float]) -> dict:
+    return {"min_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times)), "runs": len(times)}
+
+
+# --- one runtime per process, for runs at more than one thread --------------------------------
+def _worker_main(kind: str, path: str, inputs_npz: str, threads: int) -> None:
+    """Serve 'run N' lines on stdin with a JSON list of N latencies on stdout."""
+    inputs = dict(np.load(inputs_npz))
+    if kind == "shrinkc":
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+        sys.path.insert(0, ROOT)
+        import compiler
+        runner = compiler.load(path)
+        f, args = runner.vm["main"], runner._args(inputs)
+        call = lambda: f(*args)  # noqa: E731
+    elif kind == "onnxruntime":
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        call = lambda: sess.run(None, inputs)  # noqa: E731
+    else:  # litert
+        from ai_edge_litert.interpreter import Interpreter
+        interp = Interpreter(model_path=path, num_threads=threads)
+        interp.allocate_tensors()
+        for d in interp.get_input_details():
+            interp.set_tensor(d["index"], inputs[d["name"]])
+        call = interp.invoke
+    for line in sys.stdin:
+        n = int(line.split()[1])
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(times), flush=True)
+
+
+class Worker:
+    """A runtime in a process of its own, asked for bursts of timed runs."""
+
+    def __init__(self, kind: str, path: str, inputs_npz: str, threads: int):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind, path, inputs_npz,
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, n: int) -> list[float]:
+        self.proc.stdin.write(f"run {n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("benchmark worker died")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def alternate(workers: dict[str, Worker], rounds: int, burst: int = 5, warmup: int = 2,
+              gap_s: float = 0.05) -> dict[str, list[float]]:
+    """Bursts of runs from each worker in turn; a pause between lets spinning pool threads sleep."""
+    for w in workers.values():
+        for _ in range(warmup):
+            w.run(burst)
+            time.sleep(gap_s)
+    out = {k: [] for k in workers}
+    for _ in range(rounds):
+        for k, w in workers.items():
+            out[k].extend(w.run(burst))
+            time.sleep(gap_s)
+    return out
+
+
+def bar_chart(path: str, title: str, rows: list[tuple[str, float]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = rows[:30]
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="#4c72b0")
+    ax.set_xlabel("ms per inference")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def line_chart(path: str, title: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    _worker_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
