@@ -46,7 +46,8 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
     """Compile the lowered module for the target (host code for CUDA included)."""
     if spec.is_gpu:
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # NVRTC needs cuda-bindings; nvcc does not
-    with spec.tvm_target():
+    config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+    with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=config):
         return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec))
 
 

@@ -30,7 +30,8 @@ def padded(data: te.Tensor, pads: list[int], h_axis: int = 2) -> te.Tensor:
         y, x = idx[h_axis], idx[h_axis + 1]
         src = list(idx)
         src[h_axis], src[h_axis + 1] = y - top, x - left
-        inside = tvm.tirx.all(y >= top, y < h + top, x >= left, x < w + left)
+        # likely(): lets LoopPartition split border tiles from interior ones (no guard inside)
+        inside = tvm.tirx.likely(tvm.tirx.all(y >= top, y < h + top, x >= left, x < w + left))
         return tvm.tirx.if_then_else(inside, data[tuple(src)], tvm.tirx.const(0.0, data.dtype))
 
     return te.compute(shape, value, name="pad")
@@ -67,6 +68,17 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation)
     )
 
 
+def accumulator_budget(block: int, spec) -> int:
+    """How many accumulator vectors of `block` floats a register tile may hold.
+
+    NOTE: TVM 0.27 puts a tile buffer on the stack (where LLVM keeps it in registers) only when it
+    is under 1024 bytes; a bigger one costs a heap allocation and a memset per tile."""
+    regs_per_vec = max(1, block // spec.vector_lanes)
+    in_registers = (spec.vector_registers - 11) // regs_per_vec
+    on_stack = (1024 - 1) // (block * 4)
+    return max(2, min(in_registers, on_stack))
+
+
 def row_tile(oh: int, ow: int, target: int) -> int:
     """A pixel tile whose region is a rectangle: a divisor of the row, or whole rows (k*ow, k | oh).
 
@@ -93,11 +105,11 @@ class Conv2dNCHWc(ScheduleRule):
 
     def default_knobs(self, info: dict, spec) -> dict:
         bo, cob = info["bo"], info["cob"]
-        regs_per_vec = max(1, bo // spec.vector_lanes)
-        budget = max(4, (spec.vector_registers - 11) // regs_per_vec)   # accumulators in registers
-        ob = best_divisor(cob, 3 if budget >= 18 else 2)
+        budget = accumulator_budget(bo, spec)
+        ob = best_divisor(cob, 3 if budget >= 21 else 2)
         p = row_tile(info["oh"], info["ow"], max(1, budget // ob))
-        return {"pixel_tile": p, "oc_blocks": ob, **spec.kernel_defaults.get(KIND, {})}
+        # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap
+        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": True, **spec.kernel_defaults.get(KIND, {})}
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
@@ -107,12 +119,16 @@ class Conv2dNCHWc(ScheduleRule):
         n, ob, y, x, o, kh, kw, ci = sch.get_loops(conv)
         _, cob, oh, ow, bo = (int(sch.get(lp).extent) for lp in (n, ob, y, x, o))
         k = {**self.default_knobs({"bo": bo, "cob": cob, "oh": oh, "ow": ow}, spec), **(knobs or {})}
-        inline_producers(sch, conv)
+        if k["inline_pad"]:
+            inline_producers(sch, conv)
+        else:
+            for pad in sch.get_producers(conv):
+                schedule_injective(sch, pad, spec.vector_lanes)
         ob_o, ob_i = sch.split(ob, [None, k["oc_blocks"]])
         outer, pix = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
         sch.reorder(n, ob_o, *outer, kh, kw, ci, ob_i, pix, o)
         outer = [n, ob_o, *outer]
-        wb = sch.cache_write(conv, 0, "local")
+        wb = sch.cache_write(conv, 0, "global")
         sch.reverse_compute_at(wb, outer[-1])
         left = inline_epilogue(sch, wb, outer[-1])
         sch.parallel(sch.fuse(*outer))

@@ -49,7 +49,7 @@ class Dense(ScheduleRule):
         nv = tile // lanes
         j_o, j_v, j_l = sch.split(j, [None, nv, lanes])
         sch.reorder(i, j_o, k, j_v, j_l)
-        wb = sch.cache_write(block, 0, "local")
+        wb = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(wb, j_o)
         left = inline_epilogue(sch, wb, j_o)
         sch.parallel(sch.fuse(i, j_o))

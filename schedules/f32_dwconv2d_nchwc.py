@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te
 
-from schedules.f32_conv2d_nchwc import padded, pixel_tile_loops, row_tile
+from schedules.f32_conv2d_nchwc import accumulator_budget, padded, pixel_tile_loops, row_tile
 from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, inline_epilogue, \
     inline_producers, kernel_block, schedule_injective
 
@@ -42,8 +42,7 @@ class DwConv2dNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        regs_per_vec = max(1, info["b"] // spec.vector_lanes)
-        budget = max(2, (spec.vector_registers - 8) // regs_per_vec)
+        budget = accumulator_budget(info["b"], spec)
         return {"pixel_tile": row_tile(info["oh"], info["ow"], min(8, budget)),
                 **spec.kernel_defaults.get(KIND, {})}
 
@@ -58,7 +57,7 @@ class DwConv2dNCHWc(ScheduleRule):
         inline_producers(sch, conv)
         outer, x_i = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
         sch.reorder(n, c, *outer, kh, kw, x_i, v)
-        wb = sch.cache_write(conv, 0, "local")
+        wb = sch.cache_write(conv, 0, "global")
         sch.reverse_compute_at(wb, outer[-1])
         left = inline_epilogue(sch, wb, outer[-1])
         sch.parallel(sch.fuse(n, c, *outer[:-1]))

@@ -46,7 +46,7 @@ class MeanHW(ScheduleRule):
         if blocked:
             lane = spatial[-1]
             sch.reorder(*spatial[:-1], rh, rw, lane)
-        wb = sch.cache_write(block, 0, "local")
+        wb = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(wb, spatial[1])
         left = inline_epilogue(sch, wb, spatial[1])
         if blocked:

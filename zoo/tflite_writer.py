@@ -19,12 +19,15 @@ _TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32":
 _SPARSE_BLOCKS = {"csr": None, "block4x1": 4}  # block4x1: blocks of 4 output channels x 1
 
 
-def encode_sparse(dense: np.ndarray, block: tuple[int, ...] | None = None) -> tuple[np.ndarray, dict]:
-    """Dense array -> (stored values, sparsity dict) in TFLite's layout, as its sparsity converter emits it.
+def encode_sparse(dense: np.ndarray, block: tuple[int, ...] | None = None, order: list[int] | None = None,
+                  formats: list[str] | None = None) -> tuple[np.ndarray, dict]:
+    """Dense array -> (stored values, sparsity dict) in TFLite's sparse layout.
 
-    Traversal order is the identity; the original dimensions are DENSE except the last, which is
-    SPARSE_CSR; each dimension with a block size > 1 adds one trailing DENSE block dimension. A block
-    is stored when any of its elements is non-zero (zeros inside a stored block are kept).
+    The tensor is seen with n + k dimensions: its own n (each divided by its block size) and one
+    block dimension per block size > 1. By default (as TFLite's sparsity converter emits it) the
+    traversal order is the identity and every level is DENSE except the last own dimension, which
+    is SPARSE_CSR; `order` and `formats` (per level, "DENSE" / "SPARSE_CSR") override that. A CSR
+    level keeps the coordinates under which anything is non-zero (zeros inside kept blocks stay).
     """
     n = dense.ndim
     block = tuple(block) if block else (1,) * n
@@ -33,16 +36,31 @@ def encode_sparse(dense: np.ndarray, block: tuple[int, ...] | None = None) -> tu
     blocked = [i for i in range(n) if block[i] != 1]
     outer = [s // b for s, b in zip(dense.shape, block)]
     t = dense.reshape([x for pair in zip(outer, block) for x in pair])
-    t = t.transpose([2 * i for i in range(n)] + [2 * i + 1 for i in range(n)])
-    blocks = t.reshape(int(np.prod(outer[:-1])), outer[-1], -1)
-    keep = np.any(blocks != 0, axis=2)
-    segments = np.concatenate([[0], np.cumsum(keep.sum(axis=1))]).astype(np.int64)
-    indices = np.nonzero(keep)[1].astype(np.int64)
-    dims = [{"format": "DENSE", "dense_size": outer[i]} for i in range(n - 1)]
-    dims.append({"format": "SPARSE_CSR", "dense_size": 0, "segments": segments, "indices": indices})
-    dims += [{"format": "DENSE", "dense_size": block[i]} for i in blocked]
-    sparsity = {"traversal_order": list(range(n + len(blocked))), "block_map": blocked, "dim_metadata": dims}
-    return blocks[keep].reshape(-1), sparsity
+    t = t.transpose([2 * i for i in range(n)] + [2 * i + 1 for i in blocked] +
+                    [2 * i + 1 for i in range(n) if i not in blocked])
+    expanded = t.reshape(outer + [block[i] for i in blocked])
+    order = list(order) if order is not None else list(range(n + len(blocked)))
+    formats = formats or ["DENSE"] * (n - 1) + ["SPARSE_CSR"] + ["DENSE"] * len(blocked)
+    levels = expanded.transpose(order)
+    nonzero = levels != 0
+    coords = np.zeros((1, 0), np.int64)            # one row per position reached so far
+    dims = []
+    for level, fmt in enumerate(formats):
+        size = levels.shape[level]
+        cand = np.concatenate([np.repeat(coords, size, axis=0),
+                               np.tile(np.arange(size), len(coords))[:, None]], axis=1)
+        if fmt == "DENSE":
+            dims.append({"format": "DENSE", "dense_size": size})
+            coords = cand
+            continue
+        below = nonzero.reshape(levels.shape[:level + 1] + (-1,)).any(axis=-1)
+        keep = below[tuple(cand.T)]
+        counts = keep.reshape(len(coords), size).sum(axis=1)
+        dims.append({"format": "SPARSE_CSR", "dense_size": 0, "segments": np.concatenate([[0], np.cumsum(counts)]),
+                     "indices": cand[keep, -1]})
+        coords = cand[keep]
+    sparsity = {"traversal_order": order, "block_map": blocked, "dim_metadata": dims}
+    return levels[tuple(coords.T)], sparsity
 
 
 @dataclass
@@ -104,69 +122,65 @@ class TfliteBuilder:
         value = np.ascontiguousarray(value, dtype=dtype)
         return self._tensor(name, value.shape, dtype, data=value.tobytes())
 
-    def weight(self, value: np.ndarray, name: str, sparse: str | None = None, block_axis: int = 0) -> int:
+    def weight(self, value: np.ndarray, name: str, sparse: str | dict | None = None, block_axis: int = 0,
+               densify: bool = True) -> int:
         """A float32 weight as the model will see it, stored as this builder's `weights` say.
 
         fp16: stored float16 and a DEQUANTIZE makes the float32 tensor. sparse ("csr" or
-        "block4x1", blocks of 4 along `block_axis`): stored with SparsityParameters and a DENSIFY
-        makes the dense tensor (sparse fp16: DENSIFY then DEQUANTIZE).
+        "block4x1", blocks of 4 along `block_axis`, or a dict of encode_sparse keywords): stored
+        with SparsityParameters and a DENSIFY makes the dense tensor (sparse fp16: DENSIFY, DEQUANTIZE);
+        densify=False hands the sparse tensor to the op itself, as TFLite does for sparse FC kernels.
         """
         value = np.asarray(value, np.float32)
         fp16 = self.weights == "fp16"
-        dtype = "float16" if fp16 else "float32"
+        dtype, stored_name = ("float16", name + "_fp16") if fp16 else ("float32", name)
         stored = value.astype(dtype)
         if sparse is None:
-            t = self._tensor(name + ("_fp16" if fp16 else ""), value.shape, dtype, data=stored.tobytes())
+            t = self._tensor(stored_name, value.shape, dtype, data=stored.tobytes())
         else:
-            if sparse not in _SPARSE_BLOCKS:
-                raise ValueError(f"sparse must be one of {sorted(_SPARSE_BLOCKS)}, not {sparse!r}")
-            block = None
-            if _SPARSE_BLOCKS[sparse]:
-                block = [1] * value.ndim
-                block[block_axis] = _SPARSE_BLOCKS[sparse]
-            values, sparsity = encode_sparse(stored, block)
-            src = self._tensor(name + ("_fp16" if fp16 else "") + "_sparse", value.shape, dtype,
-                               data=values.astype(dtype).tobytes(), sparsity=sparsity)
-            t = self._tensor(name + ("_fp16" if fp16 else ""), value.shape, dtype)
-            self.ops.append(_Operator(_Op.DENSIFY, [src], [t], _Opt.DensifyOptions))
+            if not isinstance(sparse, dict) and sparse not in _SPARSE_BLOCKS:
+                raise ValueError(f"sparse must be one of {sorted(_SPARSE_BLOCKS)} or a dict, not {sparse!r}")
+            block = [1] * value.ndim
+            if not isinstance(sparse, dict):
+                block[block_axis] = _SPARSE_BLOCKS[sparse] or 1
+            values, sparsity = encode_sparse(stored, **(sparse if isinstance(sparse, dict) else {"block": block}))
+            t = self._tensor(stored_name + "_sparse", value.shape, dtype, data=values.tobytes(), sparsity=sparsity)
+            if densify:
+                t = self._op(_Op.DENSIFY, [t], value.shape, stored_name, _Opt.DensifyOptions, dtype=dtype)
         if fp16:
-            out = self._tensor(name, value.shape)
-            self.ops.append(_Operator(_Op.DEQUANTIZE, [t], [out], _Opt.DequantizeOptions))
-            t = out
+            t = self._op(_Op.DEQUANTIZE, [t], value.shape, name, _Opt.DequantizeOptions)
         return t
 
-    def _op(self, code, inputs, out_shape, name, options_type=0, **options) -> int:
-        out = self._tensor(name, out_shape)
+    def _op(self, code, inputs, out_shape, name, options_type=0, dtype="float32", **options) -> int:
+        out = self._tensor(name, out_shape, dtype)
         self.ops.append(_Operator(code, list(inputs), [out], options_type, options))
         return out
 
-    # ---- layers --------------------------------------------------------------------------------
-    def conv2d(self, x: int, weight: np.ndarray, bias: np.ndarray, stride: int = 1, padding: str = "SAME",
-               act: str = "NONE", sparse: str | None = None, name: str = "conv") -> int:
-        """NHWC conv with OHWI weights and a bias."""
-        n, h, w, _ = self.shape(x)
-        o, kh, kw, _ = weight.shape
-        oh, ow = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-        wt = self.weight(weight, f"{name}/weights", sparse, block_axis=0)
-        bt = self.weight(bias, f"{name}/bias")
-        return self._op(_Op.CONV_2D, [x, wt, bt], [n, oh, ow, o], name, _Opt.Conv2DOptions,
-                        Padding=_PADS[padding], StrideW=stride, StrideH=stride,
-                        FusedActivationFunction=_ACTS[act], DilationWFactor=1, DilationHFactor=1)
+    # ---- layers (weights: an ndarray, or a tensor made with weight()) -------------------------------
+    def _weights(self, weight, bias, name: str, sparse, axis: int) -> tuple[int, int, list[int]]:
+        wt = weight if isinstance(weight, int) else self.weight(weight, f"{name}/weights", sparse, block_axis=axis)
+        return wt, self.weight(bias, f"{name}/bias"), self.shape(wt)
 
-    def depthwise_conv2d(self, x: int, weight: np.ndarray, bias: np.ndarray, stride: int = 1,
-                         padding: str = "SAME", act: str = "NONE", sparse: str | None = None,
-                         name: str = "dwconv") -> int:
+    def conv2d(self, x: int, weight, bias: np.ndarray, stride: int = 1, padding: str = "SAME",
+               act: str = "NONE", sparse: str | dict | None = None, name: str = "conv") -> int:
+        """NHWC conv with OHWI weights and a bias."""
+        return self._conv(_Op.CONV_2D, _Opt.Conv2DOptions, x, weight, bias, stride, padding, act, sparse, name, 0)
+
+    def depthwise_conv2d(self, x: int, weight, bias: np.ndarray, stride: int = 1, padding: str = "SAME",
+                         act: str = "NONE", sparse: str | dict | None = None, name: str = "dwconv") -> int:
         """NHWC depthwise conv with 1HWO weights (depth multiplier 1) and a bias."""
+        return self._conv(_Op.DEPTHWISE_CONV_2D, _Opt.DepthwiseConv2DOptions, x, weight, bias, stride, padding,
+                          act, sparse, name, 3, DepthMultiplier=1)
+
+    def _conv(self, code, options_type, x, weight, bias, stride, padding, act, sparse, name, axis, **extra) -> int:
         n, h, w, c = self.shape(x)
-        _, kh, kw, o = weight.shape
-        if o != c:
+        wt, bt, shape = self._weights(weight, bias, name, sparse, axis)
+        if code == _Op.DEPTHWISE_CONV_2D and shape[3] != c:
             raise ValueError("only depth_multiplier 1 is supported")
-        oh, ow = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-        wt = self.weight(weight, f"{name}/weights", sparse, block_axis=3)
-        bt = self.weight(bias, f"{name}/bias")
-        return self._op(_Op.DEPTHWISE_CONV_2D, [x, wt, bt], [n, oh, ow, o], name, _Opt.DepthwiseConv2DOptions,
-                        Padding=_PADS[padding], StrideW=stride, StrideH=stride, DepthMultiplier=1,
-                        FusedActivationFunction=_ACTS[act], DilationWFactor=1, DilationHFactor=1)
+        oh, ow = _out_size(h, shape[1], stride, padding), _out_size(w, shape[2], stride, padding)
+        return self._op(code, [x, wt, bt], [n, oh, ow, shape[axis]], name, options_type, Padding=_PADS[padding],
+                        StrideW=stride, StrideH=stride, FusedActivationFunction=_ACTS[act],
+                        DilationWFactor=1, DilationHFactor=1, **extra)
 
     def add(self, a: int, b: int, act: str = "NONE", name: str = "add") -> int:
         return self._op(_Op.ADD, [a, b], self.shape(a), name, _Opt.AddOptions, FusedActivationFunction=_ACTS[act])
@@ -177,13 +191,11 @@ class TfliteBuilder:
         axes = self.const(np.array([1, 2]), f"{name}/axes", "int32")
         return self._op(_Op.MEAN, [x, axes], [n, 1, 1, c], name, _Opt.ReducerOptions, KeepDims=True)
 
-    def fully_connected(self, x: int, weight: np.ndarray, bias: np.ndarray, act: str = "NONE",
-                        sparse: str | None = None, name: str = "fc") -> int:
+    def fully_connected(self, x: int, weight, bias: np.ndarray, act: str = "NONE",
+                        sparse: str | dict | None = None, name: str = "fc") -> int:
         """[N, ..., I] x [O, I]^T + bias -> [N*.../I, O]."""
-        o, i = weight.shape
+        wt, bt, (o, i) = self._weights(weight, bias, name, sparse, 0)
         rows = int(np.prod(self.shape(x))) // i
-        wt = self.weight(weight, f"{name}/weights", sparse, block_axis=0)
-        bt = self.weight(bias, f"{name}/bias")
         return self._op(_Op.FULLY_CONNECTED, [x, wt, bt], [rows, o], name, _Opt.FullyConnectedOptions,
                         FusedActivationFunction=_ACTS[act], KeepNumDims=False)
 
@@ -222,7 +234,8 @@ class TfliteBuilder:
         for op in self.ops:
             if op.code not in codes:
                 codes.append(op.code)
-            opts = _table(b, _option_name(op.options_type), **op.options) if op.options_type else None
+            fields = {k: _ints(b, v) if isinstance(v, list) else v for k, v in op.options.items()}
+            opts = _table(b, _option_name(op.options_type), **fields) if op.options_type else None
             ops.append(_table(b, "Operator", OpcodeIndex=codes.index(op.code), Inputs=_ints(b, op.inputs),
                               Outputs=_ints(b, op.outputs), BuiltinOptionsType=op.options_type,
                               BuiltinOptions=opts))
@@ -345,7 +358,10 @@ def mobilenet_v2_tflite(width: float = 0.35, resolution: int = 96, sparsity: flo
     def params(o, kh, kw, i, prune=False):
         w = (rng.standard_normal((o, kh, kw, i)) * math.sqrt(2.0 / (kh * kw * i))).astype(np.float32)
         bias = (rng.standard_normal(o) * 0.05).astype(np.float32)
-        return (_prune(w, sparsity, block) if prune else w), bias
+        return (_prune(w, sparsity, block if o % block == 0 else 1) if prune else w), bias
+
+    def fmt(o):  # a layer whose output channels the block does not tile falls back to CSR
+        return sparse and (sparse if o % block == 0 else "csr")
 
     x = b.input([1, resolution, resolution, 3])
     cin = make_divisible(32 * width)
@@ -354,19 +370,19 @@ def mobilenet_v2_tflite(width: float = 0.35, resolution: int = 96, sparsity: flo
     for k, (t, c, stride) in enumerate(blocks[:num_blocks]):
         cout, hidden, y = make_divisible(c * width), cin * t, x
         if t != 1:
-            y = b.conv2d(y, *params(hidden, 1, 1, cin, True), act="RELU6", sparse=sparse, name=f"block{k}/expand")
+            y = b.conv2d(y, *params(hidden, 1, 1, cin, True), act="RELU6", sparse=fmt(hidden), name=f"block{k}/expand")
         w = (rng.standard_normal((1, 3, 3, hidden)) * math.sqrt(2.0 / 9)).astype(np.float32)
         bias = (rng.standard_normal(hidden) * 0.05).astype(np.float32)
         y = b.depthwise_conv2d(y, w, bias, stride, act="RELU6", name=f"block{k}/dw")
-        y = b.conv2d(y, *params(cout, 1, 1, hidden, True), sparse=sparse, name=f"block{k}/project")
+        y = b.conv2d(y, *params(cout, 1, 1, hidden, True), sparse=fmt(cout), name=f"block{k}/project")
         if stride == 1 and cin == cout:
             y = b.add(y, x, name=f"block{k}/add")
         x, cin = y, cout
     head = make_divisible(1280 * width) if width > 1.0 else 1280
-    x = b.conv2d(x, *params(head, 1, 1, cin, True), act="RELU6", sparse=sparse, name="head")
-    x = b.mean_hw(x, name="pool")
+    x = b.conv2d(x, *params(head, 1, 1, cin, True), act="RELU6", sparse=fmt(head), name="head")
+    x = b.reshape(b.mean_hw(x, name="pool"), [1, head], name="flatten")
     w, bias = params(num_classes, 1, 1, head, True)
-    x = b.fully_connected(x, w.reshape(num_classes, head), bias, sparse=sparse, name="classifier")
+    x = b.fully_connected(x, w.reshape(num_classes, head), bias, sparse=fmt(num_classes), name="classifier")
     b.output(b.softmax(x, name="probs"))
     return b.finish()
 

@@ -1,0 +1,391 @@
+"""Import a TFLite model into Relax: validate it, pin shapes, and rebuild the sparse and fp16 weights TVM trips on."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import warnings
+
+import numpy as np
+import tflite
+import tvm
+from tflite.BuiltinOperator import BuiltinOperator
+from tflite.DimensionType import DimensionType
+from tflite.SparseIndexVector import SparseIndexVector
+from tflite.TensorType import TensorType
+from tvm import relax
+from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
+
+from compiler.errors import ShrinkcError
+from compiler.frontend.model_info import ModelInfo, TensorInfo
+
+HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
+_DTYPES = {TensorType.FLOAT32: "float32", TensorType.FLOAT16: "float16", TensorType.INT8: "int8",
+           TensorType.UINT8: "uint8", TensorType.INT16: "int16", TensorType.INT32: "int32",
+           TensorType.INT64: "int64", TensorType.BOOL: "bool"}
+_OP_NAMES = {v: k for k, v in vars(BuiltinOperator).items() if not k.startswith("_")}
+_LAYOUTS = {"CONV_2D": "OHWI", "DEPTHWISE_CONV_2D": "1HWO", "FULLY_CONNECTED": "OI"}
+_CORRUPT_FIX = "re-convert the model; the file may be truncated or not TFLite"
+
+
+# ---- reading and checking the file ---------------------------------------------------------------
+def load_tflite(path: str) -> tuple[bytes, tflite.Model]:
+    """Read and sanity-check a .tflite file, turning every failure into one clear error."""
+    if not os.path.exists(path):
+        raise ShrinkcError(f"model file '{path}' does not exist", "check the path")
+    if os.path.getsize(path) == 0:
+        raise ShrinkcError(f"model file '{path}' is empty", "re-convert the model")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8 or raw[4:8] != b"TFL3":
+        raise ShrinkcError(f"'{path}' is not a TFLite model (no 'TFL3' flatbuffer identifier)",
+                           "pass a .tflite file written by the TFLite converter; for ONNX use a .onnx file")
+    model = tflite.Model.GetRootAsModel(raw, 0)
+    try:
+        _validate(model, raw)
+    except ShrinkcError:
+        raise
+    except Exception as err:  # out-of-range reads in a cut or damaged flatbuffer
+        raise ShrinkcError(f"'{path}' is a damaged TFLite model ({type(err).__name__}: {err})",
+                           _CORRUPT_FIX) from None
+    return raw, model
+
+
+def _validate(model: tflite.Model, raw: bytes) -> None:
+    """Touch every table the importer reads, so a cut file fails here and not deep inside TVM."""
+    if model.SubgraphsLength() < 1:
+        raise ShrinkcError("the TFLite model has no subgraph", _CORRUPT_FIX)
+    nbuf, ncodes = model.BuffersLength(), model.OperatorCodesLength()
+    for i in range(nbuf):
+        buf = model.Buffers(i)
+        if buf.Offset() > 1 and buf.Offset() + buf.Size() > len(raw):
+            raise ShrinkcError(f"buffer {i} lies past the end of the file", _CORRUPT_FIX)
+        if buf.DataLength():
+            buf.DataAsNumpy()
+    for i in range(ncodes):
+        code = model.OperatorCodes(i)
+        code.BuiltinCode(), code.DeprecatedBuiltinCode(), code.CustomCode()
+    sg = model.Subgraphs(0)
+    nt = sg.TensorsLength()
+    for i in range(nt):
+        t = sg.Tensors(i)
+        t.Name(), t.Type(), t.ShapeAsNumpy(), t.ShapeSignatureAsNumpy()
+        if t.Buffer() >= nbuf:
+            raise ShrinkcError(f"tensor {i} names buffer {t.Buffer()} of {nbuf}", _CORRUPT_FIX)
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        ids = list(op.InputsAsNumpy() if op.InputsLength() else []) + list(
+            op.OutputsAsNumpy() if op.OutputsLength() else [])
+        if op.OpcodeIndex() >= ncodes or any(j < -1 or j >= nt for j in ids):
+            raise ShrinkcError(f"operator {i} refers to a missing op code or tensor", _CORRUPT_FIX)
+    ios = list(sg.InputsAsNumpy() if sg.InputsLength() else []) + list(
+        sg.OutputsAsNumpy() if sg.OutputsLength() else [])
+    if not sg.OutputsLength() or any(j < 0 or j >= nt for j in ios):
+        raise ShrinkcError("the subgraph's inputs or outputs are missing or out of range", _CORRUPT_FIX)
+
+
+def _name(sg, idx: int) -> str:
+    return sg.Tensors(int(idx)).Name().decode("utf-8")
+
+
+def op_name(model: tflite.Model, op) -> str:
+    """'CONV_2D', or 'CUSTOM:<name>' for a custom op."""
+    code = model.OperatorCodes(op.OpcodeIndex())
+    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    if builtin == BuiltinOperator.CUSTOM:
+        return "CUSTOM:" + (code.CustomCode() or b"?").decode("utf-8", "replace")
+    return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
+
+
+def _check_custom_ops(model: tflite.Model, path: str) -> None:
+    sg = model.Subgraphs(0)
+    found: dict[str, str] = {}
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        name = op_name(model, op)
+        if name.startswith("CUSTOM:"):
+            out = _name(sg, op.Outputs(0)) if op.OutputsLength() else f"op {i}"
+            found.setdefault(name[7:], out)
+    if found:
+        listed = ", ".join(f"'{k}' (output '{v}')" for k, v in found.items())
+        raise ShrinkcError(f"'{path}' uses custom op{'s' if len(found) > 1 else ''} {listed}, which shrinkc "
+                           "cannot compile", "convert the model with TFLite builtin ops only (no "
+                           "allow_custom_ops / SELECT_TF_OPS), or replace the op in the source model")
+
+
+def graph_inputs(model: tflite.Model, pins: dict[str, list[int]]) -> list[TensorInfo]:
+    """The subgraph's inputs with every dimension fixed, or an error naming the dynamic one."""
+    sg = model.Subgraphs(0)
+    result = []
+    for idx in sg.InputsAsNumpy():
+        t = sg.Tensors(int(idx))
+        name, dtype = _name(sg, idx), _DTYPES.get(t.Type(), "float32")
+        shape = [int(d) for d in t.ShapeAsNumpy()] if t.ShapeLength() else []
+        sig = [int(d) for d in t.ShapeSignatureAsNumpy()] if t.ShapeSignatureLength() else shape
+        dims: list = [s if g >= 0 else "?" for s, g in zip(shape, sig)] if len(sig) == len(shape) else shape
+        if name in pins:
+            pinned = [int(d) for d in pins[name]]
+            if len(pinned) != len(dims):
+                raise ShrinkcError(f"--input {name} has {len(pinned)} dimensions but the model's input has "
+                                   f"{len(dims)} ({'x'.join(map(str, dims))})", f"pin all {len(dims)} dimensions")
+            for axis, (d, p) in enumerate(zip(dims, pinned)):
+                if isinstance(d, int) and d != p:
+                    raise ShrinkcError(f"--input {name} sets axis {axis} to {p}, but the model fixes it at {d}",
+                                       f"pin {name} as {'x'.join(str(x) if isinstance(x, int) else '1' for x in dims)}")
+            dims = pinned
+        free = [axis for axis, d in enumerate(dims) if not isinstance(d, int)]
+        if free:
+            example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims)
+            raise ShrinkcError(f"input '{name}' has a dynamic dimension (axis {free[0]}, shape "
+                               f"{'x'.join(map(str, dims))})", f"pin it with --input {name}:{example}")
+        result.append(TensorInfo(name, dims, dtype))
+    unknown = set(pins) - {t.name for t in result}
+    if unknown:
+        raise ShrinkcError(f"--input names '{sorted(unknown)[0]}', which is not an input of the model",
+                           f"the inputs are: {', '.join(t.name for t in result)}")
+    return result
+
+
+# ---- sparse and external weights -----------------------------------------------------------------
+def buffer_bytes(model: tflite.Model, raw: bytes, tensor) -> bytes:
+    """A constant tensor's bytes, in the flatbuffer or (offset/size buffers) after it in the file."""
+    buf = model.Buffers(tensor.Buffer())
+    if buf.Offset() > 1:
+        return raw[buf.Offset():buf.Offset() + buf.Size()]
+    return buf.DataAsNumpy().tobytes() if buf.DataLength() else b""
+
+
+def _index_array(kind: int, table) -> np.ndarray:
+    vectors = {SparseIndexVector.Int32Vector: tflite.Int32Vector, SparseIndexVector.Uint16Vector: tflite.Uint16Vector,
+               SparseIndexVector.Uint8Vector: tflite.Uint8Vector}
+    if kind not in vectors or table is None:
+        raise ValueError(f"sparse index vector of type {kind} is missing or unknown")
+    vec = vectors[kind]()
+    vec.Init(table.Bytes, table.Pos)
+    return np.asarray(vec.ValuesAsNumpy() if vec.ValuesLength() else [], dtype=np.int64)
+
+
+def densify(tensor, values: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Rebuild the dense array of a tensor stored with TFLite SparsityParameters; also its block shape.
+
+    The tensor is seen as n + k dimensions: its n own ones (divided by their block sizes) and k block
+    dimensions (block_map[j] says which own dimension block dimension n+j refines). dim_metadata[l]
+    describes level l of the traversal, i.e. dimension traversal_order[l]: DENSE (dense_size
+    positions under each parent position) or SPARSE_CSR (array_segments[p]..array_segments[p+1]
+    index array_indices, the coordinates present under parent p). Leaves follow values in order.
+    """
+    sp = tensor.Sparsity()
+    shape = [int(d) for d in tensor.ShapeAsNumpy()]
+    n = len(shape)
+    order = [int(d) for d in sp.TraversalOrderAsNumpy()] if sp.TraversalOrderLength() else list(range(n))
+    block_map = [int(d) for d in sp.BlockMapAsNumpy()] if sp.BlockMapLength() else []
+    k = len(block_map)
+    if sorted(order) != list(range(n + k)) or sp.DimMetadataLength() != n + k:
+        raise ValueError(f"traversal order {order} and {sp.DimMetadataLength()} dim metadata do not fit "
+                         f"rank {n} with {k} block dimensions")
+    levels = [sp.DimMetadata(i) for i in range(n + k)]
+    block = [1] * n
+    for j, dim in enumerate(block_map):
+        md = levels[order.index(n + j)]
+        if md.Format() != DimensionType.DENSE or dim >= n:
+            raise ValueError("block dimensions must be DENSE and refine an existing dimension")
+        block[dim] = int(md.DenseSize())
+    coords: list[np.ndarray] = []   # one coordinate array per level, over the positions reached so far
+    count = 1
+    for md in levels:
+        if md.Format() == DimensionType.DENSE:
+            size = int(md.DenseSize())
+            coords = [np.repeat(c, size) for c in coords] + [np.tile(np.arange(size, dtype=np.int64), count)]
+            count *= size
+        else:
+            seg = _index_array(md.ArraySegmentsType(), md.ArraySegments())
+            idx = _index_array(md.ArrayIndicesType(), md.ArrayIndices())
+            if len(seg) != count + 1 or seg[0] != 0 or seg[-1] != len(idx) or np.any(np.diff(seg) < 0):
+                raise ValueError("array_segments do not match the positions above or array_indices")
+            coords = [np.repeat(c, np.diff(seg)) for c in coords] + [idx]
+            count = len(idx)
+    if count != values.size:
+        raise ValueError(f"sparsity metadata describes {count} values but the buffer holds {values.size}")
+    full = [np.zeros(count, np.int64) for _ in range(n)]
+    for level, dim in enumerate(order):
+        if dim < n:
+            full[dim] += coords[level] * block[dim]
+        else:
+            full[block_map[dim - n]] += coords[level]
+    if any(np.any(c >= s) for c, s in zip(full, shape)):
+        raise ValueError(f"sparse coordinates fall outside the shape {shape}")
+    dense = np.zeros(shape, values.dtype)
+    dense[tuple(full)] = values
+    return dense, block
+
+
+def _np_dtype(tensor) -> np.dtype:
+    return np.dtype(_DTYPES.get(tensor.Type(), "float32"))
+
+
+def dense_value(model: tflite.Model, raw: bytes, tensor) -> tuple[np.ndarray, list[int]]:
+    """A sparse constant's dense value and block shape, with errors naming the tensor."""
+    data = np.frombuffer(buffer_bytes(model, raw, tensor), _np_dtype(tensor))
+    try:
+        return densify(tensor, data)
+    except ValueError as err:
+        raise ShrinkcError(f"sparse tensor '{tensor.Name().decode()}' has bad sparsity metadata: {err}",
+                           _CORRUPT_FIX) from None
+
+
+def _sparse_hints(model: tflite.Model, raw: bytes) -> dict[str, dict]:
+    """{weight name as its consumers see it: stored name, shape, block, nnz, dtype, consumers}."""
+    sg = model.Subgraphs(0)
+    consumers: dict[int, list[tuple[int, int]]] = {}
+    for i in range(sg.OperatorsLength()):
+        for pos, t in enumerate(sg.Operators(i).InputsAsNumpy() if sg.Operators(i).InputsLength() else []):
+            consumers.setdefault(int(t), []).append((i, pos))
+    hints = {}
+    for idx in range(sg.TensorsLength()):
+        tensor = sg.Tensors(idx)
+        if tensor.Sparsity() is None:
+            continue
+        dense, block = dense_value(model, raw, tensor)
+        cur = idx
+        while len(consumers.get(cur, [])) == 1:
+            op = sg.Operators(consumers[cur][0][0])
+            if op_name(model, op) not in ("DENSIFY", "DEQUANTIZE"):
+                break
+            cur = int(op.Outputs(0))
+        uses = []
+        for i, pos in consumers.get(cur, []):
+            op = sg.Operators(i)
+            kind = op_name(model, op)
+            uses.append({"op": kind, "output": _name(sg, op.Outputs(0)), "input": pos,
+                         "layout": _LAYOUTS.get(kind) if pos == 1 else None})
+        hints[_name(sg, cur)] = {"stored": _name(sg, idx), "shape": list(dense.shape), "block": block,
+                                 "dtype": str(dense.dtype), "nnz": int(np.count_nonzero(dense)),
+                                 "size": int(dense.size), "consumers": uses}
+    return hints
+
+
+def sparse_hints(path: str) -> dict[str, dict]:
+    """The sparse-stored weights of a .tflite file (what import_tflite puts in the HINTS_ATTR attribute)."""
+    raw, model = load_tflite(path)
+    return _sparse_hints(model, raw)
+
+
+# ---- the converter -------------------------------------------------------------------------------
+class _Converter(_tvm_tflite.OperatorConverter):
+    """TVM's converter with our DENSIFY and fp16 DEQUANTIZE, named layers and errors naming the op."""
+
+    raw: bytes = b""
+
+    def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
+        super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
+        self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
+
+    def _named(self, kind: str, convert):
+        def run(op):
+            outs = [int(i) for i in op.OutputsAsNumpy()] if op.OutputsLength() else []
+            out_name = _name(self.subgraph, outs[0]) if outs else "?"
+            try:
+                ret = convert(op=op)
+            except ShrinkcError:
+                raise
+            except Exception as err:
+                msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise ShrinkcError(f"cannot import TFLite op {kind} (output '{out_name}'): {msg[:200]}",
+                                   "check the op's options and shapes, or open an issue naming the op") from None
+            if isinstance(ret, relax.Call) and len(outs) == 1:
+                ret = self.bb.emit(ret, name_hint=_sanitize(out_name))
+            return ret
+        return run
+
+    def check_unsupported_ops(self):
+        try:
+            super().check_unsupported_ops()
+        except tvm.error.OpNotImplemented as err:
+            raise ShrinkcError(f"the model has ops shrinkc cannot import: {str(err).strip()}",
+                               "convert the model with other builtin ops, or open an issue naming the op") from None
+
+    def get_tensor_value(self, tensor_wrapper, is_sparse=False):
+        idx, tensor = tensor_wrapper.tensor_idx, tensor_wrapper.tensor
+        if self.is_prefetched(idx):
+            return self.get_prefetched_node(idx)
+        if tensor.Sparsity() is not None:
+            return dense_value(self.model, self.raw, tensor)[0]
+        if self.model.Buffers(tensor.Buffer()).Offset() > 1:
+            data = np.frombuffer(buffer_bytes(self.model, self.raw, tensor), _np_dtype(tensor))
+            return data.reshape([int(d) for d in tensor.ShapeAsNumpy()])
+        return super().get_tensor_value(tensor_wrapper, is_sparse)
+
+    def get_expr(self, input_tensor_idx):
+        """A prefetched constant (densified / dequantized weight) read as an expression by any op."""
+        if not self.has_expr(input_tensor_idx) and self.is_prefetched(input_tensor_idx):
+            value = self.get_prefetched_node(input_tensor_idx)
+            return self.exp_tab.new_const(value, dtype=str(value.dtype))
+        return super().get_expr(input_tensor_idx)
+
+    def convert_fully_connected(self, op):
+        """TVM keeps the input's rank; TFLite (keep_num_dims false) gives [rows, units]."""
+        out = super().convert_fully_connected(op)
+        opts = tflite.FullyConnectedOptions()
+        opts.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
+        units = int(self.get_input_tensors(op)[1].tensor.Shape(0))
+        if not opts.KeepNumDims() and len(self.bb.normalize(out).ty.shape) != 2:
+            out = relax.op.reshape(out, (-1, units))
+        return out
+
+    def convert_densify(self, op):
+        (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
+
+    def convert_dequantize(self, op):
+        (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        if src.tensor.Type() != TensorType.FLOAT16:
+            return super().convert_dequantize(op)
+        if self.has_expr(src.tensor_idx):
+            return relax.op.astype(self.get_expr(src.tensor_idx), "float32")
+        self.set_prefetched_node(out.tensor_idx, np.asarray(self.get_tensor_value(src), np.float32))
+        return None
+
+
+def _sanitize(name: str) -> str:
+    s = re.sub(r"[^0-9a-zA-Z_]", "_", name)
+    return s if s and not s[0].isdigit() else "n_" + s
+
+
+def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[tvm.IRModule, ModelInfo]:
+    """.tflite file -> (Relax module with weights as float32 constants, the model's signature).
+
+    Sparse-stored weights are densified here; the module's HINTS_ATTR attribute maps each such
+    weight's name to a JSON string (see sparse_hints) so later passes can use the sparsity.
+    """
+    raw, model = load_tflite(path)
+    path = os.path.abspath(path)
+    _check_custom_ops(model, path)
+    inputs = graph_inputs(model, pins or {})
+    hints = _sparse_hints(model, raw)
+    converter = type("_FileConverter", (_Converter,), {"raw": raw})
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            mod = _tvm_tflite.from_tflite(model, shape_dict={t.name: tuple(t.shape) for t in inputs},
+                                          dtype_dict={t.name: t.dtype for t in inputs}, op_converter=converter)
+    except ShrinkcError:
+        raise
+    except Exception as err:
+        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ShrinkcError(f"cannot import '{path}': {msg[:200]}", "open an issue with the model attached") from None
+    if hints:
+        mod = mod.with_attr(HINTS_ATTR, {k: json.dumps(v) for k, v in hints.items()})
+    sg = model.Subgraphs(0)
+    ret = mod["main"].ret_ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    outputs = []
+    for idx, ty in zip(sg.OutputsAsNumpy(), fields):
+        name = _name(sg, idx)
+        if not isinstance(ty, relax.TensorType) or ty.shape is None or any(
+                not isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+            raise ShrinkcError(f"output '{name}' has a shape that depends on the data",
+                               "shrinkc serves static shapes only; pin every input with --input")
+        outputs.append(TensorInfo(name, [int(d) for d in ty.shape.values], str(ty.dtype)))
+    return mod, ModelInfo("tflite", path, inputs, outputs)
