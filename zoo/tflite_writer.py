@@ -17,6 +17,7 @@ _ACTS = {"NONE": 0, "RELU": 1, "RELU6": 3}
 _PADS = {"SAME": 0, "VALID": 1}
 _TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32": TensorType.INT32}
 _SPARSE_BLOCKS = {"csr": None, "block4x1": 4}  # block4x1: blocks of 4 output channels x 1
+_OPTION_NAMES = {v: k for k, v in vars(_Opt).items() if not k.startswith("_")}
 
 
 def encode_sparse(dense: np.ndarray, block: tuple[int, ...] | None = None, order: list[int] | None = None,
@@ -65,6 +66,8 @@ def encode_sparse(dense: np.ndarray, block: tuple[int, ...] | None = None, order
 
 @dataclass
 class _Tensor:
+    """One subgraph tensor; `data` for constants, `sparsity` as encode_sparse returns it."""
+
     name: str
     shape: list[int]
     dtype: str = "float32"
@@ -75,6 +78,8 @@ class _Tensor:
 
 @dataclass
 class _Operator:
+    """One op: builtin code or custom name, tensor indices and its options table's fields."""
+
     code: int | str                      # builtin code, or the custom op's name
     inputs: list[int]
     outputs: list[int]
@@ -235,7 +240,7 @@ class TfliteBuilder:
             if op.code not in codes:
                 codes.append(op.code)
             fields = {k: _ints(b, v) if isinstance(v, list) else v for k, v in op.options.items()}
-            opts = _table(b, _option_name(op.options_type), **fields) if op.options_type else None
+            opts = _table(b, _OPTION_NAMES[op.options_type], **fields) if op.options_type else None
             ops.append(_table(b, "Operator", OpcodeIndex=codes.index(op.code), Inputs=_ints(b, op.inputs),
                               Outputs=_ints(b, op.outputs), BuiltinOptionsType=op.options_type,
                               BuiltinOptions=opts))
@@ -244,12 +249,9 @@ class TfliteBuilder:
                        Operators=_offsets(b, "SubGraph", "Operators", ops), Name=b.CreateString("main"))
         code_tables = []
         for code in codes:
-            if isinstance(code, str):
-                code_tables.append(_table(b, "OperatorCode", CustomCode=b.CreateString(code), Version=1,
-                                          DeprecatedBuiltinCode=_Op.CUSTOM, BuiltinCode=_Op.CUSTOM))
-            else:
-                code_tables.append(_table(b, "OperatorCode", DeprecatedBuiltinCode=min(code, 127),
-                                          BuiltinCode=code, Version=1))
+            builtin, custom = (_Op.CUSTOM, b.CreateString(code)) if isinstance(code, str) else (code, None)
+            code_tables.append(_table(b, "OperatorCode", DeprecatedBuiltinCode=min(builtin, 127),
+                                      BuiltinCode=builtin, CustomCode=custom, Version=1))
         model = _table(b, "Model", Version=3,
                        OperatorCodes=_offsets(b, "Model", "OperatorCodes", code_tables),
                        Subgraphs=_offsets(b, "Model", "Subgraphs", [graph]),
@@ -261,10 +263,6 @@ class TfliteBuilder:
 
 def _out_size(size: int, k: int, stride: int, padding: str) -> int:
     return math.ceil(size / stride) if padding == "SAME" else math.ceil((size - k + 1) / stride)
-
-
-def _option_name(options_type: int) -> str:
-    return next(k for k, v in vars(_Opt).items() if v == options_type)
 
 
 def _table(b: flatbuffers.Builder, kind: str, **fields) -> int:

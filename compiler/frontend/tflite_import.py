@@ -48,7 +48,7 @@ def load_tflite(path: str) -> tuple[bytes, tflite.Model]:
     except ShrinkcError:
         raise
     except Exception as err:  # out-of-range reads in a cut or damaged flatbuffer
-        raise ShrinkcError(f"'{path}' is a damaged TFLite model ({type(err).__name__}: {err})",
+        raise ShrinkcError(f"'{path}' is a truncated or damaged TFLite model (reading it failed: {err})",
                            _CORRUPT_FIX) from None
     return raw, model
 
@@ -58,6 +58,10 @@ def _validate(model: tflite.Model, raw: bytes) -> None:
     if model.SubgraphsLength() < 1:
         raise ShrinkcError("the TFLite model has no subgraph", _CORRUPT_FIX)
     nbuf, ncodes = model.BuffersLength(), model.OperatorCodesLength()
+    sg = model.Subgraphs(0)
+    nt = sg.TensorsLength()
+    if 4 * (nbuf + ncodes + nt + sg.OperatorsLength() + model.SubgraphsLength()) > len(raw):
+        raise ValueError("its tables claim more entries than the file can hold")
     for i in range(nbuf):
         buf = model.Buffers(i)
         if buf.Offset() > 1 and buf.Offset() + buf.Size() > len(raw):
@@ -67,11 +71,9 @@ def _validate(model: tflite.Model, raw: bytes) -> None:
     for i in range(ncodes):
         code = model.OperatorCodes(i)
         code.BuiltinCode(), code.DeprecatedBuiltinCode(), code.CustomCode()
-    sg = model.Subgraphs(0)
-    nt = sg.TensorsLength()
     for i in range(nt):
         t = sg.Tensors(i)
-        t.Name(), t.Type(), t.ShapeAsNumpy(), t.ShapeSignatureAsNumpy()
+        t.Name().decode("utf-8"), t.Type(), t.ShapeAsNumpy(), t.ShapeSignatureAsNumpy()
         if t.Buffer() >= nbuf:
             raise ShrinkcError(f"tensor {i} names buffer {t.Buffer()} of {nbuf}", _CORRUPT_FIX)
     for i in range(sg.OperatorsLength()):
@@ -118,6 +120,11 @@ def _check_custom_ops(model: tflite.Model, path: str) -> None:
 def graph_inputs(model: tflite.Model, pins: dict[str, list[int]]) -> list[TensorInfo]:
     """The subgraph's inputs with every dimension fixed, or an error naming the dynamic one."""
     sg = model.Subgraphs(0)
+    names = [_name(sg, idx) for idx in sg.InputsAsNumpy()]
+    unknown = set(pins) - set(names)
+    if unknown:
+        raise ShrinkcError(f"--input names '{sorted(unknown)[0]}', which is not an input of the model",
+                           f"the inputs are: {', '.join(names)}")
     result = []
     for idx in sg.InputsAsNumpy():
         t = sg.Tensors(int(idx))
@@ -141,10 +148,6 @@ def graph_inputs(model: tflite.Model, pins: dict[str, list[int]]) -> list[Tensor
             raise ShrinkcError(f"input '{name}' has a dynamic dimension (axis {free[0]}, shape "
                                f"{'x'.join(map(str, dims))})", f"pin it with --input {name}:{example}")
         result.append(TensorInfo(name, dims, dtype))
-    unknown = set(pins) - {t.name for t in result}
-    if unknown:
-        raise ShrinkcError(f"--input names '{sorted(unknown)[0]}', which is not an input of the model",
-                           f"the inputs are: {', '.join(t.name for t in result)}")
     return result
 
 
@@ -236,7 +239,11 @@ def dense_value(model: tflite.Model, raw: bytes, tensor) -> tuple[np.ndarray, li
 
 
 def _sparse_hints(model: tflite.Model, raw: bytes) -> dict[str, dict]:
-    """{weight name as its consumers see it: stored name, shape, block, nnz, dtype, consumers}."""
+    """{weight name as its consumers see it (after DENSIFY / DEQUANTIZE): {"stored": the sparse tensor's
+    name, "shape": dense shape in TFLite layout, "block": block size per dimension (1 = none),
+    "dtype": stored dtype, "nnz": non-zero elements, "size": all elements, "consumers": [{"op",
+    "output": the op's output tensor (also its Relax variable name, sanitised), "input": position,
+    "layout": weight layout for conv / FC}]}}."""
     sg = model.Subgraphs(0)
     consumers: dict[int, list[tuple[int, int]]] = {}
     for i in range(sg.OperatorsLength()):
@@ -330,7 +337,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
         opts = tflite.FullyConnectedOptions()
         opts.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
         units = int(self.get_input_tensors(op)[1].tensor.Shape(0))
-        if not opts.KeepNumDims() and len(self.bb.normalize(out).ty.shape) != 2:
+        if not opts.KeepNumDims() and self.bb.normalize(out).ty.ndim not in (2, -1):
             out = relax.op.reshape(out, (-1, units))
         return out
 

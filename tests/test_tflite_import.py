@@ -1,0 +1,185 @@
+"""compiler.frontend.tflite_import: plain, fp16 and sparse models match LiteRT; bad inputs give one clear error."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tvm
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from compiler.errors import ShrinkcError
+from compiler.frontend.tflite_import import HINTS_ATTR, import_tflite, sparse_hints
+from zoo.tflite_writer import TfliteBuilder, custom_op_tflite, mobilenet_v2_tflite
+
+SMALL = dict(num_blocks=4, resolution=32, num_classes=16)
+VARIANTS = {"plain": {}, "fp16": dict(weights="fp16"), "csr": dict(sparsity=0.8),
+            "block4x1": dict(sparsity=0.8, sparse_format="block4x1"),
+            "csr_fp16": dict(sparsity=0.8, weights="fp16"),
+            "block4x1_fp16": dict(sparsity=0.8, sparse_format="block4x1", weights="fp16")}
+
+
+def write(folder, name: str, buf: bytes) -> str:
+    path = os.path.join(str(folder), name)
+    with open(path, "wb") as f:
+        f.write(buf)
+    return path
+
+
+def run_litert(path: str, x: np.ndarray, delegates: bool = True) -> np.ndarray:
+    kind = OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_path=path, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+def run_tvm(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def weights(mod: tvm.IRModule) -> list[np.ndarray]:
+    return [p.numpy() for p in mod["main"].attrs["params"]]
+
+
+def check_against_litert(path: str, tol: float = 1e-4, delegates: bool = True):
+    mod, info = import_tflite(path)
+    x = np.random.default_rng(0).standard_normal(info.inputs[0].shape).astype(np.float32)
+    np.testing.assert_allclose(run_tvm(mod, x), run_litert(path, x, delegates), rtol=tol, atol=tol)
+    return mod, info
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tflite")
+    paths = {k: write(folder, f"{k}.tflite", mobilenet_v2_tflite(**SMALL, **kw)) for k, kw in VARIANTS.items()}
+    for k in ("csr", "block4x1"):
+        paths[k + "_dense"] = write(folder, f"{k}_dense.tflite", mobilenet_v2_tflite(
+            **SMALL, **VARIANTS[k], store_sparse=False))
+    paths["full_csr"] = write(folder, "full_csr.tflite", mobilenet_v2_tflite(sparsity=0.8))
+    paths["folder"] = str(folder)
+    return paths
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_litert(models, variant):
+    mod, info = check_against_litert(models[variant])
+    assert info.source == "tflite" and info.path == os.path.abspath(models[variant])
+    assert [(t.name, t.shape, t.dtype) for t in info.inputs] == [("input", [1, 32, 32, 3], "float32")]
+    assert [(t.name, t.shape, t.dtype) for t in info.outputs] == [("probs", [1, 16], "float32")]
+    assert all(w.dtype != np.float16 for w in weights(mod))    # fp16 weights arrive as float32 constants
+
+
+def test_full_sparse_mobilenet_matches_litert(models):
+    mod, info = check_against_litert(models["full_csr"])
+    assert info.inputs[0].shape == [1, 96, 96, 3] and info.outputs[0].shape == [1, 1000]
+    assert len(json.loads(json.dumps(dict(mod.attrs[HINTS_ATTR])))) == 35
+
+
+@pytest.mark.parametrize("fmt", ["csr", "block4x1"])
+def test_sparse_weights_rebuilt_exactly(models, fmt):
+    sparse, dense = weights(import_tflite(models[fmt])[0]), weights(import_tflite(models[fmt + "_dense"])[0])
+    assert len(sparse) == len(dense)
+    for a, b in zip(sparse, dense):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_fp16_weights_rebuilt_exactly(models):
+    rebuilt = weights(import_tflite(models["csr_fp16"])[0])
+    dense = weights(import_tflite(models["csr_dense"])[0])
+    for a, b in zip(rebuilt, dense):
+        assert np.array_equal(a, b.astype(np.float16).astype(np.float32))
+
+
+def test_sparse_hints(models):
+    mod, _ = import_tflite(models["block4x1"])
+    hints = {k: json.loads(v) for k, v in mod.attrs[HINTS_ATTR].items()}
+    assert hints == sparse_hints(models["block4x1"])
+    assert len(hints) == 2 * 4 - 1 + 2                          # expand + project per block, head, classifier
+    h = hints["head/weights"]
+    assert h["stored"] == "head/weights_sparse" and h["shape"] == [1280, 1, 1, 16] and h["block"] == [4, 1, 1, 1]
+    assert 0.15 < h["nnz"] / h["size"] < 0.25
+    assert h["consumers"] == [{"op": "CONV_2D", "output": "head", "input": 1, "layout": "OHWI"}]
+    fp16 = sparse_hints(models["block4x1_fp16"])["classifier/weights"]
+    assert fp16["stored"] == "classifier/weights_fp16_sparse" and fp16["dtype"] == "float16"
+    assert fp16["consumers"][0]["op"] == "FULLY_CONNECTED" and fp16["block"] == [4, 1]
+    plain, _ = import_tflite(models["plain"])
+    assert plain.attrs is None or HINTS_ATTR not in plain.attrs
+
+
+@pytest.mark.parametrize("enc", [dict(order=[1, 0], formats=["SPARSE_CSR", "SPARSE_CSR"]),
+                                 dict(block=(2, 4), formats=["SPARSE_CSR", "SPARSE_CSR", "DENSE", "DENSE"]),
+                                 dict(order=[1, 0], formats=["DENSE", "SPARSE_CSR"])], ids=str)
+def test_general_sparse_encodings(tmp_path, enc):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 300)).astype(np.float32)     # 300 columns: uint16 indices
+    w[rng.random(w.shape) < 0.7] = 0
+    w[:4, 8:16] = 0
+    b = TfliteBuilder()
+    b.output(b.fully_connected(b.input([1, 300]), w, np.zeros(8), sparse=enc))
+    mod, _ = check_against_litert(write(tmp_path, "fc.tflite", b.finish()))
+    assert np.array_equal(weights(mod)[0], w)
+
+
+def test_sparse_weights_read_without_densify(tmp_path):
+    w = np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32)
+    w[:, 4:12] = 0
+    b = TfliteBuilder()
+    b.output(b.fully_connected(b.input([1, 16]), b.weight(w, "w", {"block": (1, 4)}, densify=False), np.ones(8)))
+    mod, _ = check_against_litert(write(tmp_path, "fc.tflite", b.finish()), delegates=False)
+    assert np.array_equal(weights(mod)[0], w)
+    assert json.loads(mod.attrs[HINTS_ATTR]["w_sparse"])["block"] == [1, 4]
+
+
+def test_layers(tmp_path):
+    rng = np.random.default_rng(3)
+    b = TfliteBuilder()
+    x = b.input([1, 9, 9, 4], name="image")
+    y = b.conv2d(x, rng.standard_normal((6, 3, 3, 4)), rng.standard_normal(6), stride=2, padding="VALID", act="RELU")
+    z = b.depthwise_conv2d(y, rng.standard_normal((1, 3, 3, 6)), rng.standard_normal(6), act="RELU6")
+    y = b.hard_swish(b.add(y, z, act="RELU6"))
+    y = b.reshape(b.mean_hw(y), [1, 6])
+    b.output(b.softmax(b.fully_connected(y, rng.standard_normal((5, 6)), rng.standard_normal(5)), name="scores"))
+    mod, info = check_against_litert(write(tmp_path, "layers.tflite", b.finish()))
+    assert (info.inputs[0].name, info.outputs[0].name, info.outputs[0].shape) == ("image", "scores", [1, 5])
+
+
+def expect_error(path, *words, pins=None):
+    with pytest.raises(ShrinkcError) as err:
+        import_tflite(path, pins)
+    msg = str(err.value)
+    assert err.value.fix and all(w in msg for w in words), msg
+    return err.value
+
+
+def test_bad_files(models, tmp_path):
+    expect_error(str(tmp_path / "missing.tflite"), "does not exist")
+    expect_error(write(tmp_path, "empty.tflite", b""), "is empty")
+    expect_error(write(tmp_path, "text.tflite", b"this is not a flatbuffer"), "not a TFLite model", "TFL3")
+    with open(models["plain"], "rb") as f:
+        good = f.read()
+    for cut in (12, 100, len(good) // 2, len(good) - 64):
+        expect_error(write(tmp_path, f"cut{cut}.tflite", good[:cut]), "truncated or damaged")
+
+
+def test_custom_op(tmp_path):
+    err = expect_error(write(tmp_path, "custom.tflite", custom_op_tflite("MyFancyOp")), "custom op", "'MyFancyOp'")
+    assert "builtin ops" in err.fix
+
+
+def test_dynamic_input_needs_pin(tmp_path):
+    b = TfliteBuilder()
+    b.output(b.hard_swish(b.input([1, 8, 8, 3], signature=[-1, 8, 8, 3])))
+    path = write(tmp_path, "dynamic.tflite", b.finish())
+    err = expect_error(path, "input 'input'", "dynamic dimension", "axis 0")
+    assert "--input input:1x8x8x3" in err.fix
+    expect_error(path, "3 dimensions", pins={"input": [1, 8, 8]})
+    expect_error(path, "fixes it at 8", pins={"input": [1, 9, 8, 3]})
+    expect_error(path, "not an input", pins={"image": [1, 8, 8, 3]})
+    mod, info = import_tflite(path, {"input": [2, 8, 8, 3]})
+    assert info.inputs[0].shape == [2, 8, 8, 3] and info.outputs[0].shape == [2, 8, 8, 3]
+    x = np.linspace(-5, 5, 2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    np.testing.assert_allclose(run_tvm(mod, x), x * np.clip(x + 3, 0, 6) / 6, rtol=1e-5, atol=1e-6)
