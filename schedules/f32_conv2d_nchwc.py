@@ -109,7 +109,8 @@ class Conv2dNCHWc(ScheduleRule):
         ob = best_divisor(cob, 3 if budget >= 21 else 2)
         p = row_tile(info["oh"], info["ow"], max(1, budget // ob))
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap
-        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": True, **spec.kernel_defaults.get(KIND, {})}
+        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": True, "unroll_ci": True,
+                **spec.kernel_defaults.get(KIND, {})}
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
@@ -126,7 +127,13 @@ class Conv2dNCHWc(ScheduleRule):
                 schedule_injective(sch, pad, spec.vector_lanes)
         ob_o, ob_i = sch.split(ob, [None, k["oc_blocks"]])
         outer, pix = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
-        sch.reorder(n, ob_o, *outer, kh, kw, ci, ob_i, pix, o)
+        reduce = [kh, kw, ci]
+        if ann["in_block"] > 1:   # (c // b, c % b) become plain loop indices
+            ci_o, ci_i = sch.split(ci, [None, ann["in_block"]])
+            reduce = [kh, kw, ci_o, ci_i]
+            if k["unroll_ci"]:
+                sch.unroll(ci_i)
+        sch.reorder(n, ob_o, *outer, *reduce, ob_i, pix, o)
         outer = [n, ob_o, *outer]
         wb = sch.cache_write(conv, 0, "global")
         sch.reverse_compute_at(wb, outer[-1])

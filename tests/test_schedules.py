@@ -1,0 +1,57 @@
+"""Every CPU kernel against ONNX Runtime on shape sweeps around its tile and vector width."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import compiler
+from conftest import single_conv_model
+
+
+def _check(model, kernel_prefix: str):
+    cm = compiler.compile_model(model)
+    results = cm.verify(tolerance=1e-4)
+    assert all(r.ok for r in results), [r.line() for r in results]
+    assert any(k.startswith(kernel_prefix) for k in cm.report["kernels"]), cm.report["kernels"]
+    return cm
+
+
+# channels: multiples of 16, of 8 only, and odd; pixels: below, at and above the 7/8/14 tiles, odd
+@pytest.mark.parametrize("cin,cout,h", [(16, 32, 7), (32, 16, 8), (24, 40, 9), (8, 24, 14), (40, 24, 13),
+                                        (3, 16, 5), (17, 33, 6), (64, 96, 1), (48, 48, 28)])
+def test_conv1x1(cin, cout, h):
+    _check(single_conv_model(cin, cout, h, k=1), "f32_conv1x1_")
+
+
+@pytest.mark.parametrize("cin,cout,h,k,stride", [(3, 32, 32, 3, 2), (3, 16, 17, 3, 2), (16, 32, 15, 3, 1),
+                                                 (24, 40, 10, 5, 2), (40, 24, 9, 5, 1), (32, 32, 7, 3, 2)])
+def test_dense_kxk(cin, cout, h, k, stride):
+    _check(single_conv_model(cin, cout, h, k=k, stride=stride), f"f32_conv{k}x{k}_")
+
+
+@pytest.mark.parametrize("c,h,k,stride", [(16, 14, 3, 1), (32, 15, 3, 2), (24, 9, 3, 1), (40, 11, 5, 2),
+                                          (8, 7, 5, 1), (96, 28, 3, 2), (20, 6, 3, 1)])
+def test_depthwise(c, h, k, stride):
+    _check(single_conv_model(c, c, h, k=k, stride=stride, groups=c), f"f32_dwconv{k}x{k}s{stride}_")
+
+
+def test_residual_epilogue():
+    _check(single_conv_model(24, 24, 10, k=1, residual=True), "f32_conv1x1_")
+
+
+def test_valid_padding_and_relu():
+    _check(single_conv_model(16, 16, 12, k=3, pad=0, act="relu"), "f32_conv3x3_")
+
+
+def test_two_threads_match_one(tmp_path):
+    """The parallel split gives the same numbers (it must not change the reduction order)."""
+    import subprocess
+    import sys
+    code = ("import os, sys, numpy as np; os.environ['TVM_NUM_THREADS']=sys.argv[1]; sys.path.insert(0,'tests');"
+            "import compiler; from conftest import single_conv_model;"
+            "cm=compiler.compile_model(single_conv_model(32,48,19,k=3,stride=1));"
+            "x={'x': np.random.default_rng(3).standard_normal((1,32,19,19)).astype(np.float32)};"
+            f"np.save(r'{tmp_path}/o'+sys.argv[1]+'.npy', cm.run(x)[0])")
+    for n in ("1", "2"):
+        subprocess.run([sys.executable, "-c", code, n], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "o1.npy"), np.load(tmp_path / "o2.npy"))
