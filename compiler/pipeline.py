@@ -38,6 +38,8 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # Phase 1. Graph cleanup: constants folded, BN / bias / explicit pads folded into convs.
         ("cleanup", [
             relax.transform.Normalize(),
+            # NOTE: every later pass sees NCHW convs with OIHW weights (TFLite brings NHWC/OHWI)
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NCHW", "OIHW"]}),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             FoldConstantsNumpy(),
