@@ -9,8 +9,10 @@ import tempfile
 
 import tvm
 from tvm import relax
+from tvm.tirx import compilation_pipeline
 
 from compiler.native_log import quiet_scope_warnings
+from passes.keep_tiles_on_stack import KeepTilesOnStack
 from targets import TargetSpec
 from targets.errors import ShrinkcError
 
@@ -42,13 +44,24 @@ def check_toolchain(spec: TargetSpec) -> None:
                            + " or pass --cc")
 
 
+def _tir_pipeline():
+    """TVM's S-TIR lowering, then KeepTilesOnStack before the builtins are lowered."""
+    from tvm.s_tir.pipeline import default_s_tir_pipeline
+    main, finalize_host, finalize_device = default_s_tir_pipeline()
+    return tvm.transform.Sequential([main, KeepTilesOnStack]), finalize_host, finalize_device
+
+
+compilation_pipeline.register_tir_pipeline("shrinkc", _tir_pipeline)
+
+
 def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
     """Compile the lowered module for the target (host code for CUDA included)."""
     if spec.is_gpu:
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # NVRTC needs cuda-bindings; nvcc does not
     config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
     with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=config):
-        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec))
+        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec),
+                           tir_pipeline="shrinkc" if spec.is_cpu else "default")
 
 
 def _fcompile(spec: TargetSpec):
