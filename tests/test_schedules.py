@@ -55,3 +55,24 @@ def test_two_threads_match_one(tmp_path):
     for n in ("1", "2"):
         subprocess.run([sys.executable, "-c", code, n], check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "o1.npy"), np.load(tmp_path / "o2.npy"))
+
+
+def test_register_tile_stays_off_the_heap():
+    """Regression: TVM 0.27 heap-allocated (and memset) every 1344-byte register tile per task;
+    KeepTilesOnStack must leave no workspace allocation in a 7x48 conv kernel."""
+    import dataclasses
+
+    import targets
+    spec = targets.resolve(None)
+    if spec.isa != "avx512":
+        pytest.skip("tile sizes below are for AVX-512")
+    tuned = dataclasses.replace(spec, kernel_defaults={"conv2d_nchwc": {"pixel_tile": 7, "oc_blocks": 3}})
+    targets.NAMED["_tile_test"] = lambda: tuned
+    try:
+        cm = compiler.compile_model(single_conv_model(48, 48, 14, k=1), "_tile_test")
+    finally:
+        del targets.NAMED["_tile_test"]
+    assert "f32_conv1x1_nchw16c_7x48" in cm.report["kernels"]
+    asm = cm.executable.mod.imports[0].inspect_source("asm")
+    assert "TVMBackendAllocWorkspace@GOTPCREL" not in asm
+    assert all(r.ok for r in cm.verify(tolerance=1e-4))
