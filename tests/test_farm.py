@@ -1,0 +1,184 @@
+"""The device farm (tools/farm.py): tracker, host RPC servers, the emulated aarch64 board, clear errors."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import emu_board  # noqa: E402
+import farm  # noqa: E402
+
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def refuses(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    """A tracker on a free port, with its state in a temp dir; stopped after the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHRINKC_FARM_DIR", str(tmp_path_factory.mktemp("farm")))
+        rec = farm.tracker_start(port=free_port())
+        yield rec["tracker"]
+        farm.tracker_stop()
+
+
+def tiny_library(target, path: Path) -> Path:
+    """relu(x @ w) as a Relax module, compiled for `target` and exported as one .so."""
+    import tvm
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Tiny:
+        @R.function
+        def main(x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 16), "float32")) -> R.Tensor((4, 16), "float32"):
+            with R.dataflow():
+                y = R.nn.relu(R.matmul(x, w))
+                R.output(y)
+            return y
+
+    ex = tvm.compile(Tiny, target=tvm.target.Target(target))
+    if target == "llvm":
+        ex.export_library(str(path))
+    else:
+        from tvm.support import cc
+        ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def run_tiny(lib, dev, x, w) -> np.ndarray:
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(lib, dev)
+    return vm["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)).numpy()
+
+
+def run_remote(session, path: Path, x, w) -> np.ndarray:
+    session.upload(str(path))
+    return run_tiny(session.load_module(path.name), session.cpu(), x, w)
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((4, 8)).astype("float32"), rng.standard_normal((8, 16)).astype("float32")
+
+
+def test_tracker_start_is_idempotent_and_stop_frees_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))
+    port = free_port()
+    rec = farm.tracker_start(port=port)
+    try:
+        assert farm.tracker_start(port=port)["pid"] == rec["pid"]
+        status = farm.tracker_status()
+        assert status["port"] == port and status["keys"] == {}
+        assert (tmp_path / "tracker.json").is_file()
+    finally:
+        assert farm.tracker_stop()
+    assert farm.tracker_status() is None
+    assert refuses(port)
+    assert not farm._group_members(rec["pid"])
+    assert not farm.tracker_stop()  # nothing left to stop
+
+
+def test_host_server_runs_uploaded_library(tracker, tmp_path):
+    import tvm
+    rec = farm.server_start("host-x86", tracker, port=free_port())  # a port no one else's server takes
+    try:
+        assert farm.registered_keys(tracker) == {"host-x86": 1}
+        (addr,) = [s["addr"] for s in farm.tracker_summary(tracker)["server_info"]]
+        lib = tiny_library("llvm", tmp_path / "tiny_x86.so")
+        x, w = inputs()
+        got = run_remote(farm.request_session("host-x86", tracker, timeout=20), lib, x, w)
+        want = run_tiny(tvm.runtime.load_module(str(lib)), tvm.cpu(), x, w)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got, np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
+    finally:
+        assert farm.server_stop("host-x86")
+    # Stopping the group also ends rpc_server's popen_worker child, which would keep the port.
+    assert not farm._group_members(rec["pid"])
+    assert refuses(addr[1])
+    assert "host-x86" not in farm.registered_keys(tracker)
+
+
+def test_busy_board_times_out_with_a_clear_error(tracker):
+    farm.server_start("host-busy", tracker)
+    try:
+        held = farm.request_session("host-busy", tracker)
+        t0 = time.time()
+        with pytest.raises(farm.FarmError, match="stayed busy for 1 s"):
+            farm.request_session("host-busy", tracker, timeout=1)
+        assert time.time() - t0 < 5
+        del held
+    finally:
+        farm.server_stop("host-busy")
+
+
+def test_unknown_key_names_what_is_registered(tracker):
+    with pytest.raises(farm.FarmError, match=r"no board registered as 'nope' .*registered: none") as err:
+        farm.request_session("nope", tracker, timeout=2)
+    assert "farm.py" in err.value.fix
+
+
+def test_unreachable_tracker_fails_fast():
+    port = free_port()  # nothing listens there
+    t0 = time.time()
+    with pytest.raises(farm.FarmError, match=f"no RPC tracker at 127.0.0.1:{port}") as err:
+        farm.request_session("rpi4-emu", f"127.0.0.1:{port}", timeout=5)
+    assert time.time() - t0 < 5
+    assert f"tracker start --port {port}" in err.value.fix
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))
+    assert farm.main(["tracker", "status"]) == 1
+    assert "no tracker running" in capsys.readouterr().out
+    assert farm.main(["server", "start", "--key", "k", "--tracker", f"127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no RPC tracker at") and len(err.strip().splitlines()) == 1
+    assert farm.main(["server", "start", "--key", "bad key!"]) == 2
+    assert "bad device key" in capsys.readouterr().err
+    with pytest.raises(farm.FarmError, match="bad tracker address"):
+        farm.parse_tracker("localhost")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(emu_board.missing_prerequisites()),
+                    reason=f"emulated board needs: {', '.join(emu_board.missing_prerequisites())}")
+def test_emulated_aarch64_board_matches_x86(tracker, tmp_path):
+    """Cross-compiled for cortex-a72, run under qemu through the tracker; equal to the x86 build."""
+    import tvm
+    farm.board_build()  # minutes the first time, seconds from the cached tarball
+    rec = farm.board_start(farm.BOARD_KEY, tracker)
+    root = emu_board.rootfs()
+    try:
+        lib = tiny_library(AARCH64, tmp_path / "tiny_a64.so")
+        assert open(lib, "rb").read(20)[18] == 0xB7  # e_machine: EM_AARCH64
+        x, w = inputs()
+        got = run_remote(farm.request_session(farm.BOARD_KEY, tracker, timeout=120), lib, x, w)
+        x86 = tiny_library("llvm", tmp_path / "tiny_x86.so")
+        want = run_tiny(tvm.runtime.load_module(str(x86)), tvm.cpu(), x, w)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        assert farm.board_stop(farm.BOARD_KEY)
+    assert not farm._group_members(rec["pid"])
+    assert not emu_board.processes_inside(root)
+    assert not emu_board.mounts_under(root)
