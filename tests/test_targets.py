@@ -68,3 +68,16 @@ def test_cuda_compiles_and_exports(tiny, tmp_path):
     if not cm.spec.runs_here():
         with pytest.raises(ShrinkcError, match="cannot run on this machine"):
             cm.run()
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-objdump") is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="aarch64 binutils/g++ not installed (apt-get install g++-aarch64-linux-gnu)")
+def test_aarch64_hot_loops_use_neon_fma(tiny, tmp_path):
+    """The conv kernels of an rpi4 library are NEON FMA vector code (fmla on .4s lanes)."""
+    import subprocess
+    so, _ = compiler.compile_model(tiny, "rpi4").export(str(tmp_path / "neon.so"))
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", so], capture_output=True, text=True, check=True).stdout
+    conv = [block for block in dis.split("\n\n") if "f32_conv1x1" in block.split("\n", 1)[0]]
+    assert conv, "no conv1x1 kernel symbol in the disassembly"
+    fmla = sum(block.count("fmla\tv") for block in conv)
+    assert fmla >= 8 and ".4s" in "".join(conv)
