@@ -10,8 +10,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, te, tirx
 
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, inline_epilogue, \
-    inline_producers, kernel_block, schedule_injective
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, inline_producers, \
+    kernel_block, schedule_injective, tile_in_registers
 
 KIND = "conv2d_nchwc"
 
@@ -133,9 +133,7 @@ class Conv2dNCHWc(ScheduleRule):
                 sch.unroll(ci_i)
         sch.reorder(n, ob_o, *outer, *reduce, ob_i, pix, o)
         outer = [n, ob_o, *outer]
-        wb = sch.cache_write(conv, 0, "global")
-        sch.reverse_compute_at(wb, outer[-1])
-        left = inline_epilogue(sch, wb, outer[-1])
+        wb, left = tile_in_registers(sch, conv, outer[-1])
         sch.parallel(sch.fuse(*outer))
         sch.unroll(ob_i)
         sch.unroll(pix)
@@ -143,10 +141,7 @@ class Conv2dNCHWc(ScheduleRule):
         if ann["kh"] * ann["kw"] <= 25:
             sch.unroll(kh)
             sch.unroll(kw)
-        sch.vectorize(sch.get_loops(wb)[-1])
-        sch.decompose_reduction(conv, kh)   # NOTE: must come after vectorize/parallel
-        for c in left:
-            schedule_injective(sch, c, spec.vector_lanes)
+        finish_tile(sch, conv, wb, kh, left, spec.vector_lanes)
         tile = f"{k['pixel_tile']}x{k['oc_blocks'] * bo}"
         name = f"f32_conv{ann['kh']}x{ann['kw']}_nchw{bo}c_{tile}"
         return Scheduled(sch.mod["main"], name, k)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, te
 
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, inline_epilogue, kernel_block, \
-    schedule_injective
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, kernel_block, \
+    tile_in_registers
 
 KIND = "dense"
 
@@ -40,24 +40,18 @@ class Dense(ScheduleRule):
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
-        block, _ = kernel_block(sch, KIND)
+        block, ann = kernel_block(sch, KIND)
         if block is None:
             return None
         i, j, k = sch.get_loops(block)
-        tile = int(kernel_block(sch, KIND)[1]["tile"])
+        tile = int(ann["tile"])
         lanes = best_divisor(tile, spec.vector_lanes)
         nv = tile // lanes
         j_o, j_v, j_l = sch.split(j, [None, nv, lanes])
         sch.reorder(i, j_o, k, j_v, j_l)
-        wb = sch.cache_write(block, 0, "global")
-        sch.reverse_compute_at(wb, j_o)
-        left = inline_epilogue(sch, wb, j_o)
+        wb, left = tile_in_registers(sch, block, j_o)
         sch.parallel(sch.fuse(i, j_o))
         sch.unroll(j_v)
-        if lanes > 1:
-            sch.vectorize(j_l)
-            sch.vectorize(sch.get_loops(wb)[-1])
-        sch.decompose_reduction(block, k)
-        for blk in left:
-            schedule_injective(sch, blk, spec.vector_lanes)
+        sch.vectorize(j_l)
+        finish_tile(sch, block, wb, k, left, spec.vector_lanes)
         return Scheduled(sch.mod["main"], f"f32_dense_{nv * lanes}", {"n_vectors": nv})

@@ -9,8 +9,8 @@ from __future__ import annotations
 from tvm import s_tir, te
 
 from schedules.f32_conv2d_nchwc import accumulator_budget, padded, pixel_tile_loops, row_tile
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, inline_epilogue, \
-    inline_producers, kernel_block, schedule_injective
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, finish_tile, inline_producers, kernel_block, \
+    tile_in_registers
 
 KIND = "dwconv2d_nchwc"
 
@@ -57,17 +57,12 @@ class DwConv2dNCHWc(ScheduleRule):
         inline_producers(sch, conv)
         outer, x_i = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
         sch.reorder(n, c, *outer, kh, kw, x_i, v)
-        wb = sch.cache_write(conv, 0, "global")
-        sch.reverse_compute_at(wb, outer[-1])
-        left = inline_epilogue(sch, wb, outer[-1])
+        wb, left = tile_in_registers(sch, conv, outer[-1])
         sch.parallel(sch.fuse(n, c, *outer[:-1]))
         sch.unroll(kh)
         sch.unroll(kw)
         sch.unroll(x_i)
         sch.vectorize(v)
-        sch.vectorize(sch.get_loops(wb)[-1])
-        sch.decompose_reduction(conv, kh)   # NOTE: must come after vectorize/parallel
-        for blk in left:
-            schedule_injective(sch, blk, spec.vector_lanes)
+        finish_tile(sch, conv, wb, kh, left, spec.vector_lanes)
         name = f"f32_dwconv{ann['kh']}x{ann['kw']}s{ann['stride']}_nchw{b}c_{k['pixel_tile']}"
         return Scheduled(sch.mod["main"], name, k)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, inline_epilogue, kernel_block, schedule_injective
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, finish_tile, kernel_block, tile_in_registers
 
 KIND = "mean_hw"
 
@@ -46,13 +46,8 @@ class MeanHW(ScheduleRule):
         if blocked:
             lane = spatial[-1]
             sch.reorder(*spatial[:-1], rh, rw, lane)
-        wb = sch.cache_write(block, 0, "global")
-        sch.reverse_compute_at(wb, spatial[1])
-        left = inline_epilogue(sch, wb, spatial[1])
+        wb, left = tile_in_registers(sch, block, spatial[1])
         if blocked:
             sch.vectorize(lane)
-            sch.vectorize(sch.get_loops(wb)[-1])
-        sch.decompose_reduction(block, rh)
-        for blk in left:
-            schedule_injective(sch, blk, spec.vector_lanes)
+        finish_tile(sch, block, wb, rh, left, spec.vector_lanes)
         return Scheduled(sch.mod["main"], "f32_mean_hw" + ("_nchwc" if blocked else "_nchw"), {})

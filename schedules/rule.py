@@ -123,6 +123,26 @@ def block_is_after(sch: s_tir.Schedule, blk, block) -> bool:
     return False
 
 
+def tile_in_registers(sch: s_tir.Schedule, block, at_loop):
+    """Accumulate `block`'s tile in a small buffer written back (with the fused epilogue) at `at_loop`.
+
+    NOTE: `global` scope, not `local`: see passes/keep_tiles_on_stack.py. Returns (write-back block,
+    consumers left as their own loop nests)."""
+    wb = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(wb, at_loop)
+    return wb, inline_epilogue(sch, wb, at_loop)
+
+
+def finish_tile(sch: s_tir.Schedule, block, wb, first_reduce_loop, left: list, lanes: int) -> None:
+    """Vectorise the write-back, split off the zero-init, schedule leftover consumers.
+
+    NOTE: decompose_reduction must come after every vectorize/parallel on the block."""
+    sch.vectorize(sch.get_loops(wb)[-1])
+    sch.decompose_reduction(block, first_reduce_loop)
+    for c in left:
+        schedule_injective(sch, c, lanes)
+
+
 def best_divisor(extent: int, target: int, low: int = 1) -> int:
     """The divisor of `extent` nearest to `target` (not above it when possible), at least `low`."""
     divs = [d for d in range(1, extent + 1) if extent % d == 0]
