@@ -134,10 +134,13 @@ def tile_in_registers(sch: s_tir.Schedule, block, at_loop):
 
 
 def finish_tile(sch: s_tir.Schedule, block, wb, first_reduce_loop, left: list, lanes: int) -> None:
-    """Vectorise the write-back, split off the zero-init, schedule leftover consumers.
+    """Vectorise the write-back's own innermost loop, split off the zero-init, schedule leftovers.
 
     NOTE: decompose_reduction must come after every vectorize/parallel on the block."""
-    sch.vectorize(sch.get_loops(wb)[-1])
+    inner = sch.get_loops(wb)[-1]
+    shared = any(sch.get(inner).same_as(sch.get(lp)) for lp in sch.get_loops(block))
+    if not shared:   # a write-back with no loop of its own (one value per task) is not vectorised
+        sch.vectorize(inner)
     sch.decompose_reduction(block, first_reduce_loop)
     for c in left:
         schedule_injective(sch, c, lanes)

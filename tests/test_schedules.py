@@ -76,3 +76,17 @@ def test_register_tile_stays_off_the_heap():
     asm = cm.executable.mod.imports[0].inspect_source("asm")
     assert "TVMBackendAllocWorkspace@GOTPCREL" not in asm
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
+
+
+def test_mean_in_plain_nchw():
+    """Regression: the write-back of an NCHW mean (no loop of its own) was vectorised over the channel
+    loop that also holds the reduction, which summed the wrong values."""
+    from onnx import helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((12, 3, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4, group=4),
+                           helper.make_node("GlobalAveragePool", ["y"], ["z"])], "g",
+                          [helper.make_tensor_value_info("x", 1, [1, 12, 9, 9])],
+                          [helper.make_tensor_value_info("z", 1, None)], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    _check(model, "f32_mean_hw_nchw")
