@@ -29,7 +29,6 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
 
 def _compile_kwargs(args) -> dict:
     from compiler.frontend.onnx_import import parse_input_pins
-    from compiler.pipeline import Options  # noqa: F401  (documents where the options land)
     kw = dict(target=args.target, inputs=parse_input_pins(args.input), cc=args.cc, tuning_db=args.tuning_db,
               shrink=args.shrink, sparse=args.sparse, sparse_min=args.sparse_min, max_drop=args.max_drop,
               shrink_blocks=[b for b in args.shrink_blocks.split(",") if b])

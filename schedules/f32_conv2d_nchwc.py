@@ -74,17 +74,37 @@ def accumulator_budget(block: int, spec) -> int:
     NOTE: the tile stays in registers only because passes/keep_tiles_on_stack.py keeps its buffer
     a stack array (TVM would heap-allocate it); leave room for the weight vectors and a broadcast."""
     regs_per_vec = max(1, block // spec.vector_lanes)
-    return max(2, (spec.vector_registers - 11) // regs_per_vec)
+    reserve = spec.vector_registers // 3 + 1     # weight vectors, a broadcast, addresses (32 -> 11)
+    return max(2, (spec.vector_registers - reserve) // regs_per_vec)
 
 
-def row_tile(oh: int, ow: int, target: int) -> int:
-    """A pixel tile whose region is a rectangle: a divisor of the row, or whole rows (k*ow, k | oh).
+def row_tile_options(oh: int, ow: int) -> list[int]:
+    """Pixel tiles whose region is a rectangle: divisors of the row, or whole rows (k*ow, k | oh).
 
     NOTE: a tile straddling rows makes the write-back region a bounding box, and the kernel then
     writes pixels it never computed."""
-    options = [d for d in range(1, ow + 1) if ow % d == 0] + [k * ow for k in range(2, oh + 1) if oh % k == 0]
+    return [d for d in range(1, ow + 1) if ow % d == 0] + [k * ow for k in range(2, oh + 1) if oh % k == 0]
+
+
+def row_tile(oh: int, ow: int, target: int) -> int:
+    """The largest rectangular pixel tile not above `target` (the smallest if none is)."""
+    options = row_tile_options(oh, ow)
     fitting = [p for p in options if p <= target]
     return max(fitting) if fitting else min(options)
+
+
+def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 4) -> tuple[int, int]:
+    """(pixels P, channel blocks OB) of the register tile: at most `budget` accumulators, fewest
+    loads per FMA ((P + OB) / (P * OB): P broadcasts and OB weight vectors feed P*OB FMAs)."""
+    best = None
+    for p in row_tile_options(oh, ow):
+        for ob in range(1, max_oc_blocks + 1):
+            if cob % ob or p * ob > budget:
+                continue
+            key = ((p + ob) / (p * ob), -p * ob)
+            if best is None or key < best[0]:
+                best = (key, p, ob)
+    return (best[1], best[2]) if best else (1, 1)
 
 
 def pixel_tile_loops(sch, y, x, ow: int, tile: int):
@@ -102,10 +122,7 @@ class Conv2dNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        bo, cob = info["bo"], info["cob"]
-        budget = accumulator_budget(bo, spec)
-        ob = best_divisor(cob, 3 if budget >= 21 else 2)
-        p = row_tile(info["oh"], info["ow"], max(1, budget // ob))
+        p, ob = register_tile(info["oh"], info["ow"], info["cob"], accumulator_budget(info["bo"], spec))
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": True, "unroll_ci": True,
                 **spec.kernel_defaults.get(KIND, {})}

@@ -212,11 +212,21 @@ def _from_json(target: str | dict) -> TargetSpec:
         base = rpi4()
         return replace(base, name="custom-aarch64", tvm=d, description="custom aarch64 target",
                        threads=int(d.get("num-cores", base.threads)))
-    host = x86_host()
-    if d.get("mcpu") and d.get("mcpu") != host.tvm["mcpu"]:
-        # a different x86 CPU: assume AVX2 unless its name says AVX-512 is there
-        return replace(host, name="custom-x86", tvm=d, description="custom x86 target")
-    return replace(host, name="custom-x86", tvm=d, description="custom x86 target")
+    return _x86_from_target(d)
+
+
+def _x86_from_target(d: dict) -> TargetSpec:
+    """An x86 target described by JSON: its vector ISA read from LLVM's view of its mcpu/mattr."""
+    import tvm
+    from tvm.target import codegen
+    target = tvm.target.Target(d)
+    avx512 = bool(codegen.target_has_features("avx512f", target))
+    avx2 = bool(codegen.target_has_features("avx2", target))
+    threads = int(d.get("num-cores", os.cpu_count() or 1))
+    return TargetSpec(name="custom-x86", tvm=d, description="custom x86 target",
+                      isa="avx512" if avx512 else "avx2" if avx2 else "sse",
+                      vector_lanes=16 if avx512 else 8 if avx2 else 4, vector_registers=32 if avx512 else 16,
+                      threads=threads)
 
 
 def describe_all() -> list[dict]:
