@@ -58,7 +58,7 @@ def cmd_compile(args) -> int:
     if args.verify:
         if not cm.spec.runs_here():
             print(f"verify: skipped, a '{cm.spec.name}' library does not run on this machine "
-                  "(run it on the board, or through `shrinkc run --rpc-tracker`)")
+                  f"({cm.spec.run_hint()})")
         else:
             results = cm.verify()
             for r in results:

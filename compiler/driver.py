@@ -72,8 +72,9 @@ class CompiledModel:
 
     def runner(self) -> runtime.Runner:
         if not self.spec.runs_here():
-            raise ShrinkcError(f"a '{self.spec.name}' library cannot run on this machine",
-                               "export it and run it on the board (or through `shrinkc run --rpc-tracker`)")
+            why = " (no CUDA GPU found)" if self.spec.is_gpu else ""
+            raise ShrinkcError(f"a '{self.spec.name}' library cannot run on this machine{why}",
+                               "export it and " + self.spec.run_hint())
         return runtime.Runner(self.executable, self.metadata())
 
     def run(self, inputs: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:

@@ -115,6 +115,12 @@ def load(path: str, device=None) -> Runner:
     if not os.path.exists(path):
         raise ShrinkcError(f"library '{path}' does not exist", "compile it first with `shrinkc compile`")
     metadata = read_metadata(path)
+    target = metadata.get("target", {})
+    if target.get("tvm", {}).get("kind") == "cuda":
+        import targets
+        spec = targets.resolve(target["tvm"])
+        if not spec.runs_here():
+            raise ShrinkcError(f"'{path}' is a CUDA library and this machine has no CUDA GPU", spec.run_hint())
     try:
         with quiet_scope_warnings():
             module = tvm.runtime.load_module(os.path.abspath(path))

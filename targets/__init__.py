@@ -56,6 +56,13 @@ class TargetSpec:
         return (machine == "x86_64" and self.triple.startswith("x86_64")) or (
             machine in ("aarch64", "arm64") and self.is_aarch64)
 
+    def run_hint(self) -> str:
+        """Where a library for this target runs, for messages on machines where it does not."""
+        if self.is_gpu:
+            return (f"run it on a machine with an NVIDIA GPU ({self.tvm.get('arch', 'sm_80')} or newer) "
+                    "and TVM's CUDA runtime (libtvm_runtime_cuda.so)")
+        return "run it on the board (or through `shrinkc run --rpc-tracker`)"
+
     def tvm_target(self):
         import tvm
         if self.host is not None:
@@ -204,7 +211,8 @@ def _from_json(target: str | dict) -> TargetSpec:
                            'write it like {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}') from None
     kind = d.get("kind")
     if kind == "cuda":
-        return replace(cuda(d.get("arch", "sm_80")), tvm=d)
+        arch = d.get("arch", "sm_80")   # nvcc compiles for it: never leave it to TVM's guess
+        return replace(cuda(arch), tvm={**d, "arch": arch})
     if kind != "llvm":
         raise ShrinkcError(f"target kind '{kind}' is not supported", "use an llvm (CPU) or cuda target")
     triple = d.get("mtriple", "x86_64-linux-gnu")
