@@ -14,6 +14,7 @@ from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
+from passes.merge_linear_chains import MergeLinearChains
 from schedules import registry
 from targets import TargetSpec
 
@@ -30,6 +31,7 @@ class Options:
     calib: dict | None = None
     knobs: dict = field(default_factory=dict)   # kernel knobs by function name, from a tuning database
     dump_dir: str | None = None
+    cost: object = None             # compiler.cost.Cost, made on first use; tests may pass a stand-in
 
 
 def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
@@ -49,13 +51,27 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ]),
-        # Phase 2. Shrink depth (issue: DepthShrinker) -- not yet.
-        ("shrink", []),
+        # Phase 2. Shrink depth: linear conv chains become one conv where that is faster (DepthShrinker).
+        ("shrink", [] if opts.shrink == "off" else [
+            MergeLinearChains(_cost(spec, opts), select=True),
+            relax.transform.DeadCodeElimination(),
+        ]),
         # Phase 3. Sparsity (issue: sparse 1x1) -- not yet.
         ("sparse", []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]
+
+
+def _cost(spec: TargetSpec, opts: Options):
+    """The cost interface speed-dependent passes ask (made once per compile)."""
+    if opts.cost is None:
+        try:
+            from compiler.cost import Cost
+        except ImportError:   # NOTE: until compiler/cost.py lands, passes compare FLOPs
+            return None
+        opts.cost = Cost(spec)
+    return opts.cost
 
 
 def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
