@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from compiler.shrink_auto import AutoPruneActivations
 from passes import changelog
 from passes.apply_schedules import ApplySchedules
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
@@ -15,6 +16,7 @@ from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.merge_linear_chains import MergeLinearChains
+from passes.prune_activations import PruneActivations
 from schedules import registry
 from targets import TargetSpec
 
@@ -53,6 +55,8 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         ]),
         # Phase 2. Shrink depth: linear conv chains become one conv where that is faster (DepthShrinker).
         ("shrink", [] if opts.shrink == "off" else [
+            PruneActivations(opts.shrink_blocks),
+            *([AutoPruneActivations(opts.calib, opts.max_drop)] if opts.shrink == "auto" else []),
             MergeLinearChains(_cost(spec, opts), select=True),
             relax.transform.DeadCodeElimination(),
         ]),

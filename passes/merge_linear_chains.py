@@ -39,10 +39,10 @@ class _Node:
 
     @property
     def name(self) -> str:
-        return _layer_name(self.conv, self.bias)
+        return layer_name(self.conv, self.bias)
 
 
-def _layer_name(conv, bias) -> str:
+def layer_name(conv, bias) -> str:
     """The conv's variable name, or the bias add's when the importer named that one after the node."""
     name = conv.var.name
     if bias is not None and re.fullmatch(r"[lg]v\d*", name):
@@ -88,7 +88,7 @@ class _Merger(BindingRewriter):
                     bias = self._bias_after(b.var, shape_of(b.var)[1])
                     step, why = _conv_step(b)
                     if step is None:
-                        changelog.skip(NAME, _layer_name(b, bias), why)
+                        changelog.skip(NAME, layer_name(b, bias), why)
                         continue
                     if bias is not None:
                         step.bias = channel_vector(self._const_arg(bias.value), step.out_channels).astype(np.float64)
