@@ -18,7 +18,7 @@ from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.merge_linear_chains import MergeLinearChains
 from passes.prune_activations import PruneActivations
 from schedules import registry
-from targets import TargetSpec
+from targets import TargetSpec, errors
 
 
 @dataclass
@@ -112,7 +112,10 @@ def run(mod: tvm.IRModule, spec: TargetSpec, opts: Options) -> tuple[tvm.IRModul
         for phase, passes in phases(spec, opts):
             t0 = time.perf_counter()
             for p in passes:
-                mod = p(mod)
+                try:
+                    mod = p(mod)
+                except Exception as err:  # NOTE: a ShrinkcError raised in a pass arrives as RuntimeError
+                    raise errors.restored(err) from None
             timings[phase] = round(time.perf_counter() - t0, 3)
             if opts.dump_dir:
                 os.makedirs(opts.dump_dir, exist_ok=True)

@@ -77,6 +77,7 @@ class _Merger(BindingRewriter):
         super().__init__(mod, func)
         self.cost, self.select = cost, select
         self.plans: dict = {}   # var whose binding becomes the merged conv -> (nodes, residual binding)
+        self.timed: dict = {}   # chain label -> (chain seconds, merged seconds), from the cost
         self._plan(func)
 
     # --- finding chains ------------------------------------------------------------------
@@ -180,6 +181,7 @@ class _Merger(BindingRewriter):
             return 1e-12 * (chain_flops - merged.flops())
         before = self.cost.latency(_chain_module(seg, res))
         after = self.cost.latency(_merged_module(seg[0], merged, c, res is not None and not folded))
+        self.timed[label] = (before, after)
         if before < MIN_SPEEDUP * after:
             skip(NAME, label, f"merged conv not faster: {after * 1e3:.3f} ms vs {before * 1e3:.3f} ms "
                  f"(needs {MIN_SPEEDUP}x)")
@@ -194,7 +196,9 @@ class _Merger(BindingRewriter):
         merged, c, folded = merge([n.step for n in seg], res is not None)
         x = self.visit_expr(seg[0].conv.value.args[0])
         out = _emit_merged(self.emit, x, seg[0], merged, c, res is not None and not folded)
-        changelog.record(NAME, "merged_chain", seg[0].name, layers=[n.name for n in seg],
+        timed = self.timed.get("+".join(n.name for n in seg))
+        ms = {"chain_ms": round(timed[0] * 1e3, 4), "merged_ms": round(timed[1] * 1e3, 4)} if timed else {}
+        changelog.record(NAME, "merged_chain", seg[0].name, layers=[n.name for n in seg], **ms,
                          shape=list(merged.weight.shape), stride=list(merged.stride), padding=list(merged.pad),
                          groups=merged.in_channels if merged.depthwise else 1, residual_folded=folded,
                          bias="per-channel" if _bias_vector(c) is not None else "per-pixel")
