@@ -119,6 +119,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from compiler.analyze import analyze, render
+    from compiler.frontend.onnx_import import parse_input_pins
+    calib = None
+    if args.calib:
+        from compiler.calibration import load_calibration
+        calib = load_calibration(args.calib)
+    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input))))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from compiler.demo import main as demo_main
     return demo_main(args)
@@ -163,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--input", action="append", default=[], metavar="NAME:1x3x224x224")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("analyze", help="per block: activation linearity, cost before/after merging, decision")
+    p.add_argument("model")
+    p.add_argument("--calib", default=None, help="calibration inputs (.npy with a batch axis, or .npz by input name)")
+    p.add_argument("--target", default=None, help="a name from `shrinkc targets` or a TVM target JSON dict")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:1x3x224x224")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="compile, verify and time the built-in example model")
     p.add_argument("--out", default="out/demo", help="folder for the demo's model and library")

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from compiler.shrink_auto import AutoPruneActivations
 from passes import changelog
 from passes.apply_schedules import ApplySchedules
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
+from passes.merge_linear_chains import MergeLinearChains
+from passes.prune_activations import PruneActivations
 from schedules import registry
-from targets import TargetSpec
+from targets import TargetSpec, errors
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Options:
     calib: dict | None = None
     knobs: dict = field(default_factory=dict)   # kernel knobs by function name, from a tuning database
     dump_dir: str | None = None
+    cost: object = None             # compiler.cost.Cost, made on first use; tests may pass a stand-in
 
 
 def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
@@ -51,13 +55,29 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ]),
-        # Phase 2. Shrink depth (issue: DepthShrinker) -- not yet.
-        ("shrink", []),
+        # Phase 2. Shrink depth: linear conv chains become one conv where that is faster (DepthShrinker).
+        ("shrink", [] if opts.shrink == "off" else [
+            PruneActivations(opts.shrink_blocks),
+            *([AutoPruneActivations(opts.calib, opts.max_drop)] if opts.shrink == "auto" else []),
+            MergeLinearChains(_cost(spec, opts), select=True),
+            relax.transform.DeadCodeElimination(),
+        ]),
         # Phase 3. Sparsity (issue: sparse 1x1) -- not yet.
         ("sparse", []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]
+
+
+def _cost(spec: TargetSpec, opts: Options):
+    """The cost interface speed-dependent passes ask (made once per compile)."""
+    if opts.cost is None:
+        try:
+            from compiler.cost import Cost
+        except ImportError:   # NOTE: until compiler/cost.py lands, passes compare FLOPs
+            return None
+        opts.cost = Cost(spec)
+    return opts.cost
 
 
 def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
@@ -94,7 +114,10 @@ def run(mod: tvm.IRModule, spec: TargetSpec, opts: Options) -> tuple[tvm.IRModul
         for phase, passes in phases(spec, opts):
             t0 = time.perf_counter()
             for p in passes:
-                mod = p(mod)
+                try:
+                    mod = p(mod)
+                except Exception as err:  # NOTE: a ShrinkcError raised in a pass arrives as RuntimeError
+                    raise errors.restored(err) from None
             timings[phase] = round(time.perf_counter() - t0, 3)
             if opts.dump_dir:
                 os.makedirs(opts.dump_dir, exist_ok=True)

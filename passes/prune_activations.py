@@ -1,0 +1,161 @@
+"""PruneActivations: remove the activations of named inverted residual blocks, so their convs become one linear chain.
+
+expand -> +b -> relu6 -> dwconv -> +b -> relu6 -> project  =>  expand -> +b -> dwconv -> +b -> project
+Lossy: which blocks go is
+chosen from calibration data (compiler/shrink_auto.py) or named by the user (--shrink-blocks).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.merge_linear_chains import layer_name
+from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, users_of
+from targets.errors import ShrinkcError
+
+NAME = "PruneActivations"
+
+
+@dataclass
+class Block:
+    """An inverted residual block: its convs' layer names and its activation bindings (by variable)."""
+
+    name: str
+    layers: list[str]
+    acts: list = field(default_factory=list)        # activation VarBindings, expand's first
+    kinds: list[str] = field(default_factory=list)  # "relu6" / "relu" per activation
+
+
+def activation_kind(value) -> str:
+    """'relu6' for clip(x, 0, 6), 'relu' for relu or clip(x, 0, inf); '' for anything else."""
+    name = op_name(value)
+    if name == "relax.nn.relu":
+        return "relu"
+    if name == "relax.clip":
+        lo, hi = float(value.args[1].value), float(value.args[2].value)
+        if lo == 0.0 and hi == 6.0:
+            return "relu6"
+        if lo == 0.0 and hi > 3.0e38:
+            return "relu"
+    return ""
+
+
+def activation_range(kind: str) -> tuple[float, float]:
+    """Where the activation is the identity."""
+    return (0.0, 6.0) if kind == "relu6" else (0.0, float("inf"))
+
+
+def _is_1x1(value) -> bool:
+    if op_name(value) != "relax.nn.conv2d" or int(value.attrs.groups) != 1:
+        return False
+    return [int(d) for d in value.args[1].ty.shape.values[2:]] == [1, 1]
+
+
+def find_blocks(func: relax.Function) -> list[Block]:
+    """Inverted residual blocks in a phase-1 function: [1x1 conv -> (bias) -> act ->] depthwise conv ->
+    (bias) -> act? -> 1x1 conv. Named by the common prefix of their layer names (block3_dw -> block3)."""
+    bound, users = {}, users_of(func)
+    for block in func.body.blocks:
+        for b in block.bindings:
+            bound[b.var] = b
+
+    def only_user(var):
+        u = users.get(var, [])
+        return u[0] if len(u) == 1 else None
+
+    def after_bias(conv_b):   # (last binding of conv + bias, bias binding or None)
+        u = only_user(conv_b.var)
+        if u is not None and op_name(u.value) == "relax.add" and any(is_const(a) for a in u.value.args):
+            return u, u
+        return conv_b, None
+
+    def producer(var):
+        return bound.get(var) if isinstance(var, relax.Var) else None
+
+    def expand_before(var):    # the 1x1 conv binding whose (biased) output is var
+        b = producer(var)
+        if b is not None and op_name(b.value) == "relax.add" and any(is_const(a) for a in b.value.args):
+            b = producer(next(a for a in b.value.args if not is_const(a)))
+        return b if b is not None and _is_1x1(b.value) else None
+
+    blocks = []
+    for dw in bound.values():
+        if op_name(dw.value) != "relax.nn.conv2d" or int(dw.value.attrs.groups) == 1:
+            continue
+        acts, kinds, layers = [], [], []
+        act_in = producer(dw.value.args[0])
+        expand = None
+        if act_in is not None and activation_kind(act_in.value):
+            expand = expand_before(act_in.value.args[0])
+            if expand is not None:
+                acts.append(act_in)
+                kinds.append(activation_kind(act_in.value))
+        elif act_in is not None:
+            expand = expand_before(dw.value.args[0])
+        if expand is not None:
+            layers.append(layer_name(expand, after_bias(expand)[1]))
+        dw_out, dw_bias = after_bias(dw)
+        layers.append(layer_name(dw, dw_bias))
+        nxt = only_user(dw_out.var)
+        if nxt is not None and activation_kind(nxt.value):
+            acts.append(nxt)
+            kinds.append(activation_kind(nxt.value))
+            nxt = only_user(nxt.var)
+        if nxt is None or not _is_1x1(nxt.value):
+            continue
+        layers.append(layer_name(nxt, after_bias(nxt)[1]))
+        prefix = os.path.commonprefix(layers).rstrip("_./") if len(layers) > 1 else ""
+        blocks.append(Block(prefix or layers[0], layers, acts, kinds))
+    return blocks
+
+
+def match_blocks(blocks: list[Block], names: list[str]) -> tuple[list[Block], list[str]]:
+    """The blocks a user named (by block name or any of its layers), and the names that matched none."""
+    chosen, unknown = [], []
+    for n in names:
+        hit = [b for b in blocks if n == b.name or n in b.layers]
+        if not hit:
+            unknown.append(n)
+        chosen += [b for b in hit if b not in chosen]
+    return chosen, unknown
+
+
+@rewriter
+class _Pruner(BindingRewriter):
+    # relu6(x) => x for the named blocks' activations
+    def __init__(self, mod, func, names):
+        super().__init__(mod, func)
+        self.drop = {}
+        for b in match_blocks(find_blocks(func), names)[0]:
+            for act in b.acts:
+                self.drop[act.var] = b.name
+            changelog.record(NAME, "removed_activations", b.name, activations=len(b.acts), layers=b.layers)
+
+    def rewrite(self, var, value):
+        if var in self.drop:
+            return value.args[0]
+        return None
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class PruneActivations:
+    """Remove the activations of named inverted residual blocks, so their convs become one linear chain."""
+
+    def __init__(self, blocks: list[str]):
+        self.blocks = list(blocks)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not self.blocks:
+            return mod
+        found = find_blocks(mod["main"])
+        unknown = match_blocks(found, self.blocks)[1]
+        if unknown:
+            names = ", ".join(b.name for b in found[:8]) + (", ..." if len(found) > 8 else "")
+            raise ShrinkcError(f"--shrink-blocks: no block named {', '.join(unknown)}",
+                               f"use block names from `shrinkc analyze` ({names or 'this model has none'})")
+        mod = rewrite_main(mod, _Pruner, self.blocks)[0]
+        return relax.transform.CanonicalizeBindings()(mod)

@@ -1,0 +1,122 @@
+"""Depth shrinking end to end: blocks, pruning named/auto blocks, the CLI (--shrink, analyze) and the report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import compiler
+import zoo
+from compiler.analyze import cleaned
+from compiler.calibration import load_calibration, samples
+from conftest import run_cli, save
+from passes.prune_activations import find_blocks
+from targets import resolve
+from targets.errors import ShrinkcError
+
+MV2 = dict(width=0.35, resolution=32, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def roofline_cost(monkeypatch):
+    monkeypatch.setenv("SHRINKC_COST", "off")   # decisions from the roofline estimate: fast and deterministic
+
+
+@pytest.fixture(scope="module")
+def mv2_path(tmp_path_factory):
+    return save(zoo.build("mobilenet_v2", **MV2), tmp_path_factory.mktemp("shrink"), "mv2.onnx")
+
+
+@pytest.fixture(scope="module")
+def calib_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("calib") / "calib.npy")
+    np.save(path, np.random.default_rng(0).uniform(-1, 1, (8, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def test_find_blocks_names_and_activations():
+    mod, _ = cleaned(zoo.build("mobilenet_v2", linear_blocks=(2,), **MV2), resolve(None, None))
+    blocks = {b.name: b for b in find_blocks(mod["main"])}
+    assert list(blocks) == [f"block{i}" for i in range(17)]
+    assert blocks["block0"].kinds == ["relu6"]            # no expand: only the depthwise's activation
+    assert blocks["block1"].kinds == ["relu6", "relu6"]
+    assert blocks["block3"].acts == []                     # expansion block 2 was built linear
+    assert blocks["block3"].layers == ["block3_expand", "block3_dw", "block3_project"]
+
+
+def test_named_blocks_lose_their_activations_exactly(mv2_path):
+    """--shrink-blocks block3 computes the model built without block3's activations, to 1e-4."""
+    cm = compiler.compile_model(mv2_path, shrink_blocks=["block3"])
+    removed = cm.report["passes"]["PruneActivations"]["changes"]
+    assert [c["layer"] for c in removed] == ["block3"] and removed[0]["activations"] == 2
+    linear = zoo.build("mobilenet_v2", linear_blocks=(2,), **MV2)
+    x = {"input": np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)}
+    from compiler import verify
+    ref = verify.reference_outputs("onnx", linear.SerializeToString(), x)
+    (res,) = verify.compare(["out"], cm.run(x), ref, tolerance=1e-4)
+    assert res.ok, res.line()
+
+
+def test_unknown_block_name_is_one_line_error(mv2_path, tmp_path, capsys):
+    code, out, err = run_cli(["compile", mv2_path, "-o", tmp_path / "m.so", "--shrink-blocks", "block99"], capsys)
+    assert code == 2 and "no block named block99" in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_without_calibration_is_an_error(mv2_path, tmp_path, capsys):
+    code, _, err = run_cli(["compile", mv2_path, "-o", tmp_path / "m.so", "--shrink", "auto"], capsys)
+    assert code == 2 and "--calib" in err
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 1.0])
+def test_auto_keeps_agreement_within_budget(mv2_path, calib_path, max_drop):
+    cm = compiler.compile_model(mv2_path, shrink="auto", calib=load_calibration(calib_path), max_drop=max_drop)
+    entry = cm.report["passes"]["ChooseBlocks"]
+    (summary,) = [c for c in entry["changes"] if c["what"] == "agreement"]
+    measured = [c for c in entry["changes"] if c["what"] == "measured"]
+    assert len(measured) == 17 and summary["samples"] == 8
+    assert summary["top1_agreement"] >= 1.0 - max_drop
+    removed = cm.report["passes"].get("PruneActivations", {}).get("changes", [])
+    assert sorted(c["layer"] for c in removed) == sorted(summary["blocks"])
+    if max_drop == 1.0:   # anything goes: every block loses its activations
+        assert len(removed) == 17
+
+
+def test_cli_shrink_modes_and_report(tmp_path, capsys):
+    path = save(zoo.build("mobilenet_v2", linear_blocks=(2, 3), **MV2), tmp_path, "lin.onnx")
+    reports = {}
+    for mode in ("off", "merge"):
+        rep = tmp_path / f"{mode}.json"
+        code, out, err = run_cli(["compile", path, "-o", tmp_path / f"{mode}.so", "--shrink", mode, "--verify",
+                                  "--report", rep], capsys)
+        assert code == 0, err
+        assert "-> ok" in out
+        reports[mode] = json.loads(rep.read_text())
+    assert "MergeLinearChains" not in reports["off"]["passes"]
+    merged = reports["merge"]["passes"]["MergeLinearChains"]["changes"]
+    assert {"block3_expand", "block4_expand"} <= {layer for c in merged for layer in c["layers"]}
+    assert all(len(c["shape"]) == 4 for c in merged)
+    meta = json.loads((tmp_path / "merge.json").read_text())
+    assert meta["passes"]["MergeLinearChains"]["counts"]["merged_chain"] == len(merged)
+
+
+def test_cli_analyze_lists_every_block(mv2_path, calib_path, capsys):
+    code, out, err = run_cli(["analyze", mv2_path, "--calib", calib_path], capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("block")]
+    assert len(rows) == 18   # header + 17 blocks
+    assert "merge if activations removed" in out
+
+
+def test_calibration_npz_by_name_and_shape_errors(tmp_path):
+    path = str(tmp_path / "c.npz")
+    np.savez(path, input=np.zeros((3, 3, 8, 8), np.float32))
+    feeds = samples(load_calibration(path), [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}])
+    assert len(feeds) == 3 and feeds[0]["input"].shape == (1, 3, 8, 8)
+    with pytest.raises(ShrinkcError, match="shape"):
+        samples(load_calibration(path), [{"name": "input", "shape": [1, 3, 9, 9], "dtype": "float32"}])
+    with pytest.raises(ShrinkcError, match="no input"):
+        samples(load_calibration(path), [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}])
+    with pytest.raises(ShrinkcError, match="does not exist"):
+        load_calibration(str(tmp_path / "missing.npy"))
