@@ -85,6 +85,8 @@ class _Blocker(BindingRewriter):
         return self.cache[(x, b)]
 
     def to_nchw(self, x):
+        if isinstance(x, relax.Tuple):    # call_tir's arguments
+            return relax.Tuple([self.to_nchw(f) for f in x.fields])
         if not isinstance(x, relax.Var) or x not in self.layout:
             return x
         b, channels = self.layout[x]
