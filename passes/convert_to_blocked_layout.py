@@ -113,6 +113,8 @@ class _Blocker(BindingRewriter):
         name = op_name(value)
         if name == "relax.nn.conv2d":
             return self.conv(var, value)
+        if name == "relax.call_tir":     # kernels placed by earlier phases read and write NCHW
+            return relax.Call(value.op, [self.to_nchw(a) for a in value.args], value.attrs, value.ty_args)
         args = list(value.args) if isinstance(value, relax.Call) else []
         blocked = [a for a in args if isinstance(a, relax.Var) and a in self.layout]
         tensors = [a for a in args if isinstance(a.ty, relax.TensorType)]

@@ -59,39 +59,54 @@ def _scalar(e) -> float:
     return float(v.value if hasattr(v, "value") else v)
 
 
+def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = True) -> dict:
+    """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add.
+
+    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi) or None,
+    "residual": the other operand of the residual add (an input var) or None}."""
+    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None}
+    var, stage = conv_var, 0
+    while True:
+        user = rw.only_user(var)
+        if not isinstance(user, relax.VarBinding):
+            return plan
+        v = user.value
+        name = op_name(v)
+        other = None
+        if name == "relax.add":
+            a, b = v.args
+            other = b if a.same_as(var) else a if b.same_as(var) else None
+        if stage == 0 and other is not None and channel_vector(other, cout) is not None:
+            plan["bias"], stage = channel_vector(other, cout), 1
+        elif stage <= 1 and _clip_bounds(v) is not None and v.args[0].same_as(var):
+            plan["clip"], stage = _clip_bounds(v), 2
+        elif residual and stage <= 2 and other is not None and not is_const(other) \
+                and [int(d) for d in other.ty.shape.values] == [int(d) for d in user.var.ty.shape.values]:
+            plan["residual"], stage = other, 3
+        else:
+            return plan
+        plan["last"], var = user.var, user.var
+        if stage == 3:
+            return plan
+
+
+def add_kernel(rw: BindingRewriter, func):
+    """Add a scheduled PrimFunc to the rewriter's module under a unique name (f32_spmm_chw_64x1_3)."""
+    names = {gv.name_hint for gv in rw.builder_.get().get_global_vars()}
+    base = str(func.attrs["global_symbol"])
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    func = func.with_attr("global_symbol", name)
+    return rw.builder_.add_func(func, name), func
+
+
 @rewriter
 class _Sparsifier(BindingRewriter):
     def __init__(self, mod, func, spec, cost, sparse_min):
         super().__init__(mod, func)
         self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
         self.plans: dict = {}     # input var of the chain's last binding -> plan
-
-    # --- the epilogue chain after a conv: bias add, clip/relu, residual add (each the only user) ---
-    def chain(self, conv_var, cout):
-        plan = {"last": conv_var, "bias": None, "clip": None, "residual": None}
-        var, stage = conv_var, 0
-        while True:
-            user = self.only_user(var)
-            if not isinstance(user, relax.VarBinding):
-                return plan
-            v = user.value
-            name = op_name(v)
-            other = None
-            if name == "relax.add":
-                a, b = v.args
-                other = b if a.same_as(var) else a if b.same_as(var) else None
-            if stage == 0 and other is not None and channel_vector(other, cout) is not None:
-                plan["bias"], stage = channel_vector(other, cout), 1
-            elif stage <= 1 and _clip_bounds(v) is not None and v.args[0].same_as(var):
-                plan["clip"], stage = _clip_bounds(v), 2
-            elif stage <= 2 and other is not None and not is_const(other) \
-                    and [int(d) for d in other.ty.shape.values] == [int(d) for d in user.var.ty.shape.values]:
-                plan["residual"], stage = other, 3
-            else:
-                return plan
-            plan["last"], var = user.var, user.var
-            if stage == 3:
-                return plan
 
     def rewrite(self, var, value):
         if var in self.plans:
@@ -108,7 +123,7 @@ class _Sparsifier(BindingRewriter):
             return None
         cout, cin = w.shape
         _, _, h, wd = (int(d) for d in value.args[0].ty.shape.values)
-        plan = self.chain(var, cout)
+        plan = epilogue_chain(self, var, cout)
         plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=var.name)
         choice = self.choose(plan)
         if choice is None:
@@ -141,7 +156,7 @@ class _Sparsifier(BindingRewriter):
 
     def emit_sparse(self, var, plan):
         func, args = _sparse_call_parts(plan, plan["block"], self.spec, plan["x"], plan["residual"])
-        gv = self.builder_.add_func(func, func.attrs["global_symbol"])
+        gv, func = add_kernel(self, func)
         changelog.record(NAME, "sparse", plan["conv"], zeros=round(plan["zeros"], 3), block=plan["block"],
                          block_fill=round(plan["fill"], 3), kernel=str(func.attrs["global_symbol"]),
                          speedup=plan["speedup"])
