@@ -19,7 +19,7 @@ from tvm.script import tirx as T
 
 KIND = "spmm_chw"
 BLOCKS = (8, 4, 2, 1)
-MAX_PIXEL_TILE = 64
+MAX_PIXEL_TILE = 128
 
 
 def kernel_name(pixel_tile: int, block: int) -> str:
@@ -75,10 +75,10 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     pixels = h * w
     tile_n = pixel_tile
     lanes = min(lanes, tile_n)
-    # tasks: full tiles, then the rest in whole vectors, then what is left (< one vector)
+    # tasks: full tiles, then one with the rest (whole vectors and a partial one)
     nfull, rem = divmod(pixels, tile_n)
     rest_v, rest_s = rem // lanes * lanes, rem % lanes
-    ntiles = nfull + (1 if rest_v else 0) + (1 if rest_s else 0)
+    ntiles = nfull + (1 if rem else 0)
     nb = cout // block
     nnzb = max(1, nnzb)
     lo = T.float32(-3.4e38 if clip is None else clip[0])
@@ -86,35 +86,57 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     has_clip = clip is not None
 
     @T.macro
-    def task(x, rp, col, val, bias, res, out, b, p0, nv, vec):
-        # nv vectors of vec pixels from pixel p0, for output channels b*block .. b*block+block-1
-        acc = T.alloc_buffer((block, nv, vec), "float32", scope="global")
-        for k, v in T.grid(block, nv):
-            for p in T.vectorized(vec):
-                acc[k, v, p] = bias[b * block + k]
+    def finish(value, res, out, co, px):
+        if has_clip:
+            if residual:
+                out[co, px] = T.min(T.max(value, lo), hi) + res[co, px]
+            else:
+                out[co, px] = T.min(T.max(value, lo), hi)
+        else:
+            if residual:
+                out[co, px] = value + res[co, px]
+            else:
+                out[co, px] = value
+
+    @T.macro
+    def task(x, rp, col, val, bias, res, out, b, p0, nv, ns):
+        # output channels b*block .. +block; pixels p0 .. p0 + nv*lanes (whole vectors) + ns (< lanes)
+        # NOTE: nv and ns are Python ints: the `if`s below are decided when the kernel is built
+        acc = T.alloc_buffer((block, nv * lanes + ns), "float32", scope="global")
+        for k in T.unroll(block):
+            if nv > 0:
+                for v in T.unroll(nv):
+                    for p in T.vectorized(lanes):
+                        acc[k, v * lanes + p] = bias[b * block + k]
+            if ns > 0:
+                for p in T.vectorized(ns):
+                    acc[k, nv * lanes + p] = bias[b * block + k]
         for j in T.serial(rp[b], rp[b + 1]):
             for k in T.unroll(block):
+                if nv > 0:
+                    for v in T.unroll(nv):
+                        for p in T.vectorized(lanes):
+                            acc[k, v * lanes + p] = acc[k, v * lanes + p] + val[j, k] * x[col[j], p0 + v * lanes + p]
+                if ns > 0:
+                    for p in T.vectorized(ns):
+                        acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + val[j, k] * x[col[j], p0 + nv * lanes + p]
+        for k in T.unroll(block):
+            if nv > 0:
                 for v in T.unroll(nv):
-                    for p in T.vectorized(vec):
-                        acc[k, v, p] = acc[k, v, p] + val[j, k] * x[col[j], p0 + v * vec + p]
-        for k, v in T.grid(block, nv):
-            for p in T.vectorized(vec):
-                if has_clip:
-                    acc[k, v, p] = T.min(T.max(acc[k, v, p], lo), hi)
-                if residual:
-                    out[b * block + k, p0 + v * vec + p] = acc[k, v, p] + res[b * block + k, p0 + v * vec + p]
-                else:
-                    out[b * block + k, p0 + v * vec + p] = acc[k, v, p]
+                    for p in T.vectorized(lanes):
+                        finish(acc[k, v * lanes + p], res, out, b * block + k, p0 + v * lanes + p)
+            if ns > 0:
+                for p in T.vectorized(ns):
+                    finish(acc[k, nv * lanes + p], res, out, b * block + k, p0 + nv * lanes + p)
 
     @T.macro
     def body(x, rp, col, val, bias, res, out):
+        # NOTE: pixel tile outer, channel block inner: one tile of x stays in cache for every block
         for i in T.parallel(nb * ntiles):
-            if i % ntiles < nfull:
-                task(x, rp, col, val, bias, res, out, i // ntiles, i % ntiles * tile_n, tile_n // lanes, lanes)
-            elif rest_v > 0 and i % ntiles == nfull:
-                task(x, rp, col, val, bias, res, out, i // ntiles, nfull * tile_n, rest_v // lanes, lanes)
+            if i // nb < nfull:
+                task(x, rp, col, val, bias, res, out, i % nb, i // nb * tile_n, tile_n // lanes, 0)
             else:
-                task(x, rp, col, val, bias, res, out, i // ntiles, nfull * tile_n + rest_v, rest_s, 1)
+                task(x, rp, col, val, bias, res, out, i % nb, nfull * tile_n, rest_v // lanes, rest_s)
 
     if residual:
         @T.prim_func
