@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
+from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, pack_kernel
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
 from schedules.f32_spmm_chw import BLOCKS, block_fill, default_pixel_tile, encode_bsr, kernel_name, spmm_chw
@@ -145,7 +146,7 @@ class _Sparsifier(BindingRewriter):
         if not measure:
             b = blocks[0]
             return {"block": b, "fill": fills[b], "speedup": None}
-        dense = self.cost.latency(_dense_module(plan))
+        dense = self.cost.latency(_dense_module(plan, self.spec))
         timed = {b: self.cost.latency(_sparse_module(plan, b, self.spec)) for b in blocks}
         b = min(timed, key=timed.get)
         if timed[b] >= dense:
@@ -188,19 +189,57 @@ def _layer_params(plan):
     return x, res
 
 
-def _dense_module(plan) -> tvm.IRModule:
-    """conv -> bias -> clip -> residual as the dense layer our phase 4 would compile."""
+def _blocks(spec, cin: int, cout: int) -> tuple[int | None, int | None]:
+    """The channel blocks ConvertToBlockedLayout gives this conv's input and output (None: NCHW)."""
+    lanes = spec.kernel_defaults.get("block_lanes", spec.vector_lanes)
+    pad = spec.kernel_defaults.get("pad_channels", spec.isa == "avx512")
+
+    def block_for(channels):
+        return lanes if pad and channels >= lanes // 2 else channel_block(channels, lanes)
+    return (block_for(cin) if cin >= 8 else None), block_for(cout)
+
+
+def _dense_module(plan, spec) -> tvm.IRModule:
+    """The dense layer as our phase 4 runs it inside a network: conv -> bias -> clip -> residual in
+    NCHW{b}c, reading and writing blocked tensors (so no layout transforms are timed with it)."""
+    w = plan["w"]
+    cout, cin = w.shape
+    bi, bo = _blocks(spec, cin, cout)
+    if bi is None or bo is None:
+        return _nchw_dense_module(plan)
+    shape_in = [1, ceil_to(cin, bi) // bi, plan["h"], plan["wd"], bi]
+    shape_out = [1, ceil_to(cout, bo) // bo, plan["h"], plan["wd"], bo]
+    x = relax.Var("x", relax.TensorType(shape_in, "float32"))
+    res = relax.Var("res", relax.TensorType(shape_out, "float32")) if plan["residual"] is not None else None
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] + ([res] if res is not None else [])):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(pack_kernel(w[:, :, None, None], bo, ceil_to(cin, bi))),
+                                           data_layout=f"NCHW{bi}c", kernel_layout=f"OHWI{bo}o",
+                                           out_layout=f"NCHW{bo}c"))
+            y = _epilogue(bb, y, plan, res, lambda v: block_const(v.reshape(1, -1, 1, 1), bo, cout))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _epilogue(bb, y, plan, res, bias_const):
+    if plan["bias"] is not None:
+        y = bb.emit(relax.op.add(y, const(bias_const(plan["bias"]))))
+    if plan["clip"] is not None:
+        y = bb.emit(relax.op.clip(y, *plan["clip"]))
+    if res is not None:
+        y = bb.emit(relax.op.add(y, res))
+    return y
+
+
+def _nchw_dense_module(plan) -> tvm.IRModule:
     x, res = _layer_params(plan)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, const(plan["w"][:, :, None, None])))
-            if plan["bias"] is not None:
-                y = bb.emit(relax.op.add(y, const(plan["bias"].reshape(1, -1, 1, 1))))
-            if plan["clip"] is not None:
-                y = bb.emit(relax.op.clip(y, *plan["clip"]))
-            if res is not None:
-                y = bb.emit(relax.op.add(y, res))
+            y = _epilogue(bb, y, plan, res, lambda v: v.reshape(1, -1, 1, 1))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()
