@@ -15,6 +15,7 @@ from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.form_chw_regions import FormCHWRegions
+from passes.keep_if_faster import KeepIfFaster
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from schedules import registry
 from targets import TargetSpec
@@ -56,8 +57,9 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # Phase 2. Shrink depth (issue: DepthShrinker) -- not yet.
         ("shrink", []),
         # Phase 3. Sparsity: mostly-zero 1x1 convs -> block-sparse CHW kernels (compressed weights).
-        ("sparse", [SparsifyConv1x1(spec, cost, opts.sparse_min), FormCHWRegions(spec)]
-         if opts.sparse == "auto" and spec.is_cpu else []),
+        # NOTE: kept only if the whole model measures faster (layer gains can be lost at region borders)
+        ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min), FormCHWRegions(spec)], cost,
+                                 "SparseRegions")] if opts.sparse == "auto" and spec.is_cpu else []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]

@@ -116,3 +116,22 @@ def test_sparse_off_leaves_convs_dense(monkeypatch):
     monkeypatch.setenv("SHRINKC_COST", "off")
     cm = driver.compile_model(single_conv_model(32, 32, 6, sparsity=0.9), sparse="off")
     assert not any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+
+
+def test_group_dropped_when_whole_model_is_not_faster():
+    """KeepIfFaster: a sparse rewrite the whole model does not gain from is undone, and the report says so."""
+    from passes.keep_if_faster import KeepIfFaster
+
+    class _WholeModelCost:
+        enabled = True
+
+        def latency(self, mod, key=None):
+            return 2.0 if "f32_spmm_chw" in mod.script(show_meta=False) else 1.0
+
+    before = _cleaned(single_conv_model(32, 32, 6, sparsity=0.9))
+    with changelog.collecting() as book, SPEC.tvm_target():
+        after = KeepIfFaster([SparsifyConv1x1(SPEC, None), FormCHWRegions(SPEC)], _WholeModelCost(), "SparseRegions")(before)
+    assert "f32_spmm_chw" not in after.script(show_meta=False)
+    summary = book.summary()
+    assert summary["SparsifyConv1x1"]["counts"] == {} and "dropped" in summary["SparsifyConv1x1"]["skipped"][0]["why"]
+    assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]
