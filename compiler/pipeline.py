@@ -15,8 +15,11 @@ from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
+from passes.form_chw_regions import FormCHWRegions
+from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
 from passes.prune_activations import PruneActivations
+from passes.sparsify_conv1x1 import SparsifyConv1x1
 from schedules import registry
 from targets import TargetSpec, errors
 
@@ -38,8 +41,7 @@ class Options:
 
 def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
     """The pipeline. Target-dependent steps are written inline."""
-    from compiler.cost import Cost
-    cost = Cost(spec)   # NOTE: the one cost interface, for passes that decide by measured speed
+    cost = _cost(spec, opts)   # NOTE: the one cost interface, for passes that decide by measured speed
     return [
         # Phase 1. Graph cleanup: constants folded, BN / bias / explicit pads folded into convs.
         ("cleanup", [
@@ -59,11 +61,13 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         ("shrink", [] if opts.shrink == "off" else [
             PruneActivations(opts.shrink_blocks),
             *([AutoPruneActivations(opts.calib, opts.max_drop)] if opts.shrink == "auto" else []),
-            MergeLinearChains(_cost(spec, opts), select=True),
+            MergeLinearChains(cost, select=True),
             relax.transform.DeadCodeElimination(),
         ]),
-        # Phase 3. Sparsity (issue: sparse 1x1) -- not yet.
-        ("sparse", []),
+        # Phase 3. Sparsity: mostly-zero 1x1 convs -> block-sparse CHW kernels (compressed weights).
+        # NOTE: kept only if the whole model measures faster (layer gains can be lost at region borders)
+        ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min), FormCHWRegions(spec)], cost,
+                                 "SparseRegions")] if opts.sparse == "auto" and spec.is_cpu else []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]
@@ -72,10 +76,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
 def _cost(spec: TargetSpec, opts: Options):
     """The cost interface speed-dependent passes ask (made once per compile)."""
     if opts.cost is None:
-        try:
-            from compiler.cost import Cost
-        except ImportError:   # NOTE: until compiler/cost.py lands, passes compare FLOPs
-            return None
+        from compiler.cost import Cost
         opts.cost = Cost(spec)
     return opts.cost
 

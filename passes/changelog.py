@@ -52,3 +52,20 @@ def skip(pass_name: str, layer: str, why: str) -> None:
     book = _ACTIVE.get()
     if book is not None:
         book.skipped.setdefault(pass_name, []).append({"layer": layer, "why": why})
+
+
+def mark() -> dict[str, int]:
+    """How many changes each pass has recorded so far (to retract() what a dropped rewrite did)."""
+    book = _ACTIVE.get()
+    return {name: len(items) for name, items in book.entries.items()} if book is not None else {}
+
+
+def retract(since: dict[str, int], why: str) -> None:
+    """Turn the changes recorded after `since = mark()` into skips saying `why` (the rewrite was undone)."""
+    book = _ACTIVE.get()
+    if book is None:
+        return
+    for name, items in book.entries.items():
+        undone, book.entries[name] = items[since.get(name, 0):], items[:since.get(name, 0)]
+        for c in undone:
+            book.skipped.setdefault(name, []).append({"layer": c.get("layer", ""), "why": why, "undone": c})

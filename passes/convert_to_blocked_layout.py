@@ -85,6 +85,8 @@ class _Blocker(BindingRewriter):
         return self.cache[(x, b)]
 
     def to_nchw(self, x):
+        if isinstance(x, relax.Tuple):    # call_tir's arguments
+            return relax.Tuple([self.to_nchw(f) for f in x.fields])
         if not isinstance(x, relax.Var) or x not in self.layout:
             return x
         b, channels = self.layout[x]
@@ -111,6 +113,8 @@ class _Blocker(BindingRewriter):
         name = op_name(value)
         if name == "relax.nn.conv2d":
             return self.conv(var, value)
+        if name == "relax.call_tir":     # kernels placed by earlier phases read and write NCHW
+            return relax.Call(value.op, [self.to_nchw(a) for a in value.args], value.attrs, value.ty_args)
         args = list(value.args) if isinstance(value, relax.Call) else []
         blocked = [a for a in args if isinstance(a, relax.Var) and a in self.layout]
         tensors = [a for a in args if isinstance(a.ty, relax.TensorType)]

@@ -143,7 +143,11 @@ def rewrite_main(mod: tvm.IRModule, rewriter_cls, *args) -> tuple[tvm.IRModule, 
         rw = rewriter_cls(out, func, *args)
         new_func = rw.visit_expr(func)
         new_func = relax.analysis.remove_all_unused(new_func)
+        known = {g.name_hint for g in out.get_global_vars()}
+        added = [(g, f) for g, f in rw.builder_.get().functions.items() if g.name_hint not in known]  # new kernels
         out = _with_func(out, gv, new_func)
+        for g, f in added:
+            out[g] = f
         changes.extend(rw.changes)
     return out, changes
 

@@ -1,0 +1,97 @@
+"""FormCHWRegions: keep the depthwise convs next to sparse CHW 1x1 kernels in CHW, so layouts do not churn.
+
+dwconv2d(x, W) [-> add(bias)] [-> clip / relu]  =>  call_tir(f32_dwconv3x3s1_chw_32, x, W, bias)
+for batch-1 NCHW depthwise 3x3/5x5 stride-1/2 convs whose input comes from a sparse 1x1 kernel or
+whose result goes to one. ConvertToBlockedLayout leaves call_tir kernels in NCHW, so a chain
+sparse 1x1 -> depthwise -> sparse 1x1 runs without layout transforms; transforms stay at the
+region borders (next to dense convs, which keep their blocked kernels).
+NOTE: runs after SparsifyConv1x1 (it looks for its kernels).
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
+from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
+from schedules.f32_dwconv2d_chw import dwconv2d_chw
+
+NAME = "FormCHWRegions"
+SPARSE_KERNEL = "f32_spmm_chw"
+KERNEL_SIZES, STRIDES = (3, 5), (1, 2)
+
+
+def _is_sparse_call(expr) -> bool:
+    return op_name(expr) == "relax.call_tir" and expr.args[0].name_hint.startswith(SPARSE_KERNEL)
+
+
+def depthwise_weights(value) -> np.ndarray | None:
+    """[C, 1, k, k] weights of a batch-1 NCHW/OIHW depthwise conv this kernel family covers."""
+    if op_name(value) != "relax.nn.conv2d":
+        return None
+    a = value.attrs
+    x, w = value.args
+    if not is_const(w) or str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" \
+            or str(a.out_layout) != "NCHW" or x.ty.shape is None:
+        return None
+    wt = const_np(w)
+    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else -1 for d in x.ty.shape.values]
+    c, k = wt.shape[0], wt.shape[2]
+    if len(shape) != 4 or shape[0] != 1 or int(a.groups) != c or shape[1] != c or wt.shape[1] != 1 \
+            or wt.shape[3] != k or k not in KERNEL_SIZES or wt.dtype != np.float32:
+        return None
+    strides = {int(s) for s in a.strides}
+    if len(strides) != 1 or strides.pop() not in STRIDES or any(int(d) != 1 for d in a.dilation):
+        return None
+    return wt
+
+
+@rewriter
+class _Regions(BindingRewriter):
+    def __init__(self, mod, func, spec):
+        super().__init__(mod, func)
+        self.spec = spec
+        self.plans: dict = {}
+        self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+
+    def rewrite(self, var, value):
+        if var in self.plans:
+            return self.emit(var, self.plans.pop(var))
+        w = depthwise_weights(value)
+        if w is None:
+            return None
+        plan = epilogue_chain(self, var, w.shape[0], residual=False)
+        src = self.bindings.get(value.args[0])
+        user = self.only_user(plan["last"])
+        feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
+        if not (_is_sparse_call(src) if src is not None else False) and not feeds_sparse:
+            changelog.skip(NAME, var.name, "depthwise conv not next to a sparse 1x1: stays blocked")
+            return None
+        plan.update(w=w, x=value.args[0], attrs=value.attrs, conv=var.name, out_ty=plan["last"].ty)
+        if plan["last"].same_as(var):
+            return self.emit(var, plan)
+        self.plans[plan["last"]] = plan
+        return None
+
+    def emit(self, var, plan):
+        w, a = plan["w"], plan["attrs"]
+        _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
+        func = dwconv2d_chw(c, h, wd, w.shape[2], int(a.strides[0]), [int(p) for p in a.padding],
+                            clip=plan["clip"], lanes=self.spec.vector_lanes)
+        gv, func = add_kernel(self, func)
+        bias = plan["bias"] if plan["bias"] is not None else np.zeros(c, np.float32)
+        changelog.record(NAME, "chw", plan["conv"], kernel=str(func.attrs["global_symbol"]))
+        return relax.call_tir(gv, relax.Tuple([plan["x"], const(w), const(bias)]), plan["out_ty"])
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class FormCHWRegions:
+    """Keep the depthwise convs next to sparse CHW 1x1 kernels in CHW, so layouts do not churn."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return rewrite_main(mod, _Regions, self.spec)[0]

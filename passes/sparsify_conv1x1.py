@@ -1,0 +1,269 @@
+"""SparsifyConv1x1: run mostly-zero 1x1 convs as block-sparse CHW kernels with compressed weights.
+
+conv2d_1x1(x, W) [-> add(bias)] [-> clip / relu] [-> add(residual)]
+  =>  call_tir(f32_spmm_chw_PxB, x, row_ptr, col, val, bias [, residual])
+Applies to batch-1 NCHW 1x1 stride-1 convs (groups 1) with constant weights of which at least
+`sparse_min` are zero (XNNPACK's 2/3 rule). The block shape (1, 2, 4 or 8 output channels non-zero
+together) comes from the block fill; the dense weights leave the module. Where the cost interface
+measures (the target runs here), a layer goes sparse only when the sparse kernel is measured
+faster than our dense 1x1; elsewhere the zero share alone decides.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, pack_kernel
+from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
+    rewriter
+from schedules.f32_spmm_chw import BLOCKS, block_fill, default_pixel_tile, encode_bsr, kernel_name, spmm_chw
+
+NAME = "SparsifyConv1x1"
+SPARSE_MIN = 2 / 3          # least share of zero weights for a sparse 1x1 (XNNPACK's rule)
+BLOCK_MIN_FILL = 0.75       # a block shape is used when its blocks are at least this full
+BLOCK_TRY_FILL = 0.5        # ... or, where the cost interface measures, tried from this fill up
+
+
+def conv1x1_weights(value) -> np.ndarray | None:
+    """[Cout, Cin] weights of a batch-1 NCHW/OIHW 1x1 stride-1 groups-1 f32 conv with constant weights."""
+    if op_name(value) != "relax.nn.conv2d":
+        return None
+    a = value.attrs
+    x, w = value.args
+    if not is_const(w) or str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" \
+            or str(a.out_layout) != "NCHW" or int(a.groups) != 1:
+        return None
+    if any(int(s) != 1 for s in a.strides) or any(int(d) != 1 for d in a.dilation) \
+            or any(int(p) != 0 for p in a.padding):
+        return None
+    wt = const_np(w)
+    xs = x.ty.shape
+    if wt.dtype != np.float32 or wt.shape[2:] != (1, 1) or xs is None or len(xs.values) != 4 \
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in xs.values) or int(xs.values[0]) != 1:
+        return None
+    return wt[:, :, 0, 0]
+
+
+def _clip_bounds(value) -> tuple[float, float] | None:
+    name = op_name(value)
+    if name == "relax.clip":
+        return _scalar(value.args[1]), _scalar(value.args[2])
+    if name == "relax.nn.relu":
+        return 0.0, float(np.finfo(np.float32).max)
+    return None
+
+
+def _scalar(e) -> float:
+    v = e.value
+    return float(v.value if hasattr(v, "value") else v)
+
+
+def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = True) -> dict:
+    """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add.
+
+    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi) or None,
+    "residual": the other operand of the residual add (an input var) or None}."""
+    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None}
+    var, stage = conv_var, 0
+    while True:
+        user = rw.only_user(var)
+        if not isinstance(user, relax.VarBinding):
+            return plan
+        v = user.value
+        name = op_name(v)
+        other = None
+        if name == "relax.add":
+            a, b = v.args
+            other = b if a.same_as(var) else a if b.same_as(var) else None
+        if stage == 0 and other is not None and channel_vector(other, cout) is not None:
+            plan["bias"], stage = channel_vector(other, cout), 1
+        elif stage <= 1 and _clip_bounds(v) is not None and v.args[0].same_as(var):
+            plan["clip"], stage = _clip_bounds(v), 2
+        elif residual and stage <= 2 and other is not None and not is_const(other) \
+                and [int(d) for d in other.ty.shape.values] == [int(d) for d in user.var.ty.shape.values]:
+            plan["residual"], stage = other, 3
+        else:
+            return plan
+        plan["last"], var = user.var, user.var
+        if stage == 3:
+            return plan
+
+
+def add_kernel(rw: BindingRewriter, func):
+    """Add a scheduled PrimFunc to the rewriter's module under a unique name (f32_spmm_chw_64x1_3)."""
+    names = {gv.name_hint for gv in rw.builder_.get().get_global_vars()}
+    base = str(func.attrs["global_symbol"])
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    func = func.with_attr("global_symbol", name)
+    return rw.builder_.add_func(func, name), func
+
+
+@rewriter
+class _Sparsifier(BindingRewriter):
+    def __init__(self, mod, func, spec, cost, sparse_min):
+        super().__init__(mod, func)
+        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+        self.plans: dict = {}     # input var of the chain's last binding -> plan
+
+    def rewrite(self, var, value):
+        if var in self.plans:
+            plan = self.plans.pop(var)
+            if plan["residual"] is not None:
+                plan["residual"] = self.visit_expr(plan["residual"])
+            return self.emit_sparse(var, plan)
+        w = conv1x1_weights(value)
+        if w is None:
+            return None
+        zeros = 1.0 - np.count_nonzero(w) / w.size
+        if zeros < self.sparse_min:
+            changelog.skip(NAME, var.name, f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")
+            return None
+        cout, cin = w.shape
+        _, _, h, wd = (int(d) for d in value.args[0].ty.shape.values)
+        plan = epilogue_chain(self, var, cout)
+        plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=var.name)
+        choice = self.choose(plan)
+        if choice is None:
+            return None
+        plan.update(choice)
+        if plan["last"].same_as(var):
+            return self.emit_sparse(var, plan)
+        self.plans[plan["last"]] = plan
+        return None
+
+    # --- which block shape, and whether sparse beats dense ----------------------------------
+    def choose(self, plan) -> dict | None:
+        w = plan["w"]
+        cout = w.shape[0]
+        fills = {b: block_fill(w, b) for b in BLOCKS if cout % b == 0}
+        measure = self.cost is not None and getattr(self.cost, "enabled", False)
+        floor = BLOCK_TRY_FILL if measure else BLOCK_MIN_FILL
+        blocks = [b for b in BLOCKS if b in fills and (b == 1 or fills[b] >= floor)]
+        if not measure:
+            b = blocks[0]
+            return {"block": b, "fill": fills[b], "speedup": None}
+        dense = self.cost.latency(_dense_module(plan, self.spec))
+        timed = {b: self.cost.latency(_sparse_module(plan, b, self.spec)) for b in blocks}
+        b = min(timed, key=timed.get)
+        if timed[b] >= dense:
+            changelog.skip(NAME, plan["conv"], f"sparse 1x1 skipped: {plan['zeros']:.0%} zeros but sparse "
+                                               f"{timed[b] * 1e6:.0f} us >= dense {dense * 1e6:.0f} us")
+            return None
+        return {"block": b, "fill": fills[b], "speedup": round(dense / timed[b], 2)}
+
+    def emit_sparse(self, var, plan):
+        func, args = _sparse_call_parts(plan, plan["block"], self.spec, plan["x"], plan["residual"])
+        gv, func = add_kernel(self, func)
+        changelog.record(NAME, "sparse", plan["conv"], zeros=round(plan["zeros"], 3), block=plan["block"],
+                         block_fill=round(plan["fill"], 3), kernel=str(func.attrs["global_symbol"]),
+                         speedup=plan["speedup"])
+        return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))
+
+
+def _sparse_call_parts(plan, block, spec, x, residual):
+    """The kernel and its arguments: x, row_ptr, col, val, bias (, residual)."""
+    w = plan["w"]
+    cout, cin = w.shape
+    row_ptr, col, val = encode_bsr(w, block)
+    tile = default_pixel_tile(plan["h"] * plan["wd"], block, spec)
+    func = spmm_chw(cin, cout, plan["h"], plan["wd"], block, len(col), clip=plan["clip"],
+                    residual=residual is not None, pixel_tile=tile, lanes=spec.vector_lanes,
+                    name=kernel_name(tile, block)).with_attr("op_pattern", 8)   # opaque: never fused
+    bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)
+    args = [x, const(row_ptr), const(col), const(val), const(bias)]
+    if residual is not None:
+        args.append(residual)
+    return func, relax.Tuple(args)
+
+
+def _layer_params(plan):
+    cin = plan["w"].shape[1]
+    x = relax.Var("x", relax.TensorType([1, cin, plan["h"], plan["wd"]], "float32"))
+    res = None
+    if plan["residual"] is not None:
+        res = relax.Var("res", relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))
+    return x, res
+
+
+def _blocks(spec, cin: int, cout: int) -> tuple[int | None, int | None]:
+    """The channel blocks ConvertToBlockedLayout gives this conv's input and output (None: NCHW)."""
+    lanes = spec.kernel_defaults.get("block_lanes", spec.vector_lanes)
+    pad = spec.kernel_defaults.get("pad_channels", spec.isa == "avx512")
+
+    def block_for(channels):
+        return lanes if pad and channels >= lanes // 2 else channel_block(channels, lanes)
+    return (block_for(cin) if cin >= 8 else None), block_for(cout)
+
+
+def _dense_module(plan, spec) -> tvm.IRModule:
+    """The dense layer as our phase 4 runs it inside a network: conv -> bias -> clip -> residual in
+    NCHW{b}c, reading and writing blocked tensors (so no layout transforms are timed with it)."""
+    w = plan["w"]
+    cout, cin = w.shape
+    bi, bo = _blocks(spec, cin, cout)
+    if bi is None or bo is None:
+        return _nchw_dense_module(plan)
+    shape_in = [1, ceil_to(cin, bi) // bi, plan["h"], plan["wd"], bi]
+    shape_out = [1, ceil_to(cout, bo) // bo, plan["h"], plan["wd"], bo]
+    x = relax.Var("x", relax.TensorType(shape_in, "float32"))
+    res = relax.Var("res", relax.TensorType(shape_out, "float32")) if plan["residual"] is not None else None
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] + ([res] if res is not None else [])):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(pack_kernel(w[:, :, None, None], bo, ceil_to(cin, bi))),
+                                           data_layout=f"NCHW{bi}c", kernel_layout=f"OHWI{bo}o",
+                                           out_layout=f"NCHW{bo}c"))
+            y = _epilogue(bb, y, plan, res, lambda v: block_const(v.reshape(1, -1, 1, 1), bo, cout))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _epilogue(bb, y, plan, res, bias_const):
+    if plan["bias"] is not None:
+        y = bb.emit(relax.op.add(y, const(bias_const(plan["bias"]))))
+    if plan["clip"] is not None:
+        y = bb.emit(relax.op.clip(y, *plan["clip"]))
+    if res is not None:
+        y = bb.emit(relax.op.add(y, res))
+    return y
+
+
+def _nchw_dense_module(plan) -> tvm.IRModule:
+    x, res = _layer_params(plan)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] + ([res] if res is not None else [])):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, const(plan["w"][:, :, None, None])))
+            y = _epilogue(bb, y, plan, res, lambda v: v.reshape(1, -1, 1, 1))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _sparse_module(plan, block, spec) -> tvm.IRModule:
+    x, res = _layer_params(plan)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x] + ([res] if res is not None else [])):
+        func, args = _sparse_call_parts(plan, block, spec, x, res)
+        gv = bb.add_func(func, func.attrs["global_symbol"])
+        with bb.dataflow():
+            out = bb.emit_output(relax.call_tir(gv, args, relax.TensorType(
+                [1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32")))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class SparsifyConv1x1:
+    """Run mostly-zero 1x1 convs as block-sparse CHW kernels with compressed weights."""
+
+    def __init__(self, spec, cost=None, sparse_min: float = SPARSE_MIN):
+        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return rewrite_main(mod, _Sparsifier, self.spec, self.cost, self.sparse_min)[0]

@@ -1,0 +1,137 @@
+"""SparsifyConv1x1 and FormCHWRegions: structure (kernels in, dense weights out) and numerics vs ONNX Runtime."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+import targets
+from compiler import driver, pipeline
+from passes import changelog
+from passes.form_chw_regions import FormCHWRegions
+from passes.sparsify_conv1x1 import SparsifyConv1x1
+from tests.conftest import single_conv_model
+
+SPEC = targets.x86_host()
+
+
+class _FixedCost:
+    """A stand-in for compiler.cost.Cost: dense layers take `dense` s, sparse ones `sparse` s."""
+
+    enabled = True
+
+    def __init__(self, dense, sparse):
+        self.dense, self.sparse = dense, sparse
+
+    def latency(self, mod, key=None):
+        calls = mod.script(show_meta=False)
+        return self.sparse if "f32_spmm_chw" in calls else self.dense
+
+
+def _cleaned(model):
+    mod, _ = driver.import_model(model, None)
+    with SPEC.tvm_target():
+        for p in dict(pipeline.phases(SPEC, pipeline.Options(sparse="off")))["cleanup"]:
+            mod = p(mod)
+    return mod
+
+
+def _sparsify(mod, cost=None, sparse_min=2 / 3):
+    with changelog.collecting() as book, SPEC.tvm_target():
+        mod = SparsifyConv1x1(SPEC, cost, sparse_min)(mod)
+        mod = FormCHWRegions(SPEC)(mod)
+    return mod, book.summary()
+
+
+def _conv_weight_sizes(mod):
+    return [c.value.numpy().size for c in _constants(mod) if hasattr(c.value, "numpy") and c.value.numpy().ndim == 4]
+
+
+def _constants(mod):
+    out = []
+    tvm.relax.analysis.post_order_visit(mod["main"], lambda e: out.append(e) if isinstance(e, tvm.ir.Constant) else None)
+    return out
+
+
+def test_sparse_conv_becomes_spmm_and_dense_weights_leave():
+    mod, book = _sparsify(_cleaned(single_conv_model(64, 48, 6, residual=False, sparsity=0.85)))
+    text = mod.script(show_meta=False)
+    assert "f32_spmm_chw" in text and "R.nn.conv2d" not in text and "R.clip" not in text   # epilogue fused
+    assert _conv_weight_sizes(mod) == []            # the [48, 64, 1, 1] weights are gone
+    change = book["SparsifyConv1x1"]["changes"][0]
+    assert 0.8 < change["zeros"] < 0.9 and change["block"] == 1 and change["speedup"] is None
+
+
+def test_block_shape_follows_block_fill():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)
+    w *= np.repeat(rng.random((8, 16)) >= 0.8, 4, axis=0)[:, :, None, None]   # 4x1 blocks, full
+    _, book = _sparsify(_cleaned(single_conv_model(16, 32, 5, w=w)))
+    assert book["SparsifyConv1x1"]["changes"][0]["block"] == 8 or book["SparsifyConv1x1"]["changes"][0]["block"] == 4
+
+
+@pytest.mark.parametrize("sparsity,cost", [(0.5, None), (0.85, _FixedCost(dense=1e-6, sparse=2e-6))])
+def test_not_fired_when_too_dense_or_slower(sparsity, cost):
+    mod, book = _sparsify(_cleaned(single_conv_model(32, 32, 6, sparsity=sparsity)), cost)
+    assert "f32_spmm_chw" not in mod.script(show_meta=False)
+    why = book["SparsifyConv1x1"]["skipped"][0]["why"]
+    assert ("< 67%" in why) if sparsity == 0.5 else ("dense" in why)
+
+
+def test_measured_choice_records_speedup():
+    _, book = _sparsify(_cleaned(single_conv_model(32, 32, 6, sparsity=0.9)), _FixedCost(dense=3e-6, sparse=1e-6))
+    assert book["SparsifyConv1x1"]["changes"][0]["speedup"] == 3.0
+
+
+@pytest.mark.parametrize("residual,act", [(True, "relu6"), (False, "relu"), (False, "none")])
+def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(single_conv_model(40, 40, 7, residual=residual, act=act, sparsity=0.8))
+    assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+
+
+def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
+    """Sparse MobileNetV2-style network: depthwise convs between sparse 1x1s stay CHW, no transforms inside."""
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=3)
+    cm = driver.compile_model(model)
+    kernels = cm.report["kernels"]
+    assert any(k.startswith("f32_spmm_chw") for k in kernels) and any("_chw_" in k and "dwconv" in k for k in kernels)
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    mod, _ = _sparsify(_cleaned(model))
+    lowered = mod
+    with SPEC.tvm_target():
+        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](lowered)   # ConvertToBlockedLayout
+    text = lowered.script(show_meta=False)
+    # inside the sparse part (blocks 3..) no layout_transform sits between two CHW kernels
+    lines = [ln for ln in text.splitlines() if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
+    first_sparse = next(i for i, ln in enumerate(lines) if "f32_spmm_chw" in ln)
+    last_sparse = max(i for i, ln in enumerate(lines) if "f32_spmm_chw" in ln)
+    assert not any("layout_transform" in ln for ln in lines[first_sparse:last_sparse])
+
+
+def test_sparse_off_leaves_convs_dense(monkeypatch):
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(single_conv_model(32, 32, 6, sparsity=0.9), sparse="off")
+    assert not any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+
+
+def test_group_dropped_when_whole_model_is_not_faster():
+    """KeepIfFaster: a sparse rewrite the whole model does not gain from is undone, and the report says so."""
+    from passes.keep_if_faster import KeepIfFaster
+
+    class _WholeModelCost:
+        enabled = True
+
+        def latency(self, mod, key=None):
+            return 2.0 if "f32_spmm_chw" in mod.script(show_meta=False) else 1.0
+
+    before = _cleaned(single_conv_model(32, 32, 6, sparsity=0.9))
+    with changelog.collecting() as book, SPEC.tvm_target():
+        after = KeepIfFaster([SparsifyConv1x1(SPEC, None), FormCHWRegions(SPEC)], _WholeModelCost(), "SparseRegions")(before)
+    assert "f32_spmm_chw" not in after.script(show_meta=False)
+    summary = book.summary()
+    assert summary["SparsifyConv1x1"]["counts"] == {} and "dropped" in summary["SparsifyConv1x1"]["skipped"][0]["why"]
+    assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]

@@ -1,0 +1,117 @@
+"""The sparse CHW 1x1 kernel and the CHW depthwise kernel against numpy, on sweeps around their tiles."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+
+import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
+import targets
+from schedules.f32_dwconv2d_chw import dwconv2d_chw
+from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
+
+SPEC = targets.x86_host()
+
+
+def _run(func, arrays, out_shape):
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)]
+    ex[str(func.attrs["global_symbol"])](*args)
+    return args[-1].numpy()
+
+
+def _weights(rng, cout, cin, sparsity, block):
+    w = rng.standard_normal((cout, cin)).astype(np.float32)
+    keep = rng.random((cout // block, cin)) >= sparsity
+    return w * np.repeat(keep, block, axis=0)
+
+
+@pytest.mark.parametrize("pixels_hw", [(1, 5), (2, 8), (4, 8), (5, 7), (7, 7), (9, 9)])   # below/at/above tile 32
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("block", [1, 2, 4, 8])
+def test_spmm_matches_numpy(pixels_hw, sparsity, block):
+    rng = np.random.default_rng(hash((pixels_hw, sparsity, block)) % 2**32)
+    h, w = pixels_hw
+    cin, cout = 13, 8 * 3        # odd input channels
+    wt = _weights(rng, cout, cin, sparsity, block)
+    wt[:block] = 0               # an empty output-channel block
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block)
+    out = _run(spmm_chw(cin, cout, h, w, block, len(col), pixel_tile=32, lanes=SPEC.vector_lanes),
+               [x, rp, col, val, bias], (1, cout, h, w))
+    ref = (wt @ x.reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [16, 64])
+def test_spmm_epilogue_clip_and_residual(tile):
+    rng = np.random.default_rng(1)
+    cin, cout, h, w = 24, 20, 6, 11
+    wt = _weights(rng, cout, cin, 0.8, 2)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, 2)
+    func = spmm_chw(cin, cout, h, w, 2, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
+                    lanes=SPEC.vector_lanes)
+    out = _run(func, [x, rp, col, val, bias, res], (1, cout, h, w))
+    ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bsr_encoding_and_fill():
+    w = np.zeros((8, 5), np.float32)
+    w[0:4, 1] = 1.0              # one full 4x1 block
+    w[4, 3] = 2.0                # one block a quarter full
+    rp, col, val = encode_bsr(w, 4)
+    assert rp.tolist() == [0, 1, 2] and col.tolist() == [1, 3]
+    assert val.tolist() == [[1, 1, 1, 1], [2, 0, 0, 0]]
+    assert block_fill(w, 4) == pytest.approx(5 / 8) and block_fill(w, 1) == 1.0
+    assert encode_bsr(np.zeros((4, 3), np.float32), 2)[0].tolist() == [0, 0, 0]
+
+
+def _dw_ref(x, w, b, s, p, clip):
+    _, c, h, wd = x.shape
+    k = w.shape[2]
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    oh, ow = (h + p[0] + p[2] - k) // s + 1, (wd + p[1] + p[3] - k) // s + 1
+    out = np.zeros((1, c, oh, ow), np.float32)
+    for i in range(k):
+        for j in range(k):
+            out += xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow] * w[None, :, 0, i, j, None, None]
+    out += b[None, :, None, None]
+    return np.clip(out, *clip) if clip else out
+
+
+@pytest.mark.parametrize("c,h,w,k,s", [(8, 7, 7, 3, 1), (5, 9, 20, 3, 2), (3, 17, 33, 5, 1), (4, 6, 5, 5, 2),
+                                       (2, 3, 40, 3, 1)])
+@pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
+def test_dwconv_chw_matches_numpy(c, h, w, k, s, clip):
+    rng = np.random.default_rng(c * h + w)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    pads = [k // 2] * 4
+    ref = _dw_ref(x, wt, b, s, pads, clip)
+    out = _run(dwconv2d_chw(c, h, w, k, s, pads, clip=clip, lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-objdump") is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="aarch64 binutils/g++ not installed (apt-get install g++-aarch64-linux-gnu)")
+def test_spmm_is_neon_fma_on_rpi4(tmp_path):
+    """The sparse kernel's inner loop is NEON vector FMA (fmla on .4s lanes) when built for rpi4."""
+    spec = targets.resolve("rpi4")
+    func = spmm_chw(32, 16, 8, 8, 1, 64, pixel_tile=16, lanes=spec.vector_lanes)
+    with spec.tvm_target():
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=spec.tvm_target(), tir_pipeline="shrinkc")
+    so = str(tmp_path / "spmm.so")
+    ex.export_library(so, fcompile=compiler.artifact._fcompile(spec))
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", so], capture_output=True, text=True, check=True).stdout
+    body = [blk for blk in dis.split("\n\n") if "f32_spmm_chw" in blk.split("\n", 1)[0]]
+    assert body and sum(blk.count("fmla\tv") for blk in body) >= 4 and ".4s" in "".join(body)
