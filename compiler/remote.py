@@ -6,6 +6,7 @@ library, runs and times it on the board; `RemoteMeasurer` times tuning candidate
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -114,6 +115,9 @@ def run_remote(args) -> int:
         inputs[name] = np.load(path)
     session = request_session(args.rpc_key, args.rpc_tracker, SESSION_TIMEOUT)
     outputs, times = run_library(session, args.library, meta, inputs, args.repeat or RUN_REPEAT)
+    with open(args.library, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    print(f"ran {args.library} (sha256 {digest}) on '{args.rpc_key}' via {args.rpc_tracker}")
     for t, o in zip(meta["outputs"], outputs):
         print(f"{t['name']}: shape {list(o.shape)} {o.dtype} checksum {float(np.sum(o, dtype=np.float64)):.6f}")
     if args.save:

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 import targets
 from compiler import tune
 from compiler.tuning_db import TuningDB, knobs_from_db, knobs_id, target_key
-from conftest import run_cli, save, single_conv_model
+from conftest import run_cli, save
 from targets.errors import ShrinkcError
 
 

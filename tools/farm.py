@@ -200,21 +200,27 @@ def tracker_status() -> dict | None:
 def _start_server(name: str, key: str, tracker: str, argv: list[str], timeout: float, env=None) -> dict:
     if _alive(rec := _load(name)):
         return rec
-    registered_keys(tracker)  # fails clearly now if the tracker is down
+    before = registered_keys(tracker).get(key, 0)  # fails clearly now if the tracker is down
     rec = _spawn(name, argv, env=env, key=key, tracker=tracker)
-    _wait(f"RPC server {key!r}", rec, lambda: key in registered_keys(tracker), timeout)
+    _wait(f"RPC server {key!r}", rec, lambda: registered_keys(tracker).get(key, 0) > before, timeout)
     return rec
 
 
-def server_start(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0, port: int = 9090) -> dict:
-    """Start an x86 rpc_server on this host (first free port from `port` on), registered under `key`."""
+def server_start(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0, port: int = 9090,
+                 instance: str = "") -> dict:
+    """Start an x86 rpc_server on this host (first free port from `port` on), registered under `key`;
+    `instance` names a second (third...) server under the same key."""
     argv = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", _check_key(key),
             "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 100)]
-    return _start_server(f"server-{key}", key, tracker, argv, timeout)
+    return _start_server(_server_name(key, instance), key, tracker, argv, timeout)
 
 
-def server_stop(key: str) -> bool:
-    return _stop(f"server-{_check_key(key)}")
+def server_stop(key: str, instance: str = "") -> bool:
+    return _stop(_server_name(key, instance))
+
+
+def _server_name(key: str, instance: str) -> str:
+    return f"server-{_check_key(key)}" + (f"-{_check_key(instance)}" if instance else "")
 
 
 # ---- emulated boards ---------------------------------------------------------------------------
