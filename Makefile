@@ -22,6 +22,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python tools/bench.py
 
 clean:

@@ -34,6 +34,8 @@ class Options:
 
 def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
     """The pipeline. Target-dependent steps are written inline."""
+    from compiler.cost import Cost
+    cost = Cost(spec)   # NOTE: the one cost interface, for passes that decide by measured speed
     return [
         # Phase 1. Graph cleanup: constants folded, BN / bias / explicit pads folded into convs.
         ("cleanup", [

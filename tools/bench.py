@@ -123,8 +123,15 @@ def cmd_models(args) -> None:
         if not os.path.exists(name):
             onnx.save(zoo.build(name), path)
         label = os.path.splitext(os.path.basename(name))[0]
+        tflite = args.tflite
+        if tflite is None and name == "mobilenet_v2" and not args.no_litert:
+            # LiteRT/XNNPACK on the same network (NHWC, its own random weights: speed does not depend on them)
+            from zoo.tflite_writer import mobilenet_v2_tflite
+            tflite = os.path.join(work, "mobilenet_v2.tflite")
+            with open(tflite, "wb") as f:
+                f.write(mobilenet_v2_tflite(width=1.0, resolution=224))
         r = bench_model(label, path, [int(t) for t in args.threads.split(",")], args.rounds, work, args.out_dir,
-                        tflite=args.tflite)
+                        tflite=tflite)
         results.append(r)
         for n, t in r["threads"].items():
             print(f"{label} x{n}: shrinkc {t['shrinkc']['median_ms']:.2f} ms, onnxruntime "
@@ -145,6 +152,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--tflite", default=None, help="also time LiteRT on this .tflite (same network)")
+    p.add_argument("--no-litert", action="store_true", help="skip LiteRT on the built-in MobileNetV2 .tflite")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks"))
     p.add_argument("--out", default="RESULTS.md")
     p.set_defaults(func=cmd_models)

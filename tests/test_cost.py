@@ -1,0 +1,55 @@
+"""The one cost interface: measured on the host, cached per (target, key), estimated elsewhere."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import targets
+from compiler.cost import Cost, estimate, structural_key
+
+
+def conv_module(cin: int, cout: int, hw: int, k: int = 1) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, cin, hw, hw], "float32"))
+    w = relax.const(np.random.default_rng(0).standard_normal((cout, cin, k, k)).astype("float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, w, padding=k // 2))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def test_measures_once_then_reads_the_cache(tmp_path):
+    spec = targets.resolve("x86")
+    cost = Cost(spec, cache_dir=str(tmp_path), enabled=True)
+    small = cost.latency(conv_module(16, 16, 8))
+    assert small > 0 and cost.measured == 1
+    again = Cost(spec, cache_dir=str(tmp_path), enabled=True)
+    assert again.latency(conv_module(16, 16, 8)) == small and again.measured == 0
+    big = again.latency(conv_module(64, 64, 28, k=3))
+    assert again.measured == 1 and big > small
+
+
+def test_cross_targets_are_estimated_not_run(tmp_path):
+    cost = Cost(targets.resolve("rpi4"), cache_dir=str(tmp_path))
+    assert not cost.enabled
+    small, big = cost.latency(conv_module(16, 16, 8)), cost.latency(conv_module(64, 64, 28, k=3))
+    assert 0 < small < big and cost.measured == 0
+
+
+def test_key_tells_weights_apart():
+    a, b = conv_module(8, 8, 4), conv_module(8, 8, 4)
+    assert structural_key(a) == structural_key(b)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 8, 4, 4], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.conv2d(x, relax.const(np.ones((8, 8, 1, 1), "float32"))))
+        bb.emit_func_output(y)
+    assert structural_key(bb.get()) != structural_key(a)
+
+
+def test_corrupt_cache_only_costs_a_remeasure(tmp_path):
+    (tmp_path / "costs.json").write_text("{not json")
+    cost = Cost(targets.resolve("x86"), cache_dir=str(tmp_path), enabled=True)
+    assert cost.latency(conv_module(8, 8, 4)) > 0 and cost.measured == 1
