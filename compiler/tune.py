@@ -22,6 +22,7 @@ import numpy as np
 
 import targets
 from compiler import artifact, pipeline
+from compiler.tune_meta import MS_TRIALS
 from compiler.tuning_db import TuningDB, knobs_from_db, knobs_id, target_key  # noqa: F401 (knobs_from_db: API)
 from passes import changelog
 from passes.apply_schedules import NAME as APPLY_SCHEDULES
@@ -88,8 +89,11 @@ def _call_counts(mod) -> dict:
     return counts
 
 
-def extract_tasks(model, spec, inputs: dict | None = None, **options) -> list[Task]:
-    """The distinct kernels of the model for `spec`, each with its rule, uses and knob space."""
+def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool = True, **options) -> list[Task]:
+    """The distinct kernels of the model for `spec`, each with its rule, uses and knob space.
+
+    A kernel no rule of ours has knobs for gets one MetaSchedule step (MS_TRIALS trials) as its
+    only candidate beyond the default, when `meta_schedule`."""
     from tvm import tirx
     from schedules.rule import task_key
     rules = _rules(spec)
@@ -108,8 +112,10 @@ def extract_tasks(model, spec, inputs: dict | None = None, **options) -> list[Ta
             for rule in rules:
                 done = rule.apply(func, spec)
                 if done is not None:
-                    tasks[key] = Task(key, func, rule, done.name or gv.name_hint, uses,
-                                      _ordered_space(rule.knob_space(func, spec), done.knobs, key))
+                    space = _ordered_space(rule.knob_space(func, spec), done.knobs, key)
+                    if meta_schedule and not rule.kind:
+                        space.append({"meta_schedule": MS_TRIALS})
+                    tasks[key] = Task(key, func, rule, done.name or gv.name_hint, uses, space)
                     break
     return [t for t in tasks.values() if t.uses]
 
@@ -201,8 +207,9 @@ class TuneResult:
 class Tuner:
     """Runs the trials of one `shrinkc tune`; every measurement goes to the database first."""
 
-    def __init__(self, tasks, spec, db: TuningDB, measurer, out=None):
+    def __init__(self, tasks, spec, db: TuningDB, measurer, out=None, meta: dict | None = None):
         self.tasks, self.spec, self.db, self.measurer = tasks, spec, db, measurer
+        self.meta = meta or {}    # tracker, key, builders for MetaSchedule
         self.out = out or sys.stderr
         self.target = target_key(spec)
         self.done = db.measured(self.target)
@@ -220,9 +227,13 @@ class Tuner:
         rec = {"target": self.target, "task": task.key, "knobs": knobs, "latency_s": None, "error": "",
                "where": self.measurer.where}
         try:
-            done = task.rule.apply(task.func, self.spec, knobs or None)
-            rec["name"] = done.name or task.name
-            kernel = artifact.build_kernel(done.func, self.spec)
+            if "meta_schedule" in knobs:
+                func, rec["trace"] = self._meta_schedule(task, knobs["meta_schedule"])
+                rec["name"] = f"{task.name} (MetaSchedule)"
+            else:
+                done = task.rule.apply(task.func, self.spec, knobs or None)
+                func, rec["name"] = done.func, done.name or task.name
+            kernel = artifact.build_kernel(func, self.spec)
             arrays = random_args(task.func, task.key)
             latency, outputs = self.measurer.measure(kernel, arrays, f"{task.key}_{len(self.done)}")
             if task.reference is None and knobs_id(knobs) != knobs_id(task.space[0]):
@@ -242,6 +253,16 @@ class Tuner:
         self.result.measured += 1
         self.spent_measuring += time.time() - t0
         return rec
+
+    def _meta_schedule(self, task: Task, trials: int):
+        from compiler.tune_meta import tune_kernel
+        self.out.write(f"\r[tune] MetaSchedule: {trials} trials on {task.name}".ljust(100))
+        self.out.flush()
+        found = tune_kernel(task.func, self.spec, os.path.join(self.db.path, "meta_schedule", task.key), trials,
+                            **self.meta)
+        if found is None:
+            raise RuntimeError("MetaSchedule found no schedule that builds and runs")
+        return found
 
     def _reference(self, task: Task, arrays) -> list[np.ndarray]:
         done = task.rule.apply(task.func, self.spec, task.space[0] or None)
@@ -269,14 +290,16 @@ class Tuner:
                 if deadline and time.time() > deadline:
                     res.stopped = "time budget"
                     break
-                open_tasks = [t for t in self.tasks if t.next < len(t.space) and t.best_s]
+                left = trials - res.trials
+                open_tasks = [t for t in self.tasks if t.next < len(t.space) and t.best_s
+                              and _cost(t.space[t.next]) <= left]
                 if not open_tasks:
                     break
                 task = max(open_tasks, key=lambda t: (t.weight / (1 + t.trials), t.key))
                 knobs = task.space[task.next]
                 task.next += 1
-                task.trials += 1
-                res.trials += 1
+                task.trials += _cost(knobs)
+                res.trials += _cost(knobs)
                 self._take(task, self.candidate(task, knobs))
                 self.progress(trials)
         except KeyboardInterrupt:
@@ -311,6 +334,11 @@ class Tuner:
         self.out.flush()
 
 
+def _cost(knobs: dict) -> int:
+    """Trials a candidate spends: one, or the MetaSchedule trials it stands for."""
+    return int(knobs.get("meta_schedule", 1))
+
+
 def _duration(s: float) -> str:
     return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"
 
@@ -343,7 +371,8 @@ def gains_table(res: TuneResult, rows: int = TOP_ROWS) -> str:
 
 def tune(model, target=None, *, db: str, trials: int = 64, time_budget_min: float | None = None,
          rpc_tracker: str | None = None, rpc_key: str | None = None, builders: int = 1,
-         inputs: dict | None = None, cc: str | None = None, out=None, **options) -> TuneResult:
+         inputs: dict | None = None, cc: str | None = None, out=None, meta_schedule: bool = True,
+         **options) -> TuneResult:
     """Tune `model` for `target`, writing measurements to the database folder `db`."""
     out = out or sys.stderr
     spec = targets.resolve(target, cc)
@@ -354,13 +383,14 @@ def tune(model, target=None, *, db: str, trials: int = 64, time_budget_min: floa
     database.records()  # warns about corrupt lines once, up front
     measurer = _measurer(spec, rpc_tracker, rpc_key)
     try:
-        tasks = extract_tasks(model, spec, inputs, **options)
+        tasks = extract_tasks(model, spec, inputs, meta_schedule, **options)
     except BaseException:
         measurer.close()
         raise
     out.write(f"[tune] {len(tasks)} kernels for '{spec.name}' ({target_key(spec)}), measured "
               f"{measurer.where}; database {database.file}\n")
-    res = Tuner(tasks, spec, database, measurer, out).run(trials, time_budget_min * 60 if time_budget_min else None)
+    meta = {"tracker": rpc_tracker, "key": rpc_key, "builders": builders}
+    res = Tuner(tasks, spec, database, measurer, out, meta).run(trials, time_budget_min * 60 if time_budget_min else None)
     out.write(gains_table(res) + "\n")
     out.write(f"[tune] {res.measured} new measurements, {res.reused} from the database"
               + (f"; stopped early ({res.stopped}), every finished measurement is in the database"

@@ -1,7 +1,7 @@
 """The tuning database: one append-only JSON-lines file of measurements, keyed by target and task.
 
 A record is {"target", "task", "name", "knobs", "latency_s" (null when the candidate failed),
-"error", "where", "time"}. Each append is flushed and fsynced, so a crash or Ctrl-C loses at most
+"error", "where", "time"}, plus "trace" (a MetaSchedule schedule trace) for MetaSchedule steps. Each append is flushed and fsynced, so a crash or Ctrl-C loses at most
 the measurement in flight; a corrupt line (a torn write, a bad merge) is skipped with a warning.
 MetaSchedule keeps its own database in DIR/meta_schedule/.
 """
@@ -109,4 +109,6 @@ def knobs_from_db(db: str, spec: TargetSpec) -> dict[str, dict]:
     if not best and database.records():
         database.warn(f"the tuning database '{db}' has no records for target '{spec.name}' "
                       f"({target_key(spec)}); compiling untuned")
-    return {task: dict(r["knobs"]) for task, r in best.items() if r["knobs"]}
+    # a MetaSchedule record's schedule is its trace (schedules/meta_schedule_trace.py replays it)
+    return {task: {**r["knobs"], **({"trace": r["trace"]} if r.get("trace") else {})}
+            for task, r in best.items() if r["knobs"]}

@@ -179,3 +179,20 @@ def test_tune_cli_prints_progress_and_a_gains_table(tiny, tmp_path, capsys):
     assert code == 0
     assert "\r[tune] baselines" in err and "trials 2/2" in err
     assert "default ms" in err and "model estimate" in err
+
+
+def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(tiny, tmp_path):
+    import compiler
+    from compiler.tune_meta import tune_kernel
+    spec = targets.resolve(None)
+    task = next(t for t in tune.extract_tasks(tiny, spec) if not t.rule.kind)
+    assert task.space[-1] == {"meta_schedule": tune.MS_TRIALS}  # its one step beyond the default
+    func, trace = tune_kernel(task.func, spec, str(tmp_path / "ms"), trials=2)
+    assert (tmp_path / "ms" / "database_tuning_record.json").is_file()
+    db = TuningDB(str(tmp_path / "db"), create=True)
+    db.append({"target": target_key(spec), "task": task.key, "knobs": {"meta_schedule": 2}, "trace": trace,
+               "latency_s": 1e-9})
+    cm = compiler.compile_model(tiny, tuning_db=str(tmp_path / "db"))
+    assert cm.report["passes"]["MetaScheduleTrace"]["counts"] == {"replayed": 1}
+    assert all(r.ok for r in cm.verify())
+    assert "MetaScheduleTrace" not in compiler.compile_model(tiny).report["passes"]  # must not fire untuned
