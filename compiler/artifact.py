@@ -18,6 +18,7 @@ from targets import TargetSpec
 from targets.errors import ShrinkcError
 
 VERSION = "0.1.0"
+_BUILD_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
 def _finalize_passes(spec: TargetSpec) -> tvm.transform.Pass:
@@ -60,8 +61,7 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
     if spec.is_gpu:
         # where the GPU driver loads, TVM compiles the kernels itself, through this callback mode
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # NVRTC needs cuda-bindings; nvcc does not
-    config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
-    with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=config):
+    with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=_BUILD_CONFIG):
         executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec),
                                  tir_pipeline="shrinkc" if spec.is_cpu else "default")
     if spec.is_gpu:
@@ -69,6 +69,21 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
         # (errors surface now) and write() embeds the fatbin (see compiler/cuda_device_code.py)
         cuda_device_code.compile_device_code(executable.mod, spec)
     return executable
+
+
+def build_kernel(func: tvm.tirx.PrimFunc, spec: TargetSpec):
+    """One scheduled PrimFunc alone, as `main`, compiled the way `build` compiles it (for tuning)."""
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=_BUILD_CONFIG):
+        return tvm.compile(mod, target=spec.tvm_target(), tir_pipeline="shrinkc" if spec.is_cpu else "default")
+
+
+def export_kernel(kernel, path: str, spec: TargetSpec) -> str:
+    """A kernel from build_kernel as a shared library for the target (cross-linked)."""
+    kwargs = {"fcompile": _fcompile(spec)} if _fcompile(spec) else {}
+    with quiet_scope_warnings():
+        kernel.export_library(path, **kwargs)
+    return path
 
 
 def _fcompile(spec: TargetSpec):

@@ -101,6 +101,11 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from compiler.tune import cmd_tune as tune_main
+    return tune_main(args, _compile_kwargs(args))
+
+
 def cmd_targets(args) -> int:
     import targets
     for row in targets.describe_all():
@@ -166,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT")
     p.add_argument("--rpc-key", default=None)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="tune a model's kernels for a target, here or on boards behind an RPC tracker")
+    p.add_argument("model")
+    _add_compile_options(p)
+    p.add_argument("--db", required=True, help="tuning database folder (created; reruns continue from it)")
+    p.add_argument("--trials", type=int, default=64, help="knob settings to time after each kernel's default")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES", help="stop after this long")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="time on boards behind this tracker")
+    p.add_argument("--rpc-key", default=None, help="the boards' key at the tracker (e.g. rpi4-emu)")
+    p.add_argument("--builders", type=int, default=1, help="parallel candidate builds (MetaSchedule)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("targets", help="list the named targets")
     p.set_defaults(func=cmd_targets)

@@ -34,7 +34,7 @@ class Options:
     max_drop: float = 0.01
     shrink_blocks: list[str] = field(default_factory=list)
     calib: dict | None = None
-    knobs: dict = field(default_factory=dict)   # kernel knobs by function name, from a tuning database
+    knobs: dict = field(default_factory=dict)   # kernel knobs by task key, from a tuning database
     dump_dir: str | None = None
     cost: object = None             # compiler.cost.Cost, made on first use; tests may pass a stand-in
 

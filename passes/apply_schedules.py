@@ -6,6 +6,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes import changelog
+from schedules.rule import task_key
 from targets.errors import ShrinkcError
 
 NAME = "ApplySchedules"
@@ -27,7 +28,7 @@ class ApplySchedules:
     """Schedule every fused TIR function with the first rule that applies, and name it after its kernel.
 
     `rules` come from schedules/ (in order), `spec` is the TargetSpec, `knobs` maps a kernel's
-    original function name to knob overrides (from tuning)."""
+    task key (schedules.rule.task_key of the unscheduled function) to knob overrides (from tuning)."""
 
     def __init__(self, rules, spec, knobs: dict | None = None):
         self.rules, self.spec, self.knobs = rules, spec, knobs or {}
@@ -38,9 +39,9 @@ class ApplySchedules:
             if not isinstance(func, tirx.PrimFunc) or func.attrs is not None and "shrinkc.scheduled" in func.attrs:
                 funcs[gv] = func
                 continue
-            done = None
+            done, knobs = None, self.knobs.get(task_key(func)) if self.knobs else None
             for rule in self.rules:
-                done = rule.apply(func, self.spec, self.knobs.get(gv.name_hint))
+                done = rule.apply(func, self.spec, knobs)
                 if done is not None:
                     break
             if done is None:

@@ -3,7 +3,8 @@
 Applies to `relax.nn.conv2d` with groups == 1, kernel OHWI{b}o, output NCHW{b}c, input NCHW{c}c or
 plain NCHW (the stem reading an RGB image). The inner loop broadcasts one input value and FMAs it
 into P x OB accumulator vectors, one per output pixel and channel block of the tile.
-Knobs: `pixel_tile` (P), `oc_blocks` (OB), `unroll_taps`.
+Knobs: `pixel_tile` (P), `oc_blocks` (OB), `inline_pad`, `unroll_ci`; `knob_space` lists the
+settings `shrinkc tune` times.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, inline_producers, \
-    kernel_block, schedule_injective, tile_in_registers
+    kernel_block, kernel_extents, schedule_injective, tile_in_registers
 
 KIND = "conv2d_nchwc"
+TILE_SLACK = 2  # tuning also tries register tiles up to this many times the accumulator budget (spills)
 
 
 def padded(data: te.Tensor, pads: list[int], h_axis: int = 2) -> te.Tensor:
@@ -129,6 +131,17 @@ class Conv2dNCHWc(ScheduleRule):
         copy = info.get("stride", 1) == 1 and info.get("kh", 1) > 1 and info["oh"] * info["ow"] > 49
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": True,
                 **spec.kernel_defaults.get(KIND, {})}
+
+    def knob_space(self, func, spec):
+        if (found := kernel_extents(func, KIND)) is None:
+            return []
+        (_, cob, oh, ow, bo, *_), ann = found
+        limit = TILE_SLACK * accumulator_budget(bo, spec)
+        tiles = [(p, ob) for p in row_tile_options(oh, ow) for ob in range(1, 5) if cob % ob == 0 and p * ob <= limit]
+        pads = [True, False] if any(ann["pad"]) else [True]
+        unrolls = [True, False] if ann["in_block"] > 1 else [True]
+        return [{"pixel_tile": p, "oc_blocks": ob, "inline_pad": ip, "unroll_ci": u}
+                for p, ob in tiles for ip in pads for u in unrolls]
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)

@@ -2,15 +2,16 @@
 
 Applies to `relax.nn.conv2d` with groups == channels, kernel OHWI{b}o ([C/b, KH, KW, 1, b]) and
 input/output NCHW{b}c. Padding is inlined as a guarded load. Knob: `pixel_tile` (output pixels
-along a row held in registers).
+along a row held in registers); `knob_space` lists the tiles `shrinkc tune` times.
 """
 from __future__ import annotations
 
 from tvm import s_tir, te
 
-from schedules.f32_conv2d_nchwc import accumulator_budget, padded, pixel_tile_loops, row_tile
+from schedules.f32_conv2d_nchwc import TILE_SLACK, accumulator_budget, padded, pixel_tile_loops, row_tile, \
+    row_tile_options
 from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, finish_tile, inline_producers, kernel_block, \
-    tile_in_registers
+    kernel_extents, tile_in_registers
 
 KIND = "dwconv2d_nchwc"
 
@@ -45,6 +46,13 @@ class DwConv2dNCHWc(ScheduleRule):
         budget = accumulator_budget(info["b"], spec)
         return {"pixel_tile": row_tile(info["oh"], info["ow"], min(8, budget)),
                 **spec.kernel_defaults.get(KIND, {})}
+
+    def knob_space(self, func, spec):
+        if (found := kernel_extents(func, KIND)) is None:
+            return []
+        (_, _, oh, ow, b, *_), _ = found
+        limit = TILE_SLACK * accumulator_budget(b, spec)
+        return [{"pixel_tile": p} for p in row_tile_options(oh, ow) if p <= limit]
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.s_tir import dlight
 
+from schedules.meta_schedule_trace import MetaScheduleTrace
 from schedules.rule import Scheduled, ScheduleRule
 
 
@@ -30,5 +31,5 @@ class DlightRule(ScheduleRule):
         return Scheduled(sch.mod["main"], "", {})
 
 
-GPU_RULES = [DlightRule(r) for r in (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
-                                     dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())]
+GPU_RULES = [MetaScheduleTrace(), *(DlightRule(r) for r in (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                                                          dlight.gpu.GeneralReduction(), dlight.gpu.Fallback()))]

@@ -9,9 +9,11 @@ from schedules.f32_dense import Dense, dense, pack_weights
 from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
 from schedules.f32_pool_nchwc import MeanHW, mean_hw
+from schedules.meta_schedule_trace import MetaScheduleTrace
 
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
-CPU_RULES = [Conv2dNCHWc(), DwConv2dNCHWc(), MeanHW(), Dense(), Fallback()]
+# MetaScheduleTrace applies only to kernels a tuning database has a MetaSchedule trace for.
+CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), DwConv2dNCHWc(), MeanHW(), Dense(), Fallback()]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import tvm_ffi
 from tvm import s_tir, tirx
 
 KERNEL_ATTR = "shrinkc.kernel"
@@ -25,8 +26,19 @@ class ScheduleRule:
     def default_knobs(self, info: dict, spec) -> dict:
         return {}
 
+    def knob_space(self, func: tirx.PrimFunc, spec) -> list[dict]:
+        """The knob settings worth timing for `func` (empty: nothing to tune, or not this rule's kind)."""
+        return []
+
     def apply(self, func: tirx.PrimFunc, spec, knobs: dict | None = None) -> Scheduled | None:
         raise NotImplementedError
+
+
+def task_key(func: tirx.PrimFunc) -> str:
+    """A key of an unscheduled PrimFunc that is the same in every process: its structural hash.
+
+    Tuning records and ApplySchedules meet on it (function names change with the model around them)."""
+    return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
 
 
 def kernel_block(sch: s_tir.Schedule, kind: str):
@@ -37,6 +49,15 @@ def kernel_block(sch: s_tir.Schedule, kind: str):
         if KERNEL_ATTR in ann and str(ann[KERNEL_ATTR]) == kind:
             return block_rv, {k: _py(v) for k, v in ann.items()}
     return None, None
+
+
+def kernel_extents(func: tirx.PrimFunc, kind: str) -> tuple[list[int], dict] | None:
+    """(loop extents, annotations) of the `kind` kernel block of `func`, or None when it has none."""
+    sch = s_tir.Schedule(func)
+    block, ann = kernel_block(sch, kind)
+    if block is None:
+        return None
+    return [int(sch.get(lp).extent) for lp in sch.get_loops(block)], ann
 
 
 def _root(sch: s_tir.Schedule):

@@ -15,12 +15,9 @@ import json
 import os
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
@@ -30,16 +27,13 @@ for _p in (str(TOOLS), str(ROOT)):  # emu_board beside us; targets/ when shrinkc
         sys.path.append(_p)
 
 from targets.errors import ShrinkcError  # noqa: E402
+from compiler.remote import FarmError, parse_tracker, registered_keys, request_session, tracker_summary  # noqa: E402,F401
 
 DEFAULT_TRACKER = "127.0.0.1:9190"
 BOARD_KEY = "rpi4-emu"
 BOARD_START_TIMEOUT = 300.0  # python + TVM import under qemu: tens of seconds on a busy 2-core host
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CHILDREN: dict[int, subprocess.Popen] = {}  # processes started by this interpreter, reaped on stop
-
-
-class FarmError(ShrinkcError):
-    """A farm problem the user can fix: tracker down, no such board, a server that did not start."""
 
 
 # ---- state: one JSON record per process ------------------------------------------------------
@@ -61,14 +55,6 @@ def _check_key(key: str) -> str:
     if not _KEY_RE.match(key or ""):
         raise FarmError(f"bad device key {key!r}", "use letters, digits, '.', '_' or '-', e.g. rpi4-emu")
     return key
-
-
-def parse_tracker(tracker: str) -> tuple[str, int]:
-    """'host:port' -> (host, port)."""
-    host, sep, port = (tracker or "").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise FarmError(f"bad tracker address {tracker!r}", "write it as HOST:PORT, e.g. 127.0.0.1:9190")
-    return host, int(port)
 
 
 # ---- process groups --------------------------------------------------------------------------
@@ -158,46 +144,7 @@ def _wait(what: str, rec: dict, ready, timeout: float) -> None:
         raise
 
 
-# ---- talking to a tracker (own sockets, so every call has a timeout) --------------------------
-
-def _tracker_call(tracker: str, message: list, timeout: float, late: FarmError | None = None):
-    """Send one JSON message to a tracker and return its answer, or raise FarmError (`late` on timeout)."""
-    from tvm.rpc import base
-    host, port = parse_tracker(tracker)
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-            if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
-                raise FarmError(f"{tracker} answered, but it is not a TVM RPC tracker",
-                                "point --tracker at the tracker's port")
-            base.sendjson(sock, message)
-            return base.recvjson(sock)
-    except (ConnectionRefusedError, socket.gaierror) as err:
-        raise FarmError(f"no RPC tracker at {tracker} ({err.strerror or err})",
-                        f"start one: python tools/farm.py tracker start --port {port}") from None
-    except (socket.timeout, TimeoutError):
-        raise late or FarmError(f"RPC tracker at {tracker} did not answer in {timeout:g} s",
-                                "check the address and that it is a TVM RPC tracker") from None
-    except OSError as err:
-        raise FarmError(f"cannot talk to the RPC tracker at {tracker}: {err}",
-                        "check the address and that the tracker runs") from None
-
-
-def tracker_summary(tracker: str = DEFAULT_TRACKER, timeout: float = 5.0) -> dict:
-    """The tracker's own summary: {'queue_info': {key: {free, pending}}, 'server_info': [...]}."""
-    from tvm.rpc.base import TrackerCode
-    answer = _tracker_call(tracker, [TrackerCode.SUMMARY], timeout)
-    if answer[0] != TrackerCode.SUCCESS:
-        raise FarmError(f"RPC tracker at {tracker} refused a summary: {answer}", "restart the tracker")
-    return answer[1]
-
-
-def registered_keys(tracker: str = DEFAULT_TRACKER, timeout: float = 5.0) -> dict[str, int]:
-    """Device key -> number of servers registered under it."""
-    servers = tracker_summary(tracker, timeout)["server_info"]
-    return dict(Counter(info["key"].split(":", 1)[1] for info in servers))  # key: 'server:rpi4-emu'
-
+# ---- talking to a tracker: compiler/remote.py (tracker_summary, registered_keys, request_session) -----
 
 def wait_for_key(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0) -> None:
     """Block until a server registers under `key`; FarmError after `timeout` seconds."""
@@ -207,31 +154,6 @@ def wait_for_key(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0
             raise FarmError(f"no server registered as {key!r} at {tracker} within {timeout:g} s",
                             f"start one: python tools/farm.py server start --key {key}")
         time.sleep(0.3)
-
-
-def request_session(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 60.0,
-                    session_timeout: float = 0, priority: int = 1):
-    """A tvm.rpc.RPCSession on a board registered under `key`, or FarmError (down, unknown, busy)."""
-    from tvm import rpc
-    from tvm.rpc.base import TrackerCode
-    keys = registered_keys(tracker, min(timeout, 5.0))
-    if key not in keys:
-        known = ", ".join(sorted(keys)) or "none"
-        raise FarmError(f"no board registered as {key!r} at {tracker} (registered: {known})",
-                        f"start one: python tools/farm.py board start --key {key}  (or server start)")
-    busy = FarmError(f"every board registered as {key!r} at {tracker} stayed busy for {timeout:g} s",
-                     "retry later, pass a longer timeout, or start another board under that key")
-    answer = _tracker_call(tracker, [TrackerCode.REQUEST, key, "", priority], timeout, late=busy)
-    if answer[0] != TrackerCode.SUCCESS:
-        raise FarmError(f"RPC tracker at {tracker} refused a board for {key!r}: {answer}", "retry")
-    url, port, matchkey = answer[1]
-    if session_timeout:
-        matchkey += f" -timeout={session_timeout}"
-    try:
-        return rpc.connect(url, port, matchkey)
-    except Exception as err:  # TVM raises its own error types from C++
-        raise FarmError(f"board {key!r} at {url}:{port} did not accept the session: {err}".splitlines()[0],
-                        f"restart it: python tools/farm.py board|server stop --key {key}, then start") from None
 
 
 # ---- tracker and host servers ----------------------------------------------------------------
@@ -278,21 +200,27 @@ def tracker_status() -> dict | None:
 def _start_server(name: str, key: str, tracker: str, argv: list[str], timeout: float, env=None) -> dict:
     if _alive(rec := _load(name)):
         return rec
-    registered_keys(tracker)  # fails clearly now if the tracker is down
+    before = registered_keys(tracker).get(key, 0)  # fails clearly now if the tracker is down
     rec = _spawn(name, argv, env=env, key=key, tracker=tracker)
-    _wait(f"RPC server {key!r}", rec, lambda: key in registered_keys(tracker), timeout)
+    _wait(f"RPC server {key!r}", rec, lambda: registered_keys(tracker).get(key, 0) > before, timeout)
     return rec
 
 
-def server_start(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0, port: int = 9090) -> dict:
-    """Start an x86 rpc_server on this host (first free port from `port` on), registered under `key`."""
+def server_start(key: str, tracker: str = DEFAULT_TRACKER, timeout: float = 30.0, port: int = 9090,
+                 instance: str = "") -> dict:
+    """Start an x86 rpc_server on this host (first free port from `port` on), registered under `key`;
+    `instance` names a second (third...) server under the same key."""
     argv = [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", tracker, "--key", _check_key(key),
             "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 100)]
-    return _start_server(f"server-{key}", key, tracker, argv, timeout)
+    return _start_server(_server_name(key, instance), key, tracker, argv, timeout)
 
 
-def server_stop(key: str) -> bool:
-    return _stop(f"server-{_check_key(key)}")
+def server_stop(key: str, instance: str = "") -> bool:
+    return _stop(_server_name(key, instance))
+
+
+def _server_name(key: str, instance: str) -> str:
+    return f"server-{_check_key(key)}" + (f"-{_check_key(instance)}" if instance else "")
 
 
 # ---- emulated boards ---------------------------------------------------------------------------
