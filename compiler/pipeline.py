@@ -11,6 +11,7 @@ from tvm import relax
 from compiler.shrink_auto import AutoPruneActivations
 from passes import changelog
 from passes.apply_schedules import ApplySchedules
+from passes.convert_convs_to_nchw import ConvertConvsToNCHW
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
@@ -46,8 +47,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # Phase 1. Graph cleanup: constants folded, BN / bias / explicit pads folded into convs.
         ("cleanup", [
             relax.transform.Normalize(),
-            # NOTE: every later pass sees NCHW convs with OIHW weights (TFLite brings NHWC/OHWI)
-            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NCHW", "OIHW"]}),
+            ConvertConvsToNCHW(),   # NOTE: every later pass sees NCHW convs with OIHW weights
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             FoldConstantsNumpy(),

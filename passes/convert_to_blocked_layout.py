@@ -127,7 +127,10 @@ class _Blocker(BindingRewriter):
             return self.finish(var, relax.Call(value.op, new_args, value.attrs), b, channels)
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
             return self.finish(var, relax.Call(value.op, args, value.attrs), *self.layout[args[0]])
-        if blocked and isinstance(value, relax.Call):
+        # NOTE: a Tuple argument (concat, call_tir) may hold blocked tensors too: they go back to NCHW
+        in_tuples = [f for a in args if isinstance(a, relax.Tuple) for f in a.fields
+                     if isinstance(f, relax.Var) and f in self.layout]
+        if (blocked or in_tuples) and isinstance(value, relax.Call):
             return relax.Call(value.op, [self.to_nchw(a) for a in args], value.attrs, value.ty_args)
         if isinstance(value, relax.Tuple):
             return relax.Tuple([self.to_nchw(f) for f in value.fields])

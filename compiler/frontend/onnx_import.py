@@ -125,10 +125,27 @@ class _Pad(_tvm_onnx.Pad):
         return relax.op.nn.pad(inputs[0], width, "constant", float(value))
 
 
+def _pairwise(base):
+    """Sum/Mean/Max/Min of tensors as a chain of binary ops (TVM stacks them into a 5-D tensor and
+    reduces it: slower, and layout passes cannot see through it). All-constant inputs fold as before."""
+
+    class Pairwise(base):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+                return super()._impl_v1(bb, inputs, attr, params)
+            return cls._impl_dynamic(bb, inputs)
+
+    Pairwise.__name__ = base.__name__
+    return Pairwise
+
+
 def _convert_map():
     table = _ORIGINAL_CONVERT_MAP()
     table["Clip"] = _Clip
     table["Pad"] = _Pad
+    for name in ("Sum", "Mean", "Max", "Min"):
+        table[name] = _pairwise(table[name])
     return table
 
 
