@@ -55,6 +55,11 @@ def cmd_compile(args) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in entry["counts"].items())
         if counts:
             print(f"  {name}: {counts}")
+    sparse = cm.metadata()["sparse_layers"]
+    if sparse:
+        ups = [r["speedup_vs_dense"] for r in sparse if r["speedup_vs_dense"] is not None]
+        measured = f", {min(ups):.1f}-{max(ups):.1f}x faster than dense each" if ups else ""
+        print(f"  sparse layers: {len(sparse)}{measured} (every one under 'sparse_layers' in {meta})")
     if args.verify:
         if not cm.spec.runs_here():
             print(f"verify: skipped, a '{cm.spec.name}' library does not run on this machine "

@@ -135,3 +135,41 @@ def test_group_dropped_when_whole_model_is_not_faster():
     summary = book.summary()
     assert summary["SparsifyConv1x1"]["counts"] == {} and "dropped" in summary["SparsifyConv1x1"]["skipped"][0]["why"]
     assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]
+
+
+def _small_sparse_mv2():
+    from zoo.mobilenet_v2 import mobilenet_v2
+    return mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=3, sparse_block=4)
+
+
+def test_report_lists_every_sparse_layer(tmp_path):
+    """OUT.json's sparse_layers: one row per sparse 1x1 (blocks 3-16 expand + project, and the head) with its
+    model name, zeros, block shape, kernel and measured speed-up."""
+    import json
+    cm = driver.compile_model(_small_sparse_mv2(), shrink="off", cost=_FixedCost(3e-4, 1e-4))
+    rows = cm.metadata()["sparse_layers"]
+    expected = {f"block{i}_{k}" for i in range(3, 17) for k in ("expand", "project")} | {"head"}
+    assert {r["layer"] for r in rows} == expected
+    for r in rows:
+        assert r["sparsity"] == pytest.approx(0.85, abs=0.01) and r["speedup_vs_dense"] == 3.0
+        assert r["block"] in ("4x1", "8x1") and r["kernel"].startswith(f"f32_spmm_chw_") and \
+            r["kernel"].split("_")[3].endswith("x" + r["block"][0])
+        assert r["kernel"] in cm.report["kernels"] or r["kernel"].rsplit("_", 1)[0] in cm.report["kernels"]
+    _, meta = cm.export(str(tmp_path / "m.so"))
+    assert json.load(open(meta))["sparse_layers"] == rows
+
+
+def test_report_lists_no_sparse_layer_when_the_rewrite_is_undone():
+    """Every layer measures faster sparse, the whole model does not: the layers run dense and are not listed."""
+    class _SlowWhole(_FixedCost):
+        def latency(self, mod, key=None):
+            return 1.0 if mod.script(show_meta=False).count("R.call_tir(cls.f32_spmm_chw") > 1 else \
+                super().latency(mod, key)
+
+    mod = _cleaned(_small_sparse_mv2())
+    opts = pipeline.Options(shrink="off", cost=_SlowWhole(3e-4, 1e-4))
+    with changelog.collecting() as book, SPEC.tvm_target():
+        for p in dict(pipeline.phases(SPEC, opts))["sparse"]:
+            mod = p(mod)
+    assert "f32_spmm_chw" not in mod.script(show_meta=False)
+    assert book.summary()["SparsifyConv1x1"]["skipped"] and driver.sparse_layers(book.summary()) == []
