@@ -173,3 +173,28 @@ def test_report_lists_no_sparse_layer_when_the_rewrite_is_undone():
             mod = p(mod)
     assert "f32_spmm_chw" not in mod.script(show_meta=False)
     assert book.summary()["SparsifyConv1x1"]["skipped"] and driver.sparse_layers(book.summary()) == []
+
+
+def test_analyze_shows_every_1x1_conv_its_decision_and_the_chw_region(tmp_path):
+    """shrinkc analyze's sparse sections: blocks 0-2 dense (no zeros, and why), blocks 3-16 and the head sparse
+    with block fill and kernel, and one CHW region from block3's expand to the head."""
+    import onnx
+
+    from compiler.analyze import analyze, render
+    from zoo.mobilenet_v2 import mobilenet_v2
+    path = str(tmp_path / "m.onnx")
+    onnx.save(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=3), path)
+    report = analyze(path, cost=_FixedCost(3e-4, 1e-4))
+    convs, regions = (s for s in report["sections"] if s["title"].startswith(("sparse 1x1", "CHW regions")))
+    rows = {r[0]: dict(zip(convs["columns"], r)) for r in convs["rows"]}
+    assert len(rows) == 34   # 16 expand + 17 project + head
+    for name, r in rows.items():
+        early = name.split("_")[0] in ("block0", "block1", "block2")
+        assert r["zeros"] == ("0%" if early else "85%") and r["block fill"].startswith("1x1:")
+        assert r["decision"] == ("dense" if early else "sparse"), name
+        assert ("0% zeros < 67%" in r["why"]) if early else ("f32_spmm_chw_" in r["why"] and "3.0x faster" in r["why"])
+    (region, whole) = regions["rows"]
+    assert region[1].startswith("block3_") and region[2:6] == ["29", "14", "1", "1"] and "kept" in whole[-1]
+    assert region[-1].startswith("spmm_chw x") and "dwconv3x3s2_chw x" in region[-1]
+    text = render(report)
+    assert "## sparse 1x1 convs" in text and "## CHW regions" in text and "block16_project" in text
