@@ -149,7 +149,7 @@ class _Sparsifier(BindingRewriter):
         if not measure:
             b = blocks[0]
             return {"block": b, "fill": fills[b], "speedup": None}
-        dense = self.cost.latency(dense_layer_module(plan, self.spec))
+        dense = self.cost.latency(dense_layer_module(plan, self.spec), key=dense_key(plan))
         timed = {b: self.cost.latency(sparse_layer_module(plan, b, self.spec)) for b in blocks}
         b = min(timed, key=timed.get)
         if timed[b] >= dense:
@@ -200,6 +200,14 @@ def _blocks(spec, cin: int, cout: int) -> tuple[int | None, int | None]:
     def block_for(channels):
         return lanes if pad and channels >= lanes // 2 else channel_block(channels, lanes)
     return (block_for(cin) if cin >= 8 else None), block_for(cout)
+
+
+def dense_key(plan) -> str:
+    """The cost key of a dense layer: its shape and epilogue, not its weights (a dense kernel's speed does
+    not depend on them), so layers of one shape share one measurement, within a model and across models."""
+    cout, cin = plan["w"].shape
+    return (f"dense1x1|{cin}x{cout}@{plan['h']}x{plan['wd']}|bias={plan['bias'] is not None}|clip={plan['clip']}"
+            f"|residual={plan['residual'] is not None}")
 
 
 def dense_layer_module(plan, spec) -> tvm.IRModule:

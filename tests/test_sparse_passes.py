@@ -83,6 +83,23 @@ def test_measured_choice_records_speedup():
     assert book["SparsifyConv1x1"]["changes"][0]["speedup"] == 3.0
 
 
+def test_dense_layers_of_one_shape_share_one_measurement():
+    """Dense 1x1 speed does not depend on the weights: its cost key names the shape, so models that differ only
+    in weights (a sparsity sweep) measure each dense shape once; a sparse kernel's key stays its structure."""
+    class _Keys(_FixedCost):
+        keys: list = []
+
+        def latency(self, mod, key=None):
+            self.keys.append((key, "f32_spmm_chw" in mod.script(show_meta=False)))
+            return super().latency(mod, key)
+
+    for seed, h in ((0, 6), (1, 6), (2, 7)):
+        _sparsify(_cleaned(single_conv_model(32, 32, h, seed=seed, sparsity=0.9)), _Keys(3e-6, 1e-6))
+    dense = [k for k, sparse in _Keys.keys if not sparse]
+    assert len(dense) == 3 and dense[0] == dense[1] != dense[2] and "32x32@6x6" in dense[0]
+    assert all(k is None for k, sparse in _Keys.keys if sparse)
+
+
 @pytest.mark.parametrize("residual,act", [(True, "relu6"), (False, "relu"), (False, "none")])
 def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
     monkeypatch.setenv("SHRINKC_COST", "off")
