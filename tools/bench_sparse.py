@@ -156,7 +156,8 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
         lines += ["## (a) per layer: our dense 1x1 median / our spmm median (above 1 = spmm faster)", "",
                   "MobileNetV2 1.0 224's distinct 1x1 shapes, 1 thread, every kernel of a shape interleaved "
                   "run by run after warm-up. Dense = our blocked NCHW{b}c 1x1 conv with fused bias/ReLU6 "
-                  "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue.", ""]
+                  "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue (residual adds left out). "
+                  "n = how often the shape occurs in the network; the last row weighs each shape by n.", ""]
         cols = [f"{_pct(s)} {_zeros(b)}" for s in sparsities for b in blocks]
         lines += ["| cin->cout @ HxW | n | relu6 | dense ms | " + " | ".join(cols) + " |",
                   "|---" * (4 + len(cols)) + "|"]
