@@ -1,4 +1,6 @@
-"""`shrinkc analyze`: per inverted residual block, how linear it is, what merging it would cost, and the decision.
+"""`shrinkc analyze`: per inverted residual block, how linear it is, what merging it would cost, and the decision;
+then the sparse sections (compiler/analyze_sparse.py): every 1x1 conv's sparsity, block fill and decision, and
+the CHW regions.
 
 `analyze()` returns a report of sections (title, columns, rows); `render()` prints it. Other
 analyses add a section with `add_section`.
@@ -64,11 +66,15 @@ def depth_section(mod, spec, calib: dict | None, cost=None) -> tuple[list[str], 
     return cols, rows
 
 
-def analyze(model, calib: dict | None = None, target=None, pins=None, cost=None) -> dict:
+def analyze(model, calib: dict | None = None, target=None, pins=None, cost=None, sparse_min: float = 2 / 3) -> dict:
+    from compiler.analyze_sparse import sparse_sections
     spec = targets.resolve(target, None)
     mod, info = cleaned(model, spec, pins)
     report = {"model": str(getattr(info, "path", model)), "target": spec.name}
     add_section(report, "depth (DepthShrinker blocks)", *depth_section(mod, spec, calib, cost))
+    if spec.is_cpu:
+        for title, cols, rows in sparse_sections(mod, spec, cost, sparse_min):
+            add_section(report, title, cols, rows)
     return report
 
 

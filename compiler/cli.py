@@ -55,6 +55,11 @@ def cmd_compile(args) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in entry["counts"].items())
         if counts:
             print(f"  {name}: {counts}")
+    sparse = cm.metadata()["sparse_layers"]
+    if sparse:
+        ups = [r["speedup_vs_dense"] for r in sparse if r["speedup_vs_dense"] is not None]
+        measured = f", {min(ups):.1f}-{max(ups):.1f}x faster than dense each" if ups else ""
+        print(f"  sparse layers: {len(sparse)}{measured} (every one under 'sparse_layers' in {meta})")
     if args.verify:
         if not cm.spec.runs_here():
             print(f"verify: skipped, a '{cm.spec.name}' library does not run on this machine "
@@ -131,7 +136,7 @@ def cmd_analyze(args) -> int:
     if args.calib:
         from compiler.calibration import load_calibration
         calib = load_calibration(args.calib)
-    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input))))
+    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input), sparse_min=args.sparse_min)))
     return 0
 
 
@@ -191,11 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="NAME:1x3x224x224")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("analyze", help="per block: activation linearity, cost before/after merging, decision")
+    p = sub.add_parser("analyze", help="per block: activation linearity, cost before/after merging, decision; "
+                                       "per 1x1 conv: sparsity, block fill, sparse or dense and why; CHW regions")
     p.add_argument("model")
     p.add_argument("--calib", default=None, help="calibration inputs (.npy with a batch axis, or .npz by input name)")
     p.add_argument("--target", default=None, help="a name from `shrinkc targets` or a TVM target JSON dict")
     p.add_argument("--input", action="append", default=[], metavar="NAME:1x3x224x224")
+    p.add_argument("--sparse-min", type=float, default=2 / 3, help="least share of zeros for a sparse 1x1")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="compile, verify and time the built-in example model")

@@ -55,22 +55,13 @@ class Cost:
 
     # --- measuring ------------------------------------------------------------------------
     def _measure(self, mod: tvm.IRModule) -> float:
-        from compiler import artifact, pipeline
-        lower = dict(pipeline.phases(self.spec, pipeline.Options()))["lower"]
-        with self.spec.tvm_target():
-            for p in lower:
-                mod = p(mod)
-        ex = artifact.build(mod, self.spec)
-        dev = tvm.cpu(0)
-        vm = relax.VirtualMachine(ex, dev)
-        args = [tvm.runtime.tensor(a, dev) for a in random_args(mod["main"])]
-        f = vm["main"]
+        f = runnable(mod, self.spec)
         for _ in range(WARMUP):
-            f(*args)
+            f()
         times = []
         for _ in range(REPEAT):
             t0 = time.perf_counter()
-            f(*args)
+            f()
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
@@ -99,6 +90,21 @@ class Cost:
             os.replace(tmp, self._path)
         except OSError:
             pass            # a read-only home only costs re-measuring
+
+
+def runnable(mod: tvm.IRModule, spec: TargetSpec, seed: int = 0):
+    """mod["main"] lowered by our phase 4, built for `spec` (which must run here), as a no-argument
+    function that calls it on fixed random inputs."""
+    from compiler import artifact, pipeline
+    lower = dict(pipeline.phases(spec, pipeline.Options()))["lower"]
+    with spec.tvm_target():
+        for p in lower:
+            mod = p(mod)
+    dev = tvm.cpu(0)
+    vm = relax.VirtualMachine(artifact.build(mod, spec), dev)
+    args = [tvm.runtime.tensor(a, dev) for a in random_args(mod["main"], seed)]
+    f = vm["main"]
+    return lambda: f(*args)
 
 
 def structural_key(mod: tvm.IRModule) -> str:

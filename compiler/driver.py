@@ -59,6 +59,7 @@ class CompiledModel:
             "outputs": [t.__dict__ for t in self.info.outputs],
             "target": self.spec.to_json(),
             "passes": self.report.get("passes", {}),
+            "sparse_layers": sparse_layers(self.report.get("passes", {})),
         }
 
     def export(self, path: str, report_path: str | None = None) -> tuple[str, str]:
@@ -87,6 +88,16 @@ class CompiledModel:
         source = self._source_bytes if self._source_bytes is not None else self.info.path
         refs = verify.reference_outputs(self.info.source, source, inputs)
         return verify.compare([t.name for t in self.info.outputs], ours, refs, tolerance)
+
+
+def sparse_layers(passes: dict) -> list[dict]:
+    """Every layer that runs as a sparse kernel: name, share of zeros, block shape (output channels x 1
+    input channel), block fill, kernel, and its speed-up over our dense 1x1 as measured by the cost
+    interface (None where nothing was measured: the target does not run here). Layers whose sparse
+    rewrite was undone (the whole model was not faster) are not listed: they run dense."""
+    return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
+             "kernel": c["kernel"], "speedup_vs_dense": c["speedup"]}
+            for c in passes.get("SparsifyConv1x1", {}).get("changes", []) if c["what"] == "sparse"]
 
 
 def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | None = None,

@@ -67,9 +67,9 @@ class _Regions(BindingRewriter):
         user = self.only_user(plan["last"])
         feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
         if not (_is_sparse_call(src) if src is not None else False) and not feeds_sparse:
-            changelog.skip(NAME, var.name, "depthwise conv not next to a sparse 1x1: stays blocked")
+            changelog.skip(NAME, plan["name"], "depthwise conv not next to a sparse 1x1: stays blocked")
             return None
-        plan.update(w=w, x=value.args[0], attrs=value.attrs, conv=var.name, out_ty=plan["last"].ty)
+        plan.update(w=w, x=value.args[0], attrs=value.attrs, conv=plan["name"], out_ty=plan["last"].ty)
         if plan["last"].same_as(var):
             return self.emit(var, plan)
         self.plans[plan["last"]] = plan

@@ -44,10 +44,14 @@ class _Node:
 
 def layer_name(conv, bias) -> str:
     """The conv's variable name, or the bias add's when the importer named that one after the node."""
-    name = conv.var.name
-    if bias is not None and re.fullmatch(r"[lg]v\d*", name):
-        return bias.var.name
-    return name
+    return var_layer_name(conv.var, bias.var if bias is not None else None)
+
+
+def var_layer_name(conv_var, bias_var) -> str:
+    """layer_name from the two bindings' variables (bias_var None: no bias add)."""
+    if bias_var is not None and re.fullmatch(r"[lg]v\d*", conv_var.name):
+        return bias_var.name
+    return conv_var.name
 
 
 def _conv_step(binding) -> tuple[ConvStep | None, str]:

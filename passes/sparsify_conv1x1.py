@@ -16,6 +16,7 @@ from tvm import relax
 
 from passes import changelog
 from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, pack_kernel
+from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
 from schedules.f32_spmm_chw import BLOCKS, block_fill, default_pixel_tile, encode_bsr, kernel_name, spmm_chw
@@ -64,8 +65,9 @@ def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = Tr
     """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add.
 
     Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi) or None,
-    "residual": the other operand of the residual add (an input var) or None}."""
-    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None}
+    "residual": the other operand of the residual add (an input var) or None, "name": the layer's name
+    (the bias add's when the importer named that one after the model's node)}."""
+    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "name": conv_var.name}
     var, stage = conv_var, 0
     while True:
         user = rw.only_user(var)
@@ -79,6 +81,7 @@ def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = Tr
             other = b if a.same_as(var) else a if b.same_as(var) else None
         if stage == 0 and other is not None and channel_vector(other, cout) is not None:
             plan["bias"], stage = channel_vector(other, cout), 1
+            plan["name"] = var_layer_name(conv_var, user.var)
         elif stage <= 1 and _clip_bounds(v) is not None and v.args[0].same_as(var):
             plan["clip"], stage = _clip_bounds(v), 2
         elif residual and stage <= 2 and other is not None and not is_const(other) \
@@ -119,13 +122,13 @@ class _Sparsifier(BindingRewriter):
         if w is None:
             return None
         zeros = 1.0 - np.count_nonzero(w) / w.size
-        if zeros < self.sparse_min:
-            changelog.skip(NAME, var.name, f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")
-            return None
         cout, cin = w.shape
-        _, _, h, wd = (int(d) for d in value.args[0].ty.shape.values)
         plan = epilogue_chain(self, var, cout)
-        plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=var.name)
+        if zeros < self.sparse_min:
+            changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")
+            return None
+        _, _, h, wd = (int(d) for d in value.args[0].ty.shape.values)
+        plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=plan["name"])
         choice = self.choose(plan)
         if choice is None:
             return None
@@ -146,8 +149,8 @@ class _Sparsifier(BindingRewriter):
         if not measure:
             b = blocks[0]
             return {"block": b, "fill": fills[b], "speedup": None}
-        dense = self.cost.latency(_dense_module(plan, self.spec))
-        timed = {b: self.cost.latency(_sparse_module(plan, b, self.spec)) for b in blocks}
+        dense = self.cost.latency(dense_layer_module(plan, self.spec), key=dense_key(plan))
+        timed = {b: self.cost.latency(sparse_layer_module(plan, b, self.spec)) for b in blocks}
         b = min(timed, key=timed.get)
         if timed[b] >= dense:
             changelog.skip(NAME, plan["conv"], f"sparse 1x1 skipped: {plan['zeros']:.0%} zeros but sparse "
@@ -199,14 +202,22 @@ def _blocks(spec, cin: int, cout: int) -> tuple[int | None, int | None]:
     return (block_for(cin) if cin >= 8 else None), block_for(cout)
 
 
-def _dense_module(plan, spec) -> tvm.IRModule:
+def dense_key(plan) -> str:
+    """The cost key of a dense layer: its shape and epilogue, not its weights (a dense kernel's speed does
+    not depend on them), so layers of one shape share one measurement, within a model and across models."""
+    cout, cin = plan["w"].shape
+    return (f"dense1x1|{cin}x{cout}@{plan['h']}x{plan['wd']}|bias={plan['bias'] is not None}|clip={plan['clip']}"
+            f"|residual={plan['residual'] is not None}")
+
+
+def dense_layer_module(plan, spec) -> tvm.IRModule:
     """The dense layer as our phase 4 runs it inside a network: conv -> bias -> clip -> residual in
     NCHW{b}c, reading and writing blocked tensors (so no layout transforms are timed with it)."""
     w = plan["w"]
     cout, cin = w.shape
     bi, bo = _blocks(spec, cin, cout)
     if bi is None or bo is None:
-        return _nchw_dense_module(plan)
+        return _nchw_dense_layer_module(plan)
     shape_in = [1, ceil_to(cin, bi) // bi, plan["h"], plan["wd"], bi]
     shape_out = [1, ceil_to(cout, bo) // bo, plan["h"], plan["wd"], bo]
     x = relax.Var("x", relax.TensorType(shape_in, "float32"))
@@ -233,7 +244,7 @@ def _epilogue(bb, y, plan, res, bias_const):
     return y
 
 
-def _nchw_dense_module(plan) -> tvm.IRModule:
+def _nchw_dense_layer_module(plan) -> tvm.IRModule:
     x, res = _layer_params(plan)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):
@@ -245,7 +256,9 @@ def _nchw_dense_module(plan) -> tvm.IRModule:
     return bb.get()
 
 
-def _sparse_module(plan, block, spec) -> tvm.IRModule:
+def sparse_layer_module(plan, block, spec) -> tvm.IRModule:
+    """The layer as one spmm call (`block` output channels per BSR block). plan: w [Cout, Cin], h, wd,
+    bias ([Cout] or None), clip ((lo, hi) or None), residual (None, or anything: a residual input)."""
     x, res = _layer_params(plan)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):

@@ -104,8 +104,10 @@ def test_cli_shrink_modes_and_report(tmp_path, capsys):
 def test_cli_analyze_lists_every_block(mv2_path, calib_path, capsys):
     code, out, err = run_cli(["analyze", mv2_path, "--calib", calib_path], capsys)
     assert code == 0, err
-    rows = [line for line in out.splitlines() if line.startswith("block")]
+    depth = out.split("## depth")[1].split("\n## ")[0]     # the sparse sections name layers block*_ too
+    rows = [line for line in depth.splitlines() if line.startswith("block")]
     assert len(rows) == 18   # header + 17 blocks
+    assert "## sparse 1x1 convs" in out and "## CHW regions" in out
     assert "merge if activations removed" in out
 
 

@@ -83,6 +83,23 @@ def test_measured_choice_records_speedup():
     assert book["SparsifyConv1x1"]["changes"][0]["speedup"] == 3.0
 
 
+def test_dense_layers_of_one_shape_share_one_measurement():
+    """Dense 1x1 speed does not depend on the weights: its cost key names the shape, so models that differ only
+    in weights (a sparsity sweep) measure each dense shape once; a sparse kernel's key stays its structure."""
+    class _Keys(_FixedCost):
+        keys: list = []
+
+        def latency(self, mod, key=None):
+            self.keys.append((key, "f32_spmm_chw" in mod.script(show_meta=False)))
+            return super().latency(mod, key)
+
+    for seed, h in ((0, 6), (1, 6), (2, 7)):
+        _sparsify(_cleaned(single_conv_model(32, 32, h, seed=seed, sparsity=0.9)), _Keys(3e-6, 1e-6))
+    dense = [k for k, sparse in _Keys.keys if not sparse]
+    assert len(dense) == 3 and dense[0] == dense[1] != dense[2] and "32x32@6x6" in dense[0]
+    assert all(k is None for k, sparse in _Keys.keys if sparse)
+
+
 @pytest.mark.parametrize("residual,act", [(True, "relu6"), (False, "relu"), (False, "none")])
 def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
     monkeypatch.setenv("SHRINKC_COST", "off")
@@ -135,3 +152,66 @@ def test_group_dropped_when_whole_model_is_not_faster():
     summary = book.summary()
     assert summary["SparsifyConv1x1"]["counts"] == {} and "dropped" in summary["SparsifyConv1x1"]["skipped"][0]["why"]
     assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]
+
+
+def _small_sparse_mv2():
+    from zoo.mobilenet_v2 import mobilenet_v2
+    return mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=3, sparse_block=4)
+
+
+def test_report_lists_every_sparse_layer(tmp_path):
+    """OUT.json's sparse_layers: one row per sparse 1x1 (blocks 3-16 expand + project, and the head) with its
+    model name, zeros, block shape, kernel and measured speed-up."""
+    import json
+    cm = driver.compile_model(_small_sparse_mv2(), shrink="off", cost=_FixedCost(3e-4, 1e-4))
+    rows = cm.metadata()["sparse_layers"]
+    expected = {f"block{i}_{k}" for i in range(3, 17) for k in ("expand", "project")} | {"head"}
+    assert {r["layer"] for r in rows} == expected
+    for r in rows:
+        assert r["sparsity"] == pytest.approx(0.85, abs=0.01) and r["speedup_vs_dense"] == 3.0
+        assert r["block"] in ("4x1", "8x1") and r["kernel"].startswith(f"f32_spmm_chw_") and \
+            r["kernel"].split("_")[3].endswith("x" + r["block"][0])
+        assert r["kernel"] in cm.report["kernels"] or r["kernel"].rsplit("_", 1)[0] in cm.report["kernels"]
+    _, meta = cm.export(str(tmp_path / "m.so"))
+    assert json.load(open(meta))["sparse_layers"] == rows
+
+
+def test_report_lists_no_sparse_layer_when_the_rewrite_is_undone():
+    """Every layer measures faster sparse, the whole model does not: the layers run dense and are not listed."""
+    class _SlowWhole(_FixedCost):
+        def latency(self, mod, key=None):
+            return 1.0 if mod.script(show_meta=False).count("R.call_tir(cls.f32_spmm_chw") > 1 else \
+                super().latency(mod, key)
+
+    mod = _cleaned(_small_sparse_mv2())
+    opts = pipeline.Options(shrink="off", cost=_SlowWhole(3e-4, 1e-4))
+    with changelog.collecting() as book, SPEC.tvm_target():
+        for p in dict(pipeline.phases(SPEC, opts))["sparse"]:
+            mod = p(mod)
+    assert "f32_spmm_chw" not in mod.script(show_meta=False)
+    assert book.summary()["SparsifyConv1x1"]["skipped"] and driver.sparse_layers(book.summary()) == []
+
+
+def test_analyze_shows_every_1x1_conv_its_decision_and_the_chw_region(tmp_path):
+    """shrinkc analyze's sparse sections: blocks 0-2 dense (no zeros, and why), blocks 3-16 and the head sparse
+    with block fill and kernel, and one CHW region from block3's expand to the head."""
+    import onnx
+
+    from compiler.analyze import analyze, render
+    from zoo.mobilenet_v2 import mobilenet_v2
+    path = str(tmp_path / "m.onnx")
+    onnx.save(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=3), path)
+    report = analyze(path, cost=_FixedCost(3e-4, 1e-4))
+    convs, regions = (s for s in report["sections"] if s["title"].startswith(("sparse 1x1", "CHW regions")))
+    rows = {r[0]: dict(zip(convs["columns"], r)) for r in convs["rows"]}
+    assert len(rows) == 34   # 16 expand + 17 project + head
+    for name, r in rows.items():
+        early = name.split("_")[0] in ("block0", "block1", "block2")
+        assert r["zeros"] == ("0%" if early else "85%") and r["block fill"].startswith("1x1:")
+        assert r["decision"] == ("dense" if early else "sparse"), name
+        assert ("0% zeros < 67%" in r["why"]) if early else ("f32_spmm_chw_" in r["why"] and "3.0x faster" in r["why"])
+    (region, whole) = regions["rows"]
+    assert region[1].startswith("block3_") and region[2:6] == ["29", "14", "1", "1"] and "kept" in whole[-1]
+    assert region[-1].startswith("spmm_chw x") and "dwconv3x3s2_chw x" in region[-1]
+    text = render(report)
+    assert "## sparse 1x1 convs" in text and "## CHW regions" in text and "block16_project" in text

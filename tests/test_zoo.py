@@ -169,3 +169,20 @@ def test_demo_model_is_as_documented():
                {n.name for n in model.graph.node} for b in linear)
     assert len(clips) == 35 - 6
     assert run(model).shape == (1, 1000)
+
+
+def test_mobilenet_v2_sparse_block_zeros_whole_4x1_blocks():
+    """sparse_block=4: every pointwise weight has exactly round(0.8 * blocks) all-zero 4x1 blocks and
+    no zero outside them (random normal weights are never 0 by chance)."""
+    for w in conv_weights(mobilenet_v2(width=0.35, resolution=64, sparsity=0.8, sparse_block=4))["pointwise"]:
+        cout, cin = w.shape[:2]
+        blocks = w[:, :, 0, 0].reshape(cout // 4, 4, cin).transpose(0, 2, 1)   # [nb, cin, 4]
+        zero_blocks = np.all(blocks == 0, axis=2)
+        assert zero_blocks.sum() == round(0.8 * zero_blocks.size)
+        assert (w == 0).sum() == 4 * zero_blocks.sum()
+
+
+def test_sparse_block_must_divide_output_channels():
+    from zoo.onnx_builder import zero_out
+    with pytest.raises(ShrinkcError, match="not a multiple of sparse block 8"):
+        zero_out(np.ones((12, 4), np.float32), 0.5, 8, np.random.default_rng(0))

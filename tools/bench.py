@@ -1,6 +1,7 @@
 """Benchmarks: shrinkc against ONNX Runtime (and LiteRT) on the same inputs, as ratios from one run.
 
   python tools/bench.py models   [--models mobilenet_v2,...] [--threads 1,2] [--rounds 30] [--tflite F]
+  python tools/bench.py sparse   [--sparsities 70,80,85,90,95] [--blocks 1,4] [--threads 1,2]  (tools/bench_sparse.py)
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -24,6 +25,7 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
+import bench_sparse  # noqa: E402
 import benchlib  # noqa: E402
 
 DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0"
@@ -66,13 +68,8 @@ def bench_model(name: str, model_path: str, threads: list[int], rounds: int, wor
                 fns["litert"] = interp.invoke
             times = benchlib.interleave(fns, rounds)
         else:
-            workers = {"shrinkc": benchlib.Worker("shrinkc", so, npz, n),
-                       "onnxruntime": benchlib.Worker("onnxruntime", model_path, npz, n)}
-            try:
-                times = benchlib.alternate(workers, max(4, rounds // 5))
-            finally:
-                for w in workers.values():
-                    w.close()
+            runtimes = {"shrinkc": ("shrinkc", so), "onnxruntime": ("onnxruntime", model_path)}
+            times = benchlib.alternate_runtimes(runtimes, npz, n, max(4, rounds // 5))
         result["threads"][n] = {k: benchlib.stats(v) for k, v in times.items()}
     layers = runner.profile(inputs, repeat=10)
     families: dict[str, float] = {}
@@ -156,6 +153,7 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks"))
     p.add_argument("--out", default="RESULTS.md")
     p.set_defaults(func=cmd_models)
+    bench_sparse.add_parser(sub, os.path.join(ROOT, "benchmarks"))
     args = parser.parse_args()
     args.func(args)
 

@@ -119,6 +119,17 @@ def alternate(workers: dict[str, Worker], rounds: int, burst: int = 5, warmup: i
     return out
 
 
+def alternate_runtimes(runtimes: dict[str, tuple[str, str]], inputs_npz: str, threads: int,
+                       rounds: int) -> dict[str, list[float]]:
+    """alternate() over one Worker per {name: (kind, path)}, closed afterwards."""
+    workers = {k: Worker(kind, path, inputs_npz, threads) for k, (kind, path) in runtimes.items()}
+    try:
+        return alternate(workers, rounds)
+    finally:
+        for w in workers.values():
+            w.close()
+
+
 def bar_chart(path: str, title: str, rows: list[tuple[str, float]]) -> None:
     import matplotlib
     matplotlib.use("Agg")

@@ -17,12 +17,15 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000,
                  sparsity: float = 0.0, linear_blocks: tuple[int, ...] = (), bn: bool = False,
-                 seed: int = 0, explicit_pad: bool = False, sparse_from: int = 0) -> onnx.ModelProto:
+                 seed: int = 0, explicit_pad: bool = False, sparse_from: int = 0,
+                 sparse_block: int = 1) -> onnx.ModelProto:
     """Build MobileNetV2.
 
     sparsity: share of zeros in every 1x1 conv weight (unstructured), 0 for dense.
     sparse_from: index of the first block (counting all 17 blocks from 0) whose 1x1 convs get
         `sparsity`; the blocks before it stay dense, the head conv always gets it.
+    sparse_block: zeros come in blocks of this many output channels x 1 input channel (1: unstructured,
+        4: the 4x1 blocks XNNPACK's and our block kernels use).
     linear_blocks: indices of inverted residual blocks whose two ReLU6 are removed
         (DepthShrinker's 'linear' blocks), counting the expansion blocks from 0.
     bn: emit BatchNormalization nodes after convs instead of folded biases.
@@ -45,13 +48,13 @@ def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1
             sp = sparsity if block >= sparse_from else 0.0
             y = x
             if t != 1:
-                y = b.conv(y, cin, hidden, 1, name=f"{name}.expand", bn=bn, sparsity=sp)
+                y = b.conv(y, cin, hidden, 1, name=f"{name}.expand", bn=bn, sparsity=sp, block=sparse_block)
                 if not linear:
                     y = b.relu6(y, name=f"{name}.expand.relu6")
             y = b.conv(y, hidden, hidden, 3, stride, groups=hidden, name=f"{name}.dw", bn=bn)
             if not linear:
                 y = b.relu6(y, name=f"{name}.dw.relu6")
-            y = b.conv(y, hidden, cout, 1, name=f"{name}.project", bn=bn, sparsity=sp)
+            y = b.conv(y, hidden, cout, 1, name=f"{name}.project", bn=bn, sparsity=sp, block=sparse_block)
             if stride == 1 and cin == cout:
                 y = b.add(y, x, name=f"{name}.add")
             if t != 1:
@@ -59,7 +62,8 @@ def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1
             x, cin = y, cout
             block += 1
     last = make_divisible(1280 * max(1.0, width))
-    x = b.relu6(b.conv(x, cin, last, 1, name="head", bn=bn, sparsity=sparsity), name="head.relu6")
+    x = b.conv(x, cin, last, 1, name="head", bn=bn, sparsity=sparsity, block=sparse_block)
+    x = b.relu6(x, name="head.relu6")
     x = b.flatten_via_shape(b.global_pool(x))
     x = b.linear(x, last, num_classes, name="classifier")
     return b.finish([x])

@@ -44,13 +44,13 @@ class OnnxBuilder:
     # --- layers -----------------------------------------------------------------
     def conv(self, x: str, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
              name: str = "conv", bias: bool = True, bn: bool = False, sparsity: float = 0.0,
-             pad: int | None = None) -> str:
+             pad: int | None = None, block: int = 1) -> str:
         fan_in = cin // groups * k * k
         w = self.rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
         w *= np.float32(np.sqrt(2.0 / fan_in))
-        if sparsity > 0:  # exactly round(sparsity * size) zeros, at random places
-            flat = w.reshape(-1)
-            flat[self.rng.choice(flat.size, int(round(sparsity * flat.size)), replace=False)] = 0.0
+        if sparsity > 0:
+            w[:, :, 0, 0] = zero_out(w[:, :, 0, 0], sparsity, block, self.rng) if k == 1 and groups == 1 \
+                else zero_out(w.reshape(1, -1), sparsity, 1, self.rng).reshape(w.shape)
         p = k // 2 if pad is None else pad
         if self.explicit_pad and p > 0:
             x, p = self.pad(x, p, name=name + ".pad"), 0
@@ -140,6 +140,18 @@ class OnnxBuilder:
                 o.type.CopyFrom(inferred[o.name].type)
         onnx.checker.check_model(model)
         return model
+
+
+def zero_out(w: np.ndarray, sparsity: float, block: int, rng: np.random.Generator) -> np.ndarray:
+    """[Cout, Cin] weights with exactly round(sparsity * blocks) blocks of `block` output channels x 1 input
+    channel set to zero, at random places (block 1: unstructured). Cout must be a multiple of `block`."""
+    cout, cin = w.shape
+    if cout % block:
+        raise ShrinkcError(f"{cout} output channels are not a multiple of sparse block {block}",
+                           "use block 1, 2 or 4 (every MobileNet 1x1 conv has a multiple of 8 channels)")
+    blocks = w.reshape(cout // block, block, cin).transpose(0, 2, 1).reshape(-1, block).copy()   # [nb*cin, block]
+    blocks[rng.choice(len(blocks), int(round(sparsity * len(blocks))), replace=False)] = 0.0
+    return np.ascontiguousarray(blocks.reshape(cout // block, cin, block).transpose(0, 2, 1).reshape(cout, cin))
 
 
 def check_shrink_options(model: str, sparsity: float, linear_blocks, n_expansion: int) -> None:
