@@ -229,8 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
-        print(f"shrinkc: internal error: {type(err).__name__}: {first} (run with --debug for the traceback "
-              "and report it)", file=sys.stderr)
+        where, hint = "", ""
+        if getattr(err, "shrinkc_where", None):
+            phase, name = err.shrinkc_where
+            where = f" in pass {name} (phase {phase})"
+            hint = {"shrink": "; --shrink off skips that phase", "sparse": "; --sparse off skips that phase"
+                    }.get(phase, "")
+        print(f"shrinkc: internal error{where}: {type(err).__name__}: {first} (run with --debug for the "
+              f"traceback and report it{hint})", file=sys.stderr)
         return 1
 
 

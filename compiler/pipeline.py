@@ -118,10 +118,17 @@ def run(mod: tvm.IRModule, spec: TargetSpec, opts: Options) -> tuple[tvm.IRModul
                 try:
                     mod = p(mod)
                 except Exception as err:  # NOTE: a ShrinkcError raised in a pass arrives as RuntimeError
-                    raise errors.restored(err) from None
+                    err = errors.restored(err)
+                    err.shrinkc_where = (phase, _pass_name(p))   # for the CLI's one-line internal error
+                    raise err from None
             timings[phase] = round(time.perf_counter() - t0, 3)
             if opts.dump_dir:
                 os.makedirs(opts.dump_dir, exist_ok=True)
                 with open(os.path.join(opts.dump_dir, f"{len(timings)}_{phase}.py"), "w") as f:
                     f.write(mod.script(show_meta=False))
     return mod, book.summary(), timings
+
+
+def _pass_name(p) -> str:
+    info = getattr(p, "info", None)
+    return str(info.name) if info is not None else type(p).__name__

@@ -119,3 +119,23 @@ def test_failed_link_leaves_previous_library(small_mv2, tmp_path, capsys):
 def test_run_errors(tmp_path, capsys):
     code, _, err = run_cli(["run", tmp_path / "none.so"], capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_internal_error_names_the_pass_and_the_way_around_it(tmp_path, capsys, monkeypatch):
+    # A TVM crash inside a pass used to print only TVM's message: the user could not tell which pass,
+    # nor that --shrink off / --sparse off avoids it.
+    from compiler import pipeline
+
+    class Boom:
+        def __call__(self, mod):
+            raise ValueError("number of dimensions do not match")
+
+    real = pipeline.phases
+    monkeypatch.setattr(pipeline, "phases", lambda spec, opts: [
+        (name, [Boom()] if name == "shrink" else passes) for name, passes in real(spec, opts)])
+    model = save(single_conv_model(8, 8, 6), tmp_path, "conv.onnx")
+    code, out, err = run_cli(["compile", model, "-o", tmp_path / "m.so"], capsys)
+    assert code == 1 and not os.path.exists(tmp_path / "m.so")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "in pass Boom (phase shrink)" in lines[0]
+    assert "number of dimensions" in lines[0] and "--shrink off" in lines[0]
