@@ -175,10 +175,15 @@ def test_unreachable_tracker_is_one_clear_error(tiny, tmp_path, capsys):
 
 
 def test_tune_cli_prints_progress_and_a_gains_table(tiny, tmp_path, capsys):
-    code, _, err = run_cli(["tune", tiny, "--db", tmp_path / "db", "--trials", "2"], capsys)
+    code, _, err = run_cli(["tune", tiny, "--db", tmp_path / "db", "--trials", "2", "--time-budget", "60"], capsys)
     assert code == 0
-    assert "\r[tune] baselines" in err and "trials 2/2" in err
-    assert "default ms" in err and "model estimate" in err
+    progress = [x for x in err.split("\r") if x.startswith("[tune] [")]
+    assert progress[0].startswith("[tune] [") and "kernels 1/" in progress[0]
+    last = progress[-1]
+    assert "trials 2/2" in last and "best model ~" in last and "(untuned " in last and "ETA " in last
+    assert last.startswith("[tune] [#") and "ms" in last.split("best model ~")[1]
+    table = err.split("kernel (tuned)")[1]
+    assert "default ms" in table and "gain" in table and "model estimate (sum of kernels)" in table
 
 
 def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(tiny, tmp_path):

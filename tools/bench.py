@@ -1,6 +1,7 @@
 """Benchmarks: shrinkc against ONNX Runtime (and LiteRT) on the same inputs, as ratios from one run.
 
   python tools/bench.py models   [--models mobilenet_v2,...] [--threads 1,2] [--rounds 30] [--tflite F]
+  python tools/bench.py tune     [--minutes 30] [--variant-minutes 10] [--variants dense,sparse,merged]
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -25,6 +26,7 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import benchlib  # noqa: E402
+import bench_tune  # noqa: E402
 
 DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0"
 
@@ -156,6 +158,10 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks"))
     p.add_argument("--out", default="RESULTS.md")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("tune", help="MobileNetV2 variants: tuning curve, tuned vs untuned compile",
+                       description=bench_tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_tune.add_arguments(p)
+    p.set_defaults(func=bench_tune.cmd_tune)
     args = parser.parse_args()
     args.func(args)
 
