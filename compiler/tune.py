@@ -259,7 +259,7 @@ class Tuner:
 
     def _meta_schedule(self, task: Task, trials: int):
         from compiler.tune_meta import tune_kernel
-        self.out.write(f"\r[tune] MetaSchedule: {trials} trials on {task.name}".ljust(100))
+        self.out.write(f"\r[tune] MetaSchedule: {trials} trials on {task.name}".ljust(PROGRESS_WIDTH))
         self.out.flush()
         found = tune_kernel(task.func, self.spec, os.path.join(self.db.path, "meta_schedule", task.key), trials,
                             **self.meta)

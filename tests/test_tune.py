@@ -201,3 +201,32 @@ def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(ti
     assert cm.report["passes"]["MetaScheduleTrace"]["counts"] == {"replayed": 1}
     assert all(r.ok for r in cm.verify())
     assert "MetaScheduleTrace" not in compiler.compile_model(tiny).report["passes"]  # must not fire untuned
+
+
+@pytest.mark.parametrize("case,extra,needle", [
+    ("unreachable_tracker", ["--target", "rpi4", "--rpc-tracker", "127.0.0.1:{port}", "--rpc-key", "rpi4-emu"],
+     "no RPC tracker at 127.0.0.1:{port}"),
+    ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
+    ("key_without_tracker", ["--target", "rpi4", "--rpc-key", "rpi4-emu"], "--rpc-tracker and --rpc-key go together"),
+])
+def test_tune_errors_are_one_line_exit_2(case, extra, needle, tiny, tmp_path, capsys):
+    port = free_port()
+    argv = ["tune", tiny, "--db", tmp_path / "db", *[a.format(port=port) for a in extra]]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shrinkc: error: ") and "fix:" in lines[0], err
+    assert needle.format(port=port) in lines[0]
+    assert not (tmp_path / "db" / "records.jsonl").exists()
+
+
+def test_tune_cli_warns_once_about_a_corrupt_line_and_carries_on(tiny, tmp_path, capsys):
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "records.jsonl").write_text('{"target": "x86/0", "task": "t", "knobs": {}}\n{torn\n')
+    code, _, err = run_cli(["tune", tiny, "--db", db, "--trials", "0"], capsys)
+    assert code == 0, err
+    warnings = [x for x in err.splitlines() if x.startswith("shrinkc: warning:")]
+    assert warnings == [f"shrinkc: warning: {db / 'records.jsonl'} line 2 is corrupt; skipped"]
+    after = (db / "records.jsonl").read_text().splitlines()[2:]
+    assert "error" not in err and after and all(json.loads(x)["latency_s"] for x in after)  # appended after it
