@@ -96,14 +96,16 @@ def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool =
     A kernel no rule of ours has knobs for gets one MetaSchedule step (MS_TRIALS trials) as its
     only candidate beyond the default, when `meta_schedule`."""
     from tvm import tirx
-    from schedules.rule import task_key
+    from schedules.rule import is_scheduled, task_key
     rules = _rules(spec)
     mod = lowered_before_schedules(model, spec, inputs, options)
     counts = _call_counts(mod)
     tasks: dict[str, Task] = {}
     with spec.tvm_target():
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc):
+            # NOTE: kernels a pass emits already scheduled (spmm, CHW depthwise) have no rule to run
+            # and no knobs here; ApplySchedules leaves them alone too.
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             key = task_key(func)
             uses = counts.get(gv, 0)

@@ -230,3 +230,20 @@ def test_tune_cli_warns_once_about_a_corrupt_line_and_carries_on(tiny, tmp_path,
     assert warnings == [f"shrinkc: warning: {db / 'records.jsonl'} line 2 is corrupt; skipped"]
     after = (db / "records.jsonl").read_text().splitlines()[2:]
     assert "error" not in err and after and all(json.loads(x)["latency_s"] for x in after)  # appended after it
+
+
+def test_tune_leaves_kernels_that_arrive_scheduled_alone(tmp_path, monkeypatch):
+    """`shrinkc tune` crashed on any model with a sparse 1x1 (spmm) kernel: it asked every rule to
+    schedule the pass's hand-written kernel, which has no root block ("Cannot find a block with the name: root")."""
+    from schedules.rule import is_scheduled
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")  # the sparse pass fires by its rule, not a timing
+    model = save(mobilenet_v2(width=0.35, resolution=32, num_classes=10, sparsity=0.9, sparse_from=14), tmp_path,
+                 "sparse.onnx")
+    spec = targets.resolve(None)
+    lowered = tune.lowered_before_schedules(model, spec, None, {})
+    assert any(is_scheduled(f) and "spmm" in gv.name_hint for gv, f in lowered.functions.items())  # it fired
+    tasks = tune.extract_tasks(model, spec)
+    assert tasks and not any(is_scheduled(t.func) for t in tasks)
+    res = tune.tune(model, db=str(tmp_path / "db"), trials=1)
+    assert res.measured == len(tasks) + 1 and not res.stopped
