@@ -32,6 +32,7 @@ MIN_REPEAT_MS = 40       # each timing repeat runs the kernel at least this long
 REPEATS = 3              # the fastest repeat counts (the machine is shared; slower ones are noise)
 OUTPUT_RTOL = 1e-3       # a candidate whose outputs differ more from the default schedule's is rejected
 TOP_ROWS = 12            # rows of the final gains table
+PROGRESS_WIDTH = 120     # the progress line is padded to this width so a shorter one overwrites it
 
 
 @dataclass
@@ -95,14 +96,16 @@ def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool =
     A kernel no rule of ours has knobs for gets one MetaSchedule step (MS_TRIALS trials) as its
     only candidate beyond the default, when `meta_schedule`."""
     from tvm import tirx
-    from schedules.rule import task_key
+    from schedules.rule import is_scheduled, task_key
     rules = _rules(spec)
     mod = lowered_before_schedules(model, spec, inputs, options)
     counts = _call_counts(mod)
     tasks: dict[str, Task] = {}
     with spec.tvm_target():
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc):
+            # NOTE: kernels a pass emits already scheduled (spmm, CHW depthwise) have no rule to run
+            # and no knobs here; ApplySchedules leaves them alone too.
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             key = task_key(func)
             uses = counts.get(gv, 0)
@@ -207,10 +210,12 @@ class TuneResult:
 class Tuner:
     """Runs the trials of one `shrinkc tune`; every measurement goes to the database first."""
 
-    def __init__(self, tasks, spec, db: TuningDB, measurer, out=None, meta: dict | None = None):
+    def __init__(self, tasks, spec, db: TuningDB, measurer, out=None, meta: dict | None = None, observer=None):
         self.tasks, self.spec, self.db, self.measurer = tasks, spec, db, measurer
         self.meta = meta or {}    # tracker, key, builders for MetaSchedule
         self.out = out or sys.stderr
+        self.observer = observer  # called (trials, elapsed s, model estimate s) once baselines are in
+        self.deadline: float | None = None
         self.target = target_key(spec)
         self.done = db.measured(self.target)
         self.result = TuneResult(tasks)
@@ -256,7 +261,7 @@ class Tuner:
 
     def _meta_schedule(self, task: Task, trials: int):
         from compiler.tune_meta import tune_kernel
-        self.out.write(f"\r[tune] MetaSchedule: {trials} trials on {task.name}".ljust(100))
+        self.out.write(f"\r[tune] MetaSchedule: {trials} trials on {task.name}".ljust(PROGRESS_WIDTH))
         self.out.flush()
         found = tune_kernel(task.func, self.spec, os.path.join(self.db.path, "meta_schedule", task.key), trials,
                             **self.meta)
@@ -275,7 +280,7 @@ class Tuner:
 
     def run(self, trials: int, budget_s: float | None) -> TuneResult:
         res = self.result
-        deadline = self.t0 + budget_s if budget_s else None
+        deadline = self.deadline = self.t0 + budget_s if budget_s else None
         try:
             # 1. the default schedule of every task: the untuned model, and the ranking
             for task in sorted(self.tasks, key=lambda t: t.name):
@@ -285,6 +290,7 @@ class Tuner:
                 task.default_s = task.best_s
                 self.progress(trials)
             res.untuned_s = self.model_estimate()
+            self.observe()
             # 2. trials where they pay: largest (uses x best time) / (1 + trials so far)
             while res.trials < trials:
                 if deadline and time.time() > deadline:
@@ -302,6 +308,7 @@ class Tuner:
                 res.trials += _cost(knobs)
                 self._take(task, self.candidate(task, knobs))
                 self.progress(trials)
+                self.observe()
         except KeyboardInterrupt:
             res.stopped = "interrupted"
         except BoardLost as err:
@@ -317,21 +324,42 @@ class Tuner:
         """Sum over tasks of uses x (best or default) kernel time: the model latency without VM overhead."""
         return sum(t.uses * ((t.default_s if default else t.best_s) or 0.0) for t in self.tasks)
 
+    def observe(self) -> None:
+        if self.observer is not None:
+            self.observer(self.result.trials, time.time() - self.t0, self.model_estimate())
+
     def progress(self, trials: int) -> None:
-        """One status line, rewritten in place: trials, model estimate, ETA."""
+        """One status line, rewritten in place: a bar, trials, best model estimate, ETA (within the budget)."""
         res = self.result
         done_tasks = sum(1 for t in self.tasks if t.default_s is not None or t.best_s is not None)
-        line = f"[tune] baselines {done_tasks}/{len(self.tasks)}  trials {res.trials}/{trials}"
-        est = self.model_estimate()
-        if res.untuned_s:
-            line += f"  model ~{est * 1e3:.2f} ms (untuned {res.untuned_s * 1e3:.2f} ms)"
+        steps, done = len(self.tasks) + trials, done_tasks + res.trials
+        left = None
         if res.measured:
             per = self.spent_measuring / res.measured
-            left = (len(self.tasks) - done_tasks + trials - res.trials) * per
+            left = (steps - done) * per
+        if self.deadline:
+            budget_left = max(0.0, self.deadline - time.time())
+            left = budget_left if left is None else min(left, budget_left)
+            spent = time.time() - self.t0
+            done, steps = max(done / steps, spent / (spent + budget_left)), 1  # whichever ends the run first
+        line = f"[tune] {_bar(done / max(steps, 1))} kernels {done_tasks}/{len(self.tasks)} trials {res.trials}/{trials}"
+        if res.untuned_s:
+            line += f"  best model ~{_ms(self.model_estimate())} (untuned {_ms(res.untuned_s)})"
+        if left is not None:
             line += f"  ETA {_duration(left)}"
         line += f"  new {res.measured} reused {res.reused}"
-        self.out.write("\r" + line.ljust(100)[:140])
+        self.out.write("\r" + line.ljust(PROGRESS_WIDTH))
         self.out.flush()
+
+
+def _bar(fraction: float, width: int = 16) -> str:
+    filled = int(round(min(max(fraction, 0.0), 1.0) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with 3 significant digits (tiny test models run in microseconds)."""
+    return f"{seconds * 1e3:.3g} ms"
 
 
 def _cost(knobs: dict) -> int:
@@ -372,8 +400,11 @@ def gains_table(res: TuneResult, rows: int = TOP_ROWS) -> str:
 def tune(model, target=None, *, db: str, trials: int = 64, time_budget_min: float | None = None,
          rpc_tracker: str | None = None, rpc_key: str | None = None, builders: int = 1,
          inputs: dict | None = None, cc: str | None = None, out=None, meta_schedule: bool = True,
-         **options) -> TuneResult:
-    """Tune `model` for `target`, writing measurements to the database folder `db`."""
+         observer=None, **options) -> TuneResult:
+    """Tune `model` for `target`, writing measurements to the database folder `db`.
+
+    observer(trials, elapsed_s, model_estimate_s) is called once the default schedules are measured
+    and after each trial (tools/bench_tune.py draws its curve from it)."""
     out = out or sys.stderr
     spec = targets.resolve(target, cc)
     artifact.check_toolchain(spec)
@@ -390,7 +421,7 @@ def tune(model, target=None, *, db: str, trials: int = 64, time_budget_min: floa
     out.write(f"[tune] {len(tasks)} kernels for '{spec.name}' ({target_key(spec)}), measured "
               f"{measurer.where}; database {database.file}\n")
     meta = {"tracker": rpc_tracker, "key": rpc_key, "builders": builders}
-    res = Tuner(tasks, spec, database, measurer, out, meta).run(trials, time_budget_min * 60 if time_budget_min else None)
+    res = Tuner(tasks, spec, database, measurer, out, meta, observer).run(trials, time_budget_min * 60 if time_budget_min else None)
     out.write(gains_table(res) + "\n")
     out.write(f"[tune] {res.measured} new measurements, {res.reused} from the database"
               + (f"; stopped early ({res.stopped}), every finished measurement is in the database"

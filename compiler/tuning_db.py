@@ -38,6 +38,7 @@ class TuningDB:
         self.path = os.path.abspath(path)
         self.file = os.path.join(self.path, RECORDS)
         self.warn = warn or (lambda msg: print(f"shrinkc: warning: {msg}", file=sys.stderr))
+        self._warned: set[int] = set()  # corrupt line numbers already warned about (records() is read often)
         if create:
             try:
                 os.makedirs(self.path, exist_ok=True)
@@ -68,7 +69,9 @@ class TuningDB:
                         or not isinstance(rec["knobs"], dict):
                     raise ValueError("not a tuning record")
             except ValueError:
-                self.warn(f"{self.file} line {number} is corrupt; skipped")
+                if number not in self._warned:
+                    self._warned.add(number)
+                    self.warn(f"{self.file} line {number} is corrupt; skipped")
                 continue
             if target is None or rec["target"] == target:
                 out.append(rec)

@@ -6,7 +6,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes import changelog
-from schedules.rule import task_key
+from schedules.rule import SCHEDULED_ATTR, is_scheduled, task_key
 from targets.errors import ShrinkcError
 
 NAME = "ApplySchedules"
@@ -36,7 +36,7 @@ class ApplySchedules:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         funcs, renames, taken = {}, {}, set()
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs is not None and "shrinkc.scheduled" in func.attrs:
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 funcs[gv] = func
                 continue
             done, knobs = None, self.knobs.get(task_key(func)) if self.knobs else None
@@ -47,7 +47,7 @@ class ApplySchedules:
             if done is None:
                 raise ShrinkcError(f"no schedule applies to kernel '{gv.name_hint}' on target '{self.spec.name}'",
                                    "report the model and target; try --target x86 meanwhile")
-            new = done.func.with_attr("shrinkc.scheduled", 1)
+            new = done.func.with_attr(SCHEDULED_ATTR, 1)
             name = done.name or gv.name_hint
             if done.name:
                 changelog.record(NAME, done.name.split("_")[1], gv.name_hint, kernel=done.name, knobs=done.knobs)

@@ -10,6 +10,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from schedules.rule import SCHEDULED_ATTR
+
 
 
 STRIDES = (1, 2)
@@ -114,4 +116,4 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
                     store(acc, out, ch, y, full * vec, tail)
 
     name = kernel_name(k, stride, nv * vec)
-    return func.with_attr("global_symbol", name).with_attr("shrinkc.scheduled", 1).with_attr("op_pattern", 8)
+    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)

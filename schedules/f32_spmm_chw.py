@@ -17,6 +17,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from schedules.rule import SCHEDULED_ATTR
+
 KIND = "spmm_chw"
 BLOCKS = (8, 4, 2, 1)
 MAX_PIXEL_TILE = 128
@@ -160,4 +162,4 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
             body(x, rp, col, val, bias, out, out)
 
     name = name or kernel_name(pixel_tile, block)
-    return func.with_attr("global_symbol", name).with_attr("shrinkc.scheduled", 1)
+    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)

@@ -7,6 +7,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 KERNEL_ATTR = "shrinkc.kernel"
+SCHEDULED_ATTR = "shrinkc.scheduled"  # on a PrimFunc that is final: no rule schedules (or tunes) it again
 
 
 @dataclass
@@ -39,6 +40,11 @@ def task_key(func: tirx.PrimFunc) -> str:
 
     Tuning records and ApplySchedules meet on it (function names change with the model around them)."""
     return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
+
+
+def is_scheduled(func) -> bool:
+    """True for a PrimFunc that arrives scheduled (ApplySchedules' output, a pass's hand-written kernel)."""
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and SCHEDULED_ATTR in func.attrs
 
 
 def kernel_block(sch: s_tir.Schedule, kind: str):

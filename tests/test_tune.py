@@ -175,10 +175,15 @@ def test_unreachable_tracker_is_one_clear_error(tiny, tmp_path, capsys):
 
 
 def test_tune_cli_prints_progress_and_a_gains_table(tiny, tmp_path, capsys):
-    code, _, err = run_cli(["tune", tiny, "--db", tmp_path / "db", "--trials", "2"], capsys)
+    code, _, err = run_cli(["tune", tiny, "--db", tmp_path / "db", "--trials", "2", "--time-budget", "60"], capsys)
     assert code == 0
-    assert "\r[tune] baselines" in err and "trials 2/2" in err
-    assert "default ms" in err and "model estimate" in err
+    progress = [x for x in err.split("\r") if x.startswith("[tune] [")]
+    assert progress[0].startswith("[tune] [") and "kernels 1/" in progress[0]
+    last = progress[-1]
+    assert "trials 2/2" in last and "best model ~" in last and "(untuned " in last and "ETA " in last
+    assert last.startswith("[tune] [#") and "ms" in last.split("best model ~")[1]
+    table = err.split("kernel (tuned)")[1]
+    assert "default ms" in table and "gain" in table and "model estimate (sum of kernels)" in table
 
 
 def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(tiny, tmp_path):
@@ -196,3 +201,49 @@ def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(ti
     assert cm.report["passes"]["MetaScheduleTrace"]["counts"] == {"replayed": 1}
     assert all(r.ok for r in cm.verify())
     assert "MetaScheduleTrace" not in compiler.compile_model(tiny).report["passes"]  # must not fire untuned
+
+
+@pytest.mark.parametrize("case,extra,needle", [
+    ("unreachable_tracker", ["--target", "rpi4", "--rpc-tracker", "127.0.0.1:{port}", "--rpc-key", "rpi4-emu"],
+     "no RPC tracker at 127.0.0.1:{port}"),
+    ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
+    ("key_without_tracker", ["--target", "rpi4", "--rpc-key", "rpi4-emu"], "--rpc-tracker and --rpc-key go together"),
+])
+def test_tune_errors_are_one_line_exit_2(case, extra, needle, tiny, tmp_path, capsys):
+    port = free_port()
+    argv = ["tune", tiny, "--db", tmp_path / "db", *[a.format(port=port) for a in extra]]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shrinkc: error: ") and "fix:" in lines[0], err
+    assert needle.format(port=port) in lines[0]
+    assert not (tmp_path / "db" / "records.jsonl").exists()
+
+
+def test_tune_cli_warns_once_about_a_corrupt_line_and_carries_on(tiny, tmp_path, capsys):
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "records.jsonl").write_text('{"target": "x86/0", "task": "t", "knobs": {}}\n{torn\n')
+    code, _, err = run_cli(["tune", tiny, "--db", db, "--trials", "0"], capsys)
+    assert code == 0, err
+    warnings = [x for x in err.splitlines() if x.startswith("shrinkc: warning:")]
+    assert warnings == [f"shrinkc: warning: {db / 'records.jsonl'} line 2 is corrupt; skipped"]
+    after = (db / "records.jsonl").read_text().splitlines()[2:]
+    assert "error" not in err and after and all(json.loads(x)["latency_s"] for x in after)  # appended after it
+
+
+def test_tune_leaves_kernels_that_arrive_scheduled_alone(tmp_path, monkeypatch):
+    """`shrinkc tune` crashed on any model with a sparse 1x1 (spmm) kernel: it asked every rule to
+    schedule the pass's hand-written kernel, which has no root block ("Cannot find a block with the name: root")."""
+    from schedules.rule import is_scheduled
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")  # the sparse pass fires by its rule, not a timing
+    model = save(mobilenet_v2(width=0.35, resolution=32, num_classes=10, sparsity=0.9, sparse_from=14), tmp_path,
+                 "sparse.onnx")
+    spec = targets.resolve(None)
+    lowered = tune.lowered_before_schedules(model, spec, None, {})
+    assert any(is_scheduled(f) and "spmm" in gv.name_hint for gv, f in lowered.functions.items())  # it fired
+    tasks = tune.extract_tasks(model, spec)
+    assert tasks and not any(is_scheduled(t.func) for t in tasks)
+    res = tune.tune(model, db=str(tmp_path / "db"), trials=1)
+    assert res.measured == len(tasks) + 1 and not res.stopped

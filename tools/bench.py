@@ -2,6 +2,7 @@
 
   python tools/bench.py models   [--models mobilenet_v2,...] [--threads 1,2] [--rounds 30] [--tflite F]
   python tools/bench.py sparse   [--sparsities 70,80,85,90,95] [--blocks 1,4] [--threads 1,2]  (tools/bench_sparse.py)
+  python tools/bench.py tune     [--minutes 30] [--variant-minutes 10] [--variants dense,sparse,merged]
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 
 import bench_sparse  # noqa: E402
 import benchlib  # noqa: E402
+import bench_tune  # noqa: E402
 
 DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0"
 
@@ -154,6 +156,10 @@ def main() -> None:
     p.add_argument("--out", default="RESULTS.md")
     p.set_defaults(func=cmd_models)
     bench_sparse.add_parser(sub, os.path.join(ROOT, "benchmarks"))
+    p = sub.add_parser("tune", help="MobileNetV2 variants: tuning curve, tuned vs untuned compile",
+                       description=bench_tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_tune.add_arguments(p)
+    p.set_defaults(func=bench_tune.cmd_tune)
     args = parser.parse_args()
     args.func(args)
 
