@@ -186,6 +186,7 @@ def test_tune_cli_prints_progress_and_a_gains_table(tiny, tmp_path, capsys):
     assert "default ms" in table and "gain" in table and "model estimate (sum of kernels)" in table
 
 
+@pytest.mark.slow   # NOTE: MetaSchedule builds and runs in worker processes: minutes on a busy 2-core host
 def test_metaschedule_schedule_of_a_fallback_kernel_replays_from_the_database(tiny, tmp_path):
     import compiler
     from compiler.tune_meta import tune_kernel
