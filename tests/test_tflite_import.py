@@ -183,3 +183,18 @@ def test_dynamic_input_needs_pin(tmp_path):
     assert info.inputs[0].shape == [2, 8, 8, 3] and info.outputs[0].shape == [2, 8, 8, 3]
     x = np.linspace(-5, 5, 2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
     np.testing.assert_allclose(run_tvm(mod, x), x * np.clip(x + 3, 0, 6) / 6, rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_whose_shape_is_computed_from_a_dynamic_batch(tmp_path):
+    # Keras models converted with a dynamic batch (MobileNetV3, EfficientNet, MobileNet v1 from
+    # tf.keras.applications) reshape to SHAPE -> STRIDED_SLICE -> PACK; TVM's importer crashed on it.
+    rng = np.random.default_rng(0)
+    b = TfliteBuilder()
+    x = b.input([1, 6, 6, 8], signature=[-1, 6, 6, 8])
+    y = b.conv2d(x, rng.standard_normal((4, 3, 3, 8)).astype(np.float32), np.zeros(4, np.float32))
+    b.output(b.reshape_keep_batch(y, [6 * 6 * 4]))
+    path = write(tmp_path, "keras_reshape.tflite", b.finish())
+    mod, info = import_tflite(path, {"input": [1, 6, 6, 8]})
+    assert info.outputs[0].shape == [1, 144]
+    x = rng.standard_normal((1, 6, 6, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_tvm(mod, x), run_litert(path, x), rtol=1e-4, atol=1e-5)

@@ -208,6 +208,22 @@ class TfliteBuilder:
         st = self.const(np.array(shape), f"{name}/shape", "int32")
         return self._op(_Op.RESHAPE, [x, st], shape, name, _Opt.ReshapeOptions, NewShape=list(shape))
 
+    def reshape_keep_batch(self, x: int, rest: list[int], name: str = "reshape") -> int:
+        """Reshape to [batch, *rest] with the batch read at run time, as converters write it for a
+        dynamic batch: SHAPE -> STRIDED_SLICE -> PACK -> RESHAPE."""
+        rank = len(self.shape(x))
+        shape = self._op(_Op.SHAPE, [x], [rank], f"{name}/shape", _Opt.ShapeOptions, "int32", OutType=_TYPES["int32"])
+        one = self.const(np.array([1]), f"{name}/one", "int32")
+        zero = self.const(np.array([0]), f"{name}/zero", "int32")
+        batch = self._op(_Op.STRIDED_SLICE, [shape, zero, one, one], [], f"{name}/batch",
+                         _Opt.StridedSliceOptions, "int32", ShrinkAxisMask=1)
+        dims = [self._tensor(f"{name}/dim{i}", [], "int32", data=np.int32(d).tobytes()) for i, d in enumerate(rest)]
+        new_shape = self._op(_Op.PACK, [batch, *dims], [1 + len(rest)], f"{name}/new_shape", _Opt.PackOptions,
+                             "int32", ValuesCount=1 + len(rest), Axis=0)
+        out = self._op(_Op.RESHAPE, [x, new_shape], [self.shape(x)[0], *rest], name, _Opt.ReshapeOptions)
+        self.tensors[out].signature = [-1, *rest]
+        return out
+
     def softmax(self, x: int, beta: float = 1.0, name: str = "softmax") -> int:
         return self._op(_Op.SOFTMAX, [x], self.shape(x), name, _Opt.SoftmaxOptions, Beta=beta)
 

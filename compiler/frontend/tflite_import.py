@@ -341,6 +341,17 @@ class _Converter(_tvm_tflite.OperatorConverter):
             out = relax.op.reshape(out, (-1, units))
         return out
 
+    def convert_reshape(self, op):
+        """A shape computed in the graph (SHAPE -> STRIDED_SLICE -> PACK, what converters emit for a
+        dynamic batch) is read from the output tensor instead: shrinkc serves static shapes."""
+        ins, (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        if len(ins) == 2 and self.has_expr(ins[1].tensor_idx):
+            sig = out.tensor.ShapeSignatureAsNumpy() if out.tensor.ShapeSignatureLength() else []
+            shape = [int(d) for d in sig] if list(sig).count(-1) == 1 else \
+                [int(d) for d in out.tensor.ShapeAsNumpy()]
+            return relax.op.reshape(self.get_expr(ins[0].tensor_idx), shape)
+        return super().convert_reshape(op)
+
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
         self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
