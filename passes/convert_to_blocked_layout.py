@@ -20,7 +20,7 @@ NAME = "ConvertToBlockedLayout"
 UNARY = {"relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
          "relax.exp", "relax.negative", "relax.abs", "relax.nn.leakyrelu"}
 BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}
-REDUCE = {"relax.mean", "relax.sum", "relax.max"}
+REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max}
 
 
 def channel_block(channels: int, lanes: int) -> int | None:
@@ -126,7 +126,8 @@ class _Blocker(BindingRewriter):
                         for i, a in enumerate(args)]
             return self.finish(var, relax.Call(value.op, new_args, value.attrs), b, channels)
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
-            return self.finish(var, relax.Call(value.op, args, value.attrs), *self.layout[args[0]])
+            # NOTE: axes spelled positively: -1/-2 of the 5-D blocked tensor are its lanes and W
+            return self.finish(var, REDUCE[name](args[0], axis=[2, 3], keepdims=True), *self.layout[args[0]])
         # NOTE: a Tuple argument (concat, call_tir) may hold blocked tensors too: they go back to NCHW
         in_tuples = [f for a in args if isinstance(a, relax.Tuple) for f in a.fields
                      if isinstance(f, relax.Var) and f in self.layout]

@@ -65,6 +65,12 @@ CASES = {
                      "mu": np.full(8, 0.2, np.float32), "var": np.full(8, 2.0, np.float32),
                      "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "w1": _w(16, 8, 3, 3),
                      "w2": _w(16, 8, 1, 1, seed=3)}, [1, 8, 9, 9]),
+    # torch.onnx's dynamo exporter: global pool as ReduceMean over axes (-1, -2), then a view; the
+    # blocked layout once reduced the vector lanes for -1 and the reshape failed
+    "negative_axes_pool": _graph([conv("x", "w1", "a", k=1),
+                                   helper.make_node("ReduceMean", ["a"], ["m"], axes=[-1, -2], keepdims=1),
+                                   helper.make_node("Reshape", ["m", "shape"], ["out"])],
+                                  {"w1": _w(32, 8, 1, 1), "shape": np.array([1, 32], np.int64)}, [1, 8, 7, 7]),
 }
 
 
