@@ -71,7 +71,33 @@ CASES = {
                                    helper.make_node("ReduceMean", ["a"], ["m"], axes=[-1, -2], keepdims=1),
                                    helper.make_node("Reshape", ["m", "shape"], ["out"])],
                                   {"w1": _w(32, 8, 1, 1), "shape": np.array([1, 32], np.int64)}, [1, 8, 7, 7]),
+    # torch.onnx's channel shuffle (ShuffleNet): the shape read at run time through Shape -> Gather ->
+    # Div -> Unsqueeze -> Concat -> Reshape, twice; TVM's importer crashed on Gather of a Shape
+    "channel_shuffle": _graph([conv("x", "w1", "a", k=1),
+                                helper.make_node("Shape", ["a"], ["s"]),
+                                helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+                                helper.make_node("Gather", ["s", "i1"], ["c"], axis=0),
+                                helper.make_node("Div", ["c", "two"], ["c2"]),
+                                helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+                                helper.make_node("Unsqueeze", ["c2", "ax0"], ["c21"]),
+                                helper.make_node("Concat", ["n1", "two1", "c21", "hw"], ["shape5"], axis=0),
+                                helper.make_node("Reshape", ["a", "shape5"], ["r"]),
+                                helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3, 4]),
+                                helper.make_node("Shape", ["a"], ["s2"]),
+                                helper.make_node("Reshape", ["t", "s2"], ["u"]),
+                                conv("u", "w2", "out", k=3)],
+                               {"w1": _w(16, 8, 1, 1), "w2": _w(8, 16, 3, 3, seed=1), "i0": np.array(0, np.int64),
+                                "i1": np.array(1, np.int64), "two": np.array(2, np.int64),
+                                "ax0": np.array([0], np.int64), "two1": np.array([2], np.int64),
+                                "hw": np.array([6, 6], np.int64)}, [1, 8, 6, 6]),
 }
+
+
+def test_shape_arithmetic_folds_to_constants():
+    from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
+    model, folded = fold_shape_subgraphs(CASES["channel_shuffle"], {"x": [1, 8, 6, 6]})
+    ops = [n.op_type for n in model.graph.node]
+    assert folded == 8 and ops == ["Conv", "Reshape", "Transpose", "Reshape", "Conv"]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

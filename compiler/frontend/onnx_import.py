@@ -15,6 +15,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from compiler.errors import ShrinkcError
 from compiler.frontend.model_info import ModelInfo, TensorInfo
+from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 
@@ -193,6 +194,9 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
     else:
         model, path = load_onnx(source), os.path.abspath(source)
     inputs = graph_inputs(model, pins or {})
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    model, _ = fold_shape_subgraphs(folded, {t.name: t.shape for t in inputs})
     _check_ops(model)
     shape_dict = {t.name: t.shape for t in inputs}
     dtype_dict = {t.name: t.dtype for t in inputs}
