@@ -1,6 +1,8 @@
 """Benchmarks: shrinkc against ONNX Runtime (and LiteRT) on the same inputs, as ratios from one run.
 
   python tools/bench.py models   [--models mobilenet_v2,...] [--threads 1,2] [--rounds 30] [--tflite F]
+  python tools/bench.py shrink   [--cases mobilenet_v2_1.4-dsf,...] [--threads 1,2] [--rounds 30] [--resolution R]
+  python tools/bench.py shrink-auto [--epochs 15] [--max-drop 0.01] [--threads 1,2] [--rounds 50]
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -24,6 +26,8 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
+import bench_shrink  # noqa: E402
+import bench_shrink_auto  # noqa: E402
 import benchlib  # noqa: E402
 
 DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0"
@@ -156,6 +160,8 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks"))
     p.add_argument("--out", default="RESULTS.md")
     p.set_defaults(func=cmd_models)
+    bench_shrink.add_parser(sub, ROOT)
+    bench_shrink_auto.add_parser(sub, ROOT)
     args = parser.parse_args()
     args.func(args)
 
