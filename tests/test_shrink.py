@@ -120,3 +120,34 @@ def test_calibration_npz_by_name_and_shape_errors(tmp_path):
         samples(load_calibration(path), [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}])
     with pytest.raises(ShrinkcError, match="does not exist"):
         load_calibration(str(tmp_path / "missing.npy"))
+
+
+# --- tools/bench_shrink.py: the benchmark's core on a tiny model, so the script cannot rot (no timing asserted) ---
+def _bench_shrink():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_shrink
+    return bench_shrink
+
+
+def test_bench_shrink_core_on_a_tiny_dsf_model(tmp_path):
+    bench = _bench_shrink()
+    dense = zoo.build("mobilenet_v2", **MV2)
+    n_expansion = len({n.name.split(".")[0] for n in dense.graph.node if n.name.endswith(".expand")})
+    model = bench.with_probe(zoo.build("mobilenet_v2", linear_blocks=tuple(range(n_expansion)), **MV2), "head")
+    r = bench.run_case("tiny-dsf", model, [1], 2, str(tmp_path))
+    merge, off = r["modes"]["merge"], r["modes"]["off"]
+    assert merge["merged"] > 0 and merge["convs_merged"] >= 2 * merge["merged"]
+    assert off["merged"] == 0 and set(merge["rel_err"]) == {"classifier", "block16.project"}
+    assert r["exact"] and merge["max_rel_err"] <= bench.EXACT_REL_ERR
+    t = r["threads"][1]
+    assert t["speedup"] == pytest.approx(t["off"]["median_ms"] / t["merge"]["median_ms"])
+    md = bench.results_md("cmd", [r], 32)
+    assert "| tiny-dsf | 1 |" in md
+    out = tmp_path / "R.md"
+    bench.write_section(str(out), "shrink", "first")
+    bench.write_section(str(out), "other", "kept")
+    bench.write_section(str(out), "shrink", "second")
+    text = out.read_text()
+    assert "second" in text and "first" not in text and "kept" in text

@@ -3,7 +3,7 @@
 Each case is one ONNX model compiled twice by shrinkc: `--shrink merge` (the default: linear conv
 chains become one dense conv where the cost interface says that is faster) and `--shrink off`.
 Both libraries are checked against ONNX Runtime on the same input and timed against each other:
-1 thread interleaved in this process, 2+ threads in separate processes alternating (benchlib).
+1 thread interleaved in one fresh process, 2+ threads in separate processes alternating (benchlib).
 Speed-up = off median / merge median (above 1: merging is faster).
 
 Cases: MobileNetV2-1.4 and EfficientNet-Lite0 with every expansion block linear (no ReLU6 inside:
@@ -12,8 +12,10 @@ DS-F), and the plain dense MobileNetV2 1.0 (nothing to merge: merging must not s
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -39,7 +41,7 @@ def build_case(case: str, resolution: int | None = None):
     opts = {**opts, **({"resolution": resolution} if resolution else {})}
     model = zoo.build(name, **opts)
     if dsf:
-        n_expansion = len({m.group(1) for n in model.graph.node for m in [re.match(r"(block\d+)\.expand", n.name)] if m})
+        n_expansion = len({n.name.split(".")[0] for n in model.graph.node if re.fullmatch(r"block\d+\.expand", n.name)})
         model = with_probe(zoo.build(name, linear_blocks=tuple(range(n_expansion)), **opts), "head")
     return model
 
@@ -75,7 +77,7 @@ def run_case(label: str, model, threads: list[int], rounds: int, work: str, cost
     import compiler
     from compiler import runtime
     result = {"model": label, "modes": {}, "threads": {}}
-    runners, sos, inputs = {}, {}, None
+    sos, inputs = {}, None
     for mode in MODES:
         t0 = time.perf_counter()
         cm = compiler.compile_model(model, shrink=mode, cost=cost)
@@ -87,17 +89,12 @@ def run_case(label: str, model, threads: list[int], rounds: int, work: str, cost
         result["modes"][mode] = {"compile_s": compile_s, "max_rel_err": max(errs.values()), "rel_err": errs,
                                  "size_mb": os.path.getsize(sos[mode]) / 1e6,
                                  **merge_counts(cm.report["passes"])}
-        runners[mode] = compiler.load(sos[mode])
     result["exact"] = result["modes"]["merge"]["max_rel_err"] <= EXACT_REL_ERR
     npz = os.path.join(work, f"{label}_inputs.npz")
     np.savez(npz, **inputs)
     for n in threads:
         if n == 1:
-            fns = {}
-            for mode, r in runners.items():
-                f, args = r.vm["main"], r._args(inputs)
-                fns[mode] = (lambda f=f, args=args: f(*args))
-            times = benchlib.interleave(fns, rounds)
+            times = interleave_in_child(sos, npz, rounds)
         else:
             workers = {mode: benchlib.Worker("shrinkc", sos[mode], npz, n) for mode in MODES}
             try:
@@ -109,6 +106,23 @@ def run_case(label: str, model, threads: list[int], rounds: int, work: str, cost
         st["speedup"] = st["off"]["median_ms"] / st["merge"]["median_ms"]
         result["threads"][n] = st
     return result
+
+
+def interleave_in_child(sos: dict, npz: str, rounds: int) -> dict[str, list[float]]:
+    """1 thread: the libraries interleaved in ONE fresh process (benchlib.interleave), away from the compiles.
+
+    NOTE: timed in the process that had just compiled them (cost measurements, verification), the merged
+    MobileNetV2-1.4 ran ~10x slower than the same .so loaded in a fresh process; a clean child avoids that."""
+    code = ("import json, os, sys; os.environ['TVM_NUM_THREADS'] = '1'; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import numpy as np, benchlib, compiler\n"
+            "inputs = dict(np.load(sys.argv[3])); fns = {}\n"
+            "for mode, so in json.loads(sys.argv[5]).items():\n"
+            "    r = compiler.load(so); f, a = r.vm['main'], r._args(inputs); fns[mode] = (lambda f=f, a=a: f(*a))\n"
+            "print(json.dumps(benchlib.interleave(fns, int(sys.argv[4]))))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(here), here, npz, str(rounds), json.dumps(sos)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def print_case(r: dict) -> None:
@@ -127,7 +141,7 @@ def results_md(command: str, results: list[dict], resolution: int | None, fresh:
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- input resolution: {resolution or 'each model’s own (224)'}; random weights (seed 0)",
              "- method: each model compiled by shrinkc twice, `shrink=merge` (default: merge + cost selection) and "
-             "`shrink=off`; 1 thread: both libraries in one process, runs interleaved after warm-up; 2+ threads: "
+             "`shrink=off`; 1 thread: both libraries in one fresh process, runs interleaved after warm-up; 2+ threads: "
              "each library in its own process, bursts of 5 alternating. Speed-up = off median / merge median. "
              f"Error: max |ours - ONNX Runtime| / max |ONNX Runtime| over the outputs (merging must stay <= "
              f"{EXACT_REL_ERR:g}); DS-F models also output the features before the head, since with random weights "

@@ -1,4 +1,4 @@
-"""`python tools/bench.py shrink-auto`: `--shrink auto` on a CNN trained on scikit-learn's digits (tools/train_digits.py).
+"""`python tools/bench.py shrink-auto`: `--shrink auto` on a CNN trained on digits (tools/train_digits.py).
 
 The trained model is compiled through the `shrinkc compile` command line twice: `--shrink auto
 --calib <training split> --max-drop D` and `--shrink merge` (lossless). On the HELD-OUT split,
@@ -99,7 +99,8 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- model: tools/train_digits.py, {len(info['blocks'])} inverted residual blocks (ReLU6), scikit-learn "
              f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs on 1 thread in "
-             f"{info['train_s']} s, exported with torch.onnx (BN folded); calibration = the {info['train_samples']} "
+             f"{info['train_s']} s, linearity penalty {info['linearity']}, exported with torch.onnx (BN folded); "
+             f"calibration = the {info['train_samples']} "
              f"training images, evaluation = the {info['test_samples']} held-out images",
              f"- `--shrink auto --max-drop {max_drop}` removed {len(removed)} of {len(measured)} blocks: "
              f"{', '.join(removed) or 'none'} (agreement on the calibration data {calib_agreement}); "
@@ -113,14 +114,14 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
         lines.append(f"| {n} | {t['auto']['median_ms']:.4f} | {t['merge']['median_ms']:.4f} | "
                      f"**{t['speedup']:.2f}x** |")
     lines += ["", "| block | linearity (1 - max non-linear share) | agreement alone | removed |", "|---|---|---|---|"]
-    lines += [f"| {m['layer']} | {m['linearity']:.4f} | {m['agreement_alone']:.4f} | {'yes' if m['removed'] else 'no'} |"
-              for m in measured]
+    lines += [f"| {m['layer']} | {m['linearity']:.4f} | {m['agreement_alone']:.4f} | "
+              f"{'yes' if m['removed'] else 'no'} |" for m in measured]
     return "\n".join(lines)
 
 
 def cmd_shrink_auto(args) -> None:
     work = args.work or tempfile.mkdtemp(prefix="shrinkc-bench-auto-")
-    info = train_digits.train(work, args.epochs, args.resolution, args.seed)
+    info = train_digits.train(work, args.epochs, args.resolution, args.seed, args.linearity)
     print(f"trained in {info['train_s']} s, held-out accuracy {info['torch_test_accuracy']:.4f}", flush=True)
     sos, reports = {}, {}
     for mode in MODES:
@@ -150,6 +151,8 @@ def add_parser(sub, root: str) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--resolution", type=int, default=16, help="digits enlarged to this size (multiple of 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--linearity", type=float, default=0.0,
+                   help="weight of train_digits' ReLU6 linearity penalty (0: plain training)")
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=50)

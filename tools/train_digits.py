@@ -1,6 +1,6 @@
 """Train a small MobileNetV2-style CNN on scikit-learn's digits and export it to ONNX with torch.onnx.
 
-  python tools/train_digits.py OUT_DIR [--epochs 15] [--resolution 16] [--seed 0]
+  python tools/train_digits.py OUT_DIR [--epochs 15] [--resolution 16] [--seed 0] [--linearity W]
 
 The digits data set (1797 grey 8x8 images, 10 classes) ships inside scikit-learn. Images are
 scaled to [0, 1] and enlarged to `resolution` (nearest neighbour), then split once, stratified,
@@ -8,6 +8,10 @@ into a training split (70%) and a held-out split (30%). The network: 3x3 stem + 
 inverted residual blocks (1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN,
 residual add where the shape allows), 1x1 head + BN + ReLU6, global average pool, linear.
 Trained with Adam on one thread; exported in eval mode (torch folds BN into the convs).
+`--linearity` adds DepthShrinker's idea in its simplest form to the loss: the mean distance of
+every block ReLU6's inputs from [0, 6] times the given weight, so blocks that do not need their
+activations learn to keep them linear. Which blocks end up linear is left to the network (and
+found by `shrinkc compile --shrink auto`, not told to it).
 
 Writes OUT_DIR/digits.onnx, train_x.npy / train_y.npy, test_x.npy / test_y.npy, train.json.
 """
@@ -81,7 +85,16 @@ def make_net():
     return DigitNet()
 
 
-def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0) -> dict:
+def block_activation_inputs(net) -> list:
+    """Hooks on every block ReLU6; the returned list fills with their inputs on each forward pass."""
+    seen = []
+    for b in net.blocks:
+        for seq in (b.expand, b.dw):
+            seq[2].register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    return seen
+
+
+def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0, linearity: float = 0.0) -> dict:
     """Train, export, save the splits; returns what train.json holds (accuracy, time, paths)."""
     import torch
     torch.set_num_threads(1)
@@ -89,6 +102,7 @@ def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0) -
     os.makedirs(out_dir, exist_ok=True)
     xtr, ytr, xte, yte = load_digits(resolution, seed)
     net = make_net()
+    pre = block_activation_inputs(net) if linearity else []
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
@@ -98,7 +112,10 @@ def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0) -
         net.train()
         for idx in np.array_split(rng.permutation(len(xt)), max(1, len(xt) // 64)):
             opt.zero_grad()
+            pre.clear()
             loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+            if linearity:   # distance of the ReLU6 inputs from [0, 6], where ReLU6 is the identity
+                loss = loss + linearity * sum((torch.relu(-p) + torch.relu(p - 6)).mean() for p in pre)
             loss.backward()
             opt.step()
         sched.step()
@@ -112,6 +129,7 @@ def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0) -
     onnx_path = os.path.join(out_dir, "digits.onnx")
     export(net, resolution, onnx_path)
     info = {"onnx": onnx_path, **paths, "epochs": epochs, "resolution": resolution, "seed": seed,
+            "linearity": linearity,
             "train_s": round(train_s, 1), "torch_test_accuracy": acc, "train_samples": len(xtr),
             "test_samples": len(xte), "blocks": BLOCKS}
     with open(os.path.join(out_dir, "train.json"), "w") as f:
@@ -130,11 +148,12 @@ def export(net, resolution: int, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--linearity", type=float, default=0.0, help="weight of the ReLU6 linearity penalty")
     args = parser.parse_args()
-    info = train(args.out_dir, args.epochs, args.resolution, args.seed)
+    info = train(args.out_dir, args.epochs, args.resolution, args.seed, args.linearity)
     print(f"trained in {info['train_s']} s: held-out accuracy {info['torch_test_accuracy']:.4f}; wrote {info['onnx']}")
 
 
