@@ -111,8 +111,8 @@ def run_case(label: str, model, threads: list[int], rounds: int, work: str, cost
 def interleave_in_child(sos: dict, npz: str, rounds: int) -> dict[str, list[float]]:
     """1 thread: the libraries interleaved in ONE fresh process (benchlib.interleave), away from the compiles.
 
-    NOTE: timed in the process that had just compiled them (cost measurements, verification), the merged
-    MobileNetV2-1.4 ran ~10x slower than the same .so loaded in a fresh process; a clean child avoids that."""
+    The compiling process holds the compiled modules, cost measurements and ONNX Runtime sessions; a clean
+    child times only the two libraries."""
     code = ("import json, os, sys; os.environ['TVM_NUM_THREADS'] = '1'; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
             "import numpy as np, benchlib, compiler\n"
             "inputs = dict(np.load(sys.argv[3])); fns = {}\n"
