@@ -41,8 +41,8 @@ def build_case(case: str, resolution: int | None = None):
     opts = {**opts, **({"resolution": resolution} if resolution else {})}
     model = zoo.build(name, **opts)
     if dsf:
-        n_expansion = len({n.name.split(".")[0] for n in model.graph.node if re.fullmatch(r"block\d+\.expand", n.name)})
-        model = with_probe(zoo.build(name, linear_blocks=tuple(range(n_expansion)), **opts), "head")
+        expands = {n.name for n in model.graph.node if re.fullmatch(r"block\d+\.expand", n.name)}
+        model = with_probe(zoo.build(name, linear_blocks=tuple(range(len(expands))), **opts), "head")
     return model
 
 
