@@ -151,3 +151,22 @@ def test_bench_shrink_core_on_a_tiny_dsf_model(tmp_path):
     bench.write_section(str(out), "shrink", "second")
     text = out.read_text()
     assert "second" in text and "first" not in text and "kept" in text
+
+
+def test_bench_shrink_auto_report_from_a_compile_report():
+    _bench_shrink()
+    import bench_shrink_auto as auto
+    changes = [{"what": "measured", "layer": "b0", "linearity": 0.5, "agreement_alone": 0.4, "removed": False},
+               {"what": "measured", "layer": "b1", "linearity": 0.9, "agreement_alone": 0.999, "removed": True},
+               {"what": "agreement", "layer": "", "top1_agreement": 0.995, "samples": 10, "blocks": ["b1"]}]
+    measured, agreement = auto.removed_blocks({"passes": {"ChooseBlocks": {"changes": changes}}})
+    assert [m["layer"] for m in measured if m["removed"]] == ["b1"] and agreement == 0.995
+    assert auto.removed_blocks({"passes": {}}) == ([], None)
+    stats = {"min_ms": 1.0, "median_ms": 1.0, "runs": 1}
+    info = {"blocks": [1, 2], "resolution": 16, "epochs": 1, "train_s": 1.0, "linearity": 0.0,
+            "train_samples": 10, "test_samples": 5}
+    ev = {"original": {"accuracy": 0.9}, "merge": {"accuracy": 0.9, "agreement": 1.0},
+          "auto": {"accuracy": 0.8, "agreement": 0.95}}
+    md = auto.results_md("cmd", info, 0.01, measured, agreement, ev,
+                         {1: {"auto": stats, "merge": stats, "speedup": 1.0}}, {"auto": 1, "merge": 0})
+    assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md
