@@ -163,7 +163,7 @@ def test_bench_shrink_auto_report_from_a_compile_report():
     assert [m["layer"] for m in measured if m["removed"]] == ["b1"] and agreement == 0.995
     assert auto.removed_blocks({"passes": {}}) == ([], None)
     stats = {"min_ms": 1.0, "median_ms": 1.0, "runs": 1}
-    info = {"blocks": [1, 2], "resolution": 16, "epochs": 1, "train_s": 1.0, "linearity": 0.0,
+    info = {"blocks": [1, 2], "resolution": 16, "epochs": 1, "train_s": 1.0, "linearity": 0.0, "expansion": 6,
             "train_samples": 10, "test_samples": 5}
     ev = {"original": {"accuracy": 0.9}, "merge": {"accuracy": 0.9, "agreement": 1.0},
           "auto": {"accuracy": 0.8, "agreement": 0.95}}

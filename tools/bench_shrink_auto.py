@@ -97,7 +97,8 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
     removed = [m["layer"] for m in measured if m["removed"]]
     lines = ["## `--shrink auto` on a trained CNN (`tools/bench.py shrink-auto`)", "",
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
-             f"- model: tools/train_digits.py, {len(info['blocks'])} inverted residual blocks (ReLU6), scikit-learn "
+             f"- model: tools/train_digits.py, {len(info['blocks'])} inverted residual blocks (ReLU6, expansion "
+             f"{info['expansion']}), scikit-learn "
              f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs on 1 thread in "
              f"{info['train_s']} s, linearity penalty {info['linearity']}, exported with torch.onnx (BN folded); "
              f"calibration = the {info['train_samples']} "
@@ -121,7 +122,7 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
 
 def cmd_shrink_auto(args) -> None:
     work = args.work or tempfile.mkdtemp(prefix="shrinkc-bench-auto-")
-    info = train_digits.train(work, args.epochs, args.resolution, args.seed, args.linearity)
+    info = train_digits.train(work, args.epochs, args.resolution, args.seed, args.linearity, args.expansion)
     print(f"trained in {info['train_s']} s, held-out accuracy {info['torch_test_accuracy']:.4f}", flush=True)
     sos, reports = {}, {}
     for mode in MODES:
@@ -153,6 +154,7 @@ def add_parser(sub, root: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--linearity", type=float, default=0.0,
                    help="weight of train_digits' ReLU6 linearity penalty (0: plain training)")
+    p.add_argument("--expansion", type=int, default=train_digits.EXPANSION, help="expansion factor of every block")
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=50)
