@@ -122,3 +122,53 @@ def test_calibration_npz_by_name_and_shape_errors(tmp_path):
         samples(load_calibration(path), [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}])
     with pytest.raises(ShrinkcError, match="does not exist"):
         load_calibration(str(tmp_path / "missing.npy"))
+
+
+# --- tools/bench_shrink.py: the benchmark's core on a tiny model, so the script cannot rot (no timing asserted) ---
+def _bench_shrink():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_shrink
+    return bench_shrink
+
+
+def test_bench_shrink_core_on_a_tiny_dsf_model(tmp_path):
+    bench = _bench_shrink()
+    dense = zoo.build("mobilenet_v2", **MV2)
+    n_expansion = len({n.name.split(".")[0] for n in dense.graph.node if n.name.endswith(".expand")})
+    model = bench.with_probe(zoo.build("mobilenet_v2", linear_blocks=tuple(range(n_expansion)), **MV2), "head")
+    r = bench.run_case("tiny-dsf", model, [1], 2, str(tmp_path))
+    merge, off = r["modes"]["merge"], r["modes"]["off"]
+    assert merge["merged"] > 0 and merge["convs_merged"] >= 2 * merge["merged"]
+    assert off["merged"] == 0 and set(merge["rel_err"]) == {"classifier", "block16.project"}
+    assert r["exact"] and merge["max_rel_err"] <= bench.EXACT_REL_ERR
+    t = r["threads"][1]
+    assert t["speedup"] == pytest.approx(t["off"]["median_ms"] / t["merge"]["median_ms"])
+    md = bench.results_md("cmd", [r], 32)
+    assert "| tiny-dsf | 1 |" in md
+    out = tmp_path / "R.md"
+    bench.write_section(str(out), "shrink", "first")
+    bench.write_section(str(out), "other", "kept")
+    bench.write_section(str(out), "shrink", "second")
+    text = out.read_text()
+    assert "second" in text and "first" not in text and "kept" in text
+
+
+def test_bench_shrink_auto_report_from_a_compile_report():
+    _bench_shrink()
+    import bench_shrink_auto as auto
+    changes = [{"what": "measured", "layer": "b0", "linearity": 0.5, "agreement_alone": 0.4, "removed": False},
+               {"what": "measured", "layer": "b1", "linearity": 0.9, "agreement_alone": 0.999, "removed": True},
+               {"what": "agreement", "layer": "", "top1_agreement": 0.995, "samples": 10, "blocks": ["b1"]}]
+    measured, agreement = auto.removed_blocks({"passes": {"ChooseBlocks": {"changes": changes}}})
+    assert [m["layer"] for m in measured if m["removed"]] == ["b1"] and agreement == 0.995
+    assert auto.removed_blocks({"passes": {}}) == ([], None)
+    stats = {"min_ms": 1.0, "median_ms": 1.0, "runs": 1}
+    info = {"blocks": [1, 2], "resolution": 16, "epochs": 1, "train_s": 1.0, "linearity": 0.0, "expansion": 6,
+            "train_samples": 10, "test_samples": 5}
+    ev = {"original": {"accuracy": 0.9}, "merge": {"accuracy": 0.9, "agreement": 1.0},
+          "auto": {"accuracy": 0.8, "agreement": 0.95}}
+    md = auto.results_md("cmd", info, 0.01, measured, agreement, ev,
+                         {1: {"auto": stats, "merge": stats, "speedup": 1.0}}, {"auto": 1, "merge": 0})
+    assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md

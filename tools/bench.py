@@ -3,6 +3,8 @@
   python tools/bench.py models   [--models mobilenet_v2,...] [--threads 1,2] [--rounds 30] [--tflite F]
   python tools/bench.py sparse   [--sparsities 70,80,85,90,95] [--blocks 1,4] [--threads 1,2]  (tools/bench_sparse.py)
   python tools/bench.py tune     [--minutes 30] [--variant-minutes 10] [--variants dense,sparse,merged]
+  python tools/bench.py shrink   [--cases mobilenet_v2_1.4-dsf,...] [--threads 1,2] [--rounds 30] [--resolution R]
+  python tools/bench.py shrink-auto [--epochs 15] [--max-drop 0.01] [--threads 1,2] [--rounds 50]
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -27,6 +29,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 import bench_sparse  # noqa: E402
+import bench_shrink  # noqa: E402
+import bench_shrink_auto  # noqa: E402
 import benchlib  # noqa: E402
 import bench_tune  # noqa: E402
 
@@ -160,6 +164,8 @@ def main() -> None:
                        description=bench_tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_tune.add_arguments(p)
     p.set_defaults(func=bench_tune.cmd_tune)
+    bench_shrink.add_parser(sub, ROOT)
+    bench_shrink_auto.add_parser(sub, ROOT)
     args = parser.parse_args()
     args.func(args)
 

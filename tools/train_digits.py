@@ -1,0 +1,165 @@
+"""Train a small MobileNetV2-style CNN on scikit-learn's digits and export it to ONNX with torch.onnx.
+
+  python tools/train_digits.py OUT_DIR [--epochs 15] [--resolution 16] [--seed 0] [--linearity W] [--expansion 6]
+
+The digits data set (1797 grey 8x8 images, 10 classes) ships inside scikit-learn. Images are
+scaled to [0, 1] and enlarged to `resolution` (nearest neighbour), then split once, stratified,
+into a training split (70%) and a held-out split (30%). The network: 3x3 stem + BN + ReLU6,
+inverted residual blocks (1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN,
+residual add where the shape allows), 1x1 head + BN + ReLU6, global average pool, linear.
+Trained with Adam on one thread; exported in eval mode (torch folds BN into the convs).
+`--linearity` adds DepthShrinker's idea in its simplest form to the loss: the mean distance of
+every block ReLU6's inputs from [0, 6] times the given weight, so blocks that do not need their
+activations learn to keep them linear. Which blocks end up linear is left to the network (and
+found by `shrinkc compile --shrink auto`, not told to it).
+
+Writes OUT_DIR/digits.onnx, train_x.npy / train_y.npy, test_x.npy / test_y.npy, train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+# (output channels, stride) per inverted residual block; the expansion is an option (MobileNetV2's 6 by default:
+# at 4 the merged dense 3x3 conv needs more FLOPs than the block, and the cost declines merging it)
+BLOCKS = [(16, 1), (16, 1), (24, 2), (24, 1), (24, 1), (32, 2), (32, 1), (32, 1)]
+EXPANSION = 6
+STEM, HEAD, CLASSES = 16, 64, 10
+TEST_SHARE = 0.3
+
+
+def load_digits(resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train x, train y, test x, test y): x float32 [N, 1, R, R] in [0, 1], y int64."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+    data = sk_digits()
+    x = (data.images / 16.0).astype(np.float32)
+    scale = resolution // 8
+    if scale * 8 != resolution:
+        raise SystemExit(f"--resolution {resolution} must be a multiple of 8 (the digits are 8x8)")
+    x = x.repeat(scale, axis=1).repeat(scale, axis=2)[:, None]
+    xtr, xte, ytr, yte = train_test_split(x, data.target.astype(np.int64), test_size=TEST_SHARE,
+                                          stratify=data.target, random_state=seed)
+    return xtr, ytr, xte, yte
+
+
+def make_net(expansion: int = EXPANSION):
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, stride=1, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, t, cout, stride):
+            super().__init__()
+            hidden = cin * t
+            self.expand = conv_bn(cin, hidden, 1)
+            self.dw = conv_bn(hidden, hidden, 3, stride, groups=hidden)
+            self.project = conv_bn(hidden, cout, 1, act=False)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            y = self.project(self.dw(self.expand(x)))
+            return x + y if self.residual else y
+
+    class DigitNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(1, STEM, 3)
+            blocks, cin = [], STEM
+            for c, s in BLOCKS:
+                blocks.append(InvertedResidual(cin, expansion, c, s))
+                cin = c
+            self.blocks = nn.Sequential(*blocks)
+            self.head = conv_bn(cin, HEAD, 1)
+            self.classifier = nn.Linear(HEAD, CLASSES)
+
+        def forward(self, x):
+            x = self.head(self.blocks(self.stem(x)))
+            return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return DigitNet()
+
+
+def block_activation_inputs(net) -> list:
+    """Hooks on every block ReLU6; the returned list fills with their inputs on each forward pass."""
+    seen = []
+    for b in net.blocks:
+        for seq in (b.expand, b.dw):
+            seq[2].register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    return seen
+
+
+def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0, linearity: float = 0.0,
+          expansion: int = EXPANSION) -> dict:
+    """Train, export, save the splits; returns what train.json holds (accuracy, time, paths)."""
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    xtr, ytr, xte, yte = load_digits(resolution, seed)
+    net = make_net(expansion)
+    pre = block_activation_inputs(net) if linearity else []
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        for idx in np.array_split(rng.permutation(len(xt)), max(1, len(xt) // 64)):
+            opt.zero_grad()
+            pre.clear()
+            loss = torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+            if linearity:   # distance of the ReLU6 inputs from [0, 6], where ReLU6 is the identity
+                loss = loss + linearity * sum((torch.relu(-p) + torch.relu(p - 6)).mean() for p in pre)
+            loss.backward()
+            opt.step()
+        sched.step()
+    train_s = time.perf_counter() - t0
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
+    paths = {k: os.path.join(out_dir, f"{k}.npy") for k in ("train_x", "train_y", "test_x", "test_y")}
+    for k, a in zip(paths, (xtr, ytr, xte, yte)):
+        np.save(paths[k], a)
+    onnx_path = os.path.join(out_dir, "digits.onnx")
+    export(net, resolution, onnx_path)
+    info = {"onnx": onnx_path, **paths, "epochs": epochs, "resolution": resolution, "seed": seed,
+            "linearity": linearity, "expansion": expansion,
+            "train_s": round(train_s, 1), "torch_test_accuracy": acc, "train_samples": len(xtr),
+            "test_samples": len(xte), "blocks": BLOCKS}
+    with open(os.path.join(out_dir, "train.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def export(net, resolution: int, path: str) -> None:
+    """torch.onnx's TorchScript exporter, as most published ONNX models were made (BN folded in eval mode)."""
+    import torch
+    x = torch.zeros(1, 1, resolution, resolution)
+    torch.onnx.export(net, (x,), path, input_names=["input"], output_names=["logits"], opset_version=13,
+                      do_constant_folding=True, dynamo=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--linearity", type=float, default=0.0, help="weight of the ReLU6 linearity penalty")
+    parser.add_argument("--expansion", type=int, default=EXPANSION, help="expansion factor of every block")
+    args = parser.parse_args()
+    info = train(args.out_dir, args.epochs, args.resolution, args.seed, args.linearity, args.expansion)
+    print(f"trained in {info['train_s']} s: held-out accuracy {info['torch_test_accuracy']:.4f}; wrote {info['onnx']}")
+
+
+if __name__ == "__main__":
+    main()
