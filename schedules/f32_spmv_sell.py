@@ -17,17 +17,13 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from schedules.f32_spmm_chw import index_dtype
+
 KIND = "spmv_sell"
-INT16_MAX_COLUMNS = 32768      # int16 column indices when the input length is below this
 
 
 def kernel_name(rows: int) -> str:
     return f"f32_spmv_sell_{rows}"
-
-
-def index_dtype(columns: int) -> str:
-    """The narrowest index type that holds column numbers 0 .. columns-1 (int16 or int32)."""
-    return "int16" if columns < INT16_MAX_COLUMNS else "int32"
 
 
 def encode_sell(w: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
