@@ -1,9 +1,10 @@
-"""`tools/bench.py sparse`: sparse 1x1 kernels per layer, sparse MobileNetV2 end to end, library size.
+"""`tools/bench.py sparse`: sparse 1x1 and FC kernels per layer, sparse MobileNetV2 end to end, library size.
 
 (a) per layer: each distinct 1x1 conv shape of MobileNetV2 1.0 224, our spmm at every sparsity
     (unstructured -> block-1 kernel, 4x1-blocked zeros -> block-4 kernel) against OUR dense 1x1
     (the blocked NCHW{b}c kernel phase 4 gives it, no layout transforms timed), all of one shape
-    interleaved in one process at 1 thread.
+    interleaved in one process at 1 thread; then the 1280->1000 classifier, our dense fully connected
+    kernel against the spmv at every sparsity.
 (b) end to end: MobileNetV2 1.0 224 with that share of zeros in every 1x1 weight and in the
     classifier (zoo's sparse_fc): shrinkc `--sparse auto` vs shrinkc `--sparse off` vs ONNX Runtime,
     all on the SAME weights; 1 thread interleaved in this process, 2+ threads one process per
@@ -76,6 +77,25 @@ def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds:
     med = {k: benchlib.stats(v)["median_ms"] for k, v in times.items()}
     return {**{k: v for k, v in shape.items() if k != "layers"}, "dense_ms": med["dense"],
             "sparse_ms": {f"{s:.2f}/{b}": med[(s, b)] for s in sparsities for b in blocks}}
+
+
+def bench_fc(sparsities: list[float], rounds: int, spec, k: int = 1280, n: int = 1000) -> dict:
+    """MobileNetV2's classifier (k -> n, bias): our dense fully connected kernel against the spmv at each
+    sparsity (unstructured) and slice height (1 and 2 vectors of rows), interleaved."""
+    from compiler.cost import runnable
+    from passes.sparsify_dense import ROW_VECTORS, dense_layer_module, sparse_layer_module
+    from zoo.onnx_builder import zero_out
+    rng = np.random.default_rng(LAYER_SEED)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    fns = {"dense": runnable(dense_layer_module({"w": w, "bias": bias}), spec)}
+    for s in sparsities:
+        plan = {"w": zero_out(w, s, 1, rng), "bias": bias}
+        for v in ROW_VECTORS:
+            fns[(s, v * spec.vector_lanes)] = runnable(sparse_layer_module(plan, v * spec.vector_lanes), spec)
+    med = {key: benchlib.stats(t)["median_ms"] for key, t in benchlib.interleave(fns, rounds).items()}
+    return {"k": k, "n": n, "dense_ms": med.pop("dense"),
+            "sparse_ms": {f"{s:.2f}/{rows}": v for (s, rows), v in med.items()}}
 
 
 # --- (b, c) end to end -----------------------------------------------------------------------------
@@ -170,7 +190,8 @@ def _zeros(block: int) -> str:
     return "u" if block == 1 else f"{block}x1"
 
 
-def write_md(path: str, command: str, layers: list[dict], models: list[dict], sparsities, blocks, wall_s) -> None:
+def write_md(path: str, command: str, layers: list[dict], models: list[dict], sparsities, blocks, wall_s,
+             fc: dict | None = None) -> None:
     lines = ["# Sparse 1x1 kernels: per layer, end to end, library size", "",
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- wall time of the whole run: {wall_s / 60:.1f} min",
@@ -195,6 +216,17 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
         lines.append(f"| **all 1x1 of the network** (sum x n) | {sum(r['count'] for r in layers)} | | "
                      f"{total_dense:.3f} | " + " | ".join(f"**{x:.2f}**" for x in totals) + " |")
         lines += ["", "Goal (issue 5): unstructured >= 3x at 80% and >= 4x at 85%.", ""]
+    if fc:
+        lines += ["## (a') the classifier: our dense fully connected median / our spmv median (above 1 = spmv "
+                  "faster)", "", f"{fc['k']} -> {fc['n']} with bias at batch 1, 1 thread, interleaved; unstructured "
+                  "zeros; spmv = f32_spmv_sell with R output rows per slice. SparsifyDense keeps the layer dense "
+                  "wherever this is below 1 on the target.", "",
+                  "| spmv | dense ms | " + " | ".join(_pct(s) for s in sparsities) + " |",
+                  "|---" * (2 + len(sparsities)) + "|"]
+        for rows in sorted({int(key.split("/")[1]) for key in fc["sparse_ms"]}):
+            lines.append(f"| R = {rows} | {fc['dense_ms']:.3f} | " + " | ".join(
+                f"{fc['dense_ms'] / fc['sparse_ms'][f'{s:.2f}/{rows}']:.2f}" for s in sparsities) + " |")
+        lines.append("")
     if models:
         lines += ["## (b) end to end: MobileNetV2 1.0 224, every 1x1 weight and the classifier sparse", "",
                   "Same weights for all three. 1 thread: one process, runs interleaved after warm-up; 2 threads: "
@@ -219,8 +251,8 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
                   "stays dense. A layer the cost interface finds slower sparse stays dense (sparse layers column).",
                   "",
                   "| zeros | blocks | sparse .so MB, 1x1 only | sparse .so MB, 1x1 + fc | dense .so MB "
-                  "| ratio 1x1 only | ratio 1x1 + fc | sparse layers 1x1 / fc (1x1 only; 1x1 + fc) | 1x1 / fc / other weights MB "
-                  "| compile auto / off (s) |", "|---" * 10 + "|"]
+                  "| ratio 1x1 only | ratio 1x1 + fc | sparse layers 1x1 / fc (1x1 only; 1x1 + fc) "
+                  "| 1x1 / fc / other weights MB | compile auto / off (s) |", "|---" * 10 + "|"]
         for m in models:
             d, w = m["size_off_mb"], m["weights_mb"]
             lines.append(f"| {_pct(m['sparsity'])} | {_zeros(m['block'])} | {m['size_auto_1x1_only_mb']:.2f} | "
@@ -254,7 +286,7 @@ def cmd_sparse(args) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     os.makedirs(args.out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="shrinkc-bench-sparse-")
-    layers, models = [], []
+    layers, models, fc = [], [], None
     if not args.skip_layers:
         spec = targets.resolve(None, None)
         shapes = mobilenet_v2_1x1_shapes()
@@ -265,6 +297,9 @@ def cmd_sparse(args) -> None:
             layers.append(r)
             print(f"{r['cin']}->{r['cout']} @{r['h']}x{r['w']}: dense {r['dense_ms']:.3f} ms, speed-up " + ", ".join(
                 f"{k} {r['dense_ms'] / v:.2f}" for k, v in r["sparse_ms"].items()), flush=True)
+        fc = bench_fc(sparsities, args.layer_rounds, spec)
+        print(f"classifier {fc['k']}->{fc['n']}: dense {fc['dense_ms']:.3f} ms, speed-up " + ", ".join(
+            f"{k} {fc['dense_ms'] / v:.2f}" for k, v in fc["sparse_ms"].items()), flush=True)
     if not args.skip_models:
         for b in blocks:
             for s in sparsities:
@@ -277,10 +312,10 @@ def cmd_sparse(args) -> None:
                       f"{m['size_auto_mb']:.2f} / {m['size_off_mb']:.2f} MB", flush=True)
     out = os.path.join(args.out_dir, args.out)
     write_md(out, "python tools/bench.py " + " ".join(sys.argv[1:]), layers, models, sparsities, blocks,
-             time.perf_counter() - t_start)
+             time.perf_counter() - t_start, fc)
     chart(os.path.join(args.out_dir, CHART), models)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"layers": layers, "models": models}, f, indent=1, default=str)
+        json.dump({"layers": layers, "classifier": fc, "models": models}, f, indent=1, default=str)
     print(f"wrote {out}")
 
 
