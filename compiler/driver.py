@@ -90,14 +90,18 @@ class CompiledModel:
         return verify.compare([t.name for t in self.info.outputs], ours, refs, tolerance)
 
 
+SPARSE_PASSES = ("SparsifyConv1x1", "SparsifyDense")   # the passes whose "sparse" changes are sparse layers
+
+
 def sparse_layers(passes: dict) -> list[dict]:
-    """Every layer that runs as a sparse kernel: name, share of zeros, block shape (output channels x 1
-    input channel), block fill, kernel, and its speed-up over our dense 1x1 as measured by the cost
-    interface (None where nothing was measured: the target does not run here). Layers whose sparse
-    rewrite was undone (the whole model was not faster) are not listed: they run dense."""
+    """Every layer that runs as a sparse kernel (1x1 convs, then fully connected layers): name, share of
+    zeros, block shape (output channels x 1 input channel; 1x1 for fully connected), block fill, kernel,
+    and its speed-up over our dense kernel as measured by the cost interface (None where nothing was
+    measured: the target does not run here). Layers whose sparse rewrite was undone (the whole model was
+    not faster) are not listed: they run dense."""
     return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
              "kernel": c["kernel"], "speedup_vs_dense": c["speedup"]}
-            for c in passes.get("SparsifyConv1x1", {}).get("changes", []) if c["what"] == "sparse"]
+            for name in SPARSE_PASSES for c in passes.get(name, {}).get("changes", []) if c["what"] == "sparse"]
 
 
 def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | None = None,

@@ -21,6 +21,7 @@ from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
 from passes.prune_activations import PruneActivations
 from passes.sparsify_conv1x1 import SparsifyConv1x1
+from passes.sparsify_dense import SparsifyDense
 from schedules import registry
 from targets import TargetSpec, errors
 
@@ -64,10 +65,13 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             MergeLinearChains(cost, select=True),
             relax.transform.DeadCodeElimination(),
         ]),
-        # Phase 3. Sparsity: mostly-zero 1x1 convs -> block-sparse CHW kernels (compressed weights).
+        # Phase 3. Sparsity: mostly-zero 1x1 convs -> block-sparse CHW kernels, mostly-zero fully connected
+        # layers -> sparse matrix-vector kernels (compressed weights).
         # NOTE: kept only if the whole model measures faster (layer gains can be lost at region borders)
-        ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min), FormCHWRegions(spec)], cost,
-                                 "SparseRegions")] if opts.sparse == "auto" and spec.is_cpu else []),
+        ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min),
+                                  SparsifyDense(spec, cost, opts.sparse_min),
+                                  FormCHWRegions(spec)], cost, "SparseRegions")]
+         if opts.sparse == "auto" and spec.is_cpu else []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]

@@ -175,7 +175,7 @@ def _sparse_call_parts(plan, block, spec, x, residual):
     tile = default_pixel_tile(plan["h"] * plan["wd"], block, spec)
     func = spmm_chw(cin, cout, plan["h"], plan["wd"], block, len(col), clip=plan["clip"],
                     residual=residual is not None, pixel_tile=tile, lanes=spec.vector_lanes,
-                    name=kernel_name(tile, block)).with_attr("op_pattern", 8)   # opaque: never fused
+                    col_dtype=str(col.dtype), name=kernel_name(tile, block)).with_attr("op_pattern", 8)   # opaque: never fused
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)
     args = [x, const(row_ptr), const(col), const(val), const(bias)]
     if residual is not None:

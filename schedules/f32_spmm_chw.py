@@ -22,17 +22,24 @@ from schedules.rule import SCHEDULED_ATTR
 KIND = "spmm_chw"
 BLOCKS = (8, 4, 2, 1)
 MAX_PIXEL_TILE = 128
+INT16_MAX_COLUMNS = 32768      # int16 column indices when the input channel count is below this
 
 
 def kernel_name(pixel_tile: int, block: int) -> str:
     return f"f32_spmm_chw_{pixel_tile}x{block}"
 
 
+def index_dtype(columns: int) -> str:
+    """The narrowest index type that holds column numbers 0 .. columns-1 (int16 or int32)."""
+    return "int16" if columns < INT16_MAX_COLUMNS else "int32"
+
+
 def encode_bsr(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[Cout, Cin] dense weights -> (row_ptr [Cout/block + 1], col [nnzb], val [nnzb, block]).
+    """[Cout, Cin] dense weights -> (row_ptr [Cout/block + 1] int32, col [nnzb], val [nnzb, block]).
 
     A block (input channel, `block` consecutive output channels) is kept when any of its weights
-    is non-zero. Output channels must be a multiple of `block`."""
+    is non-zero. Output channels must be a multiple of `block`. col is int16 where Cin fits
+    (index_dtype), else int32."""
     cout, cin = w.shape
     assert cout % block == 0, (cout, block)
     blocks = w.reshape(cout // block, block, cin).transpose(0, 2, 1)      # [nb, cin, block]
@@ -42,8 +49,8 @@ def encode_bsr(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.nd
     rows, cols = np.nonzero(keep)
     val = blocks[rows, cols].astype(np.float32).reshape(-1, block)
     if len(cols) == 0:   # an all-zero weight still needs buffers of positive size
-        return row_ptr, np.zeros(1, np.int32), np.zeros((1, block), np.float32)
-    return row_ptr, cols.astype(np.int32), np.ascontiguousarray(val)
+        return row_ptr, np.zeros(1, index_dtype(cin)), np.zeros((1, block), np.float32)
+    return row_ptr, cols.astype(index_dtype(cin)), np.ascontiguousarray(val)
 
 
 def block_fill(w: np.ndarray, block: int) -> float:
@@ -68,11 +75,11 @@ def default_pixel_tile(pixels: int, block: int, spec) -> int:
 
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
-             pixel_tile: int = 32, lanes: int = 16,
+             pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
              name: str | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
-    Parameters in order: x [1,cin,h,w], row_ptr, col, val, bias [cout], (residual [1,cout,h,w]), out.
+    Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (residual [1,cout,h,w]), out.
     clip: (lo, hi) applied after the bias, before the residual add; None for none."""
     pixels = h * w
     tile_n = pixel_tile
@@ -114,14 +121,15 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
                 for p in T.vectorized(ns):
                     acc[k, nv * lanes + p] = bias[b * block + k]
         for j in T.serial(rp[b], rp[b + 1]):
+            c = T.Cast("int32", col[j])     # NOTE: one widening load per block, read by every FMA below
             for k in T.unroll(block):
                 if nv > 0:
                     for v in T.unroll(nv):
                         for p in T.vectorized(lanes):
-                            acc[k, v * lanes + p] = acc[k, v * lanes + p] + val[j, k] * x[col[j], p0 + v * lanes + p]
+                            acc[k, v * lanes + p] = acc[k, v * lanes + p] + val[j, k] * x[c, p0 + v * lanes + p]
                 if ns > 0:
                     for p in T.vectorized(ns):
-                        acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + val[j, k] * x[col[j], p0 + nv * lanes + p]
+                        acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + val[j, k] * x[c, p0 + nv * lanes + p]
         for k in T.unroll(block):
             if nv > 0:
                 for v in T.unroll(nv):
@@ -143,7 +151,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     if residual:
         @T.prim_func
         def func(x4: T.Buffer((1, cin, h, w), "float32"), rp: T.Buffer((nb + 1,), "int32"),
-                 col: T.Buffer((nnzb,), "int32"), val: T.Buffer((nnzb, block), "float32"),
+                 col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
                  bias: T.Buffer((cout,), "float32"), r4: T.Buffer((1, cout, h, w), "float32"),
                  o4: T.Buffer((1, cout, h, w), "float32")):
             T.func_attr({"tirx.noalias": True})
@@ -154,7 +162,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     else:
         @T.prim_func
         def func(x4: T.Buffer((1, cin, h, w), "float32"), rp: T.Buffer((nb + 1,), "int32"),
-                 col: T.Buffer((nnzb,), "int32"), val: T.Buffer((nnzb, block), "float32"),
+                 col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
                  bias: T.Buffer((cout,), "float32"), o4: T.Buffer((1, cout, h, w), "float32")):
             T.func_attr({"tirx.noalias": True})
             x = T.decl_buffer((cin, pixels), "float32", data=x4.data)

@@ -42,14 +42,15 @@ def test_spmm_matches_numpy(pixels_hw, sparsity, block):
     x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     rp, col, val = encode_bsr(wt, block)
-    out = _run(spmm_chw(cin, cout, h, w, block, len(col), pixel_tile=32, lanes=SPEC.vector_lanes),
+    out = _run(spmm_chw(cin, cout, h, w, block, len(col), pixel_tile=32, lanes=SPEC.vector_lanes,
+                        col_dtype=str(col.dtype)),
                [x, rp, col, val, bias], (1, cout, h, w))
     ref = (wt @ x.reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tile", [16, 64])
-def test_spmm_epilogue_clip_and_residual(tile):
+@pytest.mark.parametrize("tile,col_dtype", [(16, "int16"), (64, "int32")])
+def test_spmm_epilogue_clip_and_residual(tile, col_dtype):
     rng = np.random.default_rng(1)
     cin, cout, h, w = 24, 20, 6, 11
     wt = _weights(rng, cout, cin, 0.8, 2)
@@ -57,8 +58,9 @@ def test_spmm_epilogue_clip_and_residual(tile):
     res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     rp, col, val = encode_bsr(wt, 2)
+    col = col.astype(col_dtype)               # int16 where the input channels fit; the kernel reads either
     func = spmm_chw(cin, cout, h, w, 2, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
-                    lanes=SPEC.vector_lanes)
+                    lanes=SPEC.vector_lanes, col_dtype=col_dtype)
     out = _run(func, [x, rp, col, val, bias, res], (1, cout, h, w))
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -69,7 +71,7 @@ def test_bsr_encoding_and_fill():
     w[0:4, 1] = 1.0              # one full 4x1 block
     w[4, 3] = 2.0                # one block a quarter full
     rp, col, val = encode_bsr(w, 4)
-    assert rp.tolist() == [0, 1, 2] and col.tolist() == [1, 3]
+    assert rp.tolist() == [0, 1, 2] and col.tolist() == [1, 3] and col.dtype == np.int16
     assert val.tolist() == [[1, 1, 1, 1], [2, 0, 0, 0]]
     assert block_fill(w, 4) == pytest.approx(5 / 8) and block_fill(w, 1) == 1.0
     assert encode_bsr(np.zeros((4, 3), np.float32), 2)[0].tolist() == [0, 0, 0]
@@ -115,3 +117,18 @@ def test_spmm_is_neon_fma_on_rpi4(tmp_path):
     dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", so], capture_output=True, text=True, check=True).stdout
     body = [blk for blk in dis.split("\n\n") if "f32_spmm_chw" in blk.split("\n", 1)[0]]
     assert body and sum(blk.count("fmla\tv") for blk in body) >= 4 and ".4s" in "".join(body)
+
+
+@pytest.mark.skipif(SPEC.isa == "sse", reason="checks the x86-64 AVX code")
+def test_spmm_reads_int16_columns_with_one_widening_load():
+    """int16 column indices cost no extra work: each is one sign-extending 16-bit load, and the kernel has
+    as many FMAs and no more instructions than with int32 columns."""
+    def asm(col_dtype):
+        func = spmm_chw(96, 64, 14, 14, 1, 800, pixel_tile=64, lanes=SPEC.vector_lanes, col_dtype=col_dtype)
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+        text = (ex.mod.imports[0] if ex.mod.imports else ex.mod).inspect_source("asm")
+        return [ln for ln in text.splitlines() if ln.startswith("\t") and not ln.startswith("\t.")]
+    short, wide = asm("int16"), asm("int32")
+    assert any(ln.startswith("\tmovsw") for ln in short)
+    assert sum("vfmadd" in ln for ln in short) == sum("vfmadd" in ln for ln in wide)
+    assert len(short) <= len(wide)

@@ -1,13 +1,16 @@
-"""`tools/bench.py sparse`: sparse 1x1 kernels per layer, sparse MobileNetV2 end to end, library size.
+"""`tools/bench.py sparse`: sparse 1x1 and FC kernels per layer, sparse MobileNetV2 end to end, library size.
 
 (a) per layer: each distinct 1x1 conv shape of MobileNetV2 1.0 224, our spmm at every sparsity
     (unstructured -> block-1 kernel, 4x1-blocked zeros -> block-4 kernel) against OUR dense 1x1
     (the blocked NCHW{b}c kernel phase 4 gives it, no layout transforms timed), all of one shape
-    interleaved in one process at 1 thread.
-(b) end to end: MobileNetV2 1.0 224 with that share of zeros in every 1x1 weight: shrinkc
-    `--sparse auto` vs shrinkc `--sparse off` vs ONNX Runtime, all on the SAME weights; 1 thread
-    interleaved in this process, 2+ threads one process per runtime, bursts alternating.
-(c) library size of `--sparse auto` vs `--sparse off` on the same model.
+    interleaved in one process at 1 thread; then the 1280->1000 classifier, our dense fully connected
+    kernel against the spmv at every sparsity.
+(b) end to end: MobileNetV2 1.0 224 with that share of zeros in every 1x1 weight and in the
+    classifier (zoo's sparse_fc): shrinkc `--sparse auto` vs shrinkc `--sparse off` vs ONNX Runtime,
+    all on the SAME weights; 1 thread interleaved in this process, 2+ threads one process per
+    runtime, bursts alternating.
+(c) library size of `--sparse auto` vs `--sparse off`: the model of (b) (1x1 + classifier pruned), and
+    the same sparsity in the 1x1 weights only (classifier dense), compiled for its size alone.
 """
 from __future__ import annotations
 
@@ -76,16 +79,37 @@ def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds:
             "sparse_ms": {f"{s:.2f}/{b}": med[(s, b)] for s in sparsities for b in blocks}}
 
 
+def bench_fc(sparsities: list[float], rounds: int, spec, k: int = 1280, n: int = 1000) -> dict:
+    """MobileNetV2's classifier (k -> n, bias): our dense fully connected kernel against the spmv at each
+    sparsity (unstructured) and slice height (1 and 2 vectors of rows), interleaved."""
+    from compiler.cost import runnable
+    from passes.sparsify_dense import ROW_VECTORS, dense_layer_module, sparse_layer_module
+    from zoo.onnx_builder import zero_out
+    rng = np.random.default_rng(LAYER_SEED)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    fns = {"dense": runnable(dense_layer_module({"w": w, "bias": bias}), spec)}
+    for s in sparsities:
+        plan = {"w": zero_out(w, s, 1, rng), "bias": bias}
+        for v in ROW_VECTORS:
+            fns[(s, v * spec.vector_lanes)] = runnable(sparse_layer_module(plan, v * spec.vector_lanes), spec)
+    med = {key: benchlib.stats(t)["median_ms"] for key, t in benchlib.interleave(fns, rounds).items()}
+    return {"k": k, "n": n, "dense_ms": med.pop("dense"),
+            "sparse_ms": {f"{s:.2f}/{rows}": v for (s, rows), v in med.items()}}
+
+
 # --- (b, c) end to end -----------------------------------------------------------------------------
 def weight_megabytes(model) -> dict[str, float]:
-    """float32 weight MB of the ONNX model: the 1x1 convs (what the sparse encoding compresses) and the rest."""
+    """float32 weight MB of the ONNX model: the 1x1 convs, the fully connected (Gemm) layers, and the rest."""
     from onnx import numpy_helper
     pointwise = {n.input[1] for n in model.graph.node if n.op_type == "Conv"
                  and next((a.i for a in n.attribute if a.name == "group"), 1) == 1
                  and list(next(a.ints for a in n.attribute if a.name == "kernel_shape")) == [1, 1]}
-    out = {"1x1": 0.0, "other": 0.0}
+    fc = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    out = {"1x1": 0.0, "fc": 0.0, "other": 0.0}
     for init in model.graph.initializer:
-        out["1x1" if init.name in pointwise else "other"] += numpy_helper.to_array(init).nbytes / 1e6
+        kind = "1x1" if init.name in pointwise else "fc" if init.name in fc else "other"
+        out[kind] += numpy_helper.to_array(init).nbytes / 1e6
     return out
 
 
@@ -98,9 +122,10 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
     from compiler import runtime
     tag = f"mv2_{round(sparsity * 100)}_{block}x1"
     path = os.path.join(work, f"{tag}.onnx")
-    model = zoo.build("mobilenet_v2", sparsity=sparsity, sparse_block=block)
+    model = zoo.build("mobilenet_v2", sparsity=sparsity, sparse_block=block, sparse_fc=True)
     onnx.save(model, path)
     out = {"sparsity": sparsity, "block": block, "threads": {}, "weights_mb": weight_megabytes(model)}
+    out["size_auto_1x1_only_mb"], out["sparse_layers_1x1_only"] = _size_1x1_only(sparsity, block, work)
     libs = {}
     for mode in ("auto", "off"):
         t0 = time.perf_counter()
@@ -112,7 +137,7 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
             inputs = runtime.random_inputs(cm.metadata()["inputs"], seed=0)
             out["max_rel_err"] = max(r.rel_err for r in cm.verify(inputs))
             passes = cm.report["passes"]
-            out["sparse_layers"] = passes.get("SparsifyConv1x1", {}).get("counts", {}).get("sparse", 0)
+            out["sparse_layers"] = _sparse_count(passes)
             out["kept"] = "SparseRegions" in passes and bool(passes["SparseRegions"].get("counts", {}).get("kept"))
     npz = os.path.join(work, f"{tag}_inputs.npz")
     np.savez(npz, **inputs)
@@ -137,16 +162,36 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
     return out
 
 
+def _sparse_count(passes: dict) -> dict[str, int]:
+    """How many 1x1 convs and fully connected layers run sparse."""
+    return {kind: passes.get(name, {}).get("counts", {}).get("sparse", 0)
+            for kind, name in (("1x1", "SparsifyConv1x1"), ("fc", "SparsifyDense"))}
+
+
+def _size_1x1_only(sparsity: float, block: int, work: str) -> tuple[float, dict]:
+    """MB of the `--sparse auto` library of the model with the same 1x1 zeros and a dense classifier."""
+    import compiler
+    import zoo
+    cm = compiler.compile_model(zoo.build("mobilenet_v2", sparsity=sparsity, sparse_block=block), sparse="auto")
+    so, _ = cm.export(os.path.join(work, f"mv2_{round(sparsity * 100)}_{block}x1_1x1_only.so"))
+    return os.path.getsize(so) / 1e6, _sparse_count(cm.report["passes"])
+
+
 # --- report ----------------------------------------------------------------------------------------
 def _pct(s: float) -> str:
     return f"{round(s * 100)}%"
+
+
+def _layers(counts: dict) -> str:
+    return f"{counts['1x1']} / {counts['fc']}"
 
 
 def _zeros(block: int) -> str:
     return "u" if block == 1 else f"{block}x1"
 
 
-def write_md(path: str, command: str, layers: list[dict], models: list[dict], sparsities, blocks, wall_s) -> None:
+def write_md(path: str, command: str, layers: list[dict], models: list[dict], sparsities, blocks, wall_s,
+             fc: dict | None = None) -> None:
     lines = ["# Sparse 1x1 kernels: per layer, end to end, library size", "",
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- wall time of the whole run: {wall_s / 60:.1f} min",
@@ -171,31 +216,49 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
         lines.append(f"| **all 1x1 of the network** (sum x n) | {sum(r['count'] for r in layers)} | | "
                      f"{total_dense:.3f} | " + " | ".join(f"**{x:.2f}**" for x in totals) + " |")
         lines += ["", "Goal (issue 5): unstructured >= 3x at 80% and >= 4x at 85%.", ""]
+    if fc:
+        lines += ["## (a') the classifier: our dense fully connected median / our spmv median (above 1 = spmv "
+                  "faster)", "", f"{fc['k']} -> {fc['n']} with bias at batch 1, 1 thread, interleaved; unstructured "
+                  "zeros; spmv = f32_spmv_sell with R output rows per slice. SparsifyDense keeps the layer dense "
+                  "wherever this is below 1 on the target.", "",
+                  "| spmv | dense ms | " + " | ".join(_pct(s) for s in sparsities) + " |",
+                  "|---" * (2 + len(sparsities)) + "|"]
+        for rows in sorted({int(key.split("/")[1]) for key in fc["sparse_ms"]}):
+            lines.append(f"| R = {rows} | {fc['dense_ms']:.3f} | " + " | ".join(
+                f"{fc['dense_ms'] / fc['sparse_ms'][f'{s:.2f}/{rows}']:.2f}" for s in sparsities) + " |")
+        lines.append("")
     if models:
-        lines += ["## (b) end to end: MobileNetV2 1.0 224, every 1x1 weight sparse", "",
+        lines += ["## (b) end to end: MobileNetV2 1.0 224, every 1x1 weight and the classifier sparse", "",
                   "Same weights for all three. 1 thread: one process, runs interleaved after warm-up; 2 threads: "
                   "each runtime in its own process, bursts of 5 alternating. Medians in ms; 'vs ORT' and "
                   "'vs dense' = other median / shrinkc sparse median (above 1 = shrinkc sparse faster).", "",
                   "| zeros | blocks | threads | shrinkc sparse | shrinkc dense | ONNX Runtime | vs ORT | vs dense | "
-                  "sparse layers | kept | max rel. err |", "|---" * 11 + "|"]
+                  "sparse layers 1x1 / fc | kept | max rel. err |", "|---" * 11 + "|"]
         for m in models:
             for n, t in m["threads"].items():
                 s, d, o = (t[k]["median_ms"] for k in ("shrinkc sparse", "shrinkc dense", "onnxruntime"))
                 lines.append(f"| {_pct(m['sparsity'])} | {_zeros(m['block'])} | {n} | "
                              f"{s:.2f} | {d:.2f} | {o:.2f} | **{o / s:.2f}** | **{d / s:.2f}** | "
-                             f"{m['sparse_layers']} | {'yes' if m['kept'] else 'no'} | {m['max_rel_err']:.1e} |")
+                             f"{_layers(m['sparse_layers'])} | {'yes' if m['kept'] else 'no'} | "
+                             f"{m['max_rel_err']:.1e} |")
         lines += ["", "Goals: 85% >= 2.5x faster than ONNX Runtime at 1 thread, >= 2x at 2 threads; faster than "
                   "our dense compile from 70% up.", "", f"![speed-up over ONNX Runtime]({CHART})", "",
-                  "## (c) library size: `--sparse auto` / `--sparse off` on the same model", "",
-                  "The model's weights as dense float32: '1x1' is what the sparse encoding compresses (values + "
-                  "int32 column per kept block); 'other' (classifier, stem, depthwise, biases) stays dense in both.",
+                  "## (c) library size: `--sparse auto` / `--sparse off`", "",
+                  "Two models per row, with the same zeros in every 1x1 weight: '1x1 only' keeps a dense classifier, "
+                  "'1x1 + fc' is the model of (b) with the classifier pruned too. The dense library is the same size "
+                  "for both. Weights as dense float32: '1x1' and 'fc' are what the sparse encodings compress (values "
+                  "+ int16 column index where the input channels fit, else int32), 'other' (stem, depthwise, biases) "
+                  "stays dense. A layer the cost interface finds slower sparse stays dense (sparse layers column).",
                   "",
-                  "| zeros | blocks | sparse .so MB | dense .so MB | ratio | 1x1 / other weights MB | "
-                  "compile auto / off (s) |", "|---|---|---|---|---|---|---|"]
+                  "| zeros | blocks | sparse .so MB, 1x1 only | sparse .so MB, 1x1 + fc | dense .so MB "
+                  "| ratio 1x1 only | ratio 1x1 + fc | sparse layers 1x1 / fc (1x1 only; 1x1 + fc) "
+                  "| 1x1 / fc / other weights MB | compile auto / off (s) |", "|---" * 10 + "|"]
         for m in models:
-            lines.append(f"| {_pct(m['sparsity'])} | {_zeros(m['block'])} | "
-                         f"{m['size_auto_mb']:.2f} | {m['size_off_mb']:.2f} | **{m['size_auto_mb'] / m['size_off_mb']:.2f}**"
-                         f" | {m['weights_mb']['1x1']:.2f} / {m['weights_mb']['other']:.2f}"
+            d, w = m["size_off_mb"], m["weights_mb"]
+            lines.append(f"| {_pct(m['sparsity'])} | {_zeros(m['block'])} | {m['size_auto_1x1_only_mb']:.2f} | "
+                         f"{m['size_auto_mb']:.2f} | {d:.2f} | **{m['size_auto_1x1_only_mb'] / d:.2f}** | "
+                         f"**{m['size_auto_mb'] / d:.2f}** | {_layers(m['sparse_layers_1x1_only'])}; "
+                         f"{_layers(m['sparse_layers'])} | {w['1x1']:.2f} / {w['fc']:.2f} / {w['other']:.2f}"
                          f" | {m['compile_auto_s']:.0f} / {m['compile_off_s']:.0f} |")
         lines += ["", "Goal: the 85% model's library <= 0.5x the dense one."]
     with open(path, "w") as f:
@@ -223,7 +286,7 @@ def cmd_sparse(args) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     os.makedirs(args.out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="shrinkc-bench-sparse-")
-    layers, models = [], []
+    layers, models, fc = [], [], None
     if not args.skip_layers:
         spec = targets.resolve(None, None)
         shapes = mobilenet_v2_1x1_shapes()
@@ -234,6 +297,9 @@ def cmd_sparse(args) -> None:
             layers.append(r)
             print(f"{r['cin']}->{r['cout']} @{r['h']}x{r['w']}: dense {r['dense_ms']:.3f} ms, speed-up " + ", ".join(
                 f"{k} {r['dense_ms'] / v:.2f}" for k, v in r["sparse_ms"].items()), flush=True)
+        fc = bench_fc(sparsities, args.layer_rounds, spec)
+        print(f"classifier {fc['k']}->{fc['n']}: dense {fc['dense_ms']:.3f} ms, speed-up " + ", ".join(
+            f"{k} {fc['dense_ms'] / v:.2f}" for k, v in fc["sparse_ms"].items()), flush=True)
     if not args.skip_models:
         for b in blocks:
             for s in sparsities:
@@ -242,13 +308,14 @@ def cmd_sparse(args) -> None:
                 for n, t in m["threads"].items():
                     print(f"mv2 {_pct(s)} block {b} x{n}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms"
                                                                       for k, v in t.items()), flush=True)
-                print(f"  size sparse/dense {m['size_auto_mb']:.2f}/{m['size_off_mb']:.2f} MB", flush=True)
+                print(f"  size sparse (1x1 only) / sparse (1x1 + fc) / dense {m['size_auto_1x1_only_mb']:.2f} / "
+                      f"{m['size_auto_mb']:.2f} / {m['size_off_mb']:.2f} MB", flush=True)
     out = os.path.join(args.out_dir, args.out)
     write_md(out, "python tools/bench.py " + " ".join(sys.argv[1:]), layers, models, sparsities, blocks,
-             time.perf_counter() - t_start)
+             time.perf_counter() - t_start, fc)
     chart(os.path.join(args.out_dir, CHART), models)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({"layers": layers, "models": models}, f, indent=1, default=str)
+        json.dump({"layers": layers, "classifier": fc, "models": models}, f, indent=1, default=str)
     print(f"wrote {out}")
 
 

@@ -18,7 +18,7 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000,
                  sparsity: float = 0.0, linear_blocks: tuple[int, ...] = (), bn: bool = False,
                  seed: int = 0, explicit_pad: bool = False, sparse_from: int = 0,
-                 sparse_block: int = 1) -> onnx.ModelProto:
+                 sparse_block: int = 1, sparse_fc: bool = False) -> onnx.ModelProto:
     """Build MobileNetV2.
 
     sparsity: share of zeros in every 1x1 conv weight (unstructured), 0 for dense.
@@ -26,6 +26,8 @@ def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1
         `sparsity`; the blocks before it stay dense, the head conv always gets it.
     sparse_block: zeros come in blocks of this many output channels x 1 input channel (1: unstructured,
         4: the 4x1 blocks XNNPACK's and our block kernels use).
+    sparse_fc: the classifier's weights get `sparsity` too (unstructured); off by default, so a model
+        built without it keeps its dense classifier and its exact weights.
     linear_blocks: indices of inverted residual blocks whose two ReLU6 are removed
         (DepthShrinker's 'linear' blocks), counting the expansion blocks from 0.
     bn: emit BatchNormalization nodes after convs instead of folded biases.
@@ -65,5 +67,5 @@ def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1
     x = b.conv(x, cin, last, 1, name="head", bn=bn, sparsity=sparsity, block=sparse_block)
     x = b.relu6(x, name="head.relu6")
     x = b.flatten_via_shape(b.global_pool(x))
-    x = b.linear(x, last, num_classes, name="classifier")
+    x = b.linear(x, last, num_classes, name="classifier", sparsity=sparsity if sparse_fc else 0.0)
     return b.finish([x])

@@ -119,8 +119,10 @@ class OnnxBuilder:
         new_shape = self.node("Concat", [n1, tail], name=name + ".concat", axis=0)
         return self.node("Reshape", [x, new_shape], name=name)
 
-    def linear(self, x: str, cin: int, cout: int, name: str = "fc") -> str:
+    def linear(self, x: str, cin: int, cout: int, name: str = "fc", sparsity: float = 0.0) -> str:
         w = (self.rng.standard_normal((cout, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
+        if sparsity > 0:   # NOTE: only then is the generator drawn from, so dense models keep their weights
+            w = zero_out(w, sparsity, 1, self.rng)
         b = (self.rng.standard_normal(cout) * 0.05).astype(np.float32)
         return self.node("Gemm", [x, self.const(name + ".weight", w), self.const(name + ".bias", b)],
                          name=name, transB=1)

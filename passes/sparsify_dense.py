@@ -1,0 +1,150 @@
+"""SparsifyDense: run mostly-zero fully connected layers as sparse matrix-vector kernels with compressed weights.
+
+matmul(x[1, K], W[K, N]) [-> add(bias[N])]  =>  call_tir(f32_spmv_sell_R, x, slice_ptr, col, val, bias)
+Applies to batch-1 f32 matmuls whose right operand is a 2-D constant (what ONNX Gemm / MatMul and
+Relax's linear leave after cleanup) with at least `sparse_min` zeros. The weights are stored
+sliced-ELL (schedules/f32_spmv_sell.py); the dense weights leave the module. Where the cost
+interface measures, a layer goes sparse only when the kernel is measured faster than our dense
+fully connected kernel; elsewhere the zero share alone decides.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.merge_linear_chains import var_layer_name
+from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
+    rewriter
+from passes.sparsify_conv1x1 import SPARSE_MIN, add_kernel
+from schedules.f32_spmv_sell import encode_sell, spmv_sell
+
+NAME = "SparsifyDense"
+ROW_VECTORS = (1, 2)        # output rows per slice, in vectors, tried where the cost interface measures
+
+
+def dense_weights(value) -> np.ndarray | None:
+    """[N, K] weights (output rows x inputs) of a batch-1 f32 matmul x[1, K] @ W[K, N] with constant W."""
+    if op_name(value) != "relax.matmul":
+        return None
+    x, w = value.args
+    if not is_const(w) or x.ty.shape is None or len(x.ty.shape.values) != 2:
+        return None
+    wt = const_np(w)
+    m = x.ty.shape.values[0]
+    if wt.ndim != 2 or wt.dtype != np.float32 or str(x.ty.dtype) != "float32" \
+            or not isinstance(m, tvm.tirx.IntImm) or int(m) != 1:
+        return None
+    return np.ascontiguousarray(wt.T)
+
+
+@rewriter
+class _Sparsifier(BindingRewriter):
+    def __init__(self, mod, func, spec, cost, sparse_min):
+        super().__init__(mod, func)
+        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+        self.plans: dict = {}     # the bias add's input var -> plan
+
+    def rewrite(self, var, value):
+        if var in self.plans:
+            return self.emit_sparse(self.plans.pop(var))
+        w = dense_weights(value)
+        if w is None:
+            return None
+        plan = {"w": w, "x": value.args[0], "bias": None, "name": var.name}
+        user = self.only_user(var)
+        if isinstance(user, relax.VarBinding) and op_name(user.value) == "relax.add":
+            a, b = user.value.args
+            other = b if a.same_as(var) else a if b.same_as(var) else None
+            bias = channel_vector(other, w.shape[0], axis=1, ndim=2) if other is not None else None
+            if bias is not None:
+                plan.update(bias=bias, name=var_layer_name(var, user.var), last=user.var)
+        zeros = 1.0 - np.count_nonzero(w) / w.size
+        if zeros < self.sparse_min:
+            changelog.skip(NAME, plan["name"], f"sparse fully connected skipped: {zeros:.0%} zeros "
+                                               f"< {self.sparse_min:.0%}")
+            return None
+        plan["zeros"] = zeros
+        choice = self.choose(plan)
+        if choice is None:
+            return None
+        plan.update(choice)
+        if "last" in plan:
+            self.plans[plan["last"]] = plan
+            return None
+        return self.emit_sparse(plan)
+
+    def choose(self, plan) -> dict | None:
+        """Rows per slice, and whether sparse beats dense (measured where the cost interface measures)."""
+        lanes = self.spec.vector_lanes
+        if self.cost is None or not getattr(self.cost, "enabled", False):
+            return {"rows": lanes, "speedup": None}
+        dense = self.cost.latency(dense_layer_module(plan), key=dense_key(plan))
+        timed = {v * lanes: self.cost.latency(sparse_layer_module(plan, v * lanes)) for v in ROW_VECTORS}
+        rows = min(timed, key=timed.get)
+        if timed[rows] >= dense:
+            changelog.skip(NAME, plan["name"], f"sparse fully connected skipped: {plan['zeros']:.0%} zeros but "
+                                               f"sparse {timed[rows] * 1e6:.0f} us >= dense {dense * 1e6:.0f} us")
+            return None
+        return {"rows": rows, "speedup": round(dense / timed[rows], 2)}
+
+    def emit_sparse(self, plan):
+        func, args = _sparse_call_parts(plan, plan["rows"], plan["x"])
+        gv, func = add_kernel(self, func)
+        changelog.record(NAME, "sparse", plan["name"], zeros=round(plan["zeros"], 3), block=1, block_fill=1.0,
+                         kernel=str(func.attrs["global_symbol"]), speedup=plan["speedup"])
+        return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
+
+
+def _sparse_call_parts(plan, rows, x):
+    """The kernel and its arguments: x, slice_ptr, col, val, bias."""
+    n, k = plan["w"].shape
+    slice_ptr, col, val = encode_sell(plan["w"], rows)
+    func = spmv_sell(k, n, rows, len(col), str(col.dtype)).with_attr("op_pattern", 8)   # opaque: never fused
+    bias = plan["bias"] if plan["bias"] is not None else np.zeros(n, np.float32)
+    return func, relax.Tuple([x, const(slice_ptr), const(col), const(val), const(bias)])
+
+
+def dense_key(plan) -> str:
+    """The cost key of the dense layer: its shape only (a dense kernel's speed does not depend on the weights)."""
+    n, k = plan["w"].shape
+    return f"densefc|{k}x{n}|bias={plan['bias'] is not None}"
+
+
+def _layer_function(plan, body) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType([1, plan["w"].shape[1]], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def dense_layer_module(plan) -> tvm.IRModule:
+    """The dense layer as phase 4 runs it: matmul with the constant [K, N] weights, then the bias add."""
+    def body(bb, x):
+        y = bb.emit(relax.op.matmul(x, const(plan["w"].T)))
+        return relax.op.add(y, const(plan["bias"])) if plan["bias"] is not None else y
+    return _layer_function(plan, body)
+
+
+def sparse_layer_module(plan, rows) -> tvm.IRModule:
+    """The layer as one spmv call with `rows` output rows per slice."""
+    def body(bb, x):
+        func, args = _sparse_call_parts(plan, rows, x)
+        gv = bb.add_func(func, func.attrs["global_symbol"])
+        return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
+    return _layer_function(plan, body)
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class SparsifyDense:
+    """Run mostly-zero fully connected layers as sparse matrix-vector kernels with compressed weights."""
+
+    def __init__(self, spec, cost=None, sparse_min: float = SPARSE_MIN):
+        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return rewrite_main(mod, _Sparsifier, self.spec, self.cost, self.sparse_min)[0]
