@@ -61,7 +61,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # Phase 2. Shrink depth: linear conv chains become one conv where that is faster (DepthShrinker).
         ("shrink", [] if opts.shrink == "off" else [
             PruneActivations(opts.shrink_blocks),
-            *([AutoPruneActivations(opts.calib, opts.max_drop)] if opts.shrink == "auto" else []),
+            *([AutoPruneActivations(opts.calib, opts.max_drop, cost)] if opts.shrink == "auto" else []),
             MergeLinearChains(cost, select=True),
             relax.transform.DeadCodeElimination(),
         ]),

@@ -15,6 +15,7 @@ from tvm import relax
 
 from compiler import calibration
 from passes import changelog
+from passes.merge_linear_chains import MergeLinearChains
 from passes.prune_activations import Block, PruneActivations, activation_range, find_blocks
 from passes.rewriting import BindingRewriter, rewriter
 from targets.errors import ShrinkcError
@@ -124,19 +125,34 @@ def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: flo
     return removed, agreement
 
 
+def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost) -> set[str]:
+    """The blocks whose chain, once their activations are gone, MergeLinearChains merges (measured faster)."""
+    blocks = [b for b in find_blocks(mod["main"]) if b.name in names]
+    with changelog.collecting() as book:   # NOTE: a trial run; its changes are not the compile's
+        MergeLinearChains(cost, select=True)(PruneActivations([b.name for b in blocks])(mod))
+    changes = book.summary().get("MergeLinearChains", {}).get("changes", [])
+    return {b.name for b in blocks if any(set(b.layers) & set(c["layers"]) for c in changes)}
+
+
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)
 class AutoPruneActivations:
     """Remove the activations of the blocks that calibration shows can go within the agreement budget."""
 
-    def __init__(self, calib: dict | None, max_drop: float):
+    def __init__(self, calib: dict | None, max_drop: float, cost=None):
         if not calib:
             raise ShrinkcError("--shrink auto needs calibration inputs", "pass --calib FILE.npy or FILE.npz")
-        self.calib, self.max_drop = calib, max_drop
+        self.calib, self.max_drop, self.cost = calib, max_drop, cost
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         stats, model, feeds, ref = block_stats(mod, self.calib)
         if not stats:
             return mod
+        if self.cost is not None:   # a block whose merge would not be faster loses accuracy for nothing
+            faster = mergeable_blocks(mod, [s.name for s in stats], self.cost)
+            for s in stats:
+                if s.name not in faster:
+                    changelog.skip(NAME, s.name, "its merged conv would not be faster on this target")
+            stats = [s for s in stats if s.name in faster]
         removed, agreement = choose(stats, model, feeds, ref, self.max_drop)
         for s in stats:
             changelog.record(NAME, "measured", s.name, linearity=round(s.linearity, 4),

@@ -11,6 +11,7 @@ import compiler
 import zoo
 from compiler.analyze import cleaned
 from compiler.calibration import load_calibration, samples
+from compiler.shrink_auto import mergeable_blocks
 from conftest import run_cli, save
 from passes.prune_activations import find_blocks
 from targets import resolve
@@ -79,8 +80,28 @@ def test_auto_keeps_agreement_within_budget(mv2_path, calib_path, max_drop):
     assert summary["top1_agreement"] >= 1.0 - max_drop
     removed = cm.report["passes"].get("PruneActivations", {}).get("changes", [])
     assert sorted(c["layer"] for c in removed) == sorted(summary["blocks"])
-    if max_drop == 1.0:   # anything goes: every block loses its activations
-        assert len(removed) == 17
+    if max_drop == 1.0:   # anything goes: every block whose merge the cost accepts loses its activations
+        mod, _ = cleaned(zoo.build("mobilenet_v2", **MV2), resolve(None, None))
+        from compiler.cost import Cost
+        with resolve(None, None).tvm_target():
+            faster = mergeable_blocks(mod, [f"block{i}" for i in range(17)], Cost(resolve(None, None)))
+        assert faster and sorted(c["layer"] for c in removed) == sorted(faster)
+
+
+class _NeverFaster:
+    """A cost under which no merged conv is ever faster than its chain."""
+
+    def latency(self, mod, key=None):
+        return 1e-3
+
+
+def test_auto_removes_nothing_whose_merge_would_not_pay(mv2_path, calib_path):
+    # auto mode once removed activations of blocks the cost then declined to merge: accuracy lost, no speed
+    cm = compiler.compile_model(mv2_path, shrink="auto", calib=load_calibration(calib_path), max_drop=1.0,
+                                cost=_NeverFaster())
+    assert "PruneActivations" not in cm.report["passes"]
+    skipped = cm.report["passes"]["ChooseBlocks"]["skipped"]
+    assert len(skipped) == 17 and all("would not be faster" in k["why"] for k in skipped)
 
 
 def test_cli_shrink_modes_and_report(tmp_path, capsys):
