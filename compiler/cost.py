@@ -96,8 +96,9 @@ def runnable(mod: tvm.IRModule, spec: TargetSpec, seed: int = 0):
     """mod["main"] lowered by our phase 4, built for `spec` (which must run here), as a no-argument
     function that calls it on fixed random inputs."""
     from compiler import artifact, pipeline
+    from passes import changelog
     lower = dict(pipeline.phases(spec, pipeline.Options()))["lower"]
-    with spec.tvm_target():
+    with spec.tvm_target(), changelog.collecting():   # NOTE: a measurement's lowering is not the compile's
         for p in lower:
             mod = p(mod)
     dev = tvm.cpu(0)
