@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ class Worker:
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, n: int) -> list[float]:
+        self.resume()
         self.proc.stdin.write(f"run {n}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -99,7 +101,16 @@ class Worker:
             raise RuntimeError("benchmark worker died")
         return json.loads(line)
 
+    def pause(self) -> None:
+        """Stop the process (SIGSTOP): an idle runtime's thread pool can spin and steal the cores the
+        other runtime is being timed on (ONNX Runtime measured 2-3x slow beside an idle shrinkc worker)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def close(self):
+        self.resume()
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
@@ -110,12 +121,16 @@ def alternate(workers: dict[str, Worker], rounds: int, burst: int = 5, warmup: i
     for w in workers.values():
         for _ in range(warmup):
             w.run(burst)
+            w.pause()
             time.sleep(gap_s)
     out = {k: [] for k in workers}
     for _ in range(rounds):
         for k, w in workers.items():
             out[k].extend(w.run(burst))
+            w.pause()   # NOTE: only the runtime being timed may run
             time.sleep(gap_s)
+    for w in workers.values():
+        w.resume()
     return out
 
 
