@@ -38,3 +38,14 @@ def test_weights_are_inside_the_library(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.so"]
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     assert (tmp_path / "w.so").stat().st_size > 4 * params * 0.9
+
+
+def test_verify_compares_tiny_outputs_to_their_own_magnitude():
+    # untrained Keras models give logits of 1e-11; a fixed 1e-6 floor on the scale let any answer pass
+    import numpy as np
+    from compiler import verify
+    ref = np.array([[1e-11, -2e-11, 3e-11]])
+    (good,) = verify.compare(["y"], [ref * (1 + 1e-7)], [ref])
+    (bad,) = verify.compare(["y"], [-ref], [ref])
+    (zero,) = verify.compare(["y"], [np.zeros((1, 3))], [np.zeros((1, 3))])
+    assert good.ok and not bad.ok and zero.ok
