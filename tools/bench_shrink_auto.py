@@ -66,18 +66,13 @@ def removed_blocks(report: dict) -> tuple[list[dict], float | None]:
 
 
 def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, work: str) -> dict:
-    import compiler
     inputs = {"input": x[None]}
     npz = os.path.join(work, "digits_input.npz")
     np.savez(npz, **inputs)
     out = {}
     for n in threads:
         if n == 1:
-            fns = {}
-            for mode, so in sos.items():
-                r = compiler.load(so)
-                f, args = r.vm["main"], r._args(inputs)
-                fns[mode] = (lambda f=f, args=args: f(*args))
+            fns = benchlib.library_calls(sos, inputs)
             times = benchlib.interleave(fns, rounds, burst=10)
         else:
             workers = {mode: benchlib.Worker("shrinkc", so, npz, n) for mode, so in sos.items()}

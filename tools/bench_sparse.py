@@ -144,11 +144,7 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
     names = {"auto": "shrinkc sparse", "off": "shrinkc dense"}
     for n in threads:
         if n == 1:
-            fns = {}
-            for mode, so in libs.items():
-                runner = compiler.load(so)
-                f, args = runner.vm["main"], runner._args(inputs)
-                fns[names[mode]] = (lambda f=f, args=args: f(*args))
+            fns = benchlib.library_calls({names[mode]: so for mode, so in libs.items()}, inputs)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

@@ -76,16 +76,12 @@ def rerun_measures_nothing(model_path: str, db: str, trials: int) -> dict:
 
 def time_libraries(libs: dict[str, str], inputs: dict, threads: list[int], rounds: int, work: str) -> dict:
     """Per thread count: {label: stats} of each library, interleaved (1 thread) or alternating processes."""
-    import compiler
     npz = os.path.join(work, "inputs.npz")
     np.savez(npz, **inputs)
     out = {}
     for n in threads:
         if n == 1:
-            fns = {}
-            for label, so in libs.items():
-                runner = compiler.load(so)
-                fns[label] = (lambda f, a: lambda: f(*a))(runner.vm["main"], runner._args(inputs))
+            fns = benchlib.library_calls(libs, inputs)
             times = benchlib.interleave(fns, rounds)
         else:
             workers = {label: benchlib.Worker("shrinkc", so, npz, n) for label, so in libs.items()}

@@ -47,6 +47,16 @@ def interleave(fns: dict, rounds: int, warmup: int = 5, burst: int = 1) -> dict[
     return out
 
 
+def library_calls(libs: dict[str, str], inputs: dict) -> dict:
+    """{label: no-argument call of that exported library on `inputs`}, loaded in this process."""
+    import compiler
+    calls = {}
+    for label, so in libs.items():
+        runner = compiler.load(so)
+        calls[label] = (lambda f, a: lambda: f(*a))(runner.vm["main"], runner._args(inputs))
+    return calls
+
+
 def stats(times: list[float]) -> dict:
     return {"min_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times)), "runs": len(times)}
 
