@@ -4,7 +4,7 @@ Applies to `relax.nn.conv2d` with groups == 1, kernel OHWI{b}o, output NCHW{b}c,
 plain NCHW (the stem reading an RGB image). The inner loop broadcasts one input value and FMAs it
 into P x OB accumulator vectors, one per output pixel and channel block of the tile.
 Knobs: `pixel_tile` (P), `oc_blocks` (OB), `inline_pad`, `unroll_ci`; `knob_space` lists the
-settings `shrinkc tune` times.
+settings `shrinkc tune` times. A target caps the default OB and P with `kernel_defaults["max_oc_blocks"]` / `["max_pixel_tile"]`.
 """
 from __future__ import annotations
 
@@ -95,13 +95,15 @@ def row_tile(oh: int, ow: int, target: int) -> int:
     return max(fitting) if fitting else min(options)
 
 
-def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 4) -> tuple[int, int]:
+def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 4,
+                  max_pixels: int | None = None) -> tuple[int, int]:
     """(pixels P, channel blocks OB) of the register tile: at most `budget` accumulators, fewest
-    loads per FMA ((P + OB) / (P * OB): P broadcasts and OB weight vectors feed P*OB FMAs)."""
+    loads per FMA ((P + OB) / (P * OB): P broadcasts and OB weight vectors feed P*OB FMAs), OB and P
+    capped where a target says so (1 pixel always fits)."""
     best = None
     for p in row_tile_options(oh, ow):
         for ob in range(1, max_oc_blocks + 1):
-            if cob % ob or p * ob > budget:
+            if cob % ob or p * ob > budget or (max_pixels and p > max_pixels):
                 continue
             key = ((p + ob) / (p * ob), -p * ob)
             if best is None or key < best[0]:
@@ -124,7 +126,8 @@ class Conv2dNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        p, ob = register_tile(info["oh"], info["ow"], info["cob"], accumulator_budget(info["bo"], spec))
+        p, ob = register_tile(info["oh"], info["ow"], info["cob"], accumulator_budget(info["bo"], spec),
+                              spec.kernel_defaults.get("max_oc_blocks", 4), spec.kernel_defaults.get("max_pixel_tile"))
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap.
         # Measured (Zen 4, 1 thread): stride-1 kxk convs over more than 7x7 pixels ran ~2x faster
         # from a padded copy (merged DepthShrinker blocks); stride 2, the stem and 7x7 maps did not.

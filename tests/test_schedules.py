@@ -90,3 +90,26 @@ def test_mean_in_plain_nchw():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     _check(model, "f32_mean_hw_nchw")
+
+
+def test_register_tile_caps_from_the_target():
+    """A target's max_oc_blocks / max_pixel_tile bound the default tile; without caps the tile with
+    the fewest loads per FMA wins (7 pixels x 3 blocks for 7-wide rows and 9 blocks)."""
+    from schedules.f32_conv2d_nchwc import register_tile
+    assert register_tile(7, 7, 9, 21) == (7, 3)
+    assert register_tile(7, 7, 9, 21, max_oc_blocks=1) == (7, 1)
+    assert register_tile(56, 56, 2, 21, max_oc_blocks=1, max_pixels=8) == (8, 1)
+    assert register_tile(56, 56, 2, 21, max_oc_blocks=1) == (14, 1)
+    assert register_tile(5, 5, 2, 21, max_oc_blocks=1, max_pixels=4) == (1, 1)   # 5 and 25: too wide
+
+
+def test_avx512_default_tile_is_one_channel_block():
+    """x86 with AVX-512 (measured on Zen 4): a 960->320 1x1 conv on 7x7 gets a 7 x 16 tile, not 7 x 32."""
+    import targets
+    from schedules.f32_conv2d_nchwc import Conv2dNCHWc
+    spec = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+    assert spec.kernel_defaults["max_oc_blocks"] == 1
+    knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 1, "stride": 1}, spec)
+    assert (knobs["pixel_tile"], knobs["oc_blocks"]) == (7, 1)
+    arm = targets.resolve("rpi4")
+    assert "max_oc_blocks" not in arm.kernel_defaults
