@@ -66,7 +66,10 @@ class Cost:
         return float(np.median(times))
 
     def _target_key(self) -> str:
-        return json.dumps(self.spec.tvm, sort_keys=True) + f"|threads={os.environ.get('TVM_NUM_THREADS', 'all')}"
+        # NOTE: a latency holds only for the kernels that were timed: the schedules' source and the
+        # target's kernel defaults are part of the key, so changing either re-measures
+        return (json.dumps(self.spec.tvm, sort_keys=True) + f"|threads={os.environ.get('TVM_NUM_THREADS', 'all')}"
+                + f"|kernels={kernels_version(self.spec)}")
 
     def _read_cache(self) -> dict:
         if not self._path or not os.path.exists(self._path):
@@ -90,6 +93,17 @@ class Cost:
             os.replace(tmp, self._path)
         except OSError:
             pass            # a read-only home only costs re-measuring
+
+
+def kernels_version(spec: TargetSpec) -> str:
+    """A short hash of the schedules' source files and `spec.kernel_defaults`."""
+    h = hashlib.sha256(json.dumps(spec.kernel_defaults, sort_keys=True).encode())
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:12]
 
 
 def runnable(mod: tvm.IRModule, spec: TargetSpec, seed: int = 0):

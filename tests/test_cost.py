@@ -53,3 +53,19 @@ def test_corrupt_cache_only_costs_a_remeasure(tmp_path):
     (tmp_path / "costs.json").write_text("{not json")
     cost = Cost(targets.resolve("x86"), cache_dir=str(tmp_path), enabled=True)
     assert cost.latency(conv_module(8, 8, 4)) > 0 and cost.measured == 1
+
+
+def test_changed_kernel_defaults_remeasure(tmp_path):
+    """A latency cached for one set of schedules is not reused once the target's kernel defaults
+    (or the schedules' source) change: those are different kernels."""
+    import dataclasses
+    spec = targets.resolve("x86")
+    first = Cost(spec, cache_dir=str(tmp_path), enabled=True)
+    first.latency(conv_module(16, 16, 8))
+    other = dataclasses.replace(spec, kernel_defaults={**spec.kernel_defaults, "max_oc_blocks": 2})
+    again = Cost(other, cache_dir=str(tmp_path), enabled=True)
+    again.latency(conv_module(16, 16, 8))
+    assert again.measured == 1
+    same = Cost(spec, cache_dir=str(tmp_path), enabled=True)
+    same.latency(conv_module(16, 16, 8))
+    assert same.measured == 0
