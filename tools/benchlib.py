@@ -57,6 +57,17 @@ def library_calls(libs: dict[str, str], inputs: dict) -> dict:
     return calls
 
 
+def paired_ratio(a: list[float], b: list[float], group: int = 1) -> float:
+    """Median over rounds of (a's median / b's median in that round); a round = `group` runs of each,
+    as interleave (group 1) and alternate (group = burst) record them. A slow phase of this shared
+    machine (a neighbour on the second core for seconds) hits both runtimes of a round alike, where
+    it skews the two overall medians by however many of each one's runs it caught."""
+    rounds = min(len(a), len(b)) // group
+    ratios = [float(np.median(a[i * group:(i + 1) * group]) / np.median(b[i * group:(i + 1) * group]))
+              for i in range(rounds)]
+    return float(np.median(ratios))
+
+
 def stats(times: list[float]) -> dict:
     return {"min_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times)), "runs": len(times)}
 
@@ -125,7 +136,10 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def alternate(workers: dict[str, Worker], rounds: int, burst: int = 5, warmup: int = 2,
+BURST = 5   # runs per burst in alternate()
+
+
+def alternate(workers: dict[str, Worker], rounds: int, burst: int = BURST, warmup: int = 2,
               gap_s: float = 0.05) -> dict[str, list[float]]:
     """Bursts of runs from each worker in turn; a pause between lets spinning pool threads sleep."""
     for w in workers.values():
