@@ -129,9 +129,11 @@ class Conv2dNCHWc(ScheduleRule):
         p, ob = register_tile(info["oh"], info["ow"], info["cob"], accumulator_budget(info["bo"], spec),
                               spec.kernel_defaults.get("max_oc_blocks", 4), spec.kernel_defaults.get("max_pixel_tile"))
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap.
-        # Measured (Zen 4, 1 thread): stride-1 kxk convs over more than 7x7 pixels ran ~2x faster
-        # from a padded copy (merged DepthShrinker blocks); stride 2, the stem and 7x7 maps did not.
-        copy = info.get("stride", 1) == 1 and info.get("kh", 1) > 1 and info["oh"] * info["ow"] > 49
+        # Measured (Zen 4, 1 thread): with tiles of 2-4 channel blocks, stride-1 kxk convs over more
+        # than 7x7 pixels ran ~2x faster from a padded copy (merged DepthShrinker blocks); stride 2,
+        # the stem and 7x7 maps did not. A target may turn the copy off (`padded_copy`).
+        copy = (info.get("stride", 1) == 1 and info.get("kh", 1) > 1 and info["oh"] * info["ow"] > 49
+                and spec.kernel_defaults.get("padded_copy", True))
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": True,
                 **spec.kernel_defaults.get(KIND, {})}
 

@@ -8,8 +8,21 @@ import compiler
 from conftest import single_conv_model
 
 
-def _check(model, kernel_prefix: str):
-    cm = compiler.compile_model(model)
+def _check(model, kernel_prefix: str, tiles: str = "target"):
+    """Compile for this machine, with its own kernel defaults or (tiles="generic") with none: the
+    tiles and padding the ARM targets get, so the x86 run checks them numerically too."""
+    if tiles == "generic":
+        import dataclasses
+
+        import targets
+        generic = dataclasses.replace(targets.resolve(None), kernel_defaults={})
+        targets.NAMED["_generic_tiles"] = lambda: generic
+        try:
+            cm = compiler.compile_model(model, "_generic_tiles")
+        finally:
+            del targets.NAMED["_generic_tiles"]
+    else:
+        cm = compiler.compile_model(model)
     results = cm.verify(tolerance=1e-4)
     assert all(r.ok for r in results), [r.line() for r in results]
     assert any(k.startswith(kernel_prefix) for k in cm.report["kernels"]), cm.report["kernels"]
@@ -19,14 +32,16 @@ def _check(model, kernel_prefix: str):
 # channels: multiples of 16, of 8 only, and odd; pixels: below, at and above the 7/8/14 tiles, odd
 @pytest.mark.parametrize("cin,cout,h", [(16, 32, 7), (32, 16, 8), (24, 40, 9), (8, 24, 14), (40, 24, 13),
                                         (3, 16, 5), (17, 33, 6), (64, 96, 1), (48, 48, 28)])
-def test_conv1x1(cin, cout, h):
-    _check(single_conv_model(cin, cout, h, k=1), "f32_conv1x1_")
+@pytest.mark.parametrize("tiles", ["target", "generic"])
+def test_conv1x1(cin, cout, h, tiles):
+    _check(single_conv_model(cin, cout, h, k=1), "f32_conv1x1_", tiles)
 
 
 @pytest.mark.parametrize("cin,cout,h,k,stride", [(3, 32, 32, 3, 2), (3, 16, 17, 3, 2), (16, 32, 15, 3, 1),
                                                  (24, 40, 10, 5, 2), (40, 24, 9, 5, 1), (32, 32, 7, 3, 2)])
-def test_dense_kxk(cin, cout, h, k, stride):
-    _check(single_conv_model(cin, cout, h, k=k, stride=stride), f"f32_conv{k}x{k}_")
+@pytest.mark.parametrize("tiles", ["target", "generic"])
+def test_dense_kxk(cin, cout, h, k, stride, tiles):
+    _check(single_conv_model(cin, cout, h, k=k, stride=stride), f"f32_conv{k}x{k}_", tiles)
 
 
 @pytest.mark.parametrize("c,h,k,stride", [(16, 14, 3, 1), (32, 15, 3, 2), (24, 9, 3, 1), (40, 11, 5, 2),
@@ -108,8 +123,22 @@ def test_avx512_default_tile_is_one_channel_block():
     import targets
     from schedules.f32_conv2d_nchwc import Conv2dNCHWc
     spec = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
-    assert spec.kernel_defaults["max_oc_blocks"] == 1
+    assert spec.kernel_defaults["max_oc_blocks"] == 1 and spec.kernel_defaults["padded_copy"] is False
     knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 1, "stride": 1}, spec)
     assert (knobs["pixel_tile"], knobs["oc_blocks"]) == (7, 1)
     arm = targets.resolve("rpi4")
     assert "max_oc_blocks" not in arm.kernel_defaults
+
+
+def test_padded_copy_is_a_target_default():
+    """A stride-1 3x3 conv on 14x14 pads through a copy by default, and through guarded loads where the
+    target says `padded_copy: False` (x86 AVX-512)."""
+    import dataclasses
+
+    import targets
+    from schedules.f32_conv2d_nchwc import Conv2dNCHWc
+    info = {"oh": 14, "ow": 14, "cob": 6, "bo": 16, "kh": 3, "stride": 1}
+    generic = dataclasses.replace(targets.resolve("x86"), kernel_defaults={})
+    assert Conv2dNCHWc().default_knobs(info, generic)["inline_pad"] is False
+    avx512 = dataclasses.replace(generic, kernel_defaults={"padded_copy": False})
+    assert Conv2dNCHWc().default_knobs(info, avx512)["inline_pad"] is True
