@@ -165,7 +165,8 @@ def test_bench_shrink_core_on_a_tiny_dsf_model(tmp_path):
     assert off["merged"] == 0 and set(merge["rel_err"]) == {"classifier", "block16.project"}
     assert r["exact"] and merge["max_rel_err"] <= bench.EXACT_REL_ERR
     t = r["threads"][1]
-    assert t["speedup"] == pytest.approx(t["off"]["median_ms"] / t["merge"]["median_ms"])
+    assert t["speedup_of_medians"] == pytest.approx(t["off"]["median_ms"] / t["merge"]["median_ms"])
+    assert t["speedup"] > 0
     md = bench.results_md("cmd", [r], 32)
     assert "| tiny-dsf | 1 |" in md
     out = tmp_path / "R.md"
