@@ -18,3 +18,25 @@ def test_paired_ratio_ignores_a_slow_phase_that_hits_both():
 
 def test_paired_ratio_sees_a_real_difference():
     assert benchlib.paired_ratio([1.2] * 10, [1.0] * 10, group=5) > 1.1
+
+
+def test_sparse_layer_kernels_compute_the_layer():
+    """tools/bench_sparse.kernel_runnable calls the spmm kernel of a layer module on its own constants:
+    the output it fills equals the dense layer's (relu6(W x + b)) on the same input."""
+    import numpy as np
+
+    import bench_sparse
+    import targets
+    from passes.sparsify_conv1x1 import sparse_layer_module
+    from zoo.onnx_builder import zero_out
+    spec = targets.resolve("x86")
+    rng = np.random.default_rng(0)
+    w = zero_out(rng.standard_normal((24, 40)).astype(np.float32), 0.85, 1, rng)
+    plan = {"w": w, "h": 5, "wd": 6, "residual": None, "bias": rng.standard_normal(24).astype(np.float32),
+            "clip": (0.0, 6.0)}
+    call = bench_sparse.kernel_runnable(sparse_layer_module(plan, 1, spec), spec)
+    ((_kernel, arrays),) = call.calls
+    call()
+    x, out = arrays[0].numpy(), arrays[-1].numpy()
+    want = np.clip(np.einsum("oc,nchw->nohw", w, x) + plan["bias"][None, :, None, None], 0, 6)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
