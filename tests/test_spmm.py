@@ -132,3 +132,18 @@ def test_spmm_reads_int16_columns_with_one_widening_load():
     assert any(ln.startswith("\tmovsw") for ln in short)
     assert sum("vfmadd" in ln for ln in short) == sum("vfmadd" in ln for ln in wide)
     assert len(short) <= len(wide)
+
+
+@pytest.mark.parametrize("h,w,k,pads", [(9, 112, 3, (1, 1, 1, 1)), (8, 112, 3, (0, 0, 1, 1)), (5, 70, 3, (1, 1, 1, 1)),
+                                        (7, 67, 5, (2, 2, 2, 2)), (6, 64, 5, (1, 1, 2, 2)), (4, 33, 3, (0, 0, 0, 0))])
+def test_dwconv_chw_stride2_wide_rows(h, w, k, pads):
+    """Stride 2 on rows as wide as MobileNetV2's (112) and odd widths, with symmetric, TF-'same' and
+    no padding: the even/odd column split of the padded plane must match numpy."""
+    rng = np.random.default_rng(w + k)
+    c = 3
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    ref = _dw_ref(x, wt, b, 2, list(pads), (0.0, 6.0))
+    out = _run(dwconv2d_chw(c, h, w, k, 2, list(pads), clip=(0.0, 6.0), lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
