@@ -98,7 +98,8 @@ class Cost:
 def kernels_version(spec: TargetSpec) -> str:
     """A short hash of the schedules' source files and `spec.kernel_defaults`."""
     h = hashlib.sha256(json.dumps(spec.kernel_defaults, sort_keys=True).encode())
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schedules")
+    import schedules
+    root = os.path.dirname(os.path.abspath(schedules.__file__))
     for name in sorted(os.listdir(root)):
         if name.endswith(".py"):
             with open(os.path.join(root, name), "rb") as f:
