@@ -38,6 +38,7 @@ class Cost:
             enabled = os.environ.get("SHRINKC_COST", "measure") != "off" and spec.runs_here() and spec.is_cpu
         self.enabled = enabled
         self._path = os.path.join(cache_dir, "costs.json") if cache_dir else None
+        self._kernels = kernels_version(spec)   # NOTE: reads schedules/ once, not per latency() call
         self._cache = self._read_cache()
         self.measured = 0   # measurements made by this object (not cache hits)
 
@@ -69,7 +70,7 @@ class Cost:
         # NOTE: a latency holds only for the kernels that were timed: the schedules' source and the
         # target's kernel defaults are part of the key, so changing either re-measures
         return (json.dumps(self.spec.tvm, sort_keys=True) + f"|threads={os.environ.get('TVM_NUM_THREADS', 'all')}"
-                + f"|kernels={kernels_version(self.spec)}")
+                + f"|kernels={self._kernels}")
 
     def _read_cache(self) -> dict:
         if not self._path or not os.path.exists(self._path):
@@ -107,15 +108,22 @@ def kernels_version(spec: TargetSpec) -> str:
     return h.hexdigest()[:12]
 
 
-def runnable(mod: tvm.IRModule, spec: TargetSpec, seed: int = 0):
-    """mod["main"] lowered by our phase 4, built for `spec` (which must run here), as a no-argument
-    function that calls it on fixed random inputs."""
-    from compiler import artifact, pipeline
+def lowered(mod: tvm.IRModule, spec: TargetSpec) -> tvm.IRModule:
+    """mod after our phase 4 (scheduled TIR kernels called from Relax), as a measurement needs it."""
+    from compiler import pipeline
     from passes import changelog
     lower = dict(pipeline.phases(spec, pipeline.Options()))["lower"]
     with spec.tvm_target(), changelog.collecting():   # NOTE: a measurement's lowering is not the compile's
         for p in lower:
             mod = p(mod)
+    return mod
+
+
+def runnable(mod: tvm.IRModule, spec: TargetSpec, seed: int = 0):
+    """mod["main"] lowered by our phase 4, built for `spec` (which must run here), as a no-argument
+    function that calls it on fixed random inputs."""
+    from compiler import artifact
+    mod = lowered(mod, spec)
     dev = tvm.cpu(0)
     vm = relax.VirtualMachine(artifact.build(mod, spec), dev)
     args = [tvm.runtime.tensor(a, dev) for a in random_args(mod["main"], seed)]

@@ -119,17 +119,18 @@ def x86_host() -> TargetSpec:
     """This machine, its vector ISA detected from /proc/cpuinfo."""
     flags = _cpu_flags()
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    isa = "avx512" if avx512 else "avx2" if "avx2" in flags else "sse"
     threads = os.cpu_count() or 1
     return TargetSpec(
         name="x86",
         tvm={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": _host_mcpu(), "num-cores": threads},
         description="this machine (x86-64), features detected",
-        isa="avx512" if avx512 else "avx2" if "avx2" in flags else "sse",
+        isa=isa,
         vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
         vector_registers=32 if avx512 else 16,
         threads=threads,
         notes="builds for this CPU's exact features; run it on the same kind of CPU",
-        kernel_defaults=x86_kernel_defaults("avx512" if avx512 else "avx2" if "avx2" in flags else "sse"),
+        kernel_defaults=x86_kernel_defaults(isa),
     )
 
 
@@ -245,10 +246,10 @@ def _x86_from_target(d: dict) -> TargetSpec:
     avx512 = bool(codegen.target_has_features("avx512f", target))
     avx2 = bool(codegen.target_has_features("avx2", target))
     threads = int(d.get("num-cores", os.cpu_count() or 1))
-    return TargetSpec(name="custom-x86", tvm=d, description="custom x86 target",
-                      isa="avx512" if avx512 else "avx2" if avx2 else "sse",
+    isa = "avx512" if avx512 else "avx2" if avx2 else "sse"
+    return TargetSpec(name="custom-x86", tvm=d, description="custom x86 target", isa=isa,
                       vector_lanes=16 if avx512 else 8 if avx2 else 4, vector_registers=32 if avx512 else 16,
-                      threads=threads, kernel_defaults=x86_kernel_defaults("avx512" if avx512 else "avx2" if avx2 else "sse"))
+                      threads=threads, kernel_defaults=x86_kernel_defaults(isa))
 
 
 def describe_all() -> list[dict]:

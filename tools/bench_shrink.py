@@ -160,7 +160,7 @@ def results_md(command: str, results: list[dict], resolution: int | None, fresh:
         m, o = r["modes"]["merge"], r["modes"]["off"]
         for n, t in r["threads"].items():
             lines.append(f"| {r['model']} | {n} | {t['merge']['median_ms']:.2f} | {t['off']['median_ms']:.2f} | "
-                         f"**{t['speedup']:.2f}x** | {t.get('speedup_of_medians', t['speedup']):.2f}x | {m['merged']} ({m['convs_merged']}) | {m['declined_by_cost']} | "
+                         f"**{t['speedup']:.2f}x** | {t['speedup_of_medians']:.2f}x | {m['merged']} ({m['convs_merged']}) | {m['declined_by_cost']} | "
                          f"{m['not_mergeable']} | {m['max_rel_err']:.1e} / {o['max_rel_err']:.1e}"
                          f"{'' if r['exact'] else ' **NOT EXACT**'} | {m['compile_s']:.0f} / {o['compile_s']:.0f} |")
     declined = [(r["model"], d) for r in results for d in r["modes"]["merge"]["declined"]]

@@ -71,12 +71,9 @@ def kernel_runnable(mod, spec, seed: int = 0):
     import tvm
     from tvm import relax
 
-    from compiler import artifact, pipeline
-    from passes import changelog
-    lower = dict(pipeline.phases(spec, pipeline.Options()))["lower"]
-    with spec.tvm_target(), changelog.collecting():
-        for p in lower:
-            mod = p(mod)
+    from compiler import artifact
+    from compiler.cost import lowered
+    mod = lowered(mod, spec)
     rng = np.random.default_rng(seed)
     dev = tvm.cpu(0)
     calls = []
@@ -94,6 +91,7 @@ def kernel_runnable(mod, spec, seed: int = 0):
                for a in args]
         kernel = artifact.build_kernel(mod[gv], spec).jit()["main"]
         calls.append((kernel, ins + [array(binding.var.ty)]))
+
     def run():
         for kernel, arrays in calls:
             kernel(*arrays)
@@ -103,16 +101,15 @@ def kernel_runnable(mod, spec, seed: int = 0):
 
 def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds: int, spec) -> dict:
     """Medians of our dense 1x1 and of the spmm at each (sparsity, block), interleaved, kernels only."""
-    runnable = kernel_runnable
     from passes.sparsify_conv1x1 import dense_layer_module, sparse_layer_module
     from zoo.onnx_builder import zero_out
     rng = np.random.default_rng(LAYER_SEED)
     w = rng.standard_normal((shape["cout"], shape["cin"])).astype(np.float32)
-    fns = {"dense": runnable(dense_layer_module(_plan(shape, w, rng), spec), spec)}
+    fns = {"dense": kernel_runnable(dense_layer_module(_plan(shape, w, rng), spec), spec)}
     for s in sparsities:
         for b in blocks:
             plan = _plan(shape, zero_out(w, s, b, rng), rng)
-            fns[(s, b)] = runnable(sparse_layer_module(plan, b, spec), spec)
+            fns[(s, b)] = kernel_runnable(sparse_layer_module(plan, b, spec), spec)
     times = benchlib.interleave(fns, rounds)
     med = {k: benchlib.stats(v)["median_ms"] for k, v in times.items()}
     return {**{k: v for k, v in shape.items() if k != "layers"}, "dense_ms": med["dense"],
