@@ -103,13 +103,13 @@ def _host_mcpu() -> str:
 
 
 def x86_kernel_defaults(isa: str) -> dict:
-    """Schedule defaults measured on x86. With AVX-512 every input broadcast folds into its FMA
-    ({1to16}), so a register tile of one 16-channel block x up to 8 pixels keeps the FMA pipes full,
-    and tiles of 2-4 blocks ran up to 1.7x slower (1x1 convs of MobileNetV2, Zen 4, 1 thread: 116
-    vs 70-100 GFLOP/s; whole models 0.80-0.86x of their time before). With such tiles, stride-1 kxk
-    convs read their zero padding through guarded loads faster than from a padded copy (DS-F
-    MobileNetV2-1.4: 3% faster over the model). AVX2 has not been measured: it keeps the generic
-    choice."""
+    """Schedule defaults chosen by timing on x86 (Zen 4). With AVX-512 every input broadcast folds
+    into its FMA ({1to16}), so a register tile of one 16-channel block x up to 8 pixels keeps the FMA
+    pipes full; tiles of 2-4 blocks timed slower on every MobileNetV2 1x1 shape, and with the new
+    tile MobileNetV2 went from 0.91x to 0.80x of ONNX Runtime's time at 1 thread
+    (benchmarks/RESULTS.md, `tools/bench.py models`). With such tiles, stride-1 kxk convs read
+    their zero padding through guarded loads rather than a padded copy (an interleaved A/B on DS-F
+    MobileNetV2-1.4, not a bench.py page). AVX2 has not been measured: it keeps the generic choice."""
     if isa != "avx512":
         return {}
     return {"max_oc_blocks": 1, "max_pixel_tile": 8, "padded_copy": False}
