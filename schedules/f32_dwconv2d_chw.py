@@ -1,119 +1,188 @@
 """Depthwise kxk convolutions in CHW (batch 1 NCHW), vectorised along the width, bias and clip fused.
 
-For the CHW regions around sparse 1x1 convs: each parallel task is one channel; it pads its plane
-once (in cache, wide enough that a row's last vector reads no further checks), then accumulates
-each output row in registers, the k*k taps unrolled, and writes it back with bias and clip.
+For the CHW regions around sparse 1x1 convs. Each parallel task is one channel; it walks the output
+rows ROWS at a time, each input row loaded once for every output row of the step that uses it, and
+keeps the step's output vectors in registers (at most ACCUMULATORS, so wide rows go in column chunks).
+Nothing is copied or padded in memory:
+- stride 1: every tap is one vector load at its column offset;
+- stride 2: each input row is loaded as pairs of vectors and split into its even and odd columns by
+  two shuffles; the taps are those vectors or a shuffle of two neighbours.
+A load that reaches past a row's ends is a masked load, and a tap with padding lanes is a masked FMA
+(those lanes keep their sum): the kernel never touches memory outside its tensors, which a test checks
+against inaccessible pages. (Selecting zeros into the masked load's lanes instead let LLVM turn it into
+a plain load that faulted there.) The row's last pixels are a masked store.
+Rows whose taps all lie inside the image run in a loop; the few border rows are emitted one by one
+with their out-of-image taps left out, so the loop has no conditions.
 """
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as I
 
 from schedules.rule import SCHEDULED_ATTR
 
-
-
 STRIDES = (1, 2)
+ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
+ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
+F32 = "float32"
 
 
-def kernel_name(k: int, stride: int, lanes: int) -> str:
-    return f"f32_dwconv{k}x{k}s{stride}_chw_{lanes}"
+def kernel_name(k: int, stride: int, row_pixels: int, rows: int) -> str:
+    return f"f32_dwconv{k}x{k}s{stride}_chw_{row_pixels}x{rows}"
 
 
 def row_vector(ow: int, lanes: int) -> int:
     """Vector width for output rows of `ow` pixels: the fewest vectors per row, then the least
-    padding (7 -> 8 of 16 lanes, 14 -> 16, 56 -> 4 x 16, 112 -> 7 x 16)."""
-    options = [v for v in (lanes, lanes // 2, lanes // 4) if v >= 1]
+    padding (7 -> 8 of 16 lanes, 14 -> 16, 56 -> 4 x 16, 112 -> 7 x 16); at least 2 lanes."""
+    options = [v for v in (lanes, lanes // 2, lanes // 4) if v >= 2] or [2]
     return min(options, key=lambda v: (-(-ow // v), -(-ow // v) * v))
 
 
-def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16) -> tirx.PrimFunc:
-    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out.
+class _Row:
+    """The vectors of one input row that a step's taps read, loaded on first use."""
 
-    Each task is one channel. It builds the channel's zero-padded plane split by column phase,
-    plane[y, r, q] = padded[y, q * stride + r], so every tap of a strided conv reads contiguous
-    vectors; then it accumulates each output row in registers (nv vectors of vec pixels, the k*k
-    taps unrolled, bias as the initial value) and writes it back clipped."""
+    def __init__(self, x, ch, r: int | tirx.PrimExpr, w: int, vec: int, stride: int):
+        self.x, self.ch, self.r, self.w, self.vec, self.stride = x, ch, r, w, vec, stride
+        self.zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), vec)
+        self.phase: dict = {}
+
+    def load(self, col0: int):
+        """Input columns col0 .. col0 + vec - 1 of the row. Lanes outside [0, w) are undefined (a masked
+        load leaves them poison): the caller masks them out of its FMA, see `lanes_inside`."""
+        vec, w = self.vec, self.w
+        if col0 >= w or col0 + vec <= 0:
+            return self.zero
+        idx = tirx.Ramp(col0, 1, vec)
+        if col0 >= 0 and col0 + vec <= w:
+            return tirx.BufferLoad(self.x, [0, self.ch, self.r, idx])
+        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.x, 0, self.ch, self.r, idx,
+                                lanes_inside(col0, 1, vec, w))
+
+    def _phases(self, j: int):
+        """(even, odd) columns of input columns 2*j*vec .. 2*(j+1)*vec - 1, as two vectors."""
+        if j not in self.phase:
+            vec = self.vec
+            if 2 * j * vec >= self.w or 2 * (j + 1) * vec <= 0:
+                self.phase[j] = (self.zero, self.zero)
+            else:
+                a = I.Bind(self.load(2 * j * vec))
+                b = I.Bind(self.load(2 * j * vec + vec))
+                self.phase[j] = (I.Bind(tirx.Shuffle([a, b], [2 * i for i in range(vec)])),
+                                 I.Bind(tirx.Shuffle([a, b], [2 * i + 1 for i in range(vec)])))
+        return self.phase[j]
+
+    def tap(self, o0: int, d: int):
+        """Input columns stride * o + d for the output columns o0 .. o0 + vec - 1."""
+        if self.stride == 1:
+            return self.load(o0 + d)
+        vec, parity, start = self.vec, d % 2, o0 + d // 2    # column 2 * (start + i) + parity
+        j0, off = start // vec, start % vec
+        first = self._phases(j0)[parity]
+        if off == 0:
+            return first
+        return tirx.Shuffle([first, self._phases(j0 + 1)[parity]], [off + i for i in range(vec)])
+
+
+def lanes_inside(col0: int, step: int, vec: int, w: int, used: int | None = None):
+    """The lanes whose input column col0 + step * i lies in [0, w), as a vector of booleans; lanes from
+    `used` on count as inside (their results are never stored)."""
+    cols = tirx.Ramp(col0, step, vec)
+    inside = tirx.And(cols >= tirx.Broadcast(0, vec), cols < tirx.Broadcast(w, vec))
+    if used is not None and used < vec:
+        inside = tirx.Or(inside, tirx.Ramp(0, 1, vec) >= tirx.Broadcast(used, vec))
+    return inside
+
+
+def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
+                 rows: int = ROWS) -> tirx.PrimFunc:
+    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
+    assert stride in STRIDES, stride
     top, left, bottom, right = (int(p) for p in pads)
     s = stride
     oh = (h + top + bottom - k) // s + 1
     ow = (w + left + right - k) // s + 1
     vec = row_vector(ow, lanes)
     nv = -(-ow // vec)
-    full, tail = ow // vec, ow % vec
-    hp, wq = h + top + bottom, nv * vec + (k - 1) // s
-    # per phase r: the plane columns q holding input columns (q * s + r - left in [0, w))
-    spans = []
-    assert s in STRIDES, s
-    for r in range(s):
-        q0 = max(0, -(-(left - r) // s))
-        q1 = min(wq, (w + left - r + s - 1) // s)
-        spans.append((r, q0, max(0, q1 - q0)))
-    lo = T.float32(-3.4e38 if clip is None else clip[0])
-    hi = T.float32(3.4e38 if clip is None else clip[1])
+    chunk = max(1, min(nv, ACCUMULATORS // rows))
+    lo = tirx.FloatImm(F32, -3.4e38 if clip is None else clip[0])
+    hi = tirx.FloatImm(F32, 3.4e38 if clip is None else clip[1])
 
-    @T.macro
-    def copy_phase(x, plane, ch, r, q0, n):
-        for y in range(h):
-            for q in T.vectorized(n):
-                plane[y + top, r, q0 + q] = x[0, ch, y, (q0 + q) * s + r - left]
+    def step(x, wt, bias, out, ch, y0, n_rows: int, valid):
+        """Output rows y0 .. y0 + n_rows - 1; valid(t, kh): input row s * (y0 + t) + kh - top exists."""
+        weight = {}
+        for v0 in range(0, nv, chunk):
+            vs = range(v0, min(nv, v0 + chunk))
+            # the step's accumulators: a small stack array that LLVM keeps in registers
+            acc = I.alloc_buffer((n_rows * len(vs) * vec,), F32, scope="global")
 
-    # stride 2: one scalar loop writing both phases from consecutive input pairs, which LLVM's loop
-    # vectoriser turns into wide loads and shuffles (TVM would emit a gather per element)
-    both0 = max(spans[0][1], spans[1][1]) if s == 2 else 0
-    both1 = max(both0, min(spans[0][1] + spans[0][2], spans[1][1] + spans[1][2])) if s == 2 else 0
-    if s == 1:
-        spans.append((1, 0, 0))
+            def at(t, v):
+                return [tirx.Ramp((t * len(vs) + v - v0) * vec, 1, vec)]
 
-    @T.macro
-    def copy_two_phases(x, plane, ch):
-        for y in range(h):
-            for q in range(both0, both1):
-                plane[y + top, 0, q] = x[0, ch, y, q * 2 - left]
-                plane[y + top, 1, q] = x[0, ch, y, q * 2 + 1 - left]
-            for q in range(spans[0][1], both0):                 # the phases' ends outside the pair loop
-                plane[y + top, 0, q] = x[0, ch, y, q * 2 - left]
-            for q in range(both1, spans[0][1] + spans[0][2]):
-                plane[y + top, 0, q] = x[0, ch, y, q * 2 - left]
-            for q in range(spans[1][1], both0):
-                plane[y + top, 1, q] = x[0, ch, y, q * 2 + 1 - left]
-            for q in range(both1, spans[1][1] + spans[1][2]):
-                plane[y + top, 1, q] = x[0, ch, y, q * 2 + 1 - left]
+            for t in range(n_rows):
+                for v in vs:
+                    I.buffer_store(acc, tirx.Broadcast(tirx.BufferLoad(bias, [ch]), vec), at(t, v))
+            for ir in range(s * (n_rows - 1) + k):                 # input row s * y0 + ir - top
+                users = [(t, ir - s * t) for t in range(n_rows) if 0 <= ir - s * t < k and valid(t, ir - s * t)]
+                if not users:
+                    continue
+                row = _Row(x, ch, s * y0 + ir - top, w, vec, s)
+                for kw in range(k):
+                    for v in vs:
+                        # input column of each lane; lanes past the row's last output are never stored
+                        cols = [s * (v * vec + i) + kw - left for i in range(min(vec, ow - v * vec))]
+                        if not any(0 <= col < w for col in cols):
+                            continue
+                        val = I.Bind(row.tap(v * vec, kw - left))
+                        for t, kh in users:
+                            if (kh, kw) not in weight:
+                                weight[kh, kw] = I.Bind(tirx.Broadcast(tirx.BufferLoad(wt, [ch, 0, kh, kw]), vec))
+                            old = tirx.BufferLoad(acc, at(t, v))
+                            new = tirx.op.fma(weight[kh, kw], val, old)
+                            if not all(0 <= col < w for col in cols):   # a masked FMA: padding adds nothing
+                                new = tirx.Select(lanes_inside(s * v * vec + kw - left, s, vec, w, ow - v * vec),
+                                                  new, old)
+                            I.buffer_store(acc, new, at(t, v))
+            for t in range(n_rows):
+                for v in vs:
+                    a = tirx.BufferLoad(acc, at(t, v))
+                    a = tirx.Min(tirx.Max(a, tirx.Broadcast(lo, vec)), tirx.Broadcast(hi, vec))
+                    n = min(vec, ow - v * vec)
+                    if n == vec:
+                        I.buffer_store(out, a, [0, ch, y0 + t, tirx.Ramp(v * vec, 1, vec)])
+                    else:                       # the row's last pixels: one masked store
+                        I.evaluate(tirx.call_intrin("void", "tirx.masked_store", out, a, 0, ch, y0 + t,
+                                                    tirx.Ramp(v * vec, 1, vec), tirx.Ramp(0, 1, vec) <
+                                                    tirx.Broadcast(n, vec)))
 
-    @T.macro
-    def store(acc, out, ch, y, v0, n):
-        for p in T.vectorized(n):
-            out[0, ch, y, v0 + p] = T.min(T.max(acc[v0 + p], lo), hi)
+    inside = [y for y in range(oh) if 0 <= s * y - top and s * y + k - 1 - top < h]
+    y_in0, y_in1 = (inside[0], inside[-1] + 1) if inside else (oh, oh)
+    loop_steps = (y_in1 - y_in0) // rows
 
-    @T.prim_func
-    def func(x: T.Buffer((1, c, h, w), "float32"), wt: T.Buffer((c, 1, k, k), "float32"),
-             bias: T.Buffer((c,), "float32"), out: T.Buffer((1, c, oh, ow), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        for ch in T.parallel(c):
-            plane = T.alloc_buffer((hp, s, wq), "float32", scope="global")
-            for y, r in T.grid(hp, s):
-                for q in T.vectorized(wq):
-                    plane[y, r, q] = T.float32(0)
-            if s == 1:
-                copy_phase(x, plane, ch, 0, spans[0][1], spans[0][2])
-            else:
-                copy_two_phases(x, plane, ch)
-            for y in range(oh):
-                acc = T.alloc_buffer((nv * vec,), "float32", scope="global")
-                for v in T.unroll(nv):
-                    for p in T.vectorized(vec):
-                        acc[v * vec + p] = bias[ch]
-                for kh in T.unroll(k):
-                    for kw in T.unroll(k):
-                        for v in T.unroll(nv):
-                            for p in T.vectorized(vec):
-                                acc[v * vec + p] = acc[v * vec + p] + wt[ch, 0, kh, kw] * \
-                                    plane[y * s + kh, kw % s, v * vec + p + kw // s]
-                for v in T.unroll(full):
-                    store(acc, out, ch, y, v * vec, vec)
-                if tail > 0:
-                    store(acc, out, ch, y, full * vec, tail)
+    def border(y):
+        return lambda t, kh: 0 <= s * (y + t) + kh - top < h
 
-    name = kernel_name(k, stride, nv * vec)
+    def everywhere(t, kh):
+        return True
+
+    name = kernel_name(k, s, nv * vec, rows)
+    with IRBuilder() as ib:
+        with I.prim_func():
+            I.func_name(name)
+            I.func_attr({"tirx.noalias": True})
+            x = I.arg("x", I.buffer((1, c, h, w), F32))
+            wt = I.arg("w", I.buffer((c, 1, k, k), F32))
+            bias = I.arg("bias", I.buffer((c,), F32))
+            out = I.arg("out", I.buffer((1, c, oh, ow), F32))
+            with I.parallel(0, c) as ch:
+                for y in range(0, y_in0):
+                    step(x, wt, bias, out, ch, y, 1, border(y))
+                if loop_steps:
+                    with I.serial(0, loop_steps) as i:
+                        step(x, wt, bias, out, ch, y_in0 + i * rows, rows, everywhere)
+                for y in range(y_in0 + loop_steps * rows, y_in1):
+                    step(x, wt, bias, out, ch, y, 1, everywhere)
+                for y in range(max(y_in0, y_in1), oh):
+                    step(x, wt, bias, out, ch, y, 1, border(y))
+    func = ib.get()
     return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)

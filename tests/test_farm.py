@@ -72,6 +72,35 @@ def run_tiny(lib, dev, x, w) -> np.ndarray:
     return vm["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)).numpy()
 
 
+def check_chw_depthwise_on_board(session, shape, tmp_path: Path) -> None:
+    """The CHW depthwise kernel built for rpi4 (NEON, masked loads at the row ends), run on the board,
+    against numpy."""
+    import tvm
+
+    import compiler.artifact
+    import targets
+    from schedules.f32_dwconv2d_chw import dwconv2d_chw
+    c, h, w, k, s, pads = shape
+    spec = targets.resolve("rpi4")
+    func = dwconv2d_chw(c, h, w, k, s, list(pads), clip=(0.0, 6.0), lanes=spec.vector_lanes)
+    lib = tmp_path / f"dw_{c}_{h}_{w}_{k}_{s}.so"
+    compiler.artifact.export_kernel(compiler.artifact.build_kernel(func, spec), str(lib), spec)
+    rng = np.random.default_rng(w)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    top, left, bottom, right = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    ref = sum(xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow] * wt[None, :, 0, i, j, None, None]
+              for i in range(k) for j in range(k)) + b[None, :, None, None]
+    session.upload(str(lib))
+    dev = session.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (x, wt, b, np.zeros((1, c, oh, ow), np.float32))]
+    session.load_module(lib.name)["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), np.clip(ref, 0.0, 6.0), rtol=1e-5, atol=1e-5)
+
+
 def run_remote(session, path: Path, x, w) -> np.ndarray:
     session.upload(str(path))
     return run_tiny(session.load_module(path.name), session.cpu(), x, w)
@@ -177,6 +206,10 @@ def test_emulated_aarch64_board_matches_x86(tracker, tmp_path):
         x86 = tiny_library("llvm", tmp_path / "tiny_x86.so")
         want = run_tiny(tvm.runtime.load_module(str(x86)), tvm.cpu(), x, w)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        session = farm.request_session(farm.BOARD_KEY, tracker, timeout=120)
+        for shape in [(4, 14, 14, 3, 1, (1, 1, 1, 1)), (3, 9, 20, 3, 2, (0, 0, 1, 1)), (2, 7, 7, 5, 1, (2, 2, 2, 2)),
+                      (2, 6, 37, 5, 2, (2, 2, 2, 2))]:
+            check_chw_depthwise_on_board(session, shape, tmp_path)
     finally:
         assert farm.board_stop(farm.BOARD_KEY)
     assert not farm._group_members(rec["pid"])

@@ -147,3 +147,75 @@ def test_dwconv_chw_stride2_wide_rows(h, w, k, pads):
     ref = _dw_ref(x, wt, b, 2, list(pads), (0.0, 6.0))
     out = _run(dwconv2d_chw(c, h, w, k, 2, list(pads), clip=(0.0, 6.0), lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _GuardedArray:
+    """A float32 array placed against a page the process may not touch (PROT_NONE), before or after it: a
+    kernel that touches memory outside the array faults (after: the array starts 64-byte aligned, so up to
+    60 bytes of slack may lie between its end and the guard when its size is not a multiple of 64)."""
+
+    PAGE = 4096
+
+    def __init__(self, values: np.ndarray, guard: str):
+        import ctypes
+        import mmap
+        nbytes = values.nbytes
+        pages = -(-nbytes // self.PAGE) + 2
+        self.map = mmap.mmap(-1, pages * self.PAGE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        libc = ctypes.CDLL(None)
+        if guard == "after":
+            libc.mprotect(ctypes.c_void_p(base + (pages - 1) * self.PAGE), self.PAGE, 0)
+            start = (base + (pages - 1) * self.PAGE - nbytes) // 64 * 64
+        else:
+            libc.mprotect(ctypes.c_void_p(base), self.PAGE, 0)
+            start = base + self.PAGE
+        self.array = np.frombuffer((ctypes.c_char * nbytes).from_address(start), np.float32).reshape(values.shape)
+        self.array[...] = values
+
+
+@pytest.mark.parametrize("c,h,w,k,s,pads", [(4, 14, 14, 3, 1, (1, 1, 1, 1)), (4, 14, 14, 3, 2, (0, 0, 1, 1)),
+                                            (16, 7, 7, 3, 1, (1, 1, 1, 1)), (4, 16, 16, 5, 2, (2, 2, 2, 2)),
+                                            (4, 28, 28, 5, 1, (2, 2, 2, 2)), (2, 56, 56, 3, 2, (1, 1, 1, 1)),
+                                            (2, 8, 112, 3, 1, (1, 1, 1, 1))])
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
+    """The row ends are masked loads and stores, never a full vector that reaches past the tensor: with the
+    input and the output each flush against an inaccessible page, the kernel runs and matches numpy.
+    (A select of zeros around a masked load once let LLVM turn it into a plain load here.)"""
+    rng = np.random.default_rng(c * w + k)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    ref = _dw_ref(x, wt, b, s, list(pads), (0.0, 6.0))
+    func = dwconv2d_chw(c, h, w, k, s, list(pads), clip=(0.0, 6.0), lanes=SPEC.vector_lanes)
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    gx, gout = _GuardedArray(x, guard), _GuardedArray(np.zeros(ref.shape, np.float32), guard)
+    dev = tvm.cpu()
+    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array), tvm.runtime.tensor(wt, dev),
+                                         tvm.runtime.tensor(b, dev), tvm.runtime.from_dlpack(gout.array))
+    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw,tile", [((7, 7), 16), ((14, 14), 64), ((5, 7), 32), ((28, 28), 64)])
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_spmm_stays_inside_its_buffers(hw, tile, guard):
+    """The sparse kernel's pixel tails, with the input, residual and output each against an inaccessible page."""
+    rng = np.random.default_rng(hw[0] * tile)
+    cin, cout, block = 24, 16, 2
+    h, w = hw
+    wt = _weights(rng, cout, cin, 0.7, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block)
+    func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
+                    lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    gx, gres, gout = (_GuardedArray(a, guard) for a in (x, res, np.zeros((1, cout, h, w), np.float32)))
+    dev = tvm.cpu()
+    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array), *(tvm.runtime.tensor(a, dev) for a in
+                                         (rp, col, val, bias)), tvm.runtime.from_dlpack(gres.array),
+                                         tvm.runtime.from_dlpack(gout.array))
+    ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
