@@ -15,7 +15,7 @@ from passes.rewriting import channel_vector, op_name, users_of
 from passes.sparsify_conv1x1 import SPARSE_MIN, conv1x1_weights
 from schedules.f32_spmm_chw import BLOCKS, block_fill
 
-CHW_KERNELS = ("f32_spmm_chw", "f32_dwconv")   # call_tir kernels that read and write CHW
+CHW_KERNELS = ("f32_spmm", "f32_dwconv")   # call_tir kernels that read and write CHW (f32_spmm<b>x1_dwconv...: both fused)
 
 
 def conv1x1_layers(func: relax.Function) -> list[dict]:
@@ -68,7 +68,8 @@ def chw_regions(func: relax.Function) -> list[dict]:
 
 
 def _families(kernels: list[str]) -> str:
-    """f32_spmm_chw_64x2_3, f32_dwconv3x3s1_chw_4, ... -> 'spmm_chw x2, dwconv3x3s1_chw x1'."""
+    """f32_spmm_chw_64x2_3, f32_dwconv3x3s1_chw_4, f32_spmm1x1_dwconv3x3s2_chw_64x2 ...
+    -> 'spmm_chw x2, dwconv3x3s1_chw x1, spmm1x1_dwconv3x3s2 x1'."""
     counts: dict[str, int] = {}
     for k in kernels:
         fam = "_".join(k.split("_")[1:3])
@@ -108,8 +109,8 @@ def sparse_sections(mod, spec, cost=None, sparse_min: float = SPARSE_MIN) -> lis
     kept = summary.get("SparseRegions", {})
     regions = chw_regions(after["main"])
     rrows = [[f"region {i}", f"{r['layers'][0]} .. {r['layers'][-1]}",
-              str(sum(k.startswith("f32_spmm_chw") for k in r["kernels"])),
-              str(sum(not k.startswith("f32_spmm_chw") for k in r["kernels"])), str(r["enter"]), str(r["leave"]),
+              str(sum(k.startswith("f32_spmm") for k in r["kernels"])),
+              str(sum("dwconv" in k for k in r["kernels"])), str(r["enter"]), str(r["leave"]),
               _families(r["kernels"])]
              for i, r in enumerate(regions)]
     if not regions:

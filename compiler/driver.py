@@ -98,9 +98,12 @@ def sparse_layers(passes: dict) -> list[dict]:
     zeros, block shape (output channels x 1 input channel; 1x1 for fully connected), block fill, kernel,
     and its speed-up over our dense kernel as measured by the cost interface (None where nothing was
     measured: the target does not run here). Layers whose sparse rewrite was undone (the whole model was
-    not faster) are not listed: they run dense."""
+    not faster) are not listed: they run dense. An expand conv fused with its depthwise conv names the
+    fused kernel (the speed-up is the 1x1 kernel's alone)."""
+    fused = {c["expand"]: c["kernel"] for c in passes.get("FormCHWRegions", {}).get("changes", [])
+             if c["what"] == "fused"}
     return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
-             "kernel": c["kernel"], "speedup_vs_dense": c["speedup"]}
+             "kernel": fused.get(c["kernel"], c["kernel"]), "speedup_vs_dense": c["speedup"]}
             for name in SPARSE_PASSES for c in passes.get(name, {}).get("changes", []) if c["what"] == "sparse"]
 
 

@@ -5,6 +5,9 @@ for batch-1 NCHW depthwise 3x3/5x5 stride-1/2 convs whose input comes from a spa
 whose result goes to one. ConvertToBlockedLayout leaves call_tir kernels in NCHW, so a chain
 sparse 1x1 -> depthwise -> sparse 1x1 runs without layout transforms; transforms stay at the
 region borders (next to dense convs, which keep their blocked kernels).
+A sparse 1x1 (without residual) whose only reader is the depthwise conv is fused with it:
+call_tir(f32_spmm1x1_dwconv3x3s2_chw_64x2, x, row_ptr, col, val, bias1, W, bias2), so the expanded
+tensor never goes to memory.
 NOTE: runs after SparsifyConv1x1 (it looks for its kernels).
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
+from schedules.f32_spmm_chw import CLIP_ATTR
+from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 NAME = "FormCHWRegions"
 SPARSE_KERNEL = "f32_spmm_chw"
@@ -63,19 +68,23 @@ class _Regions(BindingRewriter):
         if w is None:
             return None
         plan = epilogue_chain(self, var, w.shape[0], residual=False)
-        src = self.bindings.get(value.args[0])
+        x_in = self.bindings[var].args[0]       # the input function's variable (value's are remapped)
+        src = self.bindings.get(x_in)
         user = self.only_user(plan["last"])
         feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
         if not (_is_sparse_call(src) if src is not None else False) and not feeds_sparse:
             changelog.skip(NAME, plan["name"], "depthwise conv not next to a sparse 1x1: stays blocked")
             return None
-        plan.update(w=w, x=value.args[0], attrs=value.attrs, conv=plan["name"], out_ty=plan["last"].ty)
+        plan.update(w=w, x=value.args[0], x_in=x_in, attrs=value.attrs, conv=plan["name"], out_ty=plan["last"].ty)
         if plan["last"].same_as(var):
             return self.emit(var, plan)
         self.plans[plan["last"]] = plan
         return None
 
     def emit(self, var, plan):
+        fused = self.fuse_with_expand(plan)
+        if fused is not None:
+            return fused
         w, a = plan["w"], plan["attrs"]
         _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
         func = dwconv2d_chw(c, h, wd, w.shape[2], int(a.strides[0]), [int(p) for p in a.padding],
@@ -84,6 +93,31 @@ class _Regions(BindingRewriter):
         bias = plan["bias"] if plan["bias"] is not None else np.zeros(c, np.float32)
         changelog.record(NAME, "chw", plan["conv"], kernel=str(func.attrs["global_symbol"]))
         return relax.call_tir(gv, relax.Tuple([plan["x"], const(w), const(bias)]), plan["out_ty"])
+
+
+    def fuse_with_expand(self, plan):
+        """sparse 1x1 (no residual) -> this depthwise conv, where the conv is the 1x1's only reader:
+        one kernel that never writes the expanded tensor to memory (f32_spmm_dwconv2d_chw)."""
+        src = self.bindings.get(plan["x_in"])
+        if src is None or not _is_sparse_call(src) or len(src.args[1].fields) != 5 \
+                or self.only_user(plan["x_in"]) is None:
+            return None
+        x, row_ptr, col, val, bias1 = src.args[1].fields
+        x = self.visit_expr(x)
+        spmm = self.builder_.get()[src.args[0]]
+        clip1 = spmm.attrs[CLIP_ATTR] if CLIP_ATTR in spmm.attrs else None
+        w, a = plan["w"], plan["attrs"]
+        _, cin, h, wd = (int(d) for d in x.ty.shape.values)
+        val_np, col_np = const_np(val), const_np(col)
+        func = spmm_dwconv2d_chw(cin, w.shape[0], h, wd, val_np.shape[1], len(col_np), w.shape[2],
+                                 int(a.strides[0]), [int(p) for p in a.padding],
+                                 clip1=None if clip1 is None else [float(v) for v in clip1], clip=plan["clip"],
+                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype))
+        gv, func = add_kernel(self, func)
+        bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
+        changelog.record(NAME, "fused", plan["conv"], kernel=str(func.attrs["global_symbol"]),
+                         expand=str(spmm.attrs["global_symbol"]))
+        return relax.call_tir(gv, relax.Tuple([x, row_ptr, col, val, bias1, const(w), const(bias)]), plan["out_ty"])
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)

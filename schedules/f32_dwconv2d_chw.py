@@ -42,8 +42,9 @@ def row_vector(ow: int, lanes: int) -> int:
 class _Row:
     """The vectors of one input row that a step's taps read, loaded on first use."""
 
-    def __init__(self, x, ch, r: int | tirx.PrimExpr, w: int, vec: int, stride: int):
-        self.x, self.ch, self.r, self.w, self.vec, self.stride = x, ch, r, w, vec, stride
+    def __init__(self, src, lead: list, r: int | tirx.PrimExpr, w: int, vec: int, stride: int):
+        # the row is src[*lead, r, :]
+        self.src, self.lead, self.r, self.w, self.vec, self.stride = src, lead, r, w, vec, stride
         self.zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), vec)
         self.phase: dict = {}
 
@@ -55,8 +56,8 @@ class _Row:
             return self.zero
         idx = tirx.Ramp(col0, 1, vec)
         if col0 >= 0 and col0 + vec <= w:
-            return tirx.BufferLoad(self.x, [0, self.ch, self.r, idx])
-        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.x, 0, self.ch, self.r, idx,
+            return tirx.BufferLoad(self.src, [*self.lead, self.r, idx])
+        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.src, *self.lead, self.r, idx,
                                 lanes_inside(col0, 1, vec, w))
 
     def _phases(self, j: int):
@@ -94,25 +95,56 @@ def lanes_inside(col0: int, step: int, vec: int, w: int, used: int | None = None
     return inside
 
 
-def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
-                 rows: int = ROWS) -> tirx.PrimFunc:
-    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
-    assert stride in STRIDES, stride
-    top, left, bottom, right = (int(p) for p in pads)
-    s = stride
-    oh = (h + top + bottom - k) // s + 1
-    ow = (w + left + right - k) // s + 1
-    vec = row_vector(ow, lanes)
-    nv = -(-ow // vec)
-    chunk = max(1, min(nv, ACCUMULATORS // rows))
-    lo = tirx.FloatImm(F32, -3.4e38 if clip is None else clip[0])
-    hi = tirx.FloatImm(F32, 3.4e38 if clip is None else clip[1])
+class Depthwise:
+    """One channel of a depthwise kxk conv in CHW: the shapes, and the TIR that computes the channel."""
 
-    def step(x, wt, bias, out, ch, y0, n_rows: int, valid):
+    def __init__(self, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
+                 rows: int = ROWS):
+        assert stride in STRIDES, stride
+        self.h, self.w, self.k, self.s, self.rows = h, w, k, stride, rows
+        self.top, self.left, bottom, right = (int(p) for p in pads)
+        self.oh = (h + self.top + bottom - k) // stride + 1
+        self.ow = (w + self.left + right - k) // stride + 1
+        self.vec = row_vector(self.ow, lanes)
+        self.nv = -(-self.ow // self.vec)
+        self.chunk = max(1, min(self.nv, ACCUMULATORS // rows))
+        self.lo = tirx.FloatImm(F32, -3.4e38 if clip is None else clip[0])
+        self.hi = tirx.FloatImm(F32, 3.4e38 if clip is None else clip[1])
+
+    def name(self, prefix: str = "f32_") -> str:
+        return kernel_name(self.k, self.s, self.nv * self.vec, self.rows).replace("f32_", prefix, 1)
+
+    def channel(self, src, lead: list, wt, bias, out, ch) -> None:
+        """Emit channel `ch`: reads src[*lead, row, col], weights wt[ch, 0, kh, kw], bias[ch], and writes
+        out[0, ch, :, :]."""
+        s, k, top, rows = self.s, self.k, self.top, self.rows
+        inside = [y for y in range(self.oh) if 0 <= s * y - top and s * y + k - 1 - top < self.h]
+        y_in0, y_in1 = (inside[0], inside[-1] + 1) if inside else (self.oh, self.oh)
+        loop_steps = (y_in1 - y_in0) // rows
+
+        def border(y):
+            return lambda t, kh: 0 <= s * (y + t) + kh - top < self.h
+
+        def everywhere(t, kh):
+            return True
+
+        args = (src, lead, wt, bias, out, ch)
+        for y in range(0, y_in0):
+            self.step(*args, y, 1, border(y))
+        if loop_steps:
+            with I.serial(0, loop_steps) as i:
+                self.step(*args, y_in0 + i * rows, rows, everywhere)
+        for y in range(y_in0 + loop_steps * rows, y_in1):
+            self.step(*args, y, 1, everywhere)
+        for y in range(max(y_in0, y_in1), self.oh):
+            self.step(*args, y, 1, border(y))
+
+    def step(self, src, lead, wt, bias, out, ch, y0, n_rows: int, valid) -> None:
         """Output rows y0 .. y0 + n_rows - 1; valid(t, kh): input row s * (y0 + t) + kh - top exists."""
+        s, k, w, vec, nv, ow, left = self.s, self.k, self.w, self.vec, self.nv, self.ow, self.left
         weight = {}
-        for v0 in range(0, nv, chunk):
-            vs = range(v0, min(nv, v0 + chunk))
+        for v0 in range(0, nv, self.chunk):
+            vs = range(v0, min(nv, v0 + self.chunk))
             # the step's accumulators: a small stack array that LLVM keeps in registers
             acc = I.alloc_buffer((n_rows * len(vs) * vec,), F32, scope="global")
 
@@ -126,7 +158,7 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
                 users = [(t, ir - s * t) for t in range(n_rows) if 0 <= ir - s * t < k and valid(t, ir - s * t)]
                 if not users:
                     continue
-                row = _Row(x, ch, s * y0 + ir - top, w, vec, s)
+                row = _Row(src, lead, s * y0 + ir - self.top, w, vec, s)
                 for kw in range(k):
                     for v in vs:
                         # input column of each lane; lanes past the row's last output are never stored
@@ -146,26 +178,24 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
             for t in range(n_rows):
                 for v in vs:
                     a = tirx.BufferLoad(acc, at(t, v))
-                    a = tirx.Min(tirx.Max(a, tirx.Broadcast(lo, vec)), tirx.Broadcast(hi, vec))
-                    n = min(vec, ow - v * vec)
-                    if n == vec:
-                        I.buffer_store(out, a, [0, ch, y0 + t, tirx.Ramp(v * vec, 1, vec)])
-                    else:                       # the row's last pixels: one masked store
-                        I.evaluate(tirx.call_intrin("void", "tirx.masked_store", out, a, 0, ch, y0 + t,
-                                                    tirx.Ramp(v * vec, 1, vec), tirx.Ramp(0, 1, vec) <
-                                                    tirx.Broadcast(n, vec)))
+                    a = tirx.Min(tirx.Max(a, tirx.Broadcast(self.lo, vec)), tirx.Broadcast(self.hi, vec))
+                    store(out, a, [0, ch, y0 + t], v * vec, min(vec, ow - v * vec), vec)
 
-    inside = [y for y in range(oh) if 0 <= s * y - top and s * y + k - 1 - top < h]
-    y_in0, y_in1 = (inside[0], inside[-1] + 1) if inside else (oh, oh)
-    loop_steps = (y_in1 - y_in0) // rows
 
-    def border(y):
-        return lambda t, kh: 0 <= s * (y + t) + kh - top < h
+def store(buf, value, lead: list, col0: int, n: int, vec: int) -> None:
+    """buf[*lead, col0 : col0 + n] = the first n of the vec lanes of `value` (a masked store when n < vec)."""
+    if n == vec:
+        I.buffer_store(buf, value, [*lead, tirx.Ramp(col0, 1, vec)])
+    else:
+        I.evaluate(tirx.call_intrin("void", "tirx.masked_store", buf, value, *lead, tirx.Ramp(col0, 1, vec),
+                                    tirx.Ramp(0, 1, vec) < tirx.Broadcast(n, vec)))
 
-    def everywhere(t, kh):
-        return True
 
-    name = kernel_name(k, s, nv * vec, rows)
+def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
+                 rows: int = ROWS) -> tirx.PrimFunc:
+    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
+    dw = Depthwise(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
+    name = dw.name()
     with IRBuilder() as ib:
         with I.prim_func():
             I.func_name(name)
@@ -173,16 +203,8 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
             x = I.arg("x", I.buffer((1, c, h, w), F32))
             wt = I.arg("w", I.buffer((c, 1, k, k), F32))
             bias = I.arg("bias", I.buffer((c,), F32))
-            out = I.arg("out", I.buffer((1, c, oh, ow), F32))
+            out = I.arg("out", I.buffer((1, c, dw.oh, dw.ow), F32))
             with I.parallel(0, c) as ch:
-                for y in range(0, y_in0):
-                    step(x, wt, bias, out, ch, y, 1, border(y))
-                if loop_steps:
-                    with I.serial(0, loop_steps) as i:
-                        step(x, wt, bias, out, ch, y_in0 + i * rows, rows, everywhere)
-                for y in range(y_in0 + loop_steps * rows, y_in1):
-                    step(x, wt, bias, out, ch, y, 1, everywhere)
-                for y in range(max(y_in0, y_in1), oh):
-                    step(x, wt, bias, out, ch, y, 1, border(y))
+                dw.channel(x, [0, ch], wt, bias, out, ch)
     func = ib.get()
     return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)

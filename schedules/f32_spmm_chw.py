@@ -74,6 +74,9 @@ def default_pixel_tile(pixels: int, block: int, spec) -> int:
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
+CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), for passes that fuse the kernel with its consumer
+
+
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
              name: str | None = None) -> tvm.tirx.PrimFunc:
@@ -170,4 +173,5 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
             body(x, rp, col, val, bias, out, out)
 
     name = name or kernel_name(pixel_tile, block)
-    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
+    func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
+    return func if clip is None else func.with_attr(CLIP_ATTR, [float(clip[0]), float(clip[1])])

@@ -1,6 +1,8 @@
 """SparsifyConv1x1 and FormCHWRegions: structure (kernels in, dense weights out) and numerics vs ONNX Runtime."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -169,8 +171,11 @@ def test_report_lists_every_sparse_layer(tmp_path):
     assert {r["layer"] for r in rows} == expected
     for r in rows:
         assert r["sparsity"] == pytest.approx(0.85, abs=0.01) and r["speedup_vs_dense"] == 3.0
-        assert r["block"] in ("4x1", "8x1") and r["kernel"].startswith(f"f32_spmm_chw_") and \
-            r["kernel"].split("_")[3].endswith("x" + r["block"][0])
+        assert r["block"] in ("4x1", "8x1")
+        if r["layer"].endswith("expand"):      # fused with the depthwise conv it feeds
+            assert r["kernel"].startswith(f"f32_spmm{r['block']}_dwconv3x3s"), r
+        else:
+            assert r["kernel"].startswith("f32_spmm_chw_") and r["kernel"].split("_")[3].endswith("x" + r["block"][0])
         assert r["kernel"] in cm.report["kernels"] or r["kernel"].rsplit("_", 1)[0] in cm.report["kernels"]
     _, meta = cm.export(str(tmp_path / "m.so"))
     assert json.load(open(meta))["sparse_layers"] == rows
@@ -212,6 +217,7 @@ def test_analyze_shows_every_1x1_conv_its_decision_and_the_chw_region(tmp_path):
         assert ("0% zeros < 67%" in r["why"]) if early else ("f32_spmm_chw_" in r["why"] and "3.0x faster" in r["why"])
     (region, whole) = regions["rows"]
     assert region[1].startswith("block3_") and region[2:6] == ["29", "14", "1", "1"] and "kept" in whole[-1]
-    assert region[-1].startswith("spmm_chw x") and "dwconv3x3s2_chw x" in region[-1]
+    # each expand that feeds a depthwise conv is fused with it (f32_spmm<b>x1_dwconv...)
+    assert "spmm_chw x" in region[-1] and re.search(r"spmm\dx1_dwconv3x3s2 x", region[-1])
     text = render(report)
     assert "## sparse 1x1 convs" in text and "## CHW regions" in text and "block16_project" in text

@@ -12,6 +12,7 @@ import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: t
 import targets
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
+from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 SPEC = targets.x86_host()
 
@@ -218,4 +219,52 @@ def test_spmm_stays_inside_its_buffers(hw, tile, guard):
                                          (rp, col, val, bias)), tvm.runtime.from_dlpack(gres.array),
                                          tvm.runtime.from_dlpack(gout.array))
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+
+
+def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
+    wt1 = _weights(rng, c, cin, sparsity, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    b1 = rng.standard_normal(c).astype(np.float32)
+    wt = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    b2 = rng.standard_normal(c).astype(np.float32)
+    return wt1, x, b1, wt, b2
+
+
+@pytest.mark.parametrize("cin,c,h,w,k,s,block,pads,clip1", [
+    (16, 96, 20, 20, 3, 2, 1, (1, 1, 1, 1), (0.0, 6.0)), (24, 48, 14, 14, 3, 1, 2, (1, 1, 1, 1), (0.0, 6.0)),
+    (8, 12, 7, 9, 5, 2, 4, (0, 0, 2, 2), None), (5, 6, 3, 37, 3, 1, 1, (1, 1, 1, 1), (0.0, 6.0)),
+    (7, 16, 11, 5, 5, 1, 8, (2, 2, 2, 2), None), (3, 4, 2, 2, 3, 2, 2, (1, 1, 1, 1), (0.0, 6.0))])
+def test_spmm_dwconv_matches_the_two_kernels_composed(cin, c, h, w, k, s, block, pads, clip1):
+    """Expand (sparse 1x1, bias, clip) fused with the depthwise conv over its output equals numpy's 1x1 then
+    depthwise: pixel counts below, at and above the tile, every block shape, strides 1/2, k 3/5, odd widths."""
+    rng = np.random.default_rng(c * h + w)
+    wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, k, block)
+    wt1[:block] = 0                                        # an expanded channel block with no weights
+    rp, col, val = encode_bsr(wt1, block)
+    mid = (wt1 @ x.reshape(cin, -1) + b1[:, None]).reshape(1, c, h, w)
+    mid = np.clip(mid, *clip1) if clip1 else mid
+    ref = _dw_ref(mid, wt, b2, s, list(pads), (0.0, 6.0))
+    func = spmm_dwconv2d_chw(cin, c, h, w, block, len(col), k, s, list(pads), clip1=clip1, clip=(0.0, 6.0),
+                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+    out = _run(func, [x, rp, col, val, b1, wt, b2], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_spmm_dwconv_stays_inside_its_buffers(guard):
+    rng = np.random.default_rng(7)
+    cin, c, h, w, k = 24, 32, 14, 14, 3
+    wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, k, 1)
+    rp, col, val = encode_bsr(wt1, 1)
+    mid = np.clip(wt1 @ x.reshape(cin, -1) + b1[:, None], 0, 6).reshape(1, c, h, w)
+    ref = _dw_ref(mid, wt, b2, 1, [1] * 4, (0.0, 6.0))
+    func = spmm_dwconv2d_chw(cin, c, h, w, 1, len(col), k, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    gx, gout = _GuardedArray(x, guard), _GuardedArray(np.zeros(ref.shape, np.float32), guard)
+    dev = tvm.cpu()
+    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array),
+                                         *(tvm.runtime.tensor(a, dev) for a in (rp, col, val, b1, wt, b2)),
+                                         tvm.runtime.from_dlpack(gout.array))
     np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)

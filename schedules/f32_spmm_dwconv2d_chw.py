@@ -1,0 +1,92 @@
+"""A sparse 1x1 conv fused with the depthwise kxk conv that reads its output, in CHW (batch 1).
+
+An inverted residual block expands with a 1x1 conv and then runs a depthwise conv over every expanded
+channel. Unfused, the expanded tensor (96 x 112 x 112 floats in MobileNetV2, 4.8 MB) is written to
+memory by the sparse kernel and read back by the depthwise one. Fused, each parallel task takes one
+block of expanded channels, computes their planes into a buffer of its own (the 1x1 part: the block's
+non-zero weights walked over tiles of pixels held in registers, bias and clip fused, as
+f32_spmm_chw), and runs the depthwise conv on them while they are still in cache
+(f32_dwconv2d_chw's per-channel code). Parameters: x, row_ptr, col, val, bias1 (the 1x1 conv's, BSR
+as encode_bsr writes it), w [C,1,k,k], bias2, out.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as I
+
+from schedules.f32_dwconv2d_chw import ACCUMULATORS, F32, Depthwise, lanes_inside, store
+from schedules.rule import SCHEDULED_ATTR
+
+
+def kernel_name(dw: Depthwise, block: int) -> str:
+    return dw.name(prefix=f"f32_spmm{block}x1_")
+
+
+def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
+                      clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32") -> tirx.PrimFunc:
+    """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block)."""
+    assert c % block == 0, (c, block)
+    dw = Depthwise(h, w, k, stride, pads, clip=clip, lanes=lanes)
+    nb, pixels = c // block, h * w
+    tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
+    nfull = pixels // (tile * lanes)
+    lo1 = tirx.FloatImm(F32, -3.4e38 if clip1 is None else clip1[0])
+    hi1 = tirx.FloatImm(F32, 3.4e38 if clip1 is None else clip1[1])
+
+    def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int):
+        """plane[j, p0 : p0 + n_pixels] for the block's channels j (n_pixels at most tile * lanes)."""
+        nvec = -(-n_pixels // lanes)
+        acc = I.alloc_buffer((block * nvec * lanes,), F32, scope="global")
+
+        def at(j, v):
+            return [tirx.Ramp((j * nvec + v) * lanes, 1, lanes)]
+
+        for j in range(block):
+            for v in range(nvec):
+                I.buffer_store(acc, tirx.Broadcast(tirx.BufferLoad(bias1, [b * block + j]), lanes), at(j, v))
+        with I.serial(tirx.BufferLoad(rp, [b]), tirx.BufferLoad(rp, [b + 1])) as e:
+            ci = I.Bind(tirx.Cast("int32", tirx.BufferLoad(col, [e])))
+            for v in range(nvec):
+                n = min(lanes, n_pixels - v * lanes)
+                idx = tirx.Ramp(p0 + v * lanes, 1, lanes)
+                if n == lanes:
+                    xv = I.Bind(tirx.BufferLoad(xf, [ci, idx]))
+                else:     # the last pixels: a masked load (its other lanes are never stored)
+                    xv = I.Bind(tirx.call_intrin(f"float32x{lanes}", "tirx.masked_load", xf, ci, idx,
+                                                 lanes_inside(0, 1, lanes, n)))
+                for j in range(block):
+                    wv = tirx.Broadcast(tirx.BufferLoad(val, [e, j]), lanes)
+                    I.buffer_store(acc, tirx.op.fma(wv, xv, tirx.BufferLoad(acc, at(j, v))), at(j, v))
+        for j in range(block):
+            for v in range(nvec):
+                a = tirx.BufferLoad(acc, at(j, v))
+                a = tirx.Min(tirx.Max(a, tirx.Broadcast(lo1, lanes)), tirx.Broadcast(hi1, lanes))
+                store(plane, a, [j], p0 + v * lanes, min(lanes, n_pixels - v * lanes), lanes)
+
+    name = kernel_name(dw, block)
+    with IRBuilder() as ib:
+        with I.prim_func():
+            I.func_name(name)
+            I.func_attr({"tirx.noalias": True})
+            x = I.arg("x", I.buffer((1, cin, h, w), F32))
+            rp = I.arg("row_ptr", I.buffer((nb + 1,), "int32"))
+            col = I.arg("col", I.buffer((nnzb,), col_dtype))
+            val = I.arg("val", I.buffer((nnzb, block), F32))
+            bias1 = I.arg("bias1", I.buffer((c,), F32))
+            wt = I.arg("w", I.buffer((c, 1, k, k), F32))
+            bias = I.arg("bias2", I.buffer((c,), F32))
+            out = I.arg("out", I.buffer((1, c, dw.oh, dw.ow), F32))
+            xf = I.decl_buffer((cin, pixels), F32, data=x.data)
+            with I.parallel(0, nb) as b:
+                flat = I.alloc_buffer((block, pixels), F32, scope="global")
+                plane = I.decl_buffer((block, h, w), F32, data=flat.data)
+                if nfull:
+                    with I.serial(0, nfull) as i:
+                        expand(xf, rp, col, val, bias1, flat, b, i * tile * lanes, tile * lanes)
+                for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
+                    expand(xf, rp, col, val, bias1, flat, b, p0, min(tile * lanes, pixels - p0))
+                for j in range(block):
+                    dw.channel(plane, [j], wt, bias, out, b * block + j)
+    func = ib.get()
+    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
