@@ -15,7 +15,7 @@ from passes.rewriting import channel_vector, op_name, users_of
 from passes.sparsify_conv1x1 import SPARSE_MIN, conv1x1_weights
 from schedules.f32_spmm_chw import BLOCKS, block_fill
 
-CHW_KERNELS = ("f32_spmm", "f32_dwconv")   # call_tir kernels that read and write CHW (f32_spmm<b>x1_dwconv...: both fused)
+CHW_TAG = "_chw_"   # in the names of the call_tir kernels that read and write CHW (f32_spmm_chw_64x2, ...)
 
 
 def conv1x1_layers(func: relax.Function) -> list[dict]:
@@ -36,7 +36,7 @@ def conv1x1_layers(func: relax.Function) -> list[dict]:
 
 
 def _is_chw(value) -> bool:
-    return op_name(value) == "relax.call_tir" and value.args[0].name_hint.startswith(CHW_KERNELS)
+    return op_name(value) == "relax.call_tir" and CHW_TAG in value.args[0].name_hint
 
 
 def chw_regions(func: relax.Function) -> list[dict]:

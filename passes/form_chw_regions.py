@@ -8,6 +8,9 @@ region borders (next to dense convs, which keep their blocked kernels).
 A sparse 1x1 (without residual) whose only reader is the depthwise conv is fused with it:
 call_tir(f32_spmm1x1_dwconv3x3s2_chw_64x2, x, row_ptr, col, val, bias1, W, bias2), so the expanded
 tensor never goes to memory.
+The network's first conv (dense, at most MAX_CIN input channels) whose only reader is such a
+depthwise conv becomes call_tir(f32_conv3x3s2_chw_112x1x4, x, W, bias): it reads the NCHW input and
+writes CHW, so the region starts at the model's input.
 NOTE: runs after SparsifyConv1x1 (it looks for its kernels).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tvm import relax
 from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
+from schedules.f32_conv2d_chw import MAX_CIN, conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import CLIP_ATTR
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
@@ -32,8 +36,9 @@ def _is_sparse_call(expr) -> bool:
     return op_name(expr) == "relax.call_tir" and expr.args[0].name_hint.startswith(SPARSE_KERNEL)
 
 
-def depthwise_weights(value) -> np.ndarray | None:
-    """[C, 1, k, k] weights of a batch-1 NCHW/OIHW depthwise conv this kernel family covers."""
+def _conv_weights(value, depthwise: bool) -> np.ndarray | None:
+    """[O, I, k, k] weights of a batch-1 NCHW/OIHW conv the CHW kernels cover (k 3/5, one stride 1/2, no
+    dilation): depthwise (groups == channels) or dense with at most MAX_CIN input channels."""
     if op_name(value) != "relax.nn.conv2d":
         return None
     a = value.attrs
@@ -43,14 +48,27 @@ def depthwise_weights(value) -> np.ndarray | None:
         return None
     wt = const_np(w)
     shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else -1 for d in x.ty.shape.values]
-    c, k = wt.shape[0], wt.shape[2]
-    if len(shape) != 4 or shape[0] != 1 or int(a.groups) != c or shape[1] != c or wt.shape[1] != 1 \
-            or wt.shape[3] != k or k not in KERNEL_SIZES or wt.dtype != np.float32:
+    o, k = wt.shape[0], wt.shape[2]
+    if depthwise:
+        channels_ok = int(a.groups) == o and len(shape) == 4 and shape[1] == o and wt.shape[1] == 1
+    else:
+        channels_ok = int(a.groups) == 1 and len(shape) == 4 and shape[1] == wt.shape[1] <= MAX_CIN
+    if not channels_ok or shape[0] != 1 or wt.shape[3] != k or k not in KERNEL_SIZES or wt.dtype != np.float32:
         return None
     strides = {int(s) for s in a.strides}
     if len(strides) != 1 or strides.pop() not in STRIDES or any(int(d) != 1 for d in a.dilation):
         return None
     return wt
+
+
+def depthwise_weights(value) -> np.ndarray | None:
+    """[C, 1, k, k] weights of a depthwise conv f32_dwconv2d_chw covers."""
+    return _conv_weights(value, depthwise=True)
+
+
+def first_conv_weights(value) -> np.ndarray | None:
+    """[O, I, k, k] weights of a dense conv with few input channels (a network's first) f32_conv2d_chw covers."""
+    return _conv_weights(value, depthwise=False)
 
 
 @rewriter
@@ -63,16 +81,14 @@ class _Regions(BindingRewriter):
 
     def rewrite(self, var, value):
         if var in self.plans:
-            return self.emit(var, self.plans.pop(var))
+            plan = self.plans.pop(var)
+            return self.emit_first_conv(plan) if "first_conv" in plan else self.emit(var, plan)
         w = depthwise_weights(value)
         if w is None:
-            return None
+            return self.first_conv(var, value)
         plan = epilogue_chain(self, var, w.shape[0], residual=False)
         x_in = self.bindings[var].args[0]       # the input function's variable (value's are remapped)
-        src = self.bindings.get(x_in)
-        user = self.only_user(plan["last"])
-        feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
-        if not (_is_sparse_call(src) if src is not None else False) and not feeds_sparse:
+        if not self.depthwise_goes_chw(var, w.shape[0]):
             changelog.skip(NAME, plan["name"], "depthwise conv not next to a sparse 1x1: stays blocked")
             return None
         plan.update(w=w, x=value.args[0], x_in=x_in, attrs=value.attrs, conv=plan["name"], out_ty=plan["last"].ty)
@@ -80,6 +96,41 @@ class _Regions(BindingRewriter):
             return self.emit(var, plan)
         self.plans[plan["last"]] = plan
         return None
+
+    def depthwise_goes_chw(self, var, c: int) -> bool:
+        """The depthwise conv bound to (input) var reads a sparse kernel's output or feeds one."""
+        src = self.bindings.get(self.bindings[var].args[0])
+        user = self.only_user(epilogue_chain(self, var, c, residual=False)["last"])
+        feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
+        return (src is not None and _is_sparse_call(src)) or feeds_sparse
+
+    def first_conv(self, var, value):
+        """A dense conv with few input channels (a network's first) whose only reader is a depthwise conv
+        that goes CHW: computed in CHW too, so no layout transform sits between them."""
+        w = first_conv_weights(value)
+        if w is None:
+            return None
+        plan = epilogue_chain(self, var, w.shape[0], residual=False)
+        user = self.only_user(plan["last"])
+        if not isinstance(user, relax.VarBinding) or depthwise_weights(user.value) is None \
+                or not self.depthwise_goes_chw(user.var, w.shape[0]):
+            return None
+        plan.update(first_conv=True, w=w, x=value.args[0], attrs=value.attrs, conv=plan["name"],
+                    out_ty=plan["last"].ty)
+        if plan["last"].same_as(var):
+            return self.emit_first_conv(plan)
+        self.plans[plan["last"]] = plan
+        return None
+
+    def emit_first_conv(self, plan):
+        w, a = plan["w"], plan["attrs"]
+        _, cin, h, wd = (int(d) for d in plan["x"].ty.shape.values)
+        func = conv2d_chw(cin, w.shape[0], h, wd, w.shape[2], int(a.strides[0]), [int(p) for p in a.padding],
+                          clip=plan["clip"], lanes=self.spec.vector_lanes)
+        gv, func = add_kernel(self, func)
+        bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
+        changelog.record(NAME, "chw", plan["conv"], kernel=str(func.attrs["global_symbol"]))
+        return relax.call_tir(gv, relax.Tuple([plan["x"], const(w), const(bias)]), plan["out_ty"])
 
     def emit(self, var, plan):
         fused = self.fuse_with_expand(plan)

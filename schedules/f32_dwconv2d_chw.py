@@ -1,18 +1,7 @@
 """Depthwise kxk convolutions in CHW (batch 1 NCHW), vectorised along the width, bias and clip fused.
 
-For the CHW regions around sparse 1x1 convs. Each parallel task is one channel; it walks the output
-rows ROWS at a time, each input row loaded once for every output row of the step that uses it, and
-keeps the step's output vectors in registers (at most ACCUMULATORS, so wide rows go in column chunks).
-Nothing is copied or padded in memory:
-- stride 1: every tap is one vector load at its column offset;
-- stride 2: each input row is loaded as pairs of vectors and split into its even and odd columns by
-  two shuffles; the taps are those vectors or a shuffle of two neighbours.
-A load that reaches past a row's ends is a masked load, and a tap with padding lanes is a masked FMA
-(those lanes keep their sum): the kernel never touches memory outside its tensors, which a test checks
-against inaccessible pages. (Selecting zeros into the masked load's lanes instead let LLVM turn it into
-a plain load that faulted there.) The row's last pixels are a masked store.
-Rows whose taps all lie inside the image run in a loop; the few border rows are emitted one by one
-with their out-of-image taps left out, so the loop has no conditions.
+For the CHW regions around sparse 1x1 convs. Each parallel task is one channel, computed by
+chw_rows.RowConv (rows two at a time, direct and masked loads, no padded copy).
 """
 from __future__ import annotations
 
@@ -20,182 +9,25 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
 
+from schedules.chw_rows import F32, ROWS, STRIDES, Planes, RowConv  # noqa: F401  (STRIDES: the ones covered)
 from schedules.rule import SCHEDULED_ATTR
 
-STRIDES = (1, 2)
-ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
-ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
-F32 = "float32"
+
+def kernel_name(k: int, stride: int, tile: str) -> str:
+    return f"f32_dwconv{k}x{k}s{stride}_chw_{tile}"
 
 
-def kernel_name(k: int, stride: int, row_pixels: int, rows: int) -> str:
-    return f"f32_dwconv{k}x{k}s{stride}_chw_{row_pixels}x{rows}"
-
-
-def row_vector(ow: int, lanes: int) -> int:
-    """Vector width for output rows of `ow` pixels: the fewest vectors per row, then the least
-    padding (7 -> 8 of 16 lanes, 14 -> 16, 56 -> 4 x 16, 112 -> 7 x 16); at least 2 lanes."""
-    options = [v for v in (lanes, lanes // 2, lanes // 4) if v >= 2] or [2]
-    return min(options, key=lambda v: (-(-ow // v), -(-ow // v) * v))
-
-
-class _Row:
-    """The vectors of one input row that a step's taps read, loaded on first use."""
-
-    def __init__(self, src, lead: list, r: int | tirx.PrimExpr, w: int, vec: int, stride: int):
-        # the row is src[*lead, r, :]
-        self.src, self.lead, self.r, self.w, self.vec, self.stride = src, lead, r, w, vec, stride
-        self.zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), vec)
-        self.phase: dict = {}
-
-    def load(self, col0: int):
-        """Input columns col0 .. col0 + vec - 1 of the row. Lanes outside [0, w) are undefined (a masked
-        load leaves them poison): the caller masks them out of its FMA, see `lanes_inside`."""
-        vec, w = self.vec, self.w
-        if col0 >= w or col0 + vec <= 0:
-            return self.zero
-        idx = tirx.Ramp(col0, 1, vec)
-        if col0 >= 0 and col0 + vec <= w:
-            return tirx.BufferLoad(self.src, [*self.lead, self.r, idx])
-        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.src, *self.lead, self.r, idx,
-                                lanes_inside(col0, 1, vec, w))
-
-    def _phases(self, j: int):
-        """(even, odd) columns of input columns 2*j*vec .. 2*(j+1)*vec - 1, as two vectors."""
-        if j not in self.phase:
-            vec = self.vec
-            if 2 * j * vec >= self.w or 2 * (j + 1) * vec <= 0:
-                self.phase[j] = (self.zero, self.zero)
-            else:
-                a = I.Bind(self.load(2 * j * vec))
-                b = I.Bind(self.load(2 * j * vec + vec))
-                self.phase[j] = (I.Bind(tirx.Shuffle([a, b], [2 * i for i in range(vec)])),
-                                 I.Bind(tirx.Shuffle([a, b], [2 * i + 1 for i in range(vec)])))
-        return self.phase[j]
-
-    def tap(self, o0: int, d: int):
-        """Input columns stride * o + d for the output columns o0 .. o0 + vec - 1."""
-        if self.stride == 1:
-            return self.load(o0 + d)
-        vec, parity, start = self.vec, d % 2, o0 + d // 2    # column 2 * (start + i) + parity
-        j0, off = start // vec, start % vec
-        first = self._phases(j0)[parity]
-        if off == 0:
-            return first
-        return tirx.Shuffle([first, self._phases(j0 + 1)[parity]], [off + i for i in range(vec)])
-
-
-def lanes_inside(col0: int, step: int, vec: int, w: int, used: int | None = None):
-    """The lanes whose input column col0 + step * i lies in [0, w), as a vector of booleans; lanes from
-    `used` on count as inside (their results are never stored)."""
-    cols = tirx.Ramp(col0, step, vec)
-    inside = tirx.And(cols >= tirx.Broadcast(0, vec), cols < tirx.Broadcast(w, vec))
-    if used is not None and used < vec:
-        inside = tirx.Or(inside, tirx.Ramp(0, 1, vec) >= tirx.Broadcast(used, vec))
-    return inside
-
-
-class Depthwise:
-    """One channel of a depthwise kxk conv in CHW: the shapes, and the TIR that computes the channel."""
-
-    def __init__(self, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
-                 rows: int = ROWS):
-        assert stride in STRIDES, stride
-        self.h, self.w, self.k, self.s, self.rows = h, w, k, stride, rows
-        self.top, self.left, bottom, right = (int(p) for p in pads)
-        self.oh = (h + self.top + bottom - k) // stride + 1
-        self.ow = (w + self.left + right - k) // stride + 1
-        self.vec = row_vector(self.ow, lanes)
-        self.nv = -(-self.ow // self.vec)
-        self.chunk = max(1, min(self.nv, ACCUMULATORS // rows))
-        self.lo = tirx.FloatImm(F32, -3.4e38 if clip is None else clip[0])
-        self.hi = tirx.FloatImm(F32, 3.4e38 if clip is None else clip[1])
-
-    def name(self, prefix: str = "f32_") -> str:
-        return kernel_name(self.k, self.s, self.nv * self.vec, self.rows).replace("f32_", prefix, 1)
-
-    def channel(self, src, lead: list, wt, bias, out, ch) -> None:
-        """Emit channel `ch`: reads src[*lead, row, col], weights wt[ch, 0, kh, kw], bias[ch], and writes
-        out[0, ch, :, :]."""
-        s, k, top, rows = self.s, self.k, self.top, self.rows
-        inside = [y for y in range(self.oh) if 0 <= s * y - top and s * y + k - 1 - top < self.h]
-        y_in0, y_in1 = (inside[0], inside[-1] + 1) if inside else (self.oh, self.oh)
-        loop_steps = (y_in1 - y_in0) // rows
-
-        def border(y):
-            return lambda t, kh: 0 <= s * (y + t) + kh - top < self.h
-
-        def everywhere(t, kh):
-            return True
-
-        args = (src, lead, wt, bias, out, ch)
-        for y in range(0, y_in0):
-            self.step(*args, y, 1, border(y))
-        if loop_steps:
-            with I.serial(0, loop_steps) as i:
-                self.step(*args, y_in0 + i * rows, rows, everywhere)
-        for y in range(y_in0 + loop_steps * rows, y_in1):
-            self.step(*args, y, 1, everywhere)
-        for y in range(max(y_in0, y_in1), self.oh):
-            self.step(*args, y, 1, border(y))
-
-    def step(self, src, lead, wt, bias, out, ch, y0, n_rows: int, valid) -> None:
-        """Output rows y0 .. y0 + n_rows - 1; valid(t, kh): input row s * (y0 + t) + kh - top exists."""
-        s, k, w, vec, nv, ow, left = self.s, self.k, self.w, self.vec, self.nv, self.ow, self.left
-        weight = {}
-        for v0 in range(0, nv, self.chunk):
-            vs = range(v0, min(nv, v0 + self.chunk))
-            # the step's accumulators: a small stack array that LLVM keeps in registers
-            acc = I.alloc_buffer((n_rows * len(vs) * vec,), F32, scope="global")
-
-            def at(t, v):
-                return [tirx.Ramp((t * len(vs) + v - v0) * vec, 1, vec)]
-
-            for t in range(n_rows):
-                for v in vs:
-                    I.buffer_store(acc, tirx.Broadcast(tirx.BufferLoad(bias, [ch]), vec), at(t, v))
-            for ir in range(s * (n_rows - 1) + k):                 # input row s * y0 + ir - top
-                users = [(t, ir - s * t) for t in range(n_rows) if 0 <= ir - s * t < k and valid(t, ir - s * t)]
-                if not users:
-                    continue
-                row = _Row(src, lead, s * y0 + ir - self.top, w, vec, s)
-                for kw in range(k):
-                    for v in vs:
-                        # input column of each lane; lanes past the row's last output are never stored
-                        cols = [s * (v * vec + i) + kw - left for i in range(min(vec, ow - v * vec))]
-                        if not any(0 <= col < w for col in cols):
-                            continue
-                        val = I.Bind(row.tap(v * vec, kw - left))
-                        for t, kh in users:
-                            if (kh, kw) not in weight:
-                                weight[kh, kw] = I.Bind(tirx.Broadcast(tirx.BufferLoad(wt, [ch, 0, kh, kw]), vec))
-                            old = tirx.BufferLoad(acc, at(t, v))
-                            new = tirx.op.fma(weight[kh, kw], val, old)
-                            if not all(0 <= col < w for col in cols):   # a masked FMA: padding adds nothing
-                                new = tirx.Select(lanes_inside(s * v * vec + kw - left, s, vec, w, ow - v * vec),
-                                                  new, old)
-                            I.buffer_store(acc, new, at(t, v))
-            for t in range(n_rows):
-                for v in vs:
-                    a = tirx.BufferLoad(acc, at(t, v))
-                    a = tirx.Min(tirx.Max(a, tirx.Broadcast(self.lo, vec)), tirx.Broadcast(self.hi, vec))
-                    store(out, a, [0, ch, y0 + t], v * vec, min(vec, ow - v * vec), vec)
-
-
-def store(buf, value, lead: list, col0: int, n: int, vec: int) -> None:
-    """buf[*lead, col0 : col0 + n] = the first n of the vec lanes of `value` (a masked store when n < vec)."""
-    if n == vec:
-        I.buffer_store(buf, value, [*lead, tirx.Ramp(col0, 1, vec)])
-    else:
-        I.evaluate(tirx.call_intrin("void", "tirx.masked_store", buf, value, *lead, tirx.Ramp(col0, 1, vec),
-                                    tirx.Ramp(0, 1, vec) < tirx.Broadcast(n, vec)))
+def channel_planes(src, lead: list, wt, bias, out, ch) -> Planes:
+    """Channel ch of a depthwise conv: src[*lead] -> out[0, ch] with weights wt[ch, 0] and bias[ch]."""
+    return Planes([(src, lead)], [(out, [0, ch])], lambda o, i, kh, kw: tirx.BufferLoad(wt, [ch, 0, kh, kw]),
+                  lambda o: tirx.BufferLoad(bias, [ch]))
 
 
 def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
                  rows: int = ROWS) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
-    dw = Depthwise(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
-    name = dw.name()
+    conv = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
+    name = kernel_name(k, stride, conv.tile())
     with IRBuilder() as ib:
         with I.prim_func():
             I.func_name(name)
@@ -203,8 +35,8 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
             x = I.arg("x", I.buffer((1, c, h, w), F32))
             wt = I.arg("w", I.buffer((c, 1, k, k), F32))
             bias = I.arg("bias", I.buffer((c,), F32))
-            out = I.arg("out", I.buffer((1, c, dw.oh, dw.ow), F32))
+            out = I.arg("out", I.buffer((1, c, conv.oh, conv.ow), F32))
             with I.parallel(0, c) as ch:
-                dw.channel(x, [0, ch], wt, bias, out, ch)
+                conv.planes(channel_planes(x, [0, ch], wt, bias, out, ch))
     func = ib.get()
     return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)

@@ -6,7 +6,7 @@ memory by the sparse kernel and read back by the depthwise one. Fused, each para
 block of expanded channels, computes their planes into a buffer of its own (the 1x1 part: the block's
 non-zero weights walked over tiles of pixels held in registers, bias and clip fused, as
 f32_spmm_chw), and runs the depthwise conv on them while they are still in cache
-(f32_dwconv2d_chw's per-channel code). Parameters: x, row_ptr, col, val, bias1 (the 1x1 conv's, BSR
+(chw_rows.RowConv, as f32_dwconv2d_chw). Parameters: x, row_ptr, col, val, bias1 (the 1x1 conv's, BSR
 as encode_bsr writes it), w [C,1,k,k], bias2, out.
 """
 from __future__ import annotations
@@ -15,19 +15,20 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
 
-from schedules.f32_dwconv2d_chw import ACCUMULATORS, F32, Depthwise, lanes_inside, store
+from schedules.chw_rows import ACCUMULATORS, F32, RowConv, lanes_inside, store
+from schedules.f32_dwconv2d_chw import channel_planes
 from schedules.rule import SCHEDULED_ATTR
 
 
-def kernel_name(dw: Depthwise, block: int) -> str:
-    return dw.name(prefix=f"f32_spmm{block}x1_")
+def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
+    return f"f32_spmm{block}x1_dwconv{k}x{k}s{stride}_chw_{tile}"
 
 
 def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
                       clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32") -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block)."""
     assert c % block == 0, (c, block)
-    dw = Depthwise(h, w, k, stride, pads, clip=clip, lanes=lanes)
+    dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes)
     nb, pixels = c // block, h * w
     tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
     nfull = pixels // (tile * lanes)
@@ -64,7 +65,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                 a = tirx.Min(tirx.Max(a, tirx.Broadcast(lo1, lanes)), tirx.Broadcast(hi1, lanes))
                 store(plane, a, [j], p0 + v * lanes, min(lanes, n_pixels - v * lanes), lanes)
 
-    name = kernel_name(dw, block)
+    name = kernel_name(k, stride, dw.tile(), block)
     with IRBuilder() as ib:
         with I.prim_func():
             I.func_name(name)
@@ -87,6 +88,6 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                 for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
                     expand(xf, rp, col, val, bias1, flat, b, p0, min(tile * lanes, pixels - p0))
                 for j in range(block):
-                    dw.channel(plane, [j], wt, bias, out, b * block + j)
+                    dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
     func = ib.get()
     return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)

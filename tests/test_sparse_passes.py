@@ -131,6 +131,28 @@ def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
     assert not any("layout_transform" in ln for ln in lines[first_sparse:last_sparse])
 
 
+def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
+    """All 1x1s sparse (from block 0): the first conv reads the NCHW input and writes CHW
+    (f32_conv3x3s2_chw_...), no layout transform before the first sparse kernel; equal to ONNX Runtime.
+    With the region starting at block 3 the first conv stays blocked."""
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=0)
+    cm = driver.compile_model(model)
+    assert any(k.startswith("f32_conv3x3s2_chw_") for k in cm.report["kernels"])
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    mod, _ = _sparsify(_cleaned(model))
+    with SPEC.tvm_target():
+        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+    lines = [ln for ln in lowered.script(show_meta=False).splitlines()
+             if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
+    first_sparse = next(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
+    assert "f32_conv3x3s2_chw_" in lines[0] and not any("layout_transform" in ln for ln in lines[:first_sparse])
+    late, _ = _sparsify(_cleaned(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85,
+                                              sparse_from=3)))
+    assert "f32_conv3x3s2_chw_" not in late.script(show_meta=False)
+
+
 def test_sparse_off_leaves_convs_dense(monkeypatch):
     monkeypatch.setenv("SHRINKC_COST", "off")
     cm = driver.compile_model(single_conv_model(32, 32, 6, sparsity=0.9), sparse="off")

@@ -10,6 +10,7 @@ import tvm
 
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
+from schedules.f32_conv2d_chw import conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
@@ -268,3 +269,24 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
                                          *(tvm.runtime.tensor(a, dev) for a in (rp, col, val, b1, wt, b2)),
                                          tvm.runtime.from_dlpack(gout.array))
     np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,cout,h,w,k,s,pads", [(3, 32, 30, 30, 3, 2, (0, 0, 1, 1)), (3, 16, 9, 20, 3, 2, (1, 1, 1, 1)),
+                                                  (1, 8, 7, 7, 3, 1, (1, 1, 1, 1)), (2, 6, 13, 11, 5, 2, (2, 2, 2, 2)),
+                                                  (4, 5, 6, 37, 5, 1, (2, 2, 2, 2))])
+@pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
+def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip):
+    """The dense CHW conv for a network's first layer: few input channels, output channels not a multiple of
+    its block, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths."""
+    rng = np.random.default_rng(cin * w + k)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    top, left, bottom, right = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    ref = sum(np.einsum("oc,nchw->nohw", wt[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow])
+              for i in range(k) for j in range(k)) + b[None, :, None, None]
+    ref = np.clip(ref, *clip) if clip else ref
+    out = _run(conv2d_chw(cin, cout, h, w, k, s, list(pads), clip=clip, lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
