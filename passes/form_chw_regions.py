@@ -22,6 +22,7 @@ from tvm import relax
 from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
+from schedules.chw_rows import STRIDES
 from schedules.f32_conv2d_chw import MAX_CIN, conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import CLIP_ATTR
@@ -29,7 +30,7 @@ from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 NAME = "FormCHWRegions"
 SPARSE_KERNEL = "f32_spmm_chw"
-KERNEL_SIZES, STRIDES = (3, 5), (1, 2)
+KERNEL_SIZES = (3, 5)
 
 
 def _is_sparse_call(expr) -> bool:
@@ -123,28 +124,26 @@ class _Regions(BindingRewriter):
         return None
 
     def emit_first_conv(self, plan):
-        w, a = plan["w"], plan["attrs"]
         _, cin, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        func = conv2d_chw(cin, w.shape[0], h, wd, w.shape[2], int(a.strides[0]), [int(p) for p in a.padding],
-                          clip=plan["clip"], lanes=self.spec.vector_lanes)
-        gv, func = add_kernel(self, func)
-        bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
-        changelog.record(NAME, "chw", plan["conv"], kernel=str(func.attrs["global_symbol"]))
-        return relax.call_tir(gv, relax.Tuple([plan["x"], const(w), const(bias)]), plan["out_ty"])
+        func = conv2d_chw(cin, plan["w"].shape[0], h, wd, *_kxk(plan), clip=plan["clip"],
+                          lanes=self.spec.vector_lanes)
+        return self.call_kernel(plan, func, "chw", [plan["x"]])
 
     def emit(self, var, plan):
         fused = self.fuse_with_expand(plan)
         if fused is not None:
             return fused
-        w, a = plan["w"], plan["attrs"]
         _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        func = dwconv2d_chw(c, h, wd, w.shape[2], int(a.strides[0]), [int(p) for p in a.padding],
-                            clip=plan["clip"], lanes=self.spec.vector_lanes)
-        gv, func = add_kernel(self, func)
-        bias = plan["bias"] if plan["bias"] is not None else np.zeros(c, np.float32)
-        changelog.record(NAME, "chw", plan["conv"], kernel=str(func.attrs["global_symbol"]))
-        return relax.call_tir(gv, relax.Tuple([plan["x"], const(w), const(bias)]), plan["out_ty"])
+        func = dwconv2d_chw(c, h, wd, *_kxk(plan), clip=plan["clip"], lanes=self.spec.vector_lanes)
+        return self.call_kernel(plan, func, "chw", [plan["x"]])
 
+    def call_kernel(self, plan, func, what: str, inputs: list, **details):
+        """call_tir(func, *inputs, W, bias) in place of the plan's conv and its epilogue, noted as `what`."""
+        gv, func = add_kernel(self, func)
+        w = plan["w"]
+        bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
+        changelog.record(NAME, what, plan["conv"], kernel=str(func.attrs["global_symbol"]), **details)
+        return relax.call_tir(gv, relax.Tuple([*inputs, const(w), const(bias)]), plan["out_ty"])
 
     def fuse_with_expand(self, plan):
         """sparse 1x1 (no residual) -> this depthwise conv, where the conv is the 1x1's only reader:
@@ -157,18 +156,19 @@ class _Regions(BindingRewriter):
         x = self.visit_expr(x)
         spmm = self.builder_.get()[src.args[0]]
         clip1 = spmm.attrs[CLIP_ATTR] if CLIP_ATTR in spmm.attrs else None
-        w, a = plan["w"], plan["attrs"]
         _, cin, h, wd = (int(d) for d in x.ty.shape.values)
         val_np, col_np = const_np(val), const_np(col)
-        func = spmm_dwconv2d_chw(cin, w.shape[0], h, wd, val_np.shape[1], len(col_np), w.shape[2],
-                                 int(a.strides[0]), [int(p) for p in a.padding],
+        func = spmm_dwconv2d_chw(cin, plan["w"].shape[0], h, wd, val_np.shape[1], len(col_np), *_kxk(plan),
                                  clip1=None if clip1 is None else [float(v) for v in clip1], clip=plan["clip"],
                                  lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype))
-        gv, func = add_kernel(self, func)
-        bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
-        changelog.record(NAME, "fused", plan["conv"], kernel=str(func.attrs["global_symbol"]),
-                         expand=str(spmm.attrs["global_symbol"]))
-        return relax.call_tir(gv, relax.Tuple([x, row_ptr, col, val, bias1, const(w), const(bias)]), plan["out_ty"])
+        return self.call_kernel(plan, func, "fused", [x, row_ptr, col, val, bias1],
+                                expand=str(spmm.attrs["global_symbol"]))
+
+
+def _kxk(plan) -> tuple:
+    """(kernel size, stride, [top, left, bottom, right] padding) of the plan's conv."""
+    a = plan["attrs"]
+    return plan["w"].shape[2], int(a.strides[0]), [int(p) for p in a.padding]
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)

@@ -17,12 +17,33 @@ with their out-of-image taps left out, so the loop has no conditions.
 from __future__ import annotations
 
 from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
+
+from schedules.rule import SCHEDULED_ATTR
 
 STRIDES = (1, 2)
 ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
 ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
 F32 = "float32"
+
+
+def scheduled_kernel(name: str, params: list, body) -> tirx.PrimFunc:
+    """A PrimFunc named `name`, marked `shrinkc.scheduled` and opaque to fusion, whose parameters are the
+    buffers params = [(name, shape, dtype)] in order; body(*buffers) emits its statements."""
+    with IRBuilder() as ib:
+        with I.prim_func():
+            I.func_name(name)
+            I.func_attr({"tirx.noalias": True})
+            body(*(I.arg(n, I.buffer(shape, dtype)) for n, shape, dtype in params))
+    return ib.get().with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
+
+
+def clipped(a, clip, vec: int):
+    """The vector a clamped to clip = (lo, hi); None clamps to the float32 range."""
+    lo, hi = (-3.4e38, 3.4e38) if clip is None else clip
+    return tirx.Min(tirx.Max(a, tirx.Broadcast(tirx.FloatImm(F32, lo), vec)),
+                    tirx.Broadcast(tirx.FloatImm(F32, hi), vec))
 
 
 def row_vector(ow: int, lanes: int) -> int:
@@ -110,8 +131,7 @@ class RowConv:
         self.ow = (w + self.left + right - k) // stride + 1
         self.vec = row_vector(self.ow, lanes)
         self.nv = -(-self.ow // self.vec)
-        self.lo = tirx.FloatImm(F32, -3.4e38 if clip is None else clip[0])
-        self.hi = tirx.FloatImm(F32, 3.4e38 if clip is None else clip[1])
+        self.clip = clip
 
     def tile(self) -> str:
         """The register tile, for kernel names: pixels along a row (whole vectors) x rows per step."""
@@ -130,16 +150,15 @@ class RowConv:
         def everywhere(t, kh):
             return True
 
-        args = (p,)
         for y in range(0, y_in0):
-            self.step(*args, y, 1, border(y))
+            self.step(p, y, 1, border(y))
         if loop_steps:
             with I.serial(0, loop_steps) as i:
-                self.step(*args, y_in0 + i * rows, rows, everywhere)
+                self.step(p, y_in0 + i * rows, rows, everywhere)
         for y in range(y_in0 + loop_steps * rows, y_in1):
-            self.step(*args, y, 1, everywhere)
+            self.step(p, y, 1, everywhere)
         for y in range(max(y_in0, y_in1), self.oh):
-            self.step(*args, y, 1, border(y))
+            self.step(p, y, 1, border(y))
 
     def step(self, p: Planes, y0, n_rows: int, valid) -> None:
         """Output rows y0 .. y0 + n_rows - 1; valid(t, kh): input row s * (y0 + t) + kh - top exists."""
@@ -185,8 +204,7 @@ class RowConv:
             for o, (out, lead) in enumerate(p.outputs):
                 for t in range(n_rows):
                     for v in vs:
-                        a = tirx.BufferLoad(acc, at(o, t, v))
-                        a = tirx.Min(tirx.Max(a, tirx.Broadcast(self.lo, vec)), tirx.Broadcast(self.hi, vec))
+                        a = clipped(tirx.BufferLoad(acc, at(o, t, v)), self.clip, vec)
                         store(out, a, [*lead, y0 + t], v * vec, min(vec, ow - v * vec), vec)
 
 

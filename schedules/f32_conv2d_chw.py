@@ -9,11 +9,9 @@ the FMAs of all the task's output channels.
 from __future__ import annotations
 
 from tvm import tirx
-from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import F32, Planes, RowConv
-from schedules.rule import SCHEDULED_ATTR
+from schedules.chw_rows import F32, Planes, RowConv, scheduled_kernel
 
 MAX_CIN = 4       # input channels covered: every input plane's taps are reloaded per task
 OUT_BLOCK = 8     # output channels per task (x 2 vectors of pixels = the 16 accumulators; timed 2, 4, 8)
@@ -29,19 +27,14 @@ def conv2d_chw(cin: int, cout: int, h: int, w: int, k: int, stride: int, pads, *
     bias [cout], out [1,cout,oh,ow]."""
     block = next(b for b in (OUT_BLOCK, 2, 1) if cout % b == 0)
     conv = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=1)
-    name = kernel_name(k, stride, conv.tile(), block)
-    with IRBuilder() as ib:
-        with I.prim_func():
-            I.func_name(name)
-            I.func_attr({"tirx.noalias": True})
-            x = I.arg("x", I.buffer((1, cin, h, w), F32))
-            wt = I.arg("w", I.buffer((cout, cin, k, k), F32))
-            bias = I.arg("bias", I.buffer((cout,), F32))
-            out = I.arg("out", I.buffer((1, cout, conv.oh, conv.ow), F32))
-            with I.parallel(0, cout // block) as b:
-                conv.planes(Planes([(x, [0, i]) for i in range(cin)],
-                                   [(out, [0, b * block + o]) for o in range(block)],
-                                   lambda o, i, kh, kw: tirx.BufferLoad(wt, [b * block + o, i, kh, kw]),
-                                   lambda o: tirx.BufferLoad(bias, [b * block + o])))
-    func = ib.get()
-    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
+
+    def body(x, wt, bias, out):
+        with I.parallel(0, cout // block) as b:
+            conv.planes(Planes([(x, [0, i]) for i in range(cin)],
+                               [(out, [0, b * block + o]) for o in range(block)],
+                               lambda o, i, kh, kw: tirx.BufferLoad(wt, [b * block + o, i, kh, kw]),
+                               lambda o: tirx.BufferLoad(bias, [b * block + o])))
+
+    return scheduled_kernel(kernel_name(k, stride, conv.tile(), block),
+                            [("x", (1, cin, h, w), F32), ("w", (cout, cin, k, k), F32), ("bias", (cout,), F32),
+                             ("out", (1, cout, conv.oh, conv.ow), F32)], body)

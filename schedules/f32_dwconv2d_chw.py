@@ -6,11 +6,9 @@ chw_rows.RowConv (rows two at a time, direct and masked loads, no padded copy).
 from __future__ import annotations
 
 from tvm import tirx
-from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import F32, ROWS, STRIDES, Planes, RowConv  # noqa: F401  (STRIDES: the ones covered)
-from schedules.rule import SCHEDULED_ATTR
+from schedules.chw_rows import F32, ROWS, Planes, RowConv, scheduled_kernel
 
 
 def kernel_name(k: int, stride: int, tile: str) -> str:
@@ -27,16 +25,11 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
                  rows: int = ROWS) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
     conv = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
-    name = kernel_name(k, stride, conv.tile())
-    with IRBuilder() as ib:
-        with I.prim_func():
-            I.func_name(name)
-            I.func_attr({"tirx.noalias": True})
-            x = I.arg("x", I.buffer((1, c, h, w), F32))
-            wt = I.arg("w", I.buffer((c, 1, k, k), F32))
-            bias = I.arg("bias", I.buffer((c,), F32))
-            out = I.arg("out", I.buffer((1, c, conv.oh, conv.ow), F32))
-            with I.parallel(0, c) as ch:
-                conv.planes(channel_planes(x, [0, ch], wt, bias, out, ch))
-    func = ib.get()
-    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
+
+    def body(x, wt, bias, out):
+        with I.parallel(0, c) as ch:
+            conv.planes(channel_planes(x, [0, ch], wt, bias, out, ch))
+
+    return scheduled_kernel(kernel_name(k, stride, conv.tile()),
+                            [("x", (1, c, h, w), F32), ("w", (c, 1, k, k), F32), ("bias", (c,), F32),
+                             ("out", (1, c, conv.oh, conv.ow), F32)], body)

@@ -12,12 +12,10 @@ as encode_bsr writes it), w [C,1,k,k], bias2, out.
 from __future__ import annotations
 
 from tvm import tirx
-from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import ACCUMULATORS, F32, RowConv, lanes_inside, store
+from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, scheduled_kernel, store
 from schedules.f32_dwconv2d_chw import channel_planes
-from schedules.rule import SCHEDULED_ATTR
 
 
 def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
@@ -32,8 +30,6 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
     nb, pixels = c // block, h * w
     tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
     nfull = pixels // (tile * lanes)
-    lo1 = tirx.FloatImm(F32, -3.4e38 if clip1 is None else clip1[0])
-    hi1 = tirx.FloatImm(F32, 3.4e38 if clip1 is None else clip1[1])
 
     def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int):
         """plane[j, p0 : p0 + n_pixels] for the block's channels j (n_pixels at most tile * lanes)."""
@@ -61,33 +57,23 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                     I.buffer_store(acc, tirx.op.fma(wv, xv, tirx.BufferLoad(acc, at(j, v))), at(j, v))
         for j in range(block):
             for v in range(nvec):
-                a = tirx.BufferLoad(acc, at(j, v))
-                a = tirx.Min(tirx.Max(a, tirx.Broadcast(lo1, lanes)), tirx.Broadcast(hi1, lanes))
-                store(plane, a, [j], p0 + v * lanes, min(lanes, n_pixels - v * lanes), lanes)
+                store(plane, clipped(tirx.BufferLoad(acc, at(j, v)), clip1, lanes), [j], p0 + v * lanes,
+                      min(lanes, n_pixels - v * lanes), lanes)
 
-    name = kernel_name(k, stride, dw.tile(), block)
-    with IRBuilder() as ib:
-        with I.prim_func():
-            I.func_name(name)
-            I.func_attr({"tirx.noalias": True})
-            x = I.arg("x", I.buffer((1, cin, h, w), F32))
-            rp = I.arg("row_ptr", I.buffer((nb + 1,), "int32"))
-            col = I.arg("col", I.buffer((nnzb,), col_dtype))
-            val = I.arg("val", I.buffer((nnzb, block), F32))
-            bias1 = I.arg("bias1", I.buffer((c,), F32))
-            wt = I.arg("w", I.buffer((c, 1, k, k), F32))
-            bias = I.arg("bias2", I.buffer((c,), F32))
-            out = I.arg("out", I.buffer((1, c, dw.oh, dw.ow), F32))
-            xf = I.decl_buffer((cin, pixels), F32, data=x.data)
-            with I.parallel(0, nb) as b:
-                flat = I.alloc_buffer((block, pixels), F32, scope="global")
-                plane = I.decl_buffer((block, h, w), F32, data=flat.data)
-                if nfull:
-                    with I.serial(0, nfull) as i:
-                        expand(xf, rp, col, val, bias1, flat, b, i * tile * lanes, tile * lanes)
-                for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
-                    expand(xf, rp, col, val, bias1, flat, b, p0, min(tile * lanes, pixels - p0))
-                for j in range(block):
-                    dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
-    func = ib.get()
-    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
+    def body(x, rp, col, val, bias1, wt, bias, out):
+        xf = I.decl_buffer((cin, pixels), F32, data=x.data)
+        with I.parallel(0, nb) as b:
+            flat = I.alloc_buffer((block, pixels), F32, scope="global")
+            plane = I.decl_buffer((block, h, w), F32, data=flat.data)
+            if nfull:
+                with I.serial(0, nfull) as i:
+                    expand(xf, rp, col, val, bias1, flat, b, i * tile * lanes, tile * lanes)
+            for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
+                expand(xf, rp, col, val, bias1, flat, b, p0, min(tile * lanes, pixels - p0))
+            for j in range(block):
+                dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
+
+    return scheduled_kernel(kernel_name(k, stride, dw.tile(), block),
+                            [("x", (1, cin, h, w), F32), ("row_ptr", (nb + 1,), "int32"), ("col", (nnzb,), col_dtype),
+                             ("val", (nnzb, block), F32), ("bias1", (c,), F32), ("w", (c, 1, k, k), F32),
+                             ("bias2", (c,), F32), ("out", (1, c, dw.oh, dw.ow), F32)], body)

@@ -176,6 +176,18 @@ class _GuardedArray:
         self.array[...] = values
 
 
+def _run_guarded(func, arrays, guarded: set, out_shape, guard: str):
+    """_run with arrays[i] for i in `guarded`, and the output, each against an inaccessible page."""
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    dev = tvm.cpu()
+    kept = [_GuardedArray(a, guard) if i in guarded else a for i, a in enumerate(arrays)]
+    out = _GuardedArray(np.zeros(out_shape, np.float32), guard)
+    ex[str(func.attrs["global_symbol"])](*(tvm.runtime.from_dlpack(a.array) if isinstance(a, _GuardedArray)
+                                           else tvm.runtime.tensor(a, dev) for a in kept),
+                                         tvm.runtime.from_dlpack(out.array))
+    return out.array.copy()      # NOTE: the guarded pages go with `out`
+
+
 @pytest.mark.parametrize("c,h,w,k,s,pads", [(4, 14, 14, 3, 1, (1, 1, 1, 1)), (4, 14, 14, 3, 2, (0, 0, 1, 1)),
                                             (16, 7, 7, 3, 1, (1, 1, 1, 1)), (4, 16, 16, 5, 2, (2, 2, 2, 2)),
                                             (4, 28, 28, 5, 1, (2, 2, 2, 2)), (2, 56, 56, 3, 2, (1, 1, 1, 1)),
@@ -191,12 +203,8 @@ def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
     b = rng.standard_normal(c).astype(np.float32)
     ref = _dw_ref(x, wt, b, s, list(pads), (0.0, 6.0))
     func = dwconv2d_chw(c, h, w, k, s, list(pads), clip=(0.0, 6.0), lanes=SPEC.vector_lanes)
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
-    gx, gout = _GuardedArray(x, guard), _GuardedArray(np.zeros(ref.shape, np.float32), guard)
-    dev = tvm.cpu()
-    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array), tvm.runtime.tensor(wt, dev),
-                                         tvm.runtime.tensor(b, dev), tvm.runtime.from_dlpack(gout.array))
-    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+    out = _run_guarded(func, [x, wt, b], {0}, ref.shape, guard)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hw,tile", [((7, 7), 16), ((14, 14), 64), ((5, 7), 32), ((28, 28), 64)])
@@ -213,14 +221,9 @@ def test_spmm_stays_inside_its_buffers(hw, tile, guard):
     rp, col, val = encode_bsr(wt, block)
     func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
                     lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
-    gx, gres, gout = (_GuardedArray(a, guard) for a in (x, res, np.zeros((1, cout, h, w), np.float32)))
-    dev = tvm.cpu()
-    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array), *(tvm.runtime.tensor(a, dev) for a in
-                                         (rp, col, val, bias)), tvm.runtime.from_dlpack(gres.array),
-                                         tvm.runtime.from_dlpack(gout.array))
+    out = _run_guarded(func, [x, rp, col, val, bias, res], {0, 5}, (1, cout, h, w), guard)
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
-    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
@@ -262,13 +265,8 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
     ref = _dw_ref(mid, wt, b2, 1, [1] * 4, (0.0, 6.0))
     func = spmm_dwconv2d_chw(cin, c, h, w, 1, len(col), k, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
                              lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
-    gx, gout = _GuardedArray(x, guard), _GuardedArray(np.zeros(ref.shape, np.float32), guard)
-    dev = tvm.cpu()
-    ex[str(func.attrs["global_symbol"])](tvm.runtime.from_dlpack(gx.array),
-                                         *(tvm.runtime.tensor(a, dev) for a in (rp, col, val, b1, wt, b2)),
-                                         tvm.runtime.from_dlpack(gout.array))
-    np.testing.assert_allclose(gout.array, ref, rtol=1e-5, atol=1e-5)
+    out = _run_guarded(func, [x, rp, col, val, b1, wt, b2], {0}, ref.shape, guard)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cin,cout,h,w,k,s,pads", [(3, 32, 30, 30, 3, 2, (0, 0, 1, 1)), (3, 16, 9, 20, 3, 2, (1, 1, 1, 1)),
