@@ -2,10 +2,13 @@
 
 matmul(x[1, K], W[K, N]) [-> add(bias[N])]  =>  call_tir(f32_spmv_sell_R, x, slice_ptr, col, val, bias)
 Applies to batch-1 f32 matmuls whose right operand is a 2-D constant (what ONNX Gemm / MatMul and
-Relax's linear leave after cleanup) with at least `sparse_min` zeros. The weights are stored
-sliced-ELL (schedules/f32_spmv_sell.py); the dense weights leave the module. Where the cost
-interface measures, a layer goes sparse only when the kernel is measured faster than our dense
-fully connected kernel; elsewhere the zero share alone decides.
+Relax's linear leave after cleanup) with at least `sparse_min` zeros. Two kernels, each with its own
+compressed weights (the dense weights leave the module): on AVX-512, f32_spmv_perm (per slice of 16
+rows and chunk of 32 inputs, the inputs picked from registers by a permute; schedules/f32_spmv_perm.py);
+on every CPU, f32_spmv_sell (sliced-ELL, inputs gathered; schedules/f32_spmv_sell.py). Where the cost
+interface measures, every kernel the target has is timed and a layer goes sparse only when the fastest
+is faster than our dense fully connected kernel; elsewhere the first kernel of `kernels(spec)` is taken
+when the zero share is high enough.
 """
 from __future__ import annotations
 
@@ -18,10 +21,24 @@ from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
 from passes.sparsify_conv1x1 import SPARSE_MIN, add_kernel
+from schedules import f32_spmv_perm, f32_spmv_sell
+from schedules.f32_spmv_perm import encode_perm, spmv_perm
 from schedules.f32_spmv_sell import encode_sell, spmv_sell
 
 NAME = "SparsifyDense"
-ROW_VECTORS = (1, 2)        # output rows per slice, in vectors, tried where the cost interface measures
+ROW_VECTORS = (1, 2)        # output rows per slice of the sell kernel, in vectors
+
+
+def kernels(spec) -> list[tuple[str, int]]:
+    """The sparse kernels a layer may run on `spec`, as (kind, output rows per slice), the usually
+    fastest first: ("perm", 16) on AVX-512, then ("sell", rows) for each of ROW_VECTORS."""
+    sell = [("sell", v * spec.vector_lanes) for v in ROW_VECTORS]
+    return ([("perm", f32_spmv_perm.ROWS)] if spec.isa == f32_spmv_perm.ISA else []) + sell
+
+
+def kernel_name(kernel: tuple[str, int]) -> str:
+    kind, rows = kernel
+    return f32_spmv_perm.kernel_name() if kind == "perm" else f32_spmv_sell.kernel_name(rows)
 
 
 def dense_weights(value) -> np.ndarray | None:
@@ -76,34 +93,39 @@ class _Sparsifier(BindingRewriter):
         return self.emit_sparse(plan)
 
     def choose(self, plan) -> dict | None:
-        """Rows per slice, and whether sparse beats dense (measured where the cost interface measures)."""
-        lanes = self.spec.vector_lanes
+        """The sparse kernel, and whether it beats dense (measured where the cost interface measures)."""
+        options = kernels(self.spec)
         if self.cost is None or not getattr(self.cost, "enabled", False):
-            return {"rows": lanes, "speedup": None}
+            return {"kernel": options[0], "speedup": None}
         dense = self.cost.latency(dense_layer_module(plan), key=dense_key(plan))
-        timed = {v * lanes: self.cost.latency(sparse_layer_module(plan, v * lanes)) for v in ROW_VECTORS}
-        rows = min(timed, key=timed.get)
-        if timed[rows] >= dense:
+        timed = {kernel: self.cost.latency(sparse_layer_module(plan, kernel)) for kernel in options}
+        best = min(timed, key=timed.get)
+        if timed[best] >= dense:
             changelog.skip(NAME, plan["name"], f"sparse fully connected skipped: {plan['zeros']:.0%} zeros but "
-                                               f"sparse {timed[rows] * 1e6:.0f} us >= dense {dense * 1e6:.0f} us")
+                                               f"sparse {timed[best] * 1e6:.0f} us >= dense {dense * 1e6:.0f} us")
             return None
-        return {"rows": rows, "speedup": round(dense / timed[rows], 2)}
+        return {"kernel": best, "speedup": round(dense / timed[best], 2)}
 
     def emit_sparse(self, plan):
-        func, args = _sparse_call_parts(plan, plan["rows"], plan["x"])
+        func, args = _sparse_call_parts(plan, plan["kernel"], plan["x"])
         gv, func = add_kernel(self, func)
         changelog.record(NAME, "sparse", plan["name"], zeros=round(plan["zeros"], 3), block=1, block_fill=1.0,
                          kernel=str(func.attrs["global_symbol"]), speedup=plan["speedup"])
         return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
 
 
-def _sparse_call_parts(plan, rows, x):
-    """The kernel and its arguments: x, slice_ptr, col, val, bias."""
+def _sparse_call_parts(plan, kernel, x):
+    """The kernel ((kind, rows) from kernels()) and its arguments: x, the compressed weights, bias."""
     n, k = plan["w"].shape
-    slice_ptr, col, val = encode_sell(plan["w"], rows)
-    func = spmv_sell(k, n, rows, len(col), str(col.dtype)).with_attr("op_pattern", 8)   # opaque: never fused
+    kind, rows = kernel
+    if kind == "perm":
+        weights = encode_perm(plan["w"])
+        func = spmv_perm(k, n, len(weights[1]))
+    else:
+        weights = encode_sell(plan["w"], rows)
+        func = spmv_sell(k, n, rows, len(weights[1]), str(weights[1].dtype))
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(n, np.float32)
-    return func, relax.Tuple([x, const(slice_ptr), const(col), const(val), const(bias)])
+    return func.with_attr("op_pattern", 8), relax.Tuple([x, *map(const, weights), const(bias)])   # opaque: never fused
 
 
 def dense_key(plan) -> str:
@@ -130,10 +152,10 @@ def dense_layer_module(plan) -> tvm.IRModule:
     return _layer_function(plan, body)
 
 
-def sparse_layer_module(plan, rows) -> tvm.IRModule:
-    """The layer as one spmv call with `rows` output rows per slice."""
+def sparse_layer_module(plan, kernel) -> tvm.IRModule:
+    """The layer as one call of `kernel` ((kind, rows) from kernels())."""
     def body(bb, x):
-        func, args = _sparse_call_parts(plan, rows, x)
+        func, args = _sparse_call_parts(plan, kernel, x)
         gv = bb.add_func(func, func.attrs["global_symbol"])
         return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
     return _layer_function(plan, body)

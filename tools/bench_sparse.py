@@ -117,10 +117,10 @@ def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds:
 
 
 def bench_fc(sparsities: list[float], rounds: int, spec, k: int = 1280, n: int = 1000) -> dict:
-    """MobileNetV2's classifier (k -> n, bias): our dense fully connected kernel against the spmv at each
-    sparsity (unstructured) and slice height (1 and 2 vectors of rows), interleaved."""
+    """MobileNetV2's classifier (k -> n, bias): our dense fully connected kernel against each spmv kernel
+    the target has (sparsify_dense.kernels) at each sparsity (unstructured), interleaved."""
     from compiler.cost import runnable
-    from passes.sparsify_dense import ROW_VECTORS, dense_layer_module, sparse_layer_module
+    from passes.sparsify_dense import dense_layer_module, kernel_name, kernels, sparse_layer_module
     from zoo.onnx_builder import zero_out
     rng = np.random.default_rng(LAYER_SEED)
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -128,11 +128,11 @@ def bench_fc(sparsities: list[float], rounds: int, spec, k: int = 1280, n: int =
     fns = {"dense": runnable(dense_layer_module({"w": w, "bias": bias}), spec)}
     for s in sparsities:
         plan = {"w": zero_out(w, s, 1, rng), "bias": bias}
-        for v in ROW_VECTORS:
-            fns[(s, v * spec.vector_lanes)] = runnable(sparse_layer_module(plan, v * spec.vector_lanes), spec)
+        for kernel in kernels(spec):
+            fns[(s, kernel_name(kernel))] = runnable(sparse_layer_module(plan, kernel), spec)
     med = {key: benchlib.stats(t)["median_ms"] for key, t in benchlib.interleave(fns, rounds).items()}
     return {"k": k, "n": n, "dense_ms": med.pop("dense"),
-            "sparse_ms": {f"{s:.2f}/{rows}": v for (s, rows), v in med.items()}}
+            "sparse_ms": {f"{s:.2f}/{kernel}": v for (s, kernel), v in med.items()}}
 
 
 # --- (b, c) end to end -----------------------------------------------------------------------------
@@ -254,13 +254,14 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
     if fc:
         lines += ["## (a') the classifier: our dense fully connected median / our spmv median (above 1 = spmv "
                   "faster)", "", f"{fc['k']} -> {fc['n']} with bias at batch 1, 1 thread, interleaved; unstructured "
-                  "zeros; spmv = f32_spmv_sell with R output rows per slice. SparsifyDense keeps the layer dense "
-                  "wherever this is below 1 on the target.", "",
+                  "zeros; spmv = f32_spmv_perm_16x32 (AVX-512: inputs picked from registers) or f32_spmv_sell_R "
+                  "(R output rows per slice, inputs gathered). SparsifyDense takes the fastest and keeps the layer "
+                  "dense wherever it is below 1 on the target.", "",
                   "| spmv | dense ms | " + " | ".join(_pct(s) for s in sparsities) + " |",
                   "|---" * (2 + len(sparsities)) + "|"]
-        for rows in sorted({int(key.split("/")[1]) for key in fc["sparse_ms"]}):
-            lines.append(f"| R = {rows} | {fc['dense_ms']:.3f} | " + " | ".join(
-                f"{fc['dense_ms'] / fc['sparse_ms'][f'{s:.2f}/{rows}']:.2f}" for s in sparsities) + " |")
+        for kernel in dict.fromkeys(key.split("/")[1] for key in fc["sparse_ms"]):
+            lines.append(f"| {kernel} | {fc['dense_ms']:.3f} | " + " | ".join(
+                f"{fc['dense_ms'] / fc['sparse_ms'][f'{s:.2f}/{kernel}']:.2f}" for s in sparsities) + " |")
         lines.append("")
     if models:
         lines += ["## (b) end to end: MobileNetV2 1.0 224, every 1x1 weight and the classifier sparse", "",
