@@ -6,6 +6,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from schedules.rule import SCHEDULED_ATTR
+
 rewriter = mutator  # decorate each concrete BindingRewriter subclass with this
 
 
@@ -149,7 +151,19 @@ def rewrite_main(mod: tvm.IRModule, rewriter_cls, *args) -> tuple[tvm.IRModule, 
         for g, f in added:
             out[g] = f
         changes.extend(rw.changes)
-    return out, changes
+    return _without_unused_kernels(out), changes
+
+
+def _without_unused_kernels(mod: tvm.IRModule) -> tvm.IRModule:
+    """mod without our scheduled kernels that no Relax function calls any more (a kernel whose call was
+    fused into another's: TVM's dead code elimination keeps it, as it has a global symbol)."""
+    used = {g.name_hint for f in mod.functions.values() if isinstance(f, relax.Function)
+            for g in relax.analysis.all_global_vars(f)}
+    unused = [g for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+              and f.attrs is not None and SCHEDULED_ATTR in f.attrs and g.name_hint not in used]
+    if not unused:
+        return mod
+    return tvm.IRModule({g: f for g, f in mod.functions.items() if g not in unused}, attrs=mod.attrs)
 
 
 def _with_func(mod: tvm.IRModule, gv, func) -> tvm.IRModule:

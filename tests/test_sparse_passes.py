@@ -243,3 +243,19 @@ def test_analyze_shows_every_1x1_conv_its_decision_and_the_chw_region(tmp_path):
     assert "spmm_chw x" in region[-1] and re.search(r"spmm\dx1_dwconv3x3s2 x", region[-1])
     text = render(report)
     assert "## sparse 1x1 convs" in text and "## CHW regions" in text and "block16_project" in text
+
+
+def test_kernels_fused_away_leave_the_module(monkeypatch):
+    """An expand 1x1's own sparse kernel, replaced by the fused expand + depthwise kernel, is not left in
+    the module (it would be compiled into the library for nothing): every scheduled kernel is called."""
+    from tvm import relax
+
+    from schedules.rule import SCHEDULED_ATTR
+    from zoo.mobilenet_v2 import mobilenet_v2
+    mod, book = _sparsify(_cleaned(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85,
+                                                sparse_from=3)))
+    assert any(c["what"] == "fused" for c in book["FormCHWRegions"]["changes"])
+    called = {g.name_hint for g in relax.analysis.all_global_vars(mod["main"])}
+    kernels = {g.name_hint for g, f in mod.functions.items() if SCHEDULED_ATTR in (f.attrs or {})}
+    fused_away = {c["expand"] for c in book["FormCHWRegions"]["changes"] if c["what"] == "fused"}
+    assert kernels and kernels <= called and not fused_away & kernels
