@@ -1,6 +1,6 @@
 """SparsifyDense: run mostly-zero fully connected layers as sparse matrix-vector kernels with compressed weights.
 
-matmul(x[1, K], W[K, N]) [-> add(bias[N])]  =>  call_tir(f32_spmv_sell_R, x, slice_ptr, col, val, bias)
+matmul(x[1, K], W[K, N]) [-> add(bias[N])]  =>  call_tir(f32_spmv_perm_16x32 | f32_spmv_sell_R, x, <weights>, bias)
 Applies to batch-1 f32 matmuls whose right operand is a 2-D constant (what ONNX Gemm / MatMul and
 Relax's linear leave after cleanup) with at least `sparse_min` zeros. Two kernels, each with its own
 compressed weights (the dense weights leave the module): on AVX-512, f32_spmv_perm (per slice of 16
