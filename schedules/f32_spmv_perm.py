@@ -18,6 +18,8 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from schedules.rule import SCHEDULED_ATTR
+
 KIND = "spmv_perm"
 ROWS = 16               # output rows per slice: one AVX-512 vector
 COLS = 32               # inputs per chunk: the two-register table of vpermi2ps
@@ -73,22 +75,13 @@ def spmv_perm(k: int, n: int, entries: int, name: str | None = None) -> tvm.tirx
     lanes = T.Ramp(0, 1, ROWS)
 
     @T.macro
-    def chunk(x, ptr, col, val, acc, tail, s, c, a, partial):
-        # NOTE: partial is a Python bool (the last chunk when k % COLS): decided at build time
-        if partial:
-            for j in T.serial(COLS):
-                tail[j] = T.if_then_else(c * COLS + j < k, x[0, T.min(c * COLS + j, k - 1)], T.float32(0))
-            lo = tail[lanes]
-            hi = tail[T.Ramp(ROWS, 1, ROWS)]
-            for g in T.serial(ptr[s, c], ptr[s, c + 1]):
-                xv = T.call_llvm_intrin(f"float32x{ROWS}", _PERMUTE, lo, T.Cast(f"int32x{ROWS}", col[g, lanes]), hi)
-                acc[a, lanes] = acc[a, lanes] + val[g, lanes] * xv
-        else:
-            lo = x[0, T.Ramp(c * COLS, 1, ROWS)]
-            hi = x[0, T.Ramp(c * COLS + ROWS, 1, ROWS)]
-            for g in T.serial(ptr[s, c], ptr[s, c + 1]):
-                xv = T.call_llvm_intrin(f"float32x{ROWS}", _PERMUTE, lo, T.Cast(f"int32x{ROWS}", col[g, lanes]), hi)
-                acc[a, lanes] = acc[a, lanes] + val[g, lanes] * xv
+    def chunk(ptr, col, val, acc, table, base, s, c, a):
+        # the entries of slice s, chunk c into accumulator a; the chunk's inputs are table[base : base + COLS]
+        lo = table[T.Ramp(base, 1, ROWS)]
+        hi = table[T.Ramp(base + ROWS, 1, ROWS)]
+        for g in T.serial(ptr[s, c], ptr[s, c + 1]):
+            xv = T.call_llvm_intrin(f"float32x{ROWS}", _PERMUTE, lo, T.Cast(f"int32x{ROWS}", col[g, lanes]), hi)
+            acc[a, lanes] = acc[a, lanes] + val[g, lanes] * xv
 
     @T.macro
     def task(x, ptr, col, val, bias, out, s, nrows):
@@ -98,13 +91,16 @@ def spmv_perm(k: int, n: int, entries: int, name: str | None = None) -> tvm.tirx
         for a in T.unroll(2):
             for r in T.vectorized(ROWS):
                 acc[a, r] = T.float32(0)
+        xs = T.decl_buffer((k,), "float32", data=x.data)
         for p in T.serial(pairs):
-            chunk(x, ptr, col, val, acc, tail, s, 2 * p, 0, False)
-            chunk(x, ptr, col, val, acc, tail, s, 2 * p + 1, 1, False)
+            chunk(ptr, col, val, acc, xs, 2 * p * COLS, s, 2 * p, 0)
+            chunk(ptr, col, val, acc, xs, (2 * p + 1) * COLS, s, 2 * p + 1, 1)
         if single == 1:
-            chunk(x, ptr, col, val, acc, tail, s, whole - 1, 0, False)
-        if whole < chunks:
-            chunk(x, ptr, col, val, acc, tail, s, whole, 1, True)
+            chunk(ptr, col, val, acc, xs, (whole - 1) * COLS, s, whole - 1, 0)
+        if whole < chunks:      # NOTE: decided at build time; the partial chunk's inputs, zero-padded
+            for j in T.serial(COLS):
+                tail[j] = T.if_then_else(whole * COLS + j < k, xs[T.min(whole * COLS + j, k - 1)], T.float32(0))
+            chunk(ptr, col, val, acc, tail, 0, s, whole, 1)
         if nrows == ROWS:
             for r in T.vectorized(ROWS):
                 out[0, s * ROWS + r] = acc[0, r] + acc[1, r] + bias[s * ROWS + r]
@@ -124,4 +120,4 @@ def spmv_perm(k: int, n: int, entries: int, name: str | None = None) -> tvm.tirx
                 task(x, ptr, col, val, bias, out, s, rest)
 
     name = name or kernel_name()
-    return func.with_attr("global_symbol", name).with_attr("shrinkc.scheduled", 1)
+    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)

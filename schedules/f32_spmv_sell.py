@@ -18,6 +18,7 @@ import tvm
 from tvm.script import tirx as T
 
 from schedules.f32_spmm_chw import index_dtype
+from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmv_sell"
 
@@ -94,4 +95,4 @@ def spmv_sell(k: int, n: int, rows: int, entries: int, col_dtype: str = "int32",
                 task(x, sp, col, val, bias, out, s, rest)
 
     name = name or kernel_name(rows)
-    return func.with_attr("global_symbol", name).with_attr("shrinkc.scheduled", 1)
+    return func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
