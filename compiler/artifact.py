@@ -56,14 +56,22 @@ def _tir_pipeline():
 compilation_pipeline.register_tir_pipeline("shrinkc", _tir_pipeline)
 
 
-def build(mod: tvm.IRModule, spec: TargetSpec) -> relax.VMExecutable:
-    """Compile the lowered module for the target (host code for CUDA included)."""
+def vm_mode(spec: TargetSpec, profiling: bool = False) -> str:
+    """How the model's Relax function runs: "compiled" (native code calling the kernels; on CPUs, where
+    the bytecode interpreter's per-call cost showed in end-to-end times) or "bytecode" (interpreted; it
+    has the per-call hooks Runner.profile times kernels with; CUDA keeps it, untested the other way)."""
+    return "bytecode" if profiling or spec.is_gpu else "compiled"
+
+
+def build(mod: tvm.IRModule, spec: TargetSpec, profiling: bool = False) -> relax.VMExecutable:
+    """Compile the lowered module for the target (host code for CUDA included); profiling: see vm_mode."""
     if spec.is_gpu:
         # where the GPU driver loads, TVM compiles the kernels itself, through this callback mode
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # NVRTC needs cuda-bindings; nvcc does not
     with spec.tvm_target(), tvm.transform.PassContext(opt_level=3, config=_BUILD_CONFIG):
-        executable = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec),
-                                 tir_pipeline="shrinkc" if spec.is_cpu else "default")
+        executable = relax.build(mod, target=spec.tvm_target(), relax_pipeline=_finalize_passes(spec),
+                                 tir_pipeline="shrinkc" if spec.is_cpu else "default",
+                                 exec_mode=vm_mode(spec, profiling))
     if spec.is_gpu:
         # NOTE: without a GPU driver TVM keeps the kernels as CUDA C source; nvcc compiles them here
         # (errors surface now) and write() embeds the fatbin (see compiler/cuda_device_code.py)

@@ -58,6 +58,7 @@ class CompiledModel:
             "inputs": [t.__dict__ for t in self.info.inputs],
             "outputs": [t.__dict__ for t in self.info.outputs],
             "target": self.spec.to_json(),
+            "vm": self.report.get("vm", "bytecode"),
             "passes": self.report.get("passes", {}),
             "sparse_layers": sparse_layers(self.report.get("passes", {})),
         }
@@ -108,9 +109,10 @@ def sparse_layers(passes: dict) -> list[dict]:
 
 
 def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | None = None,
-                  tuning_db: str | None = None, **options) -> CompiledModel:
+                  tuning_db: str | None = None, profiling: bool = False, **options) -> CompiledModel:
     """Compile an ONNX/TFLite model (path or onnx.ModelProto) for `target` (name, JSON dict or None = host).
 
+    profiling: build a library whose Runner.profile times each kernel (artifact.vm_mode; a little slower).
     options: the fields of compiler.pipeline.Options (shrink, sparse, sparse_min, max_drop, ...)."""
     import onnx
     spec = targets.resolve(target, cc)
@@ -127,7 +129,7 @@ def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | N
     timings.update(phase_times)
     t0 = time.perf_counter()
     try:
-        executable = artifact.build(mod, spec)
+        executable = artifact.build(mod, spec, profiling)
     except ShrinkcError:
         raise
     except Exception as err:
@@ -137,8 +139,8 @@ def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | N
     timings["build"] = round(time.perf_counter() - t0, 3)
     kernels = sorted({gv.name_hint for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_")})
     source_bytes = model.SerializeToString() if isinstance(model, onnx.ModelProto) else None
-    return CompiledModel(executable, info, spec, {"passes": passes, "timings_s": timings, "kernels": kernels},
-                         source_bytes)
+    return CompiledModel(executable, info, spec, {"passes": passes, "timings_s": timings, "kernels": kernels,
+                                                  "vm": artifact.vm_mode(spec, profiling)}, source_bytes)
 
 
 def load(path: str) -> runtime.Runner:

@@ -78,6 +78,9 @@ class Runner:
 
     def profile(self, inputs: dict[str, np.ndarray], repeat: int = 20) -> list[dict]:
         """Per kernel: total ms per inference and calls, measured around each VM call."""
+        if self.metadata.get("vm") == "compiled":
+            raise ShrinkcError("this library runs its model as compiled code, which has no per-kernel hooks to "
+                               "profile with", "compile it with compile_model(..., profiling=True)")
         args = self._args(inputs)
         acc: dict = {}
         start = {}

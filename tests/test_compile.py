@@ -31,6 +31,23 @@ def test_python_api_export_load_run(tmp_path):
     assert direct.shape == (1, 5)
 
 
+def test_compiled_vm_by_default_bytecode_for_profiling(tmp_path):
+    """CPU libraries run the model's Relax function as compiled code; a profiling build runs it as bytecode
+    and times every kernel. Both compute the same; profiling the compiled one is a clear error."""
+    from targets.errors import ShrinkcError
+    model = zoo.build("mobilenet_v2", width=0.35, resolution=32, num_classes=5)
+    x = {"input": np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    fast, _ = compiler.compile_model(model).export(str(tmp_path / "fast.so"))
+    prof, _ = compiler.compile_model(model, profiling=True).export(str(tmp_path / "prof.so"))
+    fast_runner, prof_runner = compiler.load(fast), compiler.load(prof)
+    assert (fast_runner.metadata["vm"], prof_runner.metadata["vm"]) == ("compiled", "bytecode")
+    np.testing.assert_array_equal(fast_runner.run(x)[0], prof_runner.run(x)[0])
+    rows = prof_runner.profile(x, repeat=2)
+    assert any(r["kernel"].startswith("f32_") and r["calls"] >= 1 for r in rows)
+    with pytest.raises(ShrinkcError, match="profiling=True"):
+        fast_runner.profile(x, repeat=1)
+
+
 def test_weights_are_inside_the_library(tmp_path):
     """The .so alone (plus its JSON) runs: no parameter files are written."""
     model = zoo.build("mobilenet_v2", width=0.35, resolution=32, num_classes=5)

@@ -271,11 +271,13 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
 
 @pytest.mark.parametrize("cin,cout,h,w,k,s,pads", [(3, 32, 30, 30, 3, 2, (0, 0, 1, 1)), (3, 16, 9, 20, 3, 2, (1, 1, 1, 1)),
                                                   (1, 8, 7, 7, 3, 1, (1, 1, 1, 1)), (2, 6, 13, 11, 5, 2, (2, 2, 2, 2)),
-                                                  (4, 5, 6, 37, 5, 1, (2, 2, 2, 2))])
+                                                  (4, 5, 6, 37, 5, 1, (2, 2, 2, 2)), (3, 48, 8, 224, 3, 2, (0, 0, 1, 1)),
+                                                  (3, 24, 7, 61, 3, 2, (1, 1, 1, 1))])
 @pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
 def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip):
-    """The dense CHW conv for a network's first layer: few input channels, output channels not a multiple of
-    its block, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths."""
+    """The dense CHW conv for a network's first layer: few input channels, output channels a multiple of its
+    block or not, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths, rows of one vector and of
+    several column chunks (MobileNetV2's 224-wide input)."""
     rng = np.random.default_rng(cin * w + k)
     x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
     wt = rng.standard_normal((cout, cin, k, k)).astype(np.float32)

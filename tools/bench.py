@@ -80,7 +80,9 @@ def bench_model(name: str, model_path: str, threads: list[int], rounds: int, wor
             group = benchlib.BURST
         result["threads"][n] = {k: benchlib.stats(v) for k, v in times.items()}
         result["threads"][n]["paired_ratio"] = benchlib.paired_ratio(times["shrinkc"], times["onnxruntime"], group)
-    layers = runner.profile(inputs, repeat=10)
+    # per-kernel times need the VM's hooks: a second build of the same model, with them (artifact.vm_mode)
+    profiled = compiler.compile_model(model_path, profiling=True, **(compile_options or {}))
+    layers = profiled.runner().profile(inputs, repeat=10)
     families: dict[str, float] = {}
     for row in layers:
         families[_family(row["kernel"])] = families.get(_family(row["kernel"]), 0.0) + row["ms"]
