@@ -112,7 +112,8 @@ def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | N
                   tuning_db: str | None = None, profiling: bool = False, **options) -> CompiledModel:
     """Compile an ONNX/TFLite model (path or onnx.ModelProto) for `target` (name, JSON dict or None = host).
 
-    profiling: build a library whose Runner.profile times each kernel (artifact.vm_mode; a little slower).
+    profiling: build a library whose Runner.profile times each kernel (artifact.vm_mode; it runs a little
+    slower, interpreted).
     options: the fields of compiler.pipeline.Options (shrink, sparse, sparse_min, max_drop, ...)."""
     import onnx
     spec = targets.resolve(target, cc)
