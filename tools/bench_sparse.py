@@ -190,7 +190,7 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
         else:
             runtimes = {names[m]: ("shrinkc", so) for m, so in libs.items()}
             times = benchlib.alternate_runtimes({**runtimes, "onnxruntime": ("onnxruntime", path)}, npz, n,
-                                                max(4, rounds // 5))
+                                                benchlib.alternate_rounds(rounds))
         out["threads"][n] = {k: benchlib.stats(v) for k, v in times.items()}
     return out
 

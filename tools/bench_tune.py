@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=224, help="input size (smoke runs: 96)")
     p.add_argument("--trials", type=int, default=UNLIMITED_TRIALS, help="trial cap (the budget usually ends first)")
     p.add_argument("--threads", default="1,2", help="thread counts to time the libraries at")
-    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds at 1 thread (2+ threads: rounds/5 bursts)")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds at 1 thread (2+ threads: as many rounds of bursts)")
     p.add_argument("--db-dir", default=None, help="keep the tuning databases here (one folder per variant; "
                    "an existing one is continued); default: a temporary folder")
     p.add_argument("--no-rerun", action="store_true", help="skip the second tune over the same database")
@@ -86,7 +86,7 @@ def time_libraries(libs: dict[str, str], inputs: dict, threads: list[int], round
         else:
             workers = {label: benchlib.Worker("shrinkc", so, npz, n) for label, so in libs.items()}
             try:
-                times = benchlib.alternate(workers, max(4, rounds // 5))
+                times = benchlib.alternate(workers, benchlib.alternate_rounds(rounds))
             finally:
                 for w in workers.values():
                     w.close()

@@ -139,6 +139,15 @@ class Worker:
 BURST = 5   # runs per burst in alternate()
 
 
+def alternate_rounds(rounds: int) -> int:
+    """Rounds of bursts at 2+ threads for `rounds` interleaved rounds at 1 thread: as many, not fewer.
+
+    NOTE: at 2 threads a neighbour on this machine's second core slows whole bursts for seconds; the
+    median over rounds of paired ratios needs most rounds undisturbed. With rounds // 5 (6 rounds) two
+    identical libraries were read 0.84x apart, and one library's median at 12.3 ms that reads 7.3 alone."""
+    return max(4, rounds)
+
+
 def alternate(workers: dict[str, Worker], rounds: int, burst: int = BURST, warmup: int = 2,
               gap_s: float = 0.05) -> dict[str, list[float]]:
     """Bursts of runs from each worker in turn; a pause between lets spinning pool threads sleep."""
