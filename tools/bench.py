@@ -76,7 +76,7 @@ def bench_model(name: str, model_path: str, threads: list[int], rounds: int, wor
             group = 1
         else:
             runtimes = {"shrinkc": ("shrinkc", so), "onnxruntime": ("onnxruntime", model_path)}
-            times = benchlib.alternate_runtimes(runtimes, npz, n, benchlib.alternate_rounds(rounds))
+            times = benchlib.alternate_runtimes(runtimes, npz, n, rounds)
             group = benchlib.BURST
         result["threads"][n] = {k: benchlib.stats(v) for k, v in times.items()}
         result["threads"][n]["paired_ratio"] = benchlib.paired_ratio(times["shrinkc"], times["onnxruntime"], group)

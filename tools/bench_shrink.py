@@ -100,7 +100,7 @@ def run_case(label: str, model, threads: list[int], rounds: int, work: str, cost
             group = benchlib.BURST
             workers = {mode: benchlib.Worker("shrinkc", sos[mode], npz, n) for mode in MODES}
             try:
-                times = benchlib.alternate(workers, benchlib.alternate_rounds(rounds))
+                times = benchlib.alternate(workers, rounds)
             finally:
                 for w in workers.values():
                     w.close()

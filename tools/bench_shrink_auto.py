@@ -77,7 +77,7 @@ def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, wo
         else:
             workers = {mode: benchlib.Worker("shrinkc", so, npz, n) for mode, so in sos.items()}
             try:
-                times = benchlib.alternate(workers, benchlib.alternate_rounds(rounds), burst=20)
+                times = benchlib.alternate(workers, rounds, burst=20)
             finally:
                 for w in workers.values():
                     w.close()

@@ -189,8 +189,7 @@ def bench_model(sparsity: float, block: int, threads: list[int], rounds: int, wo
             times = benchlib.interleave(fns, rounds)
         else:
             runtimes = {names[m]: ("shrinkc", so) for m, so in libs.items()}
-            times = benchlib.alternate_runtimes({**runtimes, "onnxruntime": ("onnxruntime", path)}, npz, n,
-                                                benchlib.alternate_rounds(rounds))
+            times = benchlib.alternate_runtimes({**runtimes, "onnxruntime": ("onnxruntime", path)}, npz, n, rounds)
         out["threads"][n] = {k: benchlib.stats(v) for k, v in times.items()}
     return out
 

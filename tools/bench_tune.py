@@ -86,7 +86,7 @@ def time_libraries(libs: dict[str, str], inputs: dict, threads: list[int], round
         else:
             workers = {label: benchlib.Worker("shrinkc", so, npz, n) for label, so in libs.items()}
             try:
-                times = benchlib.alternate(workers, benchlib.alternate_rounds(rounds))
+                times = benchlib.alternate(workers, rounds)
             finally:
                 for w in workers.values():
                     w.close()

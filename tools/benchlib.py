@@ -137,20 +137,18 @@ class Worker:
 
 
 BURST = 5   # runs per burst in alternate()
-
-
-def alternate_rounds(rounds: int) -> int:
-    """Rounds of bursts at 2+ threads for `rounds` interleaved rounds at 1 thread: as many, not fewer.
-
-    NOTE: at 2 threads a neighbour on this machine's second core slows whole bursts for seconds; the
-    median over rounds of paired ratios needs most rounds undisturbed. With rounds // 5 (6 rounds) two
-    identical libraries were read 0.84x apart, and one library's median at 12.3 ms that reads 7.3 alone."""
-    return max(4, rounds)
+MIN_ROUNDS = 4   # rounds of bursts alternate() takes at the least
 
 
 def alternate(workers: dict[str, Worker], rounds: int, burst: int = BURST, warmup: int = 2,
               gap_s: float = 0.05) -> dict[str, list[float]]:
-    """Bursts of runs from each worker in turn; a pause between lets spinning pool threads sleep."""
+    """Bursts of runs from each worker in turn; a pause between lets spinning pool threads sleep.
+
+    rounds: as many as a 1-thread timing interleaves (at least MIN_ROUNDS), not fewer.
+    NOTE: at 2 threads a neighbour on this machine's second core slows whole bursts for seconds; the
+    median over rounds of paired ratios needs most rounds undisturbed. With rounds // 5 (6 rounds) two
+    identical libraries were read 0.84x apart, and one library's median at 12.3 ms that reads 7.3 alone."""
+    rounds = max(MIN_ROUNDS, rounds)
     for w in workers.values():
         for _ in range(warmup):
             w.run(burst)
