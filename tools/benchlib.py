@@ -147,7 +147,8 @@ def alternate(workers: dict[str, Worker], rounds: int, burst: int = BURST, warmu
     rounds: as many as a 1-thread timing interleaves (at least MIN_ROUNDS), not fewer.
     NOTE: at 2 threads a neighbour on this machine's second core slows whole bursts for seconds; the
     median over rounds of paired ratios needs most rounds undisturbed. With rounds // 5 (6 rounds) two
-    identical libraries were read 0.84x apart, and one library's median at 12.3 ms that reads 7.3 alone."""
+    identical libraries were read 0.84x apart, and one library's median at 12.3 ms that the next run
+    (more rounds) read at 6.8."""
     rounds = max(MIN_ROUNDS, rounds)
     for w in workers.values():
         for _ in range(warmup):
