@@ -142,3 +142,69 @@ def test_padded_copy_is_a_target_default():
     assert Conv2dNCHWc().default_knobs(info, generic)["inline_pad"] is False
     avx512 = dataclasses.replace(generic, kernel_defaults={"padded_copy": False})
     assert Conv2dNCHWc().default_knobs(info, avx512)["inline_pad"] is True
+
+
+def _with_defaults(name: str, **defaults):
+    """Register this machine's target with extra kernel defaults under `name` (tests remove it)."""
+    import dataclasses
+
+    import targets
+    spec = targets.resolve(None)
+    targets.NAMED[name] = lambda: dataclasses.replace(spec, kernel_defaults={**spec.kernel_defaults, **defaults})
+
+
+def _compile_with(model, **defaults):
+    _with_defaults("_winograd_test", **defaults)
+    try:
+        return compiler.compile_model(model, "_winograd_test")
+    finally:
+        import targets
+        del targets.NAMED["_winograd_test"]
+
+
+def test_winograd_transforms_compute_a_correlation():
+    """F(2, 3) in one dimension: A^T [(G g) * (B^T d)] is the valid correlation of 4 inputs with 3 taps,
+    and transform_weights applies G on both kernel axes."""
+    from schedules.f32_conv2d_winograd_nchwc import AT, BT, G, transform_weights
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal(4), rng.standard_normal(3)
+    np.testing.assert_allclose(AT @ ((G @ g) * (BT @ d)), np.correlate(d, g, "valid"), rtol=1e-12)
+    k = rng.standard_normal((2, 3, 3, 5, 16))
+    u = transform_weights(k)
+    assert u.shape == (4, 4, 2, 5, 16)
+    np.testing.assert_allclose(u[:, :, 1, 3, 7], G @ k[1, :, :, 3, 7] @ G.T, rtol=1e-6)
+
+
+# channels: at the 16 threshold, not multiples of 16, wide; outputs: odd (a half tile at the border),
+# even, 1x1; padding same, valid (pad 0) and wider than the kernel needs
+@pytest.mark.parametrize("cin,cout,h,pad", [(16, 16, 7, 1), (24, 40, 9, 1), (48, 32, 14, 1), (32, 48, 10, 0),
+                                            (40, 24, 13, 2), (16, 32, 3, 0), (64, 96, 6, 1)])
+def test_winograd_conv3x3(cin, cout, h, pad):
+    cm = _compile_with(single_conv_model(cin, cout, h, k=3, pad=pad, act="relu6"), winograd_min_channels=16)
+    assert all(r.ok for r in cm.verify(tolerance=1e-4)), [r.line() for r in cm.verify(tolerance=1e-4)]
+    assert any("_winograd2x2_" in k for k in cm.report["kernels"]), cm.report["kernels"]
+
+
+def test_winograd_residual_and_knobs():
+    """The residual add fuses into the output transform; a tuned tile (4 tiles x 2 blocks) still verifies."""
+    cm = _compile_with(single_conv_model(32, 32, 11, k=3, residual=True), winograd_min_channels=16,
+                       conv2d_winograd_nchwc={"pixel_tile": 2, "oc_blocks": 2})
+    assert all(r.ok for r in cm.verify(tolerance=1e-4))
+    assert "f32_conv3x3_winograd2x2_nchw16c_2x32" in cm.report["kernels"], cm.report["kernels"]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride", [(16, 48, 3, 1), (32, 32, 3, 2), (32, 32, 5, 1), (32, 32, 1, 1)])
+def test_winograd_does_not_fire(cin, cout, k, stride):
+    """Too few channels (16 in, 32 needed), stride 2, 5x5 and 1x1 convs keep the direct kernel."""
+    cm = _compile_with(single_conv_model(cin, cout, 12, k=k, stride=stride), winograd_min_channels=32)
+    assert not any("winograd" in name for name in cm.report["kernels"]), cm.report["kernels"]
+    assert any(name.startswith(f"f32_conv{k}x{k}_nchw") for name in cm.report["kernels"]), cm.report["kernels"]
+    assert all(r.ok for r in cm.verify(tolerance=1e-4))
+
+
+def test_winograd_is_a_target_default():
+    """x86 with AVX-512 uses Winograd from 16 channels; targets not measured with it (ARM) do not."""
+    import targets
+    spec = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+    assert spec.kernel_defaults["winograd_min_channels"] == 16
+    assert "winograd_min_channels" not in targets.resolve("rpi4").kernel_defaults

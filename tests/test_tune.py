@@ -50,14 +50,16 @@ def test_knob_space_lists_settings_the_rule_takes_and_only_for_its_kind(tiny):
     spec = targets.resolve(None)
     tasks = tune.extract_tasks(tiny, spec)
     kinds = {t.rule.kind: t for t in tasks if t.rule.kind}
-    assert {"conv2d_nchwc", "dwconv2d_nchwc"} <= kinds.keys()
+    # the 3x3 stride-1 dense conv is a Winograd kernel where the target says so (x86 with AVX-512)
+    dense = "conv2d_winograd_nchwc" if spec.kernel_defaults.get("winograd_min_channels") else "conv2d_nchwc"
+    assert {dense, "dwconv2d_nchwc"} <= kinds.keys()
     for kind, task in kinds.items():
         assert len(task.space) > 2 and task.space[0] == task.rule.apply(task.func, spec).knobs  # default first
         for knobs in task.space[:4]:
             done = task.rule.apply(task.func, spec, knobs)
             assert done.knobs == knobs and done.name.startswith("f32_")
     # must not fire: the depthwise rule has nothing to tune in a dense conv, and vice versa
-    conv, dw = kinds["conv2d_nchwc"], kinds["dwconv2d_nchwc"]
+    conv, dw = kinds[dense], kinds["dwconv2d_nchwc"]
     assert dw.rule.knob_space(conv.func, spec) == [] and conv.rule.knob_space(dw.func, spec) == []
 
 
@@ -105,7 +107,7 @@ def test_records_of_one_target_never_apply_to_another(tiny, tmp_path, capsys):
 def test_compile_with_tuning_db_applies_the_best_knobs_and_still_verifies(tiny, tmp_path):
     import compiler
     spec = targets.resolve(None)
-    conv = next(t for t in tune.extract_tasks(tiny, spec) if t.rule.kind == "conv2d_nchwc")
+    conv = next(t for t in tune.extract_tasks(tiny, spec) if t.rule.kind in ("conv2d_nchwc", "conv2d_winograd_nchwc"))
     default_name = conv.rule.apply(conv.func, spec).name
     pick = next(k for k in conv.space[1:] if conv.rule.apply(conv.func, spec, k).name != default_name)
     want = conv.rule.apply(conv.func, spec, pick).name
