@@ -188,9 +188,10 @@ def test_bench_shrink_auto_report_from_a_compile_report():
     assert auto.removed_blocks({"passes": {}}) == ([], None)
     stats = {"min_ms": 1.0, "median_ms": 1.0, "runs": 1}
     info = {"blocks": [1, 2], "resolution": 16, "epochs": 1, "train_s": 1.0, "linearity": 0.0, "expansion": 6,
-            "train_samples": 10, "test_samples": 5}
+            "train_samples": 10, "calib_samples": 4, "test_samples": 5}
     ev = {"original": {"accuracy": 0.9}, "merge": {"accuracy": 0.9, "agreement": 1.0},
           "auto": {"accuracy": 0.8, "agreement": 0.95}}
     md = auto.results_md("cmd", info, 0.01, measured, agreement, ev,
                          {1: {"auto": stats, "merge": stats, "speedup": 1.0}}, {"auto": 1, "merge": 0})
     assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md
+    assert "calibration = 4 other images (not trained on)" in md

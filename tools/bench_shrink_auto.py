@@ -1,7 +1,7 @@
 """`python tools/bench.py shrink-auto`: `--shrink auto` on a CNN trained on digits (tools/train_digits.py).
 
 The trained model is compiled through the `shrinkc compile` command line twice: `--shrink auto
---calib <training split> --max-drop D` and `--shrink merge` (lossless). On the HELD-OUT split,
+--calib <calibration split> --max-drop D` and `--shrink merge` (lossless). On the HELD-OUT split,
 both libraries and ONNX Runtime (the exported model itself) are run sample by sample: accuracy of
 each and top-1 agreement of auto with the original. Latency: the two libraries against each other,
 1 thread interleaved in this process, 2+ threads in separate processes alternating.
@@ -96,8 +96,8 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
              f"{info['expansion']}), scikit-learn "
              f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs on 1 thread in "
              f"{info['train_s']} s, linearity penalty {info['linearity']}, exported with torch.onnx (BN folded); "
-             f"calibration = the {info['train_samples']} "
-             f"training images, evaluation = the {info['test_samples']} held-out images",
+             f"trained on {info['train_samples']} images; calibration = {info['calib_samples']} other images "
+             f"(not trained on), evaluation = the {info['test_samples']} held-out images",
              f"- `--shrink auto --max-drop {max_drop}` removed {len(removed)} of {len(measured)} blocks: "
              f"{', '.join(removed) or 'none'} (agreement on the calibration data {calib_agreement}); "
              f"chains merged: auto {merged['auto']}, merge-only {merged['merge']}", "",
@@ -121,7 +121,7 @@ def cmd_shrink_auto(args) -> None:
     print(f"trained in {info['train_s']} s, held-out accuracy {info['torch_test_accuracy']:.4f}", flush=True)
     sos, reports = {}, {}
     for mode in MODES:
-        sos[mode], reports[mode] = compile_cli(info["onnx"], mode, info["train_x"], args.max_drop, work)
+        sos[mode], reports[mode] = compile_cli(info["onnx"], mode, info["calib_x"], args.max_drop, work)
     measured, calib_agreement = removed_blocks(reports["auto"])
     merged = {m: reports[m]["passes"].get("MergeLinearChains", {}).get("counts", {}).get("merged_chain", 0)
               for m in MODES}

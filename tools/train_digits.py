@@ -4,7 +4,8 @@
 
 The digits data set (1797 grey 8x8 images, 10 classes) ships inside scikit-learn. Images are
 scaled to [0, 1] and enlarged to `resolution` (nearest neighbour), then split once, stratified,
-into a training split (70%) and a held-out split (30%). The network: 3x3 stem + BN + ReLU6,
+into a training split (55%), a calibration split (15%, never trained on: what `--calib` gets, so the
+agreement budget is checked on images the network has not fitted) and a held-out split (30%). The network: 3x3 stem + BN + ReLU6,
 inverted residual blocks (1x1 expand + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN,
 residual add where the shape allows), 1x1 head + BN + ReLU6, global average pool, linear.
 Trained with Adam on one thread; exported in eval mode (torch folds BN into the convs).
@@ -13,7 +14,7 @@ every block ReLU6's inputs from [0, 6] times the given weight, so blocks that do
 activations learn to keep them linear. Which blocks end up linear is left to the network (and
 found by `shrinkc compile --shrink auto`, not told to it).
 
-Writes OUT_DIR/digits.onnx, train_x.npy / train_y.npy, test_x.npy / test_y.npy, train.json.
+Writes OUT_DIR/digits.onnx, train_x.npy / train_y.npy, calib_x.npy, test_x.npy / test_y.npy, train.json.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ BLOCKS = [(16, 1), (16, 1), (24, 2), (24, 1), (24, 1), (32, 2), (32, 1), (32, 1)
 EXPANSION = 6
 STEM, HEAD, CLASSES = 16, 64, 10
 TEST_SHARE = 0.3
+CALIB_SHARE = 0.15   # of the whole set, taken from what is not held out
 
 
-def load_digits(resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train x, train y, test x, test y): x float32 [N, 1, R, R] in [0, 1], y int64."""
+def load_digits(resolution: int, seed: int) -> dict[str, np.ndarray]:
+    """train_x / train_y, calib_x, test_x / test_y: x float32 [N, 1, R, R] in [0, 1], y int64."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
     data = sk_digits()
@@ -42,9 +44,11 @@ def load_digits(resolution: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     if scale * 8 != resolution:
         raise SystemExit(f"--resolution {resolution} must be a multiple of 8 (the digits are 8x8)")
     x = x.repeat(scale, axis=1).repeat(scale, axis=2)[:, None]
-    xtr, xte, ytr, yte = train_test_split(x, data.target.astype(np.int64), test_size=TEST_SHARE,
-                                          stratify=data.target, random_state=seed)
-    return xtr, ytr, xte, yte
+    xrest, xte, yrest, yte = train_test_split(x, data.target.astype(np.int64), test_size=TEST_SHARE,
+                                              stratify=data.target, random_state=seed)
+    xtr, xcal, ytr, _ = train_test_split(xrest, yrest, test_size=CALIB_SHARE / (1 - TEST_SHARE), stratify=yrest,
+                                         random_state=seed)
+    return {"train_x": xtr, "train_y": ytr, "calib_x": xcal, "test_x": xte, "test_y": yte}
 
 
 def make_net(expansion: int = EXPANSION):
@@ -103,7 +107,8 @@ def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0, l
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
-    xtr, ytr, xte, yte = load_digits(resolution, seed)
+    splits = load_digits(resolution, seed)
+    xtr, ytr, xte, yte = splits["train_x"], splits["train_y"], splits["test_x"], splits["test_y"]
     net = make_net(expansion)
     pre = block_activation_inputs(net) if linearity else []
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -126,15 +131,15 @@ def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0, l
     net.eval()
     with torch.no_grad():
         acc = float((net(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
-    paths = {k: os.path.join(out_dir, f"{k}.npy") for k in ("train_x", "train_y", "test_x", "test_y")}
-    for k, a in zip(paths, (xtr, ytr, xte, yte)):
+    paths = {k: os.path.join(out_dir, f"{k}.npy") for k in splits}
+    for k, a in splits.items():
         np.save(paths[k], a)
     onnx_path = os.path.join(out_dir, "digits.onnx")
     export(net, resolution, onnx_path)
     info = {"onnx": onnx_path, **paths, "epochs": epochs, "resolution": resolution, "seed": seed,
             "linearity": linearity, "expansion": expansion,
             "train_s": round(train_s, 1), "torch_test_accuracy": acc, "train_samples": len(xtr),
-            "test_samples": len(xte), "blocks": BLOCKS}
+            "calib_samples": len(splits["calib_x"]), "test_samples": len(xte), "blocks": BLOCKS}
     with open(os.path.join(out_dir, "train.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
