@@ -112,9 +112,9 @@ def x86_kernel_defaults(isa: str) -> dict:
     MobileNetV2-1.4, not a bench.py page). AVX2 has not been measured: it keeps the generic choice."""
     if isa != "avx512":
         return {}
-    # Winograd F(2x2, 3x3) for 3x3 stride-1 convs with >= 16 channels in and out: 1.4x-2.0x faster than
-    # the direct kernel on the merged DS-F MobileNetV2-1.4 shapes (56x56x32 ... 7x7x224; an ad-hoc
-    # single-conv A/B, not a bench.py page).
+    # Winograd F(2x2, 3x3) for 3x3 stride-1 convs with >= 16 channels in and out: faster than the direct
+    # kernel on every merged DS-F MobileNetV2-1.4 shape, 56x56x32 to 7x7x224 (an ad-hoc single-conv A/B);
+    # with it DS-F MobileNetV2-1.4 merged went from 1.41x to 1.82x at 1 thread (benchmarks/RESULTS-shrink.md).
     return {"max_oc_blocks": 1, "max_pixel_tile": 8, "padded_copy": False, "winograd_min_channels": 16}
 
 
