@@ -111,6 +111,18 @@ def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 
     return (best[1], best[2]) if best else (1, 1)
 
 
+def default_register_tile(oh: int, ow: int, cob: int, bo: int, spec) -> tuple[int, int]:
+    """register_tile with the target's accumulator budget and its caps (`max_oc_blocks`, `max_pixel_tile`)."""
+    return register_tile(oh, ow, cob, accumulator_budget(bo, spec), spec.kernel_defaults.get("max_oc_blocks", 4),
+                         spec.kernel_defaults.get("max_pixel_tile"))
+
+
+def register_tile_options(oh: int, ow: int, cob: int, bo: int, spec) -> list[tuple[int, int]]:
+    """Every (P, OB) tuning may try: up to 4 channel blocks, up to TILE_SLACK x the accumulator budget."""
+    limit = TILE_SLACK * accumulator_budget(bo, spec)
+    return [(p, ob) for p in row_tile_options(oh, ow) for ob in range(1, 5) if cob % ob == 0 and p * ob <= limit]
+
+
 def pixel_tile_loops(sch, y, x, ow: int, tile: int):
     """Split the (y, x) loops into outer loops and ONE inner pixel loop of `tile` pixels."""
     if tile <= ow:
@@ -126,8 +138,7 @@ class Conv2dNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        p, ob = register_tile(info["oh"], info["ow"], info["cob"], accumulator_budget(info["bo"], spec),
-                              spec.kernel_defaults.get("max_oc_blocks", 4), spec.kernel_defaults.get("max_pixel_tile"))
+        p, ob = default_register_tile(info["oh"], info["ow"], info["cob"], info["bo"], spec)
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap.
         # Measured (Zen 4, 1 thread): with tiles of 2-4 channel blocks, stride-1 kxk convs over more
         # than 7x7 pixels ran ~2x faster from a padded copy (merged DepthShrinker blocks); stride 2,
@@ -141,8 +152,7 @@ class Conv2dNCHWc(ScheduleRule):
         if (found := kernel_extents(func, KIND)) is None:
             return []
         (_, cob, oh, ow, bo, *_), ann = found
-        limit = TILE_SLACK * accumulator_budget(bo, spec)
-        tiles = [(p, ob) for p in row_tile_options(oh, ow) for ob in range(1, 5) if cob % ob == 0 and p * ob <= limit]
+        tiles = register_tile_options(oh, ow, cob, bo, spec)
         pads = [True, False] if any(ann["pad"]) else [True]
         unrolls = [True, False] if ann["in_block"] > 1 else [True]
         return [{"pixel_tile": p, "oc_blocks": ob, "inline_pad": ip, "unroll_ci": u}

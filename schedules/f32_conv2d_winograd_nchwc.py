@@ -11,11 +11,9 @@ tile of schedules/f32_conv2d_nchwc.py. Knobs: `pixel_tile` (tiles per register t
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import s_tir, te, tirx
 
-from schedules.f32_conv2d_nchwc import TILE_SLACK, accumulator_budget, padded, pixel_tile_loops, register_tile, \
-    row_tile_options
+from schedules.f32_conv2d_nchwc import default_register_tile, padded, pixel_tile_loops, register_tile_options
 from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, inline_epilogue, kernel_block, kernel_extents, \
     schedule_injective
 
@@ -97,17 +95,14 @@ class Conv2dWinogradNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        p, ob = register_tile(info["nty"], info["ntx"], info["cob"], accumulator_budget(info["bo"], spec),
-                              spec.kernel_defaults.get("max_oc_blocks", 4), spec.kernel_defaults.get("max_pixel_tile"))
+        p, ob = default_register_tile(info["nty"], info["ntx"], info["cob"], info["bo"], spec)
         return {"pixel_tile": p, "oc_blocks": ob, **spec.kernel_defaults.get(KIND, {})}
 
     def knob_space(self, func, spec):
         if (found := kernel_extents(func, KIND)) is None:
             return []
         (_, _, _, cob, nty, ntx, bo, *_), _ = found
-        limit = TILE_SLACK * accumulator_budget(bo, spec)
-        return [{"pixel_tile": p, "oc_blocks": ob} for p in row_tile_options(nty, ntx) for ob in range(1, 5)
-                if cob % ob == 0 and p * ob <= limit]
+        return [{"pixel_tile": p, "oc_blocks": ob} for p, ob in register_tile_options(nty, ntx, cob, bo, spec)]
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
