@@ -100,11 +100,13 @@ def sparse_layers(passes: dict) -> list[dict]:
     and its speed-up over our dense kernel as measured by the cost interface (None where nothing was
     measured: the target does not run here). Layers whose sparse rewrite was undone (the whole model was
     not faster) are not listed: they run dense. An expand conv fused with its depthwise conv names the
-    fused kernel (the speed-up is the 1x1 kernel's alone)."""
-    fused = {c["expand"]: c["kernel"] for c in passes.get("FormCHWRegions", {}).get("changes", [])
-             if c["what"] == "fused"}
+    fused kernel, a 1x1 rebuilt to read padded planes the rebuilt one (the speed-up is the 1x1 kernel's
+    alone, as SparsifyConv1x1 measured it)."""
+    regions = passes.get("FormCHWRegions", {}).get("changes", [])
+    now = {c["expand"]: c["kernel"] for c in regions if c["what"] == "fused"}
+    now.update({c["replaces"]: c["kernel"] for c in regions if c["what"] == "padded_planes"})
     return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
-             "kernel": fused.get(c["kernel"], c["kernel"]), "speedup_vs_dense": c["speedup"]}
+             "kernel": now.get(c["kernel"], c["kernel"]), "speedup_vs_dense": c["speedup"]}
             for name in SPARSE_PASSES for c in passes.get(name, {}).get("changes", []) if c["what"] == "sparse"]
 
 

@@ -8,6 +8,10 @@ region borders (next to dense convs, which keep their blocked kernels).
 A sparse 1x1 (without residual) whose only reader is the depthwise conv is fused with it:
 call_tir(f32_spmm1x1_dwconv3x3s2_chw_64x2, x, row_ptr, col, val, bias1, W, bias2), so the expanded
 tensor never goes to memory.
+A depthwise kernel whose only reader is a sparse 1x1 writes its planes padded to whole vectors
+([1, C, plane], chw_rows.output_planes) and that 1x1 kernel is rebuilt to read them so: with 14x14 or
+7x7 planes (196 or 49 floats) most planes would start mid cache line, and every vector load of the
+1x1's inner loop would split across two lines.
 The network's first conv (dense, at most MAX_CIN input channels) whose only reader is such a
 depthwise conv becomes call_tir(f32_conv3x3s2_chw_112x1x4, x, W, bias): it reads the NCHW input and
 writes CHW, so the region starts at the model's input.
@@ -21,8 +25,8 @@ from tvm import relax
 
 from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
-from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
-from schedules.chw_rows import STRIDES
+from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
+from schedules.chw_rows import STRIDES, aligned_plane, output_shape
 from schedules.f32_conv2d_chw import MAX_CIN, conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import CLIP_ATTR
@@ -79,11 +83,14 @@ class _Regions(BindingRewriter):
         self.spec = spec
         self.plans: dict = {}
         self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        self.planes: dict = {}    # depthwise output (input function's var) -> its padded plane
 
     def rewrite(self, var, value):
         if var in self.plans:
             plan = self.plans.pop(var)
             return self.emit_first_conv(plan) if "first_conv" in plan else self.emit(var, plan)
+        if _is_sparse_call(value) and self.bindings[var].args[1].fields[0] in self.planes:
+            return self.read_padded_planes(var, value)
         w = depthwise_weights(value)
         if w is None:
             return self.first_conv(var, value)
@@ -130,13 +137,43 @@ class _Regions(BindingRewriter):
         return self.call_kernel(plan, func, "chw", [plan["x"]])
 
     def emit(self, var, plan):
+        self.pad_planes(plan)
         fused = self.fuse_with_expand(plan)
         if fused is not None:
             return fused
         _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        func = dwconv2d_chw(c, h, wd, *_kxk(plan), clip=plan["clip"], lanes=self.spec.vector_lanes)
+        func = dwconv2d_chw(c, h, wd, *_kxk(plan), clip=plan["clip"], lanes=self.spec.vector_lanes,
+                            out_plane=plan["plane"])
         return self.call_kernel(plan, func, "chw", [plan["x"]])
 
+    def pad_planes(self, plan) -> None:
+        """plan["plane"]: the padded plane the depthwise conv writes, where its only reader is a sparse 1x1
+        that reads it as its input x (None: planes as they are)."""
+        _, c, oh, ow = (int(d) for d in plan["out_ty"].shape.values)
+        user = self.only_user(plan["last"])
+        reads_x_only = (isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
+                        and sum(a.same_as(plan["last"]) for a in user.value.args[1].fields) == 1
+                        and user.value.args[1].fields[0].same_as(plan["last"]))
+        plan["plane"] = aligned_plane(oh * ow, self.spec.vector_lanes) if reads_x_only else None
+        if plan["plane"] is not None:
+            self.planes[plan["last"]] = plan["plane"]
+            plan["out_ty"] = relax.TensorType(output_shape(c, oh, ow, plan["plane"]), "float32")
+
+    def read_padded_planes(self, var, value):
+        """The sparse 1x1 bound to var, rebuilt to read its input x as padded planes (pad_planes)."""
+        x_in = self.bindings[var].args[1].fields[0]
+        fields = value.args[1].fields
+        old = self.builder_.get()[value.args[0]]
+        _, cin, h, wd = (int(d) for d in x_in.ty.shape.values)
+        cout = int(var.ty.shape.values[1])
+        col, val = const_np(fields[2]), const_np(fields[3])
+        clip = [float(v) for v in old.attrs[CLIP_ATTR]] if CLIP_ATTR in old.attrs else None
+        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), clip, len(fields) == 6, str(col.dtype),
+                           self.spec, in_plane=self.planes[x_in])
+        gv, func = add_kernel(self, func)
+        changelog.record(NAME, "padded_planes", var.name, kernel=str(func.attrs["global_symbol"]),
+                         replaces=str(old.attrs["global_symbol"]), plane=self.planes[x_in])
+        return relax.call_tir(gv, relax.Tuple(list(fields)), var.ty)
     def call_kernel(self, plan, func, what: str, inputs: list, **details):
         """call_tir(func, *inputs, W, bias) in place of the plan's conv and its epilogue, noted as `what`."""
         gv, func = add_kernel(self, func)
@@ -160,7 +197,7 @@ class _Regions(BindingRewriter):
         val_np, col_np = const_np(val), const_np(col)
         func = spmm_dwconv2d_chw(cin, plan["w"].shape[0], h, wd, val_np.shape[1], len(col_np), *_kxk(plan),
                                  clip1=None if clip1 is None else [float(v) for v in clip1], clip=plan["clip"],
-                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype))
+                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype), out_plane=plan["plane"])
         return self.call_kernel(plan, func, "fused", [x, row_ptr, col, val, bias1],
                                 expand=str(spmm.attrs["global_symbol"]))
 

@@ -167,15 +167,22 @@ class _Sparsifier(BindingRewriter):
         return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))
 
 
+def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip, residual: bool, col_dtype: str,
+                spec, in_plane: int | None = None):
+    """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused)."""
+    tile = default_pixel_tile(h * w, block, spec)
+    return spmm_chw(cin, cout, h, w, block, nnzb, clip=clip, residual=residual, pixel_tile=tile,
+                    lanes=spec.vector_lanes, col_dtype=col_dtype, name=kernel_name(tile, block),
+                    in_plane=in_plane).with_attr("op_pattern", 8)
+
+
 def _sparse_call_parts(plan, block, spec, x, residual):
     """The kernel and its arguments: x, row_ptr, col, val, bias (, residual)."""
     w = plan["w"]
     cout, cin = w.shape
     row_ptr, col, val = encode_bsr(w, block)
-    tile = default_pixel_tile(plan["h"] * plan["wd"], block, spec)
-    func = spmm_chw(cin, cout, plan["h"], plan["wd"], block, len(col), clip=plan["clip"],
-                    residual=residual is not None, pixel_tile=tile, lanes=spec.vector_lanes,
-                    col_dtype=str(col.dtype), name=kernel_name(tile, block)).with_attr("op_pattern", 8)   # opaque: never fused
+    func = spmm_kernel(cin, cout, plan["h"], plan["wd"], block, len(col), plan["clip"], residual is not None,
+                       str(col.dtype), spec, in_plane=plan.get("in_plane"))
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)
     args = [x, const(row_ptr), const(col), const(val), const(bias)]
     if residual is not None:
@@ -185,7 +192,9 @@ def _sparse_call_parts(plan, block, spec, x, residual):
 
 def _layer_params(plan):
     cin = plan["w"].shape[1]
-    x = relax.Var("x", relax.TensorType([1, cin, plan["h"], plan["wd"]], "float32"))
+    plane = plan.get("in_plane")
+    x = relax.Var("x", relax.TensorType([1, cin, plan["h"], plan["wd"]] if plane is None else [1, cin, plane],
+                                        "float32"))
     res = None
     if plan["residual"] is not None:
         res = relax.Var("res", relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))
@@ -258,7 +267,8 @@ def _nchw_dense_layer_module(plan) -> tvm.IRModule:
 
 def sparse_layer_module(plan, block, spec) -> tvm.IRModule:
     """The layer as one spmm call (`block` output channels per BSR block). plan: w [Cout, Cin], h, wd,
-    bias ([Cout] or None), clip ((lo, hi) or None), residual (None, or anything: a residual input)."""
+    bias ([Cout] or None), clip ((lo, hi) or None), residual (None, or anything: a residual input), and
+    optionally in_plane (its input as padded planes, as FormCHWRegions gives it after a depthwise conv)."""
     x, res = _layer_params(plan)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):

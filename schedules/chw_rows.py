@@ -39,6 +39,24 @@ def scheduled_kernel(name: str, params: list, body) -> tirx.PrimFunc:
     return ib.get().with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1).with_attr("op_pattern", 8)
 
 
+def aligned_plane(pixels: int, lanes: int) -> int | None:
+    """The padded plane (pixels rounded up to whole vectors) a CHW tensor of `pixels` pixels per channel
+    is stored with when every plane should start on a vector boundary; None where planes already do."""
+    return None if pixels % lanes == 0 else -(-pixels // lanes) * lanes
+
+
+def output_planes(out, c: int, oh: int, ow: int, plane: int | None):
+    """The kernel's output as [1, c, oh, ow]: `out` itself, or (plane set) a view of out [1, c, plane]
+    whose channel planes are `plane` floats apart (the pixels past oh * ow are never written)."""
+    if plane is None:
+        return out
+    return I.decl_buffer((1, c, oh, ow), F32, data=out.data, strides=[c * plane, plane, ow, 1])
+
+
+def output_shape(c: int, oh: int, ow: int, plane: int | None) -> tuple:
+    return (1, c, oh, ow) if plane is None else (1, c, plane)
+
+
 def clipped(a, clip, vec: int):
     """The vector a clamped to clip = (lo, hi); None clamps to the float32 range."""
     lo, hi = (-3.4e38, 3.4e38) if clip is None else clip

@@ -8,7 +8,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import F32, ROWS, Planes, RowConv, scheduled_kernel
+from schedules.chw_rows import F32, ROWS, Planes, RowConv, output_planes, output_shape, scheduled_kernel
 
 
 def kernel_name(k: int, stride: int, tile: str) -> str:
@@ -22,14 +22,16 @@ def channel_planes(src, lead: list, wt, bias, out, ch) -> Planes:
 
 
 def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
-                 rows: int = ROWS) -> tirx.PrimFunc:
-    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out."""
+                 rows: int = ROWS, out_plane: int | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x, w [c,1,k,k], bias [c], out
+    ([1, c, oh, ow]; [1, c, out_plane] with out_plane set, see chw_rows.output_planes)."""
     conv = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
 
     def body(x, wt, bias, out):
+        out = output_planes(out, c, conv.oh, conv.ow, out_plane)
         with I.parallel(0, c) as ch:
             conv.planes(channel_planes(x, [0, ch], wt, bias, out, ch))
 
     return scheduled_kernel(kernel_name(k, stride, conv.tile()),
                             [("x", (1, c, h, w), F32), ("w", (c, 1, k, k), F32), ("bias", (c,), F32),
-                             ("out", (1, c, conv.oh, conv.ow), F32)], body)
+                             ("out", output_shape(c, conv.oh, conv.ow, out_plane), F32)], body)

@@ -79,12 +79,15 @@ CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), for passes that fuse th
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
-             name: str | None = None) -> tvm.tirx.PrimFunc:
+             name: str | None = None, in_plane: int | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (residual [1,cout,h,w]), out.
-    clip: (lo, hi) applied after the bias, before the residual add; None for none."""
+    clip: (lo, hi) applied after the bias, before the residual add; None for none.
+    in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
+    with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line)."""
     pixels = h * w
+    x_shape, x_row = ((1, cin, h, w), pixels) if in_plane is None else ((1, cin, in_plane), in_plane)
     tile_n = pixel_tile
     lanes = min(lanes, tile_n)
     # tasks: full tiles, then one with the rest (whole vectors and a partial one)
@@ -153,22 +156,22 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
 
     if residual:
         @T.prim_func
-        def func(x4: T.Buffer((1, cin, h, w), "float32"), rp: T.Buffer((nb + 1,), "int32"),
+        def func(x4: T.Buffer(x_shape, "float32"), rp: T.Buffer((nb + 1,), "int32"),
                  col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
                  bias: T.Buffer((cout,), "float32"), r4: T.Buffer((1, cout, h, w), "float32"),
                  o4: T.Buffer((1, cout, h, w), "float32")):
             T.func_attr({"tirx.noalias": True})
-            x = T.decl_buffer((cin, pixels), "float32", data=x4.data)
+            x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
             res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
             out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
             body(x, rp, col, val, bias, res, out)
     else:
         @T.prim_func
-        def func(x4: T.Buffer((1, cin, h, w), "float32"), rp: T.Buffer((nb + 1,), "int32"),
+        def func(x4: T.Buffer(x_shape, "float32"), rp: T.Buffer((nb + 1,), "int32"),
                  col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
                  bias: T.Buffer((cout,), "float32"), o4: T.Buffer((1, cout, h, w), "float32")):
             T.func_attr({"tirx.noalias": True})
-            x = T.decl_buffer((cin, pixels), "float32", data=x4.data)
+            x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
             out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
             body(x, rp, col, val, bias, out, out)
 

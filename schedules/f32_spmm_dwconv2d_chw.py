@@ -14,7 +14,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, scheduled_kernel, store
+from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, output_planes, output_shape, \
+    scheduled_kernel, store
 from schedules.f32_dwconv2d_chw import channel_planes
 
 
@@ -23,8 +24,10 @@ def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
 
 
 def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
-                      clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32") -> tirx.PrimFunc:
-    """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block)."""
+                      clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32",
+                      out_plane: int | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block).
+    out_plane: write out as [1, c, out_plane] (chw_rows.output_planes)."""
     assert c % block == 0, (c, block)
     dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes)
     nb, pixels = c // block, h * w
@@ -62,6 +65,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
 
     def body(x, rp, col, val, bias1, wt, bias, out):
         xf = I.decl_buffer((cin, pixels), F32, data=x.data)
+        out = output_planes(out, c, dw.oh, dw.ow, out_plane)
         with I.parallel(0, nb) as b:
             flat = I.alloc_buffer((block, pixels), F32, scope="global")
             plane = I.decl_buffer((block, h, w), F32, data=flat.data)
@@ -76,4 +80,4 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
     return scheduled_kernel(kernel_name(k, stride, dw.tile(), block),
                             [("x", (1, cin, h, w), F32), ("row_ptr", (nb + 1,), "int32"), ("col", (nnzb,), col_dtype),
                              ("val", (nnzb, block), F32), ("bias1", (c,), F32), ("w", (c, 1, k, k), F32),
-                             ("bias2", (c,), F32), ("out", (1, c, dw.oh, dw.ow), F32)], body)
+                             ("bias2", (c,), F32), ("out", output_shape(c, dw.oh, dw.ow, out_plane), F32)], body)

@@ -131,6 +131,21 @@ def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
     assert not any("layout_transform" in ln for ln in lines[first_sparse:last_sparse])
 
 
+def test_depthwise_outputs_read_by_a_sparse_1x1_are_padded_to_whole_vectors(monkeypatch):
+    """At 56x56 input the depthwise outputs of blocks 1-2 (14x14), 3-5 (7x7) and 13-16 (2x2) are 196, 49 and 4
+    floats per plane, not whole vectors: those kernels write them padded to 208, 64 and 16 and the sparse 1x1
+    after each reads them so; block 0's (28x28: 784) and blocks 6-12's (4x4: 16) stay as they are.
+    Equal to ONNX Runtime."""
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(mobilenet_v2(width=0.35, resolution=56, num_classes=10, sparsity=0.85, sparse_from=0))
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    padded = [c for c in cm.report["passes"]["FormCHWRegions"]["changes"] if c["what"] == "padded_planes"]
+    assert all(c["kernel"].startswith("f32_spmm_chw") for c in padded)
+    planes = {int(re.match(r"block(\d+)_", c["layer"]).group(1)): c["plane"] for c in padded}
+    assert planes == {1: 208, 2: 208, 3: 64, 4: 64, 5: 64, 13: 16, 14: 16, 15: 16, 16: 16}
+
+
 def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     """All 1x1s sparse (from block 0): the first conv reads the NCHW input and writes CHW
     (f32_conv3x3s2_chw_...), no layout transform before the first sparse kernel; equal to ONNX Runtime.

@@ -10,6 +10,7 @@ import tvm
 
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
+from schedules.chw_rows import aligned_plane
 from schedules.f32_conv2d_chw import conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
@@ -266,6 +267,44 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
     func = spmm_dwconv2d_chw(cin, c, h, w, 1, len(col), k, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
                              lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
     out = _run_guarded(func, [x, rp, col, val, b1, wt, b2], {0}, ref.shape, guard)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,s", [(14, 14, 1), (7, 7, 1), (28, 28, 2), (5, 7, 1)])
+def test_padded_planes_from_depthwise_to_spmm(h, w, s):
+    """A depthwise kernel (plain and fused with its expand) writing planes padded to whole vectors
+    (out_plane) and a sparse 1x1 reading them (in_plane): the pixels past each plane's end are never
+    written (they keep the output's NaN fill) and never read (NaN there would reach the result)."""
+    rng = np.random.default_rng(h * w + s)
+    cin, c, cout, lanes = 8, 32, 24, SPEC.vector_lanes
+    wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, 3, 2)
+    rp1, col1, val1 = encode_bsr(wt1, 2)
+    mid = np.clip(wt1 @ x.reshape(cin, -1) + b1[:, None], 0, 6).reshape(1, c, h, w)
+    dw_ref = _dw_ref(mid, wt, b2, s, [1] * 4, (0.0, 6.0))
+    oh, ow = dw_ref.shape[2:]
+    plane = aligned_plane(oh * ow, lanes)
+    assert plane is not None and plane % lanes == 0 and oh * ow < plane < oh * ow + lanes
+
+    def run_filled(func, arrays, shape):
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+        out = tvm.runtime.tensor(np.full(shape, np.nan, np.float32), tvm.cpu())
+        ex[str(func.attrs["global_symbol"])](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays], out)
+        return out.numpy()
+
+    fused = run_filled(spmm_dwconv2d_chw(cin, c, h, w, 2, len(col1), 3, s, [1] * 4, clip1=(0.0, 6.0),
+                                         clip=(0.0, 6.0), lanes=lanes, col_dtype=str(col1.dtype), out_plane=plane),
+                       [x, rp1, col1, val1, b1, wt, b2], (1, c, plane))
+    plain = run_filled(dwconv2d_chw(c, h, w, 3, s, [1] * 4, clip=(0.0, 6.0), lanes=lanes, out_plane=plane),
+                       [mid, wt, b2], (1, c, plane))
+    for got in (fused, plain):
+        np.testing.assert_allclose(got[:, :, :oh * ow].reshape(dw_ref.shape), dw_ref, rtol=1e-5, atol=1e-5)
+        assert np.isnan(got[:, :, oh * ow:]).all()
+    wt2 = _weights(rng, cout, c, 0.8, 1)
+    rp2, col2, val2 = encode_bsr(wt2, 1)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    out = _run(spmm_chw(c, cout, oh, ow, 1, len(col2), pixel_tile=64, lanes=lanes, col_dtype=str(col2.dtype),
+                        in_plane=plane), [plain, rp2, col2, val2, bias], (1, cout, oh, ow))
+    ref = (wt2 @ dw_ref.reshape(c, -1) + bias[:, None]).reshape(1, cout, oh, ow)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -55,8 +55,12 @@ def mobilenet_v2_1x1_shapes() -> list[dict]:
     return list(shapes.values())
 
 
-def _plan(shape: dict, w: np.ndarray, rng) -> dict:
-    return {"w": w, "h": shape["h"], "wd": shape["w"], "residual": None,
+def _plan(shape: dict, w: np.ndarray, rng, spec=None) -> dict:
+    """The layer's plan; with spec, a project conv (which reads a depthwise conv's output) reads it as the
+    network does: as padded planes where FormCHWRegions pads them (`in_plane`)."""
+    from schedules.chw_rows import aligned_plane
+    plane = aligned_plane(shape["h"] * shape["w"], spec.vector_lanes) if spec and not shape["relu6"] else None
+    return {"w": w, "h": shape["h"], "wd": shape["w"], "residual": None, "in_plane": plane,
             "bias": (rng.standard_normal(shape["cout"]) * 0.05).astype(np.float32),
             "clip": (0.0, 6.0) if shape["relu6"] else None}
 
@@ -108,7 +112,7 @@ def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds:
     fns = {"dense": kernel_runnable(dense_layer_module(_plan(shape, w, rng), spec), spec)}
     for s in sparsities:
         for b in blocks:
-            plan = _plan(shape, zero_out(w, s, b, rng), rng)
+            plan = _plan(shape, zero_out(w, s, b, rng), rng, spec)
             fns[(s, b)] = kernel_runnable(sparse_layer_module(plan, b, spec), spec)
     times = benchlib.interleave(fns, rounds)
     med = {k: benchlib.stats(v)["median_ms"] for k, v in times.items()}
@@ -233,7 +237,9 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
         lines += ["## (a) per layer: our dense 1x1 median / our spmm median (above 1 = spmm faster)", "",
                   "MobileNetV2 1.0 224's distinct 1x1 shapes, 1 thread, every kernel of a shape interleaved "
                   "run by run after warm-up. Dense = our blocked NCHW{b}c 1x1 conv with fused bias/ReLU6 "
-                  "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue (residual adds left out). "
+                  "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue (residual adds left out); "
+                  "the spmm of a project conv (relu6 empty) reads its input as the network gives it to it, from "
+                  "a depthwise kernel: planes padded to whole vectors where H x W is not (14x14: 208, 7x7: 64). "
                   "Both are called as kernels on buffers allocated once, as in a network's memory plan (through "
                   "the VM each call would also allocate its output). "
                   "n = how often the shape occurs in the network; the last row weighs each shape by n.", ""]
