@@ -18,14 +18,19 @@ ROOT = os.path.dirname(HERE)
 
 def machine() -> str:
     cpu = platform.processor() or "?"
+    fields: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break     # the first CPU's block is enough
     except OSError:
         pass
+    if "model name" in fields:
+        # NOTE: "AMD EPYC" alone does not tell a Zen 4 (family 25) from a Zen 5 (family 26) host
+        cpu = f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
     import onnxruntime
     import tvm
     return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
