@@ -28,19 +28,22 @@ def cleaned(model, spec, pins=None):
     return mod, info
 
 
-def depth_section(mod, spec, calib: dict | None, cost=None) -> tuple[list[str], list[list]]:
-    """One row per block: activations, non-linear share, agreement alone, chain/merged ms, decision, why."""
+def depth_section(mod, spec, calib: dict | None, cost=None, final_activation: bool = False
+                  ) -> tuple[list[str], list[list]]:
+    """One row per block: activations, non-linear share, agreement alone, chain/merged ms, decision, why
+    (with final_activation: as if each block whose activations go got a ReLU6 after it)."""
     blocks = find_blocks(mod["main"])
     stats = {}
     if calib:
         from compiler.shrink_auto import block_stats
-        stats = {s.name: s for s in block_stats(mod, calib)[0]}
+        stats = {s.name: s for s in block_stats(mod, calib, final_activation)[0]}
     if cost is None:
         from compiler.cost import Cost
         cost = Cost(spec)
     with changelog.collecting() as book:   # as if every block's activations were gone
         with spec.tvm_target():
-            MergeLinearChains(cost, select=True)(PruneActivations([b.name for b in blocks if b.acts])(mod))
+            MergeLinearChains(cost, select=True)(PruneActivations([b.name for b in blocks if b.acts],
+                                                                  final_activation)(mod))
     entry = book.summary().get("MergeLinearChains", {})
     rows = []
     for b in blocks:
@@ -66,12 +69,13 @@ def depth_section(mod, spec, calib: dict | None, cost=None) -> tuple[list[str], 
     return cols, rows
 
 
-def analyze(model, calib: dict | None = None, target=None, pins=None, cost=None, sparse_min: float = 2 / 3) -> dict:
+def analyze(model, calib: dict | None = None, target=None, pins=None, cost=None, sparse_min: float = 2 / 3,
+            final_activation: bool = False) -> dict:
     from compiler.analyze_sparse import sparse_sections
     spec = targets.resolve(target, None)
     mod, info = cleaned(model, spec, pins)
     report = {"model": str(getattr(info, "path", model)), "target": spec.name}
-    add_section(report, "depth (DepthShrinker blocks)", *depth_section(mod, spec, calib, cost))
+    add_section(report, "depth (DepthShrinker blocks)", *depth_section(mod, spec, calib, cost, final_activation))
     if spec.is_cpu:
         for title, cols, rows in sparse_sections(mod, spec, cost, sparse_min):
             add_section(report, title, cols, rows)

@@ -21,6 +21,9 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration inputs (.npy with a batch axis, or .npz by input name)")
     p.add_argument("--max-drop", type=float, default=0.01, help="top-1 agreement budget for --shrink auto")
     p.add_argument("--shrink-blocks", default="", help="comma-separated blocks whose activations to remove")
+    p.add_argument("--final-activation", action="store_true",
+                   help="put one ReLU6 after each block whose activations are removed (DepthShrinker's final "
+                        "activation; with --shrink auto, measured with it)")
     p.add_argument("--sparse", choices=["off", "auto"], default="auto", help="sparse 1x1 kernels where profitable")
     p.add_argument("--sparse-min", type=float, default=2 / 3, help="least share of zeros for a sparse 1x1")
     p.add_argument("--tuning-db", default=None, help="apply a tuning database written by `shrinkc tune`")
@@ -31,7 +34,7 @@ def _compile_kwargs(args) -> dict:
     from compiler.frontend.onnx_import import parse_input_pins
     kw = dict(target=args.target, inputs=parse_input_pins(args.input), cc=args.cc, tuning_db=args.tuning_db,
               shrink=args.shrink, sparse=args.sparse, sparse_min=args.sparse_min, max_drop=args.max_drop,
-              shrink_blocks=[b for b in args.shrink_blocks.split(",") if b])
+              shrink_blocks=[b for b in args.shrink_blocks.split(",") if b], final_activation=args.final_activation)
     if args.calib:
         from compiler.calibration import load_calibration
         kw["calib"] = load_calibration(args.calib)
@@ -136,7 +139,8 @@ def cmd_analyze(args) -> int:
     if args.calib:
         from compiler.calibration import load_calibration
         calib = load_calibration(args.calib)
-    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input), sparse_min=args.sparse_min)))
+    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input), sparse_min=args.sparse_min,
+                         final_activation=args.final_activation)))
     return 0
 
 
@@ -203,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="a name from `shrinkc targets` or a TVM target JSON dict")
     p.add_argument("--input", action="append", default=[], metavar="NAME:1x3x224x224")
     p.add_argument("--sparse-min", type=float, default=2 / 3, help="least share of zeros for a sparse 1x1")
+    p.add_argument("--final-activation", action="store_true",
+                   help="measure blocks as `compile --final-activation` removes them (a ReLU6 after each)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="compile, verify and time the built-in example model")

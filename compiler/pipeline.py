@@ -35,6 +35,7 @@ class Options:
     sparse_min: float = 2 / 3
     max_drop: float = 0.01
     shrink_blocks: list[str] = field(default_factory=list)
+    final_activation: bool = False  # a ReLU6 after each block whose activations are removed (DepthShrinker)
     calib: dict | None = None
     knobs: dict = field(default_factory=dict)   # kernel knobs by task key, from a tuning database
     dump_dir: str | None = None
@@ -60,8 +61,9 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         ]),
         # Phase 2. Shrink depth: linear conv chains become one conv where that is faster (DepthShrinker).
         ("shrink", [] if opts.shrink == "off" else [
-            PruneActivations(opts.shrink_blocks),
-            *([AutoPruneActivations(opts.calib, opts.max_drop, cost)] if opts.shrink == "auto" else []),
+            PruneActivations(opts.shrink_blocks, opts.final_activation),
+            *([AutoPruneActivations(opts.calib, opts.max_drop, cost, opts.final_activation)]
+              if opts.shrink == "auto" else []),
             MergeLinearChains(cost, select=True),
             relax.transform.DeadCodeElimination(),
         ]),

@@ -1,7 +1,8 @@
 """Which blocks' activations `--shrink auto` removes: linearity and top-1 agreement measured on calibration data.
 
 One build serves every measurement: each prunable block's activations become
-`x + g * (act(x) - x)` with a run-time gate g (1 keeps the activation, 0 removes it), and the
+`x + g * (act(x) - x)` with a run-time gate g (1 keeps the activation, 0 removes it), with
+final_activation its output y becomes `y + (1 - g) * (relu6(y) - y)` (PruneActivations' final ReLU6), and the
 module also returns, per activation, the share of its inputs where it is not the identity
 (outside [0, 6] for ReLU6, below 0 for ReLU). It is built with TVM's default CPU pipeline.
 """
@@ -16,7 +17,7 @@ from tvm import relax
 from compiler import calibration
 from passes import changelog
 from passes.merge_linear_chains import MergeLinearChains
-from passes.prune_activations import Block, PruneActivations, activation_range, find_blocks
+from passes.prune_activations import Block, PruneActivations, activation_range, find_blocks, relu6
 from passes.rewriting import BindingRewriter, rewriter
 from targets.errors import ShrinkcError
 
@@ -39,12 +40,17 @@ class BlockStats:
 
 @rewriter
 class _Gater(BindingRewriter):
-    # relu6(x) => x + g * (relu6(x) - x), and mean(x outside [0, 6]) as an extra output
-    def __init__(self, mod, func, acts: dict):
+    # relu6(x) => x + g * (relu6(x) - x), and mean(x outside [0, 6]) as an extra output;
+    # a block output y in `finals` => y + (1 - g) * (relu6(y) - y)
+    def __init__(self, mod, func, acts: dict, finals: dict):
         super().__init__(mod, func)
-        self.acts, self.shares = acts, []
+        self.acts, self.finals, self.shares = acts, finals, []
 
     def rewrite(self, var, value):
+        if var in self.finals:
+            y = self.emit(value)
+            off = relax.op.subtract(relax.const(1.0, "float32"), self.finals[var])
+            return relax.op.add(y, relax.op.multiply(off, relax.op.subtract(self.emit(relu6(y)), y)))
         if var not in self.acts:
             return None
         gate, kind = self.acts[var]
@@ -60,14 +66,15 @@ class _Gater(BindingRewriter):
 class GatedModel:
     """The model with one run-time gate per block; `run(feeds, removed)` -> (top-1 per feed, shares)."""
 
-    def __init__(self, mod: tvm.IRModule, blocks: list[Block]):
+    def __init__(self, mod: tvm.IRModule, blocks: list[Block], final_activation: bool = False):
         func = mod["main"]
         self.blocks = blocks
         self.inputs = [{"name": p.name, "shape": [int(s) for s in p.ty.shape.values], "dtype": str(p.ty.dtype)}
                        for p in func.params]
         gates = [relax.Var(f"gate_{i}", relax.TensorType([], "float32")) for i in range(len(blocks))]
         acts = {a.var: (g, kind) for b, g in zip(blocks, gates) for a, kind in zip(b.acts, b.kinds)}
-        rw = _Gater(mod, func, acts)
+        finals = {b.output: g for b, g in zip(blocks, gates)} if final_activation else {}
+        rw = _Gater(mod, func, acts, finals)
         body = rw.visit_expr(func).body
         body = relax.BlockBuilder().normalize(relax.SeqExpr(body.blocks, relax.Tuple([body.body, *rw.shares])))
         new = relax.Function(list(func.params) + gates, body).with_attr("global_symbol", "main")
@@ -90,12 +97,13 @@ class GatedModel:
         return np.concatenate(top1), shares / max(len(feeds), 1)
 
 
-def block_stats(mod: tvm.IRModule, calib: dict) -> tuple[list[BlockStats], GatedModel, list[dict], np.ndarray]:
+def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False
+                ) -> tuple[list[BlockStats], GatedModel, list[dict], np.ndarray]:
     """Per prunable block: non-linear share of each activation and agreement when removed alone."""
     blocks = [b for b in find_blocks(mod["main"]) if b.acts]
     if not blocks:
         return [], None, [], np.zeros(0)
-    model = GatedModel(mod, blocks)
+    model = GatedModel(mod, blocks, final_activation)
     feeds = calibration.samples(calib, model.inputs)
     ref, shares = model.run(feeds, set())
     stats, k = [], 0
@@ -125,11 +133,11 @@ def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: flo
     return removed, agreement
 
 
-def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost) -> set[str]:
+def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost, final_activation: bool = False) -> set[str]:
     """The blocks whose chain, once their activations are gone, MergeLinearChains merges (measured faster)."""
     blocks = [b for b in find_blocks(mod["main"]) if b.name in names]
     with changelog.collecting() as book:   # NOTE: a trial run; its changes are not the compile's
-        MergeLinearChains(cost, select=True)(PruneActivations([b.name for b in blocks])(mod))
+        MergeLinearChains(cost, select=True)(PruneActivations([b.name for b in blocks], final_activation)(mod))
     changes = book.summary().get("MergeLinearChains", {}).get("changes", [])
     return {b.name for b in blocks if any(set(b.layers) & set(c["layers"]) for c in changes)}
 
@@ -138,17 +146,17 @@ def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost) -> set[str]:
 class AutoPruneActivations:
     """Remove the activations of the blocks that calibration shows can go within the agreement budget."""
 
-    def __init__(self, calib: dict | None, max_drop: float, cost=None):
+    def __init__(self, calib: dict | None, max_drop: float, cost=None, final_activation: bool = False):
         if not calib:
             raise ShrinkcError("--shrink auto needs calibration inputs", "pass --calib FILE.npy or FILE.npz")
-        self.calib, self.max_drop, self.cost = calib, max_drop, cost
+        self.calib, self.max_drop, self.cost, self.final = calib, max_drop, cost, final_activation
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        stats, model, feeds, ref = block_stats(mod, self.calib)
+        stats, model, feeds, ref = block_stats(mod, self.calib, self.final)
         if not stats:
             return mod
         if self.cost is not None:   # a block whose merge would not be faster loses accuracy for nothing
-            faster = mergeable_blocks(mod, [s.name for s in stats], self.cost)
+            faster = mergeable_blocks(mod, [s.name for s in stats], self.cost, self.final)
             for s in stats:
                 if s.name not in faster:
                     changelog.skip(NAME, s.name, "its merged conv would not be faster on this target")
@@ -159,5 +167,5 @@ class AutoPruneActivations:
                              agreement_alone=round(s.agreement_alone, 4), removed=s.name in removed)
         changelog.record(NAME, "agreement", "", top1_agreement=round(agreement, 4), samples=len(ref),
                          blocks=removed)
-        return PruneActivations(removed)(mod)
+        return PruneActivations(removed, self.final)(mod)
 

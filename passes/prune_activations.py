@@ -1,6 +1,9 @@
 """PruneActivations: remove the activations of named inverted residual blocks, so their convs become one linear chain.
 
 expand -> +b -> relu6 -> dwconv -> +b -> relu6 -> project  =>  expand -> +b -> dwconv -> +b -> project
+With final_activation (`--final-activation`), one ReLU6 goes after the block's output instead (after the
+project conv, or after the residual add): DepthShrinker's "final activation", which keeps a non-linearity
+per merged block; MergeLinearChains then merges the block and the ReLU6 becomes the merged conv's epilogue.
 Lossy: which blocks go is
 chosen from calibration data (compiler/shrink_auto.py) or named by the user (--shrink-blocks).
 """
@@ -28,6 +31,7 @@ class Block:
     layers: list[str]
     acts: list = field(default_factory=list)        # activation VarBindings, expand's first
     kinds: list[str] = field(default_factory=list)  # "relu6" / "relu" per activation
+    output: object = None                           # the var of the block's result (project + bias, + residual)
 
 
 def activation_kind(value) -> str:
@@ -107,9 +111,14 @@ def find_blocks(func: relax.Function) -> list[Block]:
             nxt = only_user(nxt.var)
         if nxt is None or not _is_1x1(nxt.value):
             continue
-        layers.append(layer_name(nxt, after_bias(nxt)[1]))
+        out, bias = after_bias(nxt)
+        layers.append(layer_name(nxt, bias))
+        block_in = (expand or dw).value.args[0]
+        res = only_user(out.var)
+        if res is not None and op_name(res.value) == "relax.add" and any(a.same_as(block_in) for a in res.value.args):
+            out = res
         prefix = os.path.commonprefix(layers).rstrip("_./") if len(layers) > 1 else ""
-        blocks.append(Block(prefix or layers[0], layers, acts, kinds))
+        blocks.append(Block(prefix or layers[0], layers, acts, kinds, out.var))
     return blocks
 
 
@@ -124,20 +133,29 @@ def match_blocks(blocks: list[Block], names: list[str]) -> tuple[list[Block], li
     return chosen, unknown
 
 
+def relu6(x) -> relax.Expr:
+    return relax.op.clip(x, 0.0, 6.0)
+
+
 @rewriter
 class _Pruner(BindingRewriter):
-    # relu6(x) => x for the named blocks' activations
-    def __init__(self, mod, func, names):
+    # relu6(x) => x for the named blocks' activations; with final_activation, out => relu6(out) for their outputs
+    def __init__(self, mod, func, names, final_activation: bool):
         super().__init__(mod, func)
-        self.drop = {}
+        self.drop, self.final = {}, set()
         for b in match_blocks(find_blocks(func), names)[0]:
             for act in b.acts:
                 self.drop[act.var] = b.name
-            changelog.record(NAME, "removed_activations", b.name, activations=len(b.acts), layers=b.layers)
+            if final_activation and b.acts:
+                self.final.add(b.output)
+            changelog.record(NAME, "removed_activations", b.name, activations=len(b.acts), layers=b.layers,
+                             final_activation=final_activation and bool(b.acts))
 
     def rewrite(self, var, value):
         if var in self.drop:
             return value.args[0]
+        if var in self.final:
+            return relu6(self.emit(value))
         return None
 
 
@@ -145,8 +163,8 @@ class _Pruner(BindingRewriter):
 class PruneActivations:
     """Remove the activations of named inverted residual blocks, so their convs become one linear chain."""
 
-    def __init__(self, blocks: list[str]):
-        self.blocks = list(blocks)
+    def __init__(self, blocks: list[str], final_activation: bool = False):
+        self.blocks, self.final_activation = list(blocks), final_activation
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not self.blocks:
@@ -157,5 +175,5 @@ class PruneActivations:
             names = ", ".join(b.name for b in found[:8]) + (", ..." if len(found) > 8 else "")
             raise ShrinkcError(f"--shrink-blocks: no block named {', '.join(unknown)}",
                                f"use block names from `shrinkc analyze` ({names or 'this model has none'})")
-        mod = rewrite_main(mod, _Pruner, self.blocks)[0]
+        mod = rewrite_main(mod, _Pruner, self.blocks, self.final_activation)[0]
         return relax.transform.CanonicalizeBindings()(mod)

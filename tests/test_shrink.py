@@ -60,6 +60,58 @@ def test_named_blocks_lose_their_activations_exactly(mv2_path):
     assert res.ok, res.line()
 
 
+def _relu6_after(model, tensors: list[str]):
+    """The ONNX model with a Clip(0, 6) between each named tensor and every node that reads it."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    for t in tensors:
+        for node in g.node:
+            node.input[:] = [f"{t}.final" if i == t else i for i in node.input]
+        at = next(i for i, n in enumerate(g.node) if t in n.output) + 1
+        g.node.insert(at, helper.make_node("Clip", [t, f"{t}.lo", f"{t}.hi"], [f"{t}.final"]))
+        g.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), f"{t}.{k}")
+                              for k, v in (("lo", 0.0), ("hi", 6.0))])
+    return model
+
+
+def test_final_activation_follows_each_named_block(mv2_path, tmp_path, capsys):
+    """--shrink-blocks block3,block5 --final-activation: their activations go and one ReLU6 follows each
+    block's output (block3: its project conv; block5: its residual add); equal to ONNX Runtime on the model
+    built so, to 1e-4, whether or not the merge of each chain is taken."""
+    cm = compiler.compile_model(mv2_path, shrink_blocks=["block3", "block5"], final_activation=True)
+    removed = cm.report["passes"]["PruneActivations"]["changes"]
+    assert [(c["layer"], c["final_activation"]) for c in removed] == [("block3", True), ("block5", True)]
+    ref_model = _relu6_after(zoo.build("mobilenet_v2", linear_blocks=(2, 4), **MV2), ["block3.project", "block5.add"])
+    x = {"input": np.random.default_rng(2).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)}
+    from compiler import verify
+    ref = verify.reference_outputs("onnx", ref_model.SerializeToString(), x)
+    (res,) = verify.compare(["out"], cm.run(x), ref, tolerance=1e-4)
+    assert res.ok, res.line()
+    plain = verify.reference_outputs("onnx", zoo.build("mobilenet_v2", linear_blocks=(2, 4), **MV2)
+                                     .SerializeToString(), x)
+    assert not verify.compare(["out"], cm.run(x), plain, tolerance=1e-4)[0].ok    # the ReLU6s do something
+    code, out, err = run_cli(["compile", mv2_path, "-o", tmp_path / "f.so", "--shrink-blocks", "block3",
+                              "--final-activation", "--report", tmp_path / "f.json"], capsys)
+    assert code == 0, err
+    changes = json.loads((tmp_path / "f.json").read_text())["passes"]["PruneActivations"]["changes"]
+    assert [(c["layer"], c["final_activation"]) for c in changes] == [("block3", True)]
+
+
+def test_auto_measures_agreement_with_the_final_activation(mv2_path, calib_path):
+    """With --final-activation, auto mode's gated model puts the ReLU6 after each block it tries to remove:
+    some block's agreement alone differs from the one measured without it, and the blocks it removes get
+    the ReLU6 (PruneActivations computes them as test_final_activation_follows_each_named_block checks)."""
+    calib = load_calibration(calib_path)
+    runs = {f: compiler.compile_model(mv2_path, shrink="auto", calib=calib, max_drop=1.0, final_activation=f)
+            for f in (False, True)}
+    alone = {f: {c["layer"]: c["agreement_alone"] for c in cm.report["passes"]["ChooseBlocks"]["changes"]
+                 if c["what"] == "measured"} for f, cm in runs.items()}
+    both = alone[False].keys() & alone[True].keys()
+    assert len(both) >= 10 and any(alone[False][k] != alone[True][k] for k in both)
+    removed = [c["layer"] for c in runs[True].report["passes"]["PruneActivations"]["changes"]]
+    assert removed and all(c["final_activation"] for c in runs[True].report["passes"]["PruneActivations"]["changes"])
+
+
 def test_unknown_block_name_is_one_line_error(mv2_path, tmp_path, capsys):
     code, out, err = run_cli(["compile", mv2_path, "-o", tmp_path / "m.so", "--shrink-blocks", "block99"], capsys)
     assert code == 2 and "no block named block99" in err and len(err.strip().splitlines()) == 1
@@ -130,6 +182,11 @@ def test_cli_analyze_lists_every_block(mv2_path, calib_path, capsys):
     assert len(rows) == 18   # header + 17 blocks
     assert "## sparse 1x1 convs" in out and "## CHW regions" in out
     assert "merge if activations removed" in out
+    code, out_final, err = run_cli(["analyze", mv2_path, "--calib", calib_path, "--final-activation"], capsys)
+    assert code == 0, err
+    final = out_final.split("## depth")[1].split("\n## ")[0]
+    rows_final = [line for line in final.splitlines() if line.startswith("block")]
+    assert len(rows_final) == 18 and rows_final != rows     # measured with a ReLU6 after each removed block
 
 
 def test_calibration_npz_by_name_and_shape_errors(tmp_path):
