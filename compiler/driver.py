@@ -103,8 +103,8 @@ def sparse_layers(passes: dict) -> list[dict]:
     fused kernel, a 1x1 rebuilt to read padded planes the rebuilt one (the speed-up is the 1x1 kernel's
     alone, as SparsifyConv1x1 measured it)."""
     regions = passes.get("FormCHWRegions", {}).get("changes", [])
-    now = {c["expand"]: c["kernel"] for c in regions if c["what"] == "fused"}
-    now.update({c["replaces"]: c["kernel"] for c in regions if c["what"] == "padded_planes"})
+    now = {c["replaces"]: c["kernel"] for c in regions if c["what"] == "padded_planes"}
+    now.update({c["expand"]: c["kernel"] for c in regions if c["what"] == "fused"})   # fused last: it is what runs
     return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
              "kernel": now.get(c["kernel"], c["kernel"]), "speedup_vs_dense": c["speedup"]}
             for name in SPARSE_PASSES for c in passes.get(name, {}).get("changes", []) if c["what"] == "sparse"]

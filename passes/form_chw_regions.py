@@ -174,6 +174,7 @@ class _Regions(BindingRewriter):
         changelog.record(NAME, "padded_planes", var.name, kernel=str(func.attrs["global_symbol"]),
                          replaces=str(old.attrs["global_symbol"]), plane=self.planes[x_in])
         return relax.call_tir(gv, relax.Tuple(list(fields)), var.ty)
+
     def call_kernel(self, plan, func, what: str, inputs: list, **details):
         """call_tir(func, *inputs, W, bias) in place of the plan's conv and its epilogue, noted as `what`."""
         gv, func = add_kernel(self, func)
@@ -190,14 +191,16 @@ class _Regions(BindingRewriter):
                 or self.only_user(plan["x_in"]) is None:
             return None
         x, row_ptr, col, val, bias1 = src.args[1].fields
+        in_plane = self.planes.get(x)     # x itself written padded by a depthwise kernel before (MobileNetV1)
+        _, cin, h, wd = (int(d) for d in x.ty.shape.values)      # the input function's x: [1, cin, h, w]
         x = self.visit_expr(x)
         spmm = self.builder_.get()[src.args[0]]
         clip1 = spmm.attrs[CLIP_ATTR] if CLIP_ATTR in spmm.attrs else None
-        _, cin, h, wd = (int(d) for d in x.ty.shape.values)
         val_np, col_np = const_np(val), const_np(col)
         func = spmm_dwconv2d_chw(cin, plan["w"].shape[0], h, wd, val_np.shape[1], len(col_np), *_kxk(plan),
                                  clip1=None if clip1 is None else [float(v) for v in clip1], clip=plan["clip"],
-                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype), out_plane=plan["plane"])
+                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype), out_plane=plan["plane"],
+                                 in_plane=in_plane)
         return self.call_kernel(plan, func, "fused", [x, row_ptr, col, val, bias1],
                                 expand=str(spmm.attrs["global_symbol"]))
 

@@ -25,9 +25,10 @@ def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
 
 def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
                       clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32",
-                      out_plane: int | None = None) -> tirx.PrimFunc:
+                      out_plane: int | None = None, in_plane: int | None = None) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block).
-    out_plane: write out as [1, c, out_plane] (chw_rows.output_planes)."""
+    out_plane: write out as [1, c, out_plane] (chw_rows.output_planes); in_plane: read x as [1, cin, in_plane]
+    (a depthwise kernel before it wrote it so)."""
     assert c % block == 0, (c, block)
     dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes)
     nb, pixels = c // block, h * w
@@ -64,7 +65,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                       min(lanes, n_pixels - v * lanes), lanes)
 
     def body(x, rp, col, val, bias1, wt, bias, out):
-        xf = I.decl_buffer((cin, pixels), F32, data=x.data)
+        xf = I.decl_buffer((cin, in_plane or pixels), F32, data=x.data)
         out = output_planes(out, c, dw.oh, dw.ow, out_plane)
         with I.parallel(0, nb) as b:
             flat = I.alloc_buffer((block, pixels), F32, scope="global")
@@ -78,6 +79,6 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                 dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
 
     return scheduled_kernel(kernel_name(k, stride, dw.tile(), block),
-                            [("x", (1, cin, h, w), F32), ("row_ptr", (nb + 1,), "int32"), ("col", (nnzb,), col_dtype),
+                            [("x", (1, cin, h, w) if in_plane is None else (1, cin, in_plane), F32), ("row_ptr", (nb + 1,), "int32"), ("col", (nnzb,), col_dtype),
                              ("val", (nnzb, block), F32), ("bias1", (c,), F32), ("w", (c, 1, k, k), F32),
                              ("bias2", (c,), F32), ("out", output_shape(c, dw.oh, dw.ow, out_plane), F32)], body)

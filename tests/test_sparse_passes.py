@@ -146,6 +146,36 @@ def test_depthwise_outputs_read_by_a_sparse_1x1_are_padded_to_whole_vectors(monk
     assert planes == {1: 208, 2: 208, 3: 64, 4: 64, 5: 64, 13: 16, 14: 16, 15: 16, 16: 16}
 
 
+def _mobilenet_v1_like(resolution: int = 28):
+    """conv -> (depthwise 3x3 -> sparse pointwise 1x1 + ReLU6) x 3, the middle one stride 2: each pointwise
+    reads a depthwise output and feeds the next depthwise conv (MobileNetV1's pattern)."""
+    from zoo.onnx_builder import OnnxBuilder
+    b = OnnxBuilder("mv1_like", seed=3)
+    x = b.relu6(b.conv(b.input("input", [1, 3, resolution, resolution]), 3, 16, 3, 2, name="stem"))
+    c = 16
+    for i, (cout, stride) in enumerate([(32, 1), (48, 2), (64, 1)]):
+        x = b.relu6(b.conv(x, c, c, 3, stride, groups=c, name=f"dw{i}"))
+        x = b.relu6(b.conv(x, c, cout, 1, name=f"pw{i}", sparsity=0.85))
+        c = cout
+    return b.finish([b.linear(b.flatten_via_shape(b.global_pool(x)), c, 10)])
+
+
+def test_depthwise_pointwise_chains_read_padded_planes_in_fused_kernels(monkeypatch):
+    """MobileNetV1's pattern at 14x14 / 7x7 planes: each depthwise output (padded to 208 / 64) is read by a
+    sparse pointwise conv that is itself fused into the next depthwise kernel, which reads the padded
+    planes; equal to ONNX Runtime."""
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(_mobilenet_v1_like())
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    changes = cm.report["passes"]["FormCHWRegions"]["changes"]
+    fused = [c for c in changes if c["what"] == "fused"]
+    assert [c["layer"] for c in fused] == ["dw1", "dw2"]
+    assert {c["plane"] for c in changes if c["what"] == "padded_planes"} == {208, 64}
+    kernels = {r["layer"]: r["kernel"] for r in cm.metadata()["sparse_layers"]}
+    assert kernels["pw0"] == fused[0]["kernel"] and kernels["pw1"] == fused[1]["kernel"]   # what runs
+    assert kernels["pw2"].startswith("f32_spmm_chw_") and kernels["pw2"] in cm.report["kernels"]
+
+
 def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     """All 1x1s sparse (from block 0): the first conv reads the NCHW input and writes CHW
     (f32_conv3x3s2_chw_...), no layout transform before the first sparse kernel; equal to ONNX Runtime.
