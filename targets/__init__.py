@@ -102,8 +102,8 @@ def _host_mcpu() -> str:
         return "x86-64-v3"
 
 
-def x86_kernel_defaults(isa: str) -> dict:
-    """Schedule defaults chosen by timing on x86 (Zen 4). With AVX-512 every input broadcast folds
+def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
+    """Schedule defaults chosen by timing on x86 (Zen 4; Zen 5 changes two, below). With AVX-512 every input broadcast folds
     into its FMA ({1to16}), so a register tile of one 16-channel block x up to 8 pixels keeps the FMA
     pipes full; tiles of 2-4 blocks timed slower on every MobileNetV2 1x1 shape, and with the new
     tile MobileNetV2 went from 0.91x to 0.80x of ONNX Runtime's time at 1 thread
@@ -115,7 +115,13 @@ def x86_kernel_defaults(isa: str) -> dict:
     # Winograd F(2x2, 3x3) for 3x3 stride-1 convs with >= 16 channels in and out: faster than the direct
     # kernel on every merged DS-F MobileNetV2-1.4 shape, 56x56x32 to 7x7x224 (an ad-hoc single-conv A/B);
     # with it DS-F MobileNetV2-1.4 merged went from 1.41x to 1.82x at 1 thread (benchmarks/RESULTS-shrink.md).
-    return {"max_oc_blocks": 1, "max_pixel_tile": 8, "padded_copy": False, "winograd_min_channels": 16}
+    defaults = {"max_oc_blocks": 1, "max_pixel_tile": 8, "padded_copy": False, "winograd_min_channels": 16}
+    if mcpu == "znver5":
+        # Zen 5 runs 512-bit FMAs at full width, two a cycle (Zen 4 splits each in two halves). `shrinkc tune` on
+        # a Zen 5 host (benchmarks/RESULTS-tune.md, its run with the Zen 4 defaults: 1.15x) picked 2 channel
+        # blocks x 7-8 pixels without unrolling the input-channel block for nearly every MobileNetV2 1x1 conv.
+        defaults.update(max_oc_blocks=2, conv2d_nchwc={"unroll_ci": False})
+    return defaults
 
 
 def x86_host() -> TargetSpec:
@@ -133,7 +139,7 @@ def x86_host() -> TargetSpec:
         vector_registers=32 if avx512 else 16,
         threads=threads,
         notes="builds for this CPU's exact features; run it on the same kind of CPU",
-        kernel_defaults=x86_kernel_defaults(isa),
+        kernel_defaults=x86_kernel_defaults(isa, _host_mcpu()),
     )
 
 
@@ -252,7 +258,7 @@ def _x86_from_target(d: dict) -> TargetSpec:
     isa = "avx512" if avx512 else "avx2" if avx2 else "sse"
     return TargetSpec(name="custom-x86", tvm=d, description="custom x86 target", isa=isa,
                       vector_lanes=16 if avx512 else 8 if avx2 else 4, vector_registers=32 if avx512 else 16,
-                      threads=threads, kernel_defaults=x86_kernel_defaults(isa))
+                      threads=threads, kernel_defaults=x86_kernel_defaults(isa, str(d.get("mcpu", ""))))
 
 
 def describe_all() -> list[dict]:

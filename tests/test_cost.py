@@ -62,7 +62,7 @@ def test_changed_kernel_defaults_remeasure(tmp_path):
     spec = targets.resolve("x86")
     first = Cost(spec, cache_dir=str(tmp_path), enabled=True)
     first.latency(conv_module(16, 16, 8))
-    other = dataclasses.replace(spec, kernel_defaults={**spec.kernel_defaults, "max_oc_blocks": 2})
+    other = dataclasses.replace(spec, kernel_defaults={**spec.kernel_defaults, "max_pixel_tile": 3})  # no host has 3
     again = Cost(other, cache_dir=str(tmp_path), enabled=True)
     again.latency(conv_module(16, 16, 8))
     assert again.measured == 1

@@ -119,7 +119,8 @@ def test_register_tile_caps_from_the_target():
 
 
 def test_avx512_default_tile_is_one_channel_block():
-    """x86 with AVX-512 (measured on Zen 4): a 960->320 1x1 conv on 7x7 gets a 7 x 16 tile, not 7 x 32."""
+    """x86 with AVX-512 (measured on Zen 4): a 960->320 1x1 conv on 7x7 gets a 7 x 16 tile, not 7 x 32;
+    on Zen 5 a 7 x 32 one."""
     import targets
     from schedules.f32_conv2d_nchwc import Conv2dNCHWc
     spec = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
@@ -128,6 +129,10 @@ def test_avx512_default_tile_is_one_channel_block():
     assert (knobs["pixel_tile"], knobs["oc_blocks"]) == (7, 1)
     arm = targets.resolve("rpi4")
     assert "max_oc_blocks" not in arm.kernel_defaults
+    # Zen 5 (full-width AVX-512, chosen from `shrinkc tune` there): 2 blocks, no input-channel unrolling
+    zen5 = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver5"})
+    knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 1, "stride": 1}, zen5)
+    assert (knobs["pixel_tile"], knobs["oc_blocks"], knobs["unroll_ci"]) == (7, 2, False)
 
 
 def test_padded_copy_is_a_target_default():
