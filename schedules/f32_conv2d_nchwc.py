@@ -4,7 +4,8 @@ Applies to `relax.nn.conv2d` with groups == 1, kernel OHWI{b}o, output NCHW{b}c,
 plain NCHW (the stem reading an RGB image). The inner loop broadcasts one input value and FMAs it
 into P x OB accumulator vectors, one per output pixel and channel block of the tile.
 Knobs: `pixel_tile` (P), `oc_blocks` (OB), `inline_pad`, `unroll_ci`; `knob_space` lists the
-settings `shrinkc tune` times. A target caps the default OB and P with `kernel_defaults["max_oc_blocks"]` / `["max_pixel_tile"]`.
+settings `shrinkc tune` times. A target caps the default OB and P with `kernel_defaults["max_oc_blocks"]` / `["max_pixel_tile"]`;
+its `kernel_defaults["conv1x1"]` overrides those (and the knobs) for 1x1 convs only.
 """
 from __future__ import annotations
 
@@ -111,10 +112,11 @@ def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 
     return (best[1], best[2]) if best else (1, 1)
 
 
-def default_register_tile(oh: int, ow: int, cob: int, bo: int, spec) -> tuple[int, int]:
-    """register_tile with the target's accumulator budget and its caps (`max_oc_blocks`, `max_pixel_tile`)."""
-    return register_tile(oh, ow, cob, accumulator_budget(bo, spec), spec.kernel_defaults.get("max_oc_blocks", 4),
-                         spec.kernel_defaults.get("max_pixel_tile"))
+def default_register_tile(oh: int, ow: int, cob: int, bo: int, spec, defaults: dict | None = None) -> tuple[int, int]:
+    """register_tile with the target's accumulator budget and its caps (`max_oc_blocks`, `max_pixel_tile`,
+    from `defaults` where given, else the target's kernel_defaults)."""
+    d = spec.kernel_defaults if defaults is None else defaults
+    return register_tile(oh, ow, cob, accumulator_budget(bo, spec), d.get("max_oc_blocks", 4), d.get("max_pixel_tile"))
 
 
 def register_tile_options(oh: int, ow: int, cob: int, bo: int, spec) -> list[tuple[int, int]]:
@@ -138,7 +140,10 @@ class Conv2dNCHWc(ScheduleRule):
     kind = KIND
 
     def default_knobs(self, info: dict, spec) -> dict:
-        p, ob = default_register_tile(info["oh"], info["ow"], info["cob"], info["bo"], spec)
+        d = spec.kernel_defaults
+        if info.get("kh", 1) == 1:
+            d = {**d, **d.get("conv1x1", {})}
+        p, ob = default_register_tile(info["oh"], info["ow"], info["cob"], info["bo"], spec, d)
         # a padded copy of the input costs one pass over it; guarded loads cost a branch per tap.
         # Measured (Zen 4, 1 thread): with tiles of 2-4 channel blocks, stride-1 kxk convs over more
         # than 7x7 pixels ran ~2x faster from a padded copy (merged DepthShrinker blocks); stride 2,
@@ -146,7 +151,7 @@ class Conv2dNCHWc(ScheduleRule):
         copy = (info.get("stride", 1) == 1 and info.get("kh", 1) > 1 and info["oh"] * info["ow"] > 49
                 and spec.kernel_defaults.get("padded_copy", True))
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": True,
-                **spec.kernel_defaults.get(KIND, {})}
+                **d.get(KIND, {})}
 
     def knob_space(self, func, spec):
         if (found := kernel_extents(func, KIND)) is None:

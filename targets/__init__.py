@@ -120,7 +120,9 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # Zen 5 runs 512-bit FMAs at full width, two a cycle (Zen 4 splits each in two halves). `shrinkc tune` on
         # a Zen 5 host (benchmarks/RESULTS-tune.md, its run with the Zen 4 defaults: 1.15x) picked 2 channel
         # blocks x 7-8 pixels without unrolling the input-channel block for nearly every MobileNetV2 1x1 conv.
-        defaults.update(max_oc_blocks=2, conv2d_nchwc={"unroll_ci": False})
+        # 1x1 only: with them for every conv, DS-F MobileNetV2-1.4's merged 3x3 convs ran slower (its merged /
+        # unmerged speed-up fell from 1.68x to 1.43x at 1 thread in a `bench.py shrink` run, not committed).
+        defaults["conv1x1"] = {"max_oc_blocks": 2, "conv2d_nchwc": {"unroll_ci": False}}
     return defaults
 
 

@@ -129,10 +129,15 @@ def test_avx512_default_tile_is_one_channel_block():
     assert (knobs["pixel_tile"], knobs["oc_blocks"]) == (7, 1)
     arm = targets.resolve("rpi4")
     assert "max_oc_blocks" not in arm.kernel_defaults
-    # Zen 5 (full-width AVX-512, chosen from `shrinkc tune` there): 2 blocks, no input-channel unrolling
+    # Zen 5 (full-width AVX-512, chosen from `shrinkc tune` there): 1x1 convs 2 blocks, no input-channel
+    # unrolling; kxk convs and Winograd keep the Zen 4 choice
     zen5 = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver5"})
     knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 1, "stride": 1}, zen5)
     assert (knobs["pixel_tile"], knobs["oc_blocks"], knobs["unroll_ci"]) == (7, 2, False)
+    knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 3, "stride": 2}, zen5)
+    assert (knobs["pixel_tile"], knobs["oc_blocks"], knobs["unroll_ci"]) == (7, 1, True)
+    from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc
+    assert Conv2dWinogradNCHWc().default_knobs({"nty": 7, "ntx": 7, "cob": 20, "bo": 16}, zen5)["oc_blocks"] == 1
 
 
 def test_padded_copy_is_a_target_default():
