@@ -26,7 +26,7 @@ from tvm import relax
 from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
-from schedules.chw_rows import STRIDES, aligned_plane, output_shape
+from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules.f32_conv2d_chw import MAX_CIN, conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import CLIP_ATTR
@@ -157,7 +157,7 @@ class _Regions(BindingRewriter):
         plan["plane"] = aligned_plane(oh * ow, self.spec.vector_lanes) if reads_x_only else None
         if plan["plane"] is not None:
             self.planes[plan["last"]] = plan["plane"]
-            plan["out_ty"] = relax.TensorType(output_shape(c, oh, ow, plan["plane"]), "float32")
+            plan["out_ty"] = relax.TensorType(planes_shape(c, oh, ow, plan["plane"]), "float32")
 
     def read_padded_planes(self, var, value):
         """The sparse 1x1 bound to var, rebuilt to read its input x as padded planes (pad_planes)."""

@@ -19,6 +19,7 @@ from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
+from schedules.chw_rows import planes_shape
 from schedules.f32_spmm_chw import BLOCKS, block_fill, default_pixel_tile, encode_bsr, kernel_name, spmm_chw
 
 NAME = "SparsifyConv1x1"
@@ -192,9 +193,7 @@ def _sparse_call_parts(plan, block, spec, x, residual):
 
 def _layer_params(plan):
     cin = plan["w"].shape[1]
-    plane = plan.get("in_plane")
-    x = relax.Var("x", relax.TensorType([1, cin, plan["h"], plan["wd"]] if plane is None else [1, cin, plane],
-                                        "float32"))
+    x = relax.Var("x", relax.TensorType(planes_shape(cin, plan["h"], plan["wd"], plan.get("in_plane")), "float32"))
     res = None
     if plan["residual"] is not None:
         res = relax.Var("res", relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))

@@ -53,8 +53,9 @@ def output_planes(out, c: int, oh: int, ow: int, plane: int | None):
     return I.decl_buffer((1, c, oh, ow), F32, data=out.data, strides=[c * plane, plane, ow, 1])
 
 
-def output_shape(c: int, oh: int, ow: int, plane: int | None) -> tuple:
-    return (1, c, oh, ow) if plane is None else (1, c, plane)
+def planes_shape(c: int, h: int, w: int, plane: int | None) -> tuple:
+    """The shape of a CHW tensor of c h x w planes: [1, c, h, w], or [1, c, plane] stored padded."""
+    return (1, c, h, w) if plane is None else (1, c, plane)
 
 
 def clipped(a, clip, vec: int):

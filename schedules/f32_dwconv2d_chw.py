@@ -8,7 +8,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import F32, ROWS, Planes, RowConv, output_planes, output_shape, scheduled_kernel
+from schedules.chw_rows import F32, ROWS, Planes, RowConv, output_planes, planes_shape, scheduled_kernel
 
 
 def kernel_name(k: int, stride: int, tile: str) -> str:
@@ -34,4 +34,4 @@ def dwconv2d_chw(c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None
 
     return scheduled_kernel(kernel_name(k, stride, conv.tile()),
                             [("x", (1, c, h, w), F32), ("w", (c, 1, k, k), F32), ("bias", (c,), F32),
-                             ("out", output_shape(c, conv.oh, conv.ow, out_plane), F32)], body)
+                             ("out", planes_shape(c, conv.oh, conv.ow, out_plane), F32)], body)

@@ -17,6 +17,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from schedules.chw_rows import planes_shape
 from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
@@ -87,7 +88,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
     with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line)."""
     pixels = h * w
-    x_shape, x_row = ((1, cin, h, w), pixels) if in_plane is None else ((1, cin, in_plane), in_plane)
+    x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
     tile_n = pixel_tile
     lanes = min(lanes, tile_n)
     # tasks: full tiles, then one with the rest (whole vectors and a partial one)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, output_planes, output_shape, \
+from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, output_planes, planes_shape, \
     scheduled_kernel, store
 from schedules.f32_dwconv2d_chw import channel_planes
 
@@ -79,6 +79,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                 dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
 
     return scheduled_kernel(kernel_name(k, stride, dw.tile(), block),
-                            [("x", (1, cin, h, w) if in_plane is None else (1, cin, in_plane), F32), ("row_ptr", (nb + 1,), "int32"), ("col", (nnzb,), col_dtype),
+                            [("x", planes_shape(cin, h, w, in_plane), F32), ("row_ptr", (nb + 1,), "int32"),
+                             ("col", (nnzb,), col_dtype),
                              ("val", (nnzb, block), F32), ("bias1", (c,), F32), ("w", (c, 1, k, k), F32),
-                             ("bias2", (c,), F32), ("out", output_shape(c, dw.oh, dw.ow, out_plane), F32)], body)
+                             ("bias2", (c,), F32), ("out", planes_shape(c, dw.oh, dw.ow, out_plane), F32)], body)

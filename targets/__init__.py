@@ -103,11 +103,11 @@ def _host_mcpu() -> str:
 
 
 def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
-    """Schedule defaults chosen by timing on x86 (Zen 4; Zen 5 changes two, below). With AVX-512 every input broadcast folds
-    into its FMA ({1to16}), so a register tile of one 16-channel block x up to 8 pixels keeps the FMA
-    pipes full; tiles of 2-4 blocks timed slower on every MobileNetV2 1x1 shape, and with the new
-    tile MobileNetV2 went from 0.91x to 0.80x of ONNX Runtime's time at 1 thread
-    (benchmarks/RESULTS.md, `tools/bench.py models`). With such tiles, stride-1 kxk convs read
+    """Schedule defaults chosen by timing on x86 (Zen 4; Zen 5's 1x1 convs differ, below). With AVX-512
+    every input broadcast folds into its FMA ({1to16}), so a register tile of one 16-channel block x up
+    to 8 pixels keeps the FMA pipes full; on Zen 4 tiles of 2-4 blocks timed slower on every MobileNetV2
+    1x1 shape, and with the new tile MobileNetV2 went from 0.91x to 0.80x of ONNX Runtime's time at 1
+    thread (`tools/bench.py models` on that host). With such tiles, stride-1 kxk convs read
     their zero padding through guarded loads rather than a padded copy (an interleaved A/B on DS-F
     MobileNetV2-1.4, not a bench.py page). AVX2 has not been measured: it keeps the generic choice."""
     if isa != "avx512":
@@ -132,16 +132,17 @@ def x86_host() -> TargetSpec:
     avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
     isa = "avx512" if avx512 else "avx2" if "avx2" in flags else "sse"
     threads = os.cpu_count() or 1
+    mcpu = _host_mcpu()
     return TargetSpec(
         name="x86",
-        tvm={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": _host_mcpu(), "num-cores": threads},
+        tvm={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": threads},
         description="this machine (x86-64), features detected",
         isa=isa,
         vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
         vector_registers=32 if avx512 else 16,
         threads=threads,
         notes="builds for this CPU's exact features; run it on the same kind of CPU",
-        kernel_defaults=x86_kernel_defaults(isa, _host_mcpu()),
+        kernel_defaults=x86_kernel_defaults(isa, mcpu),
     )
 
 
