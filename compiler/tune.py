@@ -52,6 +52,7 @@ class Task:
     trials: int = 0
     next: int = 0
     reference: list | None = None  # the default schedule's outputs on the seeded arguments
+    constants: dict = field(default_factory=dict)  # parameter index -> the call's constant argument (weights)
 
     @property
     def weight(self) -> float:
@@ -74,20 +75,27 @@ def lowered_before_schedules(model, spec, inputs: dict | None, options: dict):
     raise ShrinkcError("the pipeline has no ApplySchedules step to tune", "report this")
 
 
-def _call_counts(mod) -> dict:
-    """GlobalVar -> how many call_tir sites call it."""
+def _call_sites(mod) -> dict:
+    """GlobalVar -> (how many call_tir sites call it, the first site's arguments)."""
     from tvm import relax
-    counts: dict = {}
+    sites: dict = {}
 
     def visit(expr):
         if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
             gv = expr.args[0]
-            counts[gv] = counts.get(gv, 0) + 1
+            count, args = sites.get(gv, (0, list(expr.args[1].fields)))
+            sites[gv] = (count + 1, args)
 
     for _gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return counts
+    return sites
+
+
+def _constants(args) -> dict:
+    """Parameter index -> numpy value of each constant argument of a call."""
+    import tvm
+    return {i: a.value.numpy() for i, a in enumerate(args) if isinstance(a, tvm.ir.Constant)}
 
 
 def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool = True, **options) -> list[Task]:
@@ -96,29 +104,32 @@ def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool =
     A kernel no rule of ours has knobs for gets one MetaSchedule step (MS_TRIALS trials) as its
     only candidate beyond the default, when `meta_schedule`."""
     from tvm import tirx
+    from schedules.handwritten import HANDWRITTEN, recipe
     from schedules.rule import is_scheduled, task_key
     rules = _rules(spec)
     mod = lowered_before_schedules(model, spec, inputs, options)
-    counts = _call_counts(mod)
+    sites = _call_sites(mod)
     tasks: dict[str, Task] = {}
     with spec.tvm_target():
         for gv, func in mod.functions.items():
-            # NOTE: kernels a pass emits already scheduled (spmm, CHW depthwise) have no rule to run
-            # and no knobs here; ApplySchedules leaves them alone too.
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            # NOTE: a kernel a pass emits already scheduled is tuned through the knobs it was built with
+            # (schedules/handwritten.py), timed on the weights of its first call (sparse indices must be real)
+            handwritten = recipe(func) is not None
+            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and not handwritten):
                 continue
             key = task_key(func)
-            uses = counts.get(gv, 0)
+            uses, args = sites.get(gv, (0, []))
             if key in tasks:
                 tasks[key].uses += uses
                 continue
-            for rule in rules:
+            for rule in [HANDWRITTEN] if handwritten else rules:
                 done = rule.apply(func, spec)
                 if done is not None:
                     space = _ordered_space(rule.knob_space(func, spec), done.knobs, key)
                     if meta_schedule and not rule.kind:
                         space.append({"meta_schedule": MS_TRIALS})
-                    tasks[key] = Task(key, func, rule, done.name or gv.name_hint, uses, space)
+                    tasks[key] = Task(key, func, rule, done.name or gv.name_hint, uses, space,
+                                      constants=_constants(args) if handwritten else {})
                     break
     return [t for t in tasks.values() if t.uses]
 
@@ -152,6 +163,15 @@ def random_args(func, seed: str) -> list[np.ndarray]:
         shape = [int(s) for s in buf.shape]
         out.append(rng.uniform(-1, 1, size=shape).astype(str(buf.dtype)))
     return out
+
+
+def task_arrays(task: Task) -> list[np.ndarray]:
+    """The arguments a task's candidates are timed on: seeded random data, the call's constants (a sparse
+    kernel's weights and indices) where it has them."""
+    arrays = random_args(task.func, task.key)
+    for i, value in task.constants.items():
+        arrays[i] = value.astype(arrays[i].dtype).reshape(arrays[i].shape)
+    return arrays
 
 
 class LocalMeasurer:
@@ -239,7 +259,7 @@ class Tuner:
                 done = task.rule.apply(task.func, self.spec, knobs or None)
                 func, rec["name"] = done.func, done.name or task.name
             kernel = artifact.build_kernel(func, self.spec)
-            arrays = random_args(task.func, task.key)
+            arrays = task_arrays(task)
             latency, outputs = self.measurer.measure(kernel, arrays, f"{task.key}_{len(self.done)}")
             if task.reference is None and knobs_id(knobs) != knobs_id(task.space[0]):
                 task.reference = self._reference(task, arrays)

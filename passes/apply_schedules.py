@@ -6,6 +6,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes import changelog
+from schedules.handwritten import HANDWRITTEN, recipe
 from schedules.rule import SCHEDULED_ATTR, is_scheduled, task_key
 from targets.errors import ShrinkcError
 
@@ -28,34 +29,45 @@ class ApplySchedules:
     """Schedule every fused TIR function with the first rule that applies, and name it after its kernel.
 
     `rules` come from schedules/ (in order), `spec` is the TargetSpec, `knobs` maps a kernel's
-    task key (schedules.rule.task_key of the unscheduled function) to knob overrides (from tuning)."""
+    task key (schedules.rule.task_key of the unscheduled function) to knob overrides (from tuning).
+    Kernels a pass built already scheduled (schedules/handwritten.py) are left alone, or rebuilt with the
+    knobs tuning found for them."""
 
     def __init__(self, rules, spec, knobs: dict | None = None):
         self.rules, self.spec, self.knobs = rules, spec, knobs or {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        funcs, renames, taken = {}, {}, set()
+        funcs, renames = {}, {}
+        # a kernel a pass built keeps its name unless tuning rebuilds it (then it is named like the others)
+        retune = {gv: self.knobs.get(task_key(f)) for gv, f in mod.functions.items() if recipe(f) is not None}
+        retune = {gv: knobs for gv, knobs in retune.items() if knobs}
+        taken = {gv.name_hint for gv, f in mod.functions.items() if is_scheduled(f) and gv not in retune}
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and gv not in retune):
                 funcs[gv] = func
                 continue
-            done, knobs = None, self.knobs.get(task_key(func)) if self.knobs else None
-            for rule in self.rules:
-                done = rule.apply(func, self.spec, knobs)
-                if done is not None:
-                    break
-            if done is None:
-                raise ShrinkcError(f"no schedule applies to kernel '{gv.name_hint}' on target '{self.spec.name}'",
-                                   "report the model and target; try --target x86 meanwhile")
+            if gv in retune:
+                done = HANDWRITTEN.apply(func, self.spec, retune[gv])
+            else:
+                done, knobs = None, self.knobs.get(task_key(func)) if self.knobs else None
+                for rule in self.rules:
+                    done = rule.apply(func, self.spec, knobs)
+                    if done is not None:
+                        break
+                if done is None:
+                    raise ShrinkcError(f"no schedule applies to kernel '{gv.name_hint}' on target '{self.spec.name}'",
+                                       "report the model and target; try --target x86 meanwhile")
+                if done.name:
+                    changelog.record(NAME, done.name.split("_")[1], gv.name_hint, kernel=done.name, knobs=done.knobs)
             new = done.func.with_attr(SCHEDULED_ATTR, 1)
             name = done.name or gv.name_hint
-            if done.name:
-                changelog.record(NAME, done.name.split("_")[1], gv.name_hint, kernel=done.name, knobs=done.knobs)
             unique, i = name, 1
             while unique in taken:
                 unique, i = f"{name}_{i}", i + 1
             taken.add(unique)
             renames[gv] = unique
+            if gv in retune:
+                changelog.record(NAME, "retuned", gv.name_hint, kernel=unique, knobs=done.knobs)
             funcs[gv] = new.with_attr("global_symbol", unique)
         bb = relax.BlockBuilder(tvm.IRModule({}, attrs=mod.attrs))
         new_gvs = {}

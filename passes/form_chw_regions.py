@@ -27,10 +27,9 @@ from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
-from schedules.f32_conv2d_chw import MAX_CIN, conv2d_chw
-from schedules.f32_dwconv2d_chw import dwconv2d_chw
+from schedules import handwritten
+from schedules.f32_conv2d_chw import MAX_CIN
 from schedules.f32_spmm_chw import CLIP_ATTR
-from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 NAME = "FormCHWRegions"
 SPARSE_KERNEL = "f32_spmm_chw"
@@ -132,8 +131,10 @@ class _Regions(BindingRewriter):
 
     def emit_first_conv(self, plan):
         _, cin, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        func = conv2d_chw(cin, plan["w"].shape[0], h, wd, *_kxk(plan), clip=plan["clip"],
-                          lanes=self.spec.vector_lanes)
+        k, stride, pads = _kxk(plan)
+        func = handwritten.build("conv2d_chw", {"cin": cin, "cout": plan["w"].shape[0], "h": h, "w": wd, "k": k,
+                                                "stride": stride, "pads": pads, "clip": plan["clip"],
+                                                "lanes": self.spec.vector_lanes}, self.spec)
         return self.call_kernel(plan, func, "chw", [plan["x"]])
 
     def emit(self, var, plan):
@@ -142,8 +143,10 @@ class _Regions(BindingRewriter):
         if fused is not None:
             return fused
         _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        func = dwconv2d_chw(c, h, wd, *_kxk(plan), clip=plan["clip"], lanes=self.spec.vector_lanes,
-                            out_plane=plan["plane"])
+        k, stride, pads = _kxk(plan)
+        func = handwritten.build("dwconv2d_chw", {"c": c, "h": h, "w": wd, "k": k, "stride": stride, "pads": pads,
+                                                  "clip": plan["clip"], "lanes": self.spec.vector_lanes,
+                                                  "out_plane": plan["plane"]}, self.spec)
         return self.call_kernel(plan, func, "chw", [plan["x"]])
 
     def pad_planes(self, plan) -> None:
@@ -197,10 +200,12 @@ class _Regions(BindingRewriter):
         spmm = self.builder_.get()[src.args[0]]
         clip1 = spmm.attrs[CLIP_ATTR] if CLIP_ATTR in spmm.attrs else None
         val_np, col_np = const_np(val), const_np(col)
-        func = spmm_dwconv2d_chw(cin, plan["w"].shape[0], h, wd, val_np.shape[1], len(col_np), *_kxk(plan),
-                                 clip1=None if clip1 is None else [float(v) for v in clip1], clip=plan["clip"],
-                                 lanes=self.spec.vector_lanes, col_dtype=str(col_np.dtype), out_plane=plan["plane"],
-                                 in_plane=in_plane)
+        k, stride, pads = _kxk(plan)
+        func = handwritten.build("spmm_dwconv2d_chw", {
+            "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "block": val_np.shape[1], "nnzb": len(col_np),
+            "k": k, "stride": stride, "pads": pads, "clip1": None if clip1 is None else [float(v) for v in clip1],
+            "clip": plan["clip"], "lanes": self.spec.vector_lanes, "col_dtype": str(col_np.dtype),
+            "out_plane": plan["plane"], "in_plane": in_plane}, self.spec)
         return self.call_kernel(plan, func, "fused", [x, row_ptr, col, val, bias1],
                                 expand=str(spmm.attrs["global_symbol"]))
 

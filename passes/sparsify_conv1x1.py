@@ -20,7 +20,8 @@ from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
 from schedules.chw_rows import planes_shape
-from schedules.f32_spmm_chw import BLOCKS, block_fill, default_pixel_tile, encode_bsr, kernel_name, spmm_chw
+from schedules import handwritten
+from schedules.f32_spmm_chw import BLOCKS, block_fill, encode_bsr
 
 NAME = "SparsifyConv1x1"
 SPARSE_MIN = 2 / 3          # least share of zero weights for a sparse 1x1 (XNNPACK's rule)
@@ -170,11 +171,11 @@ class _Sparsifier(BindingRewriter):
 
 def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip, residual: bool, col_dtype: str,
                 spec, in_plane: int | None = None):
-    """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused)."""
-    tile = default_pixel_tile(h * w, block, spec)
-    return spmm_chw(cin, cout, h, w, block, nnzb, clip=clip, residual=residual, pixel_tile=tile,
-                    lanes=spec.vector_lanes, col_dtype=col_dtype, name=kernel_name(tile, block),
-                    in_plane=in_plane).with_attr("op_pattern", 8)
+    """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused; tunable:
+    schedules/handwritten.py)."""
+    return handwritten.build("spmm_chw", {"cin": cin, "cout": cout, "h": h, "w": w, "block": block, "nnzb": max(1, nnzb),
+                                          "clip": clip, "residual": residual, "lanes": spec.vector_lanes,
+                                          "col_dtype": col_dtype, "in_plane": in_plane}, spec)
 
 
 def _sparse_call_parts(plan, block, spec, x, residual):

@@ -22,10 +22,11 @@ def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
 
 
 def conv2d_chw(cin: int, cout: int, h: int, w: int, k: int, stride: int, pads, *, clip=None,
-               lanes: int = 16) -> tirx.PrimFunc:
+               lanes: int = 16, out_block: int = OUT_BLOCK) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`). Parameters: x [1,cin,h,w], w [cout,cin,k,k],
-    bias [cout], out [1,cout,oh,ow]."""
-    block = next(b for b in (OUT_BLOCK, 2, 1) if cout % b == 0)
+    bias [cout], out [1,cout,oh,ow]. Knob: `out_block` (output channels per task; 2 or 1 where it does not
+    divide cout)."""
+    block = next(b for b in (out_block, 2, 1) if cout % b == 0)
     conv = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=1)
 
     def body(x, wt, bias, out):

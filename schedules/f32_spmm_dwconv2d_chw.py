@@ -14,29 +14,32 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import ACCUMULATORS, F32, RowConv, clipped, lanes_inside, output_planes, planes_shape, \
+from schedules.chw_rows import ACCUMULATORS, F32, ROWS, RowConv, clipped, lanes_inside, output_planes, planes_shape, \
     scheduled_kernel, store
 from schedules.f32_dwconv2d_chw import channel_planes
 
 
-def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
-    return f"f32_spmm{block}x1_dwconv{k}x{k}s{stride}_chw_{tile}"
+def kernel_name(k: int, stride: int, tile: str, block: int, channels: int = 1) -> str:
+    """channels: expanded channels per task, named where more than one block (`_c8`)."""
+    return f"f32_spmm{block}x1_dwconv{k}x{k}s{stride}_chw_{tile}" + (f"_c{channels}" if channels > block else "")
 
 
 def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
                       clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32",
-                      out_plane: int | None = None, in_plane: int | None = None) -> tirx.PrimFunc:
+                      out_plane: int | None = None, in_plane: int | None = None, rows: int = ROWS,
+                      group: int = 1) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block).
     out_plane: write out as [1, c, out_plane] (chw_rows.output_planes); in_plane: read x as [1, cin, in_plane]
-    (a depthwise kernel before it wrote it so)."""
-    assert c % block == 0, (c, block)
-    dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes)
+    (a depthwise kernel before it wrote it so). Knobs: `rows` (the depthwise step, chw_rows.RowConv),
+    `group` (channel blocks per task)."""
+    assert c % (block * group) == 0, (c, block, group)
+    dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
     nb, pixels = c // block, h * w
     tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
     nfull = pixels // (tile * lanes)
 
-    def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int):
-        """plane[j, p0 : p0 + n_pixels] for the block's channels j (n_pixels at most tile * lanes)."""
+    def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int, row0=0):
+        """plane[row0 + j, p0 : p0 + n_pixels] for the block's channels j (n_pixels at most tile * lanes)."""
         nvec = -(-n_pixels // lanes)
         acc = I.alloc_buffer((block * nvec * lanes,), F32, scope="global")
 
@@ -61,24 +64,39 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
                     I.buffer_store(acc, tirx.op.fma(wv, xv, tirx.BufferLoad(acc, at(j, v))), at(j, v))
         for j in range(block):
             for v in range(nvec):
-                store(plane, clipped(tirx.BufferLoad(acc, at(j, v)), clip1, lanes), [j], p0 + v * lanes,
+                store(plane, clipped(tirx.BufferLoad(acc, at(j, v)), clip1, lanes), [row0 + j], p0 + v * lanes,
                       min(lanes, n_pixels - v * lanes), lanes)
 
     def body(x, rp, col, val, bias1, wt, bias, out):
         xf = I.decl_buffer((cin, in_plane or pixels), F32, data=x.data)
         out = output_planes(out, c, dw.oh, dw.ow, out_plane)
-        with I.parallel(0, nb) as b:
-            flat = I.alloc_buffer((block, pixels), F32, scope="global")
-            plane = I.decl_buffer((block, h, w), F32, data=flat.data)
+        # NOTE: a task expands `group` channel blocks one pixel tile at a time, so the tile's input columns
+        # (cin x tile floats) are read from L1 by every block of the group, then runs their depthwise convs
+        with I.parallel(0, nb // group) as g:
+            flat = I.alloc_buffer((group * block, pixels), F32, scope="global")
+            plane = I.decl_buffer((group * block, h, w), F32, data=flat.data)
+
+            def expand_group(p0, n_pixels: int):
+                if group == 1:
+                    expand(xf, rp, col, val, bias1, flat, g, p0, n_pixels)
+                else:
+                    with I.serial(0, group) as q:
+                        expand(xf, rp, col, val, bias1, flat, g * group + q, p0, n_pixels, q * block)
+
             if nfull:
                 with I.serial(0, nfull) as i:
-                    expand(xf, rp, col, val, bias1, flat, b, i * tile * lanes, tile * lanes)
+                    expand_group(i * tile * lanes, tile * lanes)
             for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
-                expand(xf, rp, col, val, bias1, flat, b, p0, min(tile * lanes, pixels - p0))
-            for j in range(block):
-                dw.planes(channel_planes(plane, [j], wt, bias, out, b * block + j))
+                expand_group(p0, min(tile * lanes, pixels - p0))
+            if group == 1:
+                for j in range(block):
+                    dw.planes(channel_planes(plane, [j], wt, bias, out, g * block + j))
+            else:
+                with I.serial(0, group) as q:
+                    for j in range(block):
+                        dw.planes(channel_planes(plane, [q * block + j], wt, bias, out, (g * group + q) * block + j))
 
-    return scheduled_kernel(kernel_name(k, stride, dw.tile(), block),
+    return scheduled_kernel(kernel_name(k, stride, dw.tile(), block, group * block),
                             [("x", planes_shape(cin, h, w, in_plane), F32), ("row_ptr", (nb + 1,), "int32"),
                              ("col", (nnzb,), col_dtype),
                              ("val", (nnzb, block), F32), ("bias1", (c,), F32), ("w", (c, 1, k, k), F32),

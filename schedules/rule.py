@@ -1,13 +1,16 @@
 """What a schedule rule is, and the steps CPU rules share: find the kernel block, fuse epilogues, pick tiles."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import tvm_ffi
 from tvm import s_tir, tirx
 
 KERNEL_ATTR = "shrinkc.kernel"
-SCHEDULED_ATTR = "shrinkc.scheduled"  # on a PrimFunc that is final: no rule schedules (or tunes) it again
+SCHEDULED_ATTR = "shrinkc.scheduled"  # on a PrimFunc that is final: no rule schedules it again
+BUILDER_ATTR = "shrinkc.builder"      # on a kernel a pass built scheduled: how to rebuild it (schedules/handwritten.py)
 
 
 @dataclass
@@ -38,7 +41,12 @@ class ScheduleRule:
 def task_key(func: tirx.PrimFunc) -> str:
     """A key of an unscheduled PrimFunc that is the same in every process: its structural hash.
 
-    Tuning records and ApplySchedules meet on it (function names change with the model around them)."""
+    Tuning records and ApplySchedules meet on it (function names change with the model around them). A kernel
+    a pass built (BUILDER_ATTR) is keyed by what it computes, not by the knobs it was built with."""
+    if func.attrs is not None and BUILDER_ATTR in func.attrs:
+        recipe = json.loads(str(func.attrs[BUILDER_ATTR]))
+        text = json.dumps({"kind": recipe["kind"], "args": recipe["args"]}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
     return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
 
 

@@ -123,6 +123,9 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # 1x1 only: with them for every conv, DS-F MobileNetV2-1.4's merged 3x3 convs ran slower (its merged /
         # unmerged speed-up fell from 1.68x to 1.43x at 1 thread in a `bench.py shrink` run, not committed).
         defaults["conv1x1"] = {"max_oc_blocks": 2, "conv2d_nchwc": {"unroll_ci": False}}
+        # the CHW first conv of sparse models: 4 output channels per task ran faster than 8 (Zen 4's choice)
+        # alone and inside 85%-sparse MobileNetV2 (ad-hoc interleaved A/Bs on a Zen 5 host)
+        defaults["conv2d_chw"] = {"out_block": 4}
     return defaults
 
 

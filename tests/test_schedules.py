@@ -138,6 +138,13 @@ def test_avx512_default_tile_is_one_channel_block():
     assert (knobs["pixel_tile"], knobs["oc_blocks"], knobs["unroll_ci"]) == (7, 1, True)
     from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc
     assert Conv2dWinogradNCHWc().default_knobs({"nty": 7, "ntx": 7, "cob": 20, "bo": 16}, zen5)["oc_blocks"] == 1
+    # the CHW first conv of sparse models (a kernel a pass builds, schedules/handwritten.py): 4 channels a task
+    from schedules import handwritten
+    stem = {"cin": 3, "cout": 32, "h": 32, "w": 32, "k": 3, "stride": 2, "pads": [0, 0, 1, 1], "clip": [0.0, 6.0],
+            "lanes": 16}
+    assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen5))["knobs"] == {"out_block": 4}
+    zen4 = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+    assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen4))["knobs"] == {"out_block": 8}
 
 
 def test_padded_copy_is_a_target_default():

@@ -243,6 +243,20 @@ def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
 def test_spmm_dwconv_matches_the_two_kernels_composed(cin, c, h, w, k, s, block, pads, clip1):
     """Expand (sparse 1x1, bias, clip) fused with the depthwise conv over its output equals numpy's 1x1 then
     depthwise: pixel counts below, at and above the tile, every block shape, strides 1/2, k 3/5, odd widths."""
+    _check_spmm_dwconv(cin, c, h, w, k, s, block, pads, clip1)
+
+
+@pytest.mark.parametrize("cin,c,h,w,k,s,block,rows,group", [
+    (16, 96, 20, 20, 3, 2, 1, 3, 4), (24, 48, 14, 14, 3, 1, 2, 1, 8), (7, 16, 11, 5, 5, 1, 8, 4, 2),
+    (10, 64, 7, 7, 3, 1, 4, 2, 16)])
+def test_spmm_dwconv_knobs_compute_the_same(cin, c, h, w, k, s, block, rows, group):
+    """The fused kernel's knobs (schedules/handwritten.py: rows per depthwise step, channel blocks per task)
+    change how it runs, never what it computes; the name says how many channels a task takes."""
+    func = _check_spmm_dwconv(cin, c, h, w, k, s, block, [k // 2] * 4, (0.0, 6.0), rows=rows, group=group)
+    assert str(func.attrs["global_symbol"]).endswith(f"x{rows}_c{block * group}")
+
+
+def _check_spmm_dwconv(cin, c, h, w, k, s, block, pads, clip1, **knobs):
     rng = np.random.default_rng(c * h + w)
     wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, k, block)
     wt1[:block] = 0                                        # an expanded channel block with no weights
@@ -251,9 +265,10 @@ def test_spmm_dwconv_matches_the_two_kernels_composed(cin, c, h, w, k, s, block,
     mid = np.clip(mid, *clip1) if clip1 else mid
     ref = _dw_ref(mid, wt, b2, s, list(pads), (0.0, 6.0))
     func = spmm_dwconv2d_chw(cin, c, h, w, block, len(col), k, s, list(pads), clip1=clip1, clip=(0.0, 6.0),
-                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), **knobs)
     out = _run(func, [x, rp, col, val, b1, wt, b2], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    return func
 
 
 @pytest.mark.parametrize("guard", ["before", "after"])
@@ -312,11 +327,11 @@ def test_padded_planes_from_depthwise_to_spmm(h, w, s):
                                                   (1, 8, 7, 7, 3, 1, (1, 1, 1, 1)), (2, 6, 13, 11, 5, 2, (2, 2, 2, 2)),
                                                   (4, 5, 6, 37, 5, 1, (2, 2, 2, 2)), (3, 48, 8, 224, 3, 2, (0, 0, 1, 1)),
                                                   (3, 24, 7, 61, 3, 2, (1, 1, 1, 1))])
-@pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
-def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip):
+@pytest.mark.parametrize("clip,out_block", [(None, 16), ((0.0, 6.0), 8), ((0.0, 6.0), 4)])
+def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip, out_block):
     """The dense CHW conv for a network's first layer: few input channels, output channels a multiple of its
-    block or not, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths, rows of one vector and of
-    several column chunks (MobileNetV2's 224-wide input)."""
+    block (out_block, a knob) or not, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths, rows
+    of one vector and of several column chunks (MobileNetV2's 224-wide input)."""
     rng = np.random.default_rng(cin * w + k)
     x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
     wt = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
@@ -327,5 +342,6 @@ def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip):
     ref = sum(np.einsum("oc,nchw->nohw", wt[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow])
               for i in range(k) for j in range(k)) + b[None, :, None, None]
     ref = np.clip(ref, *clip) if clip else ref
-    out = _run(conv2d_chw(cin, cout, h, w, k, s, list(pads), clip=clip, lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
+    out = _run(conv2d_chw(cin, cout, h, w, k, s, list(pads), clip=clip, lanes=SPEC.vector_lanes, out_block=out_block),
+               [x, wt, b], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

@@ -235,18 +235,58 @@ def test_tune_cli_warns_once_about_a_corrupt_line_and_carries_on(tiny, tmp_path,
     assert "error" not in err and after and all(json.loads(x)["latency_s"] for x in after)  # appended after it
 
 
-def test_tune_leaves_kernels_that_arrive_scheduled_alone(tmp_path, monkeypatch):
-    """`shrinkc tune` crashed on any model with a sparse 1x1 (spmm) kernel: it asked every rule to
-    schedule the pass's hand-written kernel, which has no root block ("Cannot find a block with the name: root")."""
-    from schedules.rule import is_scheduled
+def _sparse_model(tmp_path, monkeypatch) -> str:
+    """MobileNetV2-0.35 at 32x32 with every 1x1 conv 90% sparse: spmm, fused and CHW kernels that passes build."""
     from zoo.mobilenet_v2 import mobilenet_v2
     monkeypatch.setenv("SHRINKC_COST", "off")  # the sparse pass fires by its rule, not a timing
-    model = save(mobilenet_v2(width=0.35, resolution=32, num_classes=10, sparsity=0.9, sparse_from=14), tmp_path,
-                 "sparse.onnx")
+    return save(mobilenet_v2(width=0.35, resolution=32, num_classes=10, sparsity=0.9), tmp_path, "sparse.onnx")
+
+
+def test_kernels_passes_build_are_tuned_on_their_own_weights(tmp_path, monkeypatch):
+    """Kernels a pass emits already scheduled (spmm, fused expand + depthwise, CHW convs) are tasks whose
+    knobs the tuner times, on the call's real sparse weights (random indices would read out of bounds).
+    (Before, `shrinkc tune` skipped them; before that it crashed on them: they have no root block.)"""
+    from schedules.handwritten import HANDWRITTEN, recipe
+    from schedules.rule import task_key
+    model = _sparse_model(tmp_path, monkeypatch)
     spec = targets.resolve(None)
-    lowered = tune.lowered_before_schedules(model, spec, None, {})
-    assert any(is_scheduled(f) and "spmm" in gv.name_hint for gv, f in lowered.functions.items())  # it fired
     tasks = tune.extract_tasks(model, spec)
-    assert tasks and not any(is_scheduled(t.func) for t in tasks)
-    res = tune.tune(model, db=str(tmp_path / "db"), trials=1)
-    assert res.measured == len(tasks) + 1 and not res.stopped
+    built = [t for t in tasks if t.rule is HANDWRITTEN]
+    kinds = {recipe(t.func)["kind"] for t in built}
+    assert {"spmm_chw", "spmm_dwconv2d_chw", "conv2d_chw"} <= kinds, kinds
+    for t in built:
+        assert t.key == task_key(t.func) and t.space[0] == recipe(t.func)["knobs"]
+        if recipe(t.func)["kind"].startswith("spmm"):      # row_ptr and col come from the model, not random
+            row_ptr = t.constants[1]
+            assert row_ptr.dtype == np.int32 and row_ptr[0] == 0 and row_ptr[-1] > 0
+        # the key names what the kernel computes, not its knobs
+        assert task_key(HANDWRITTEN.apply(t.func, spec, t.space[-1]).func) == t.key
+    assert sum(len(t.space) > 1 for t in built) >= 3   # a 2x2 layer's spmm has one pixel tile, others more
+    res = tune.tune(model, db=str(tmp_path / "db"), trials=12)
+    assert not res.stopped
+    recs = [r for r in lines(tmp_path / "db") if r["task"] in {t.key for t in built}]
+    assert len(recs) > len(built) and all(r["error"] == "" and r["latency_s"] > 0 for r in recs), recs
+
+
+def test_compile_rebuilds_a_pass_built_kernel_with_its_tuned_knobs(tmp_path, monkeypatch):
+    import compiler
+    from schedules.handwritten import HANDWRITTEN, recipe
+    model = _sparse_model(tmp_path, monkeypatch)
+    spec = targets.resolve(None)
+    spmm = next(t for t in tune.extract_tasks(model, spec, meta_schedule=False)
+                if t.rule is HANDWRITTEN and recipe(t.func)["kind"] == "spmm_chw" and len(t.space) > 1)
+    pick = spmm.space[1]
+    want = HANDWRITTEN.apply(spmm.func, spec, pick).name
+    assert want != spmm.name
+    db = TuningDB(str(tmp_path / "db"), create=True)
+    for knobs, latency in ((spmm.space[0], 2e-3), (pick, 1e-3)):
+        db.append({"target": target_key(spec), "task": spmm.key, "knobs": knobs, "latency_s": latency})
+    cm = compiler.compile_model(model, tuning_db=str(tmp_path / "db"))
+    retuned = cm.report["passes"]["ApplySchedules"]["changes"]
+    assert [c["knobs"] for c in retuned if c["what"] == "retuned"] == [pick] * spmm.uses
+    kernels = cm.report["kernels"]
+    assert any(k.startswith(want) for k in kernels)
+    layers = cm.metadata()["sparse_layers"]
+    assert all(layer["kernel"] in kernels for layer in layers)   # the report follows
+    assert any(layer["kernel"].startswith(want) for layer in layers)
+    assert all(r.ok for r in cm.verify())

@@ -1,0 +1,133 @@
+"""The kernels passes emit already scheduled (sparse 1x1, CHW convs), as data that `shrinkc tune` can vary.
+
+A pass builds such a kernel with `build(kind, args, spec)`: `args` are what the kernel computes (shapes,
+block, epilogue; JSON values), the knobs only how (pixel tile, rows per step, channels per task). The
+kernel carries both (BUILDER_ATTR), so `HandwrittenKernels` rebuilds it with other knobs: the tuner times
+those, and ApplySchedules rebuilds it with the knobs a tuning database holds for it. Its task key
+(schedules.rule.task_key) hashes the kind and args, never the knobs.
+Defaults: the target's `kernel_defaults[kind]`, else the kernel module's own constants.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+from tvm import tirx
+
+from schedules import chw_rows, f32_conv2d_chw, f32_dwconv2d_chw, f32_spmm_chw, f32_spmm_dwconv2d_chw
+from schedules.rule import BUILDER_ATTR, Scheduled, ScheduleRule
+
+ROW_OPTIONS = (1, 2, 3, 4)          # output rows per step of a depthwise conv (chw_rows.RowConv)
+GROUP_OPTIONS = (1, 2, 4, 8)        # channel blocks per task of the fused expand + depthwise kernel
+OUT_BLOCK_OPTIONS = (2, 4, 8, 16)   # output channels per task of the first conv
+
+
+@dataclass(frozen=True)
+class Builder:
+    build: Callable[[dict, dict], tirx.PrimFunc]      # (args, knobs) -> the kernel
+    defaults: Callable[[dict, object], dict]          # (args, spec) -> knobs
+    space: Callable[[dict, object], list]             # (args, spec) -> knob settings worth timing
+
+
+def _spmm_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_spmm_chw.spmm_chw(
+        a["cin"], a["cout"], a["h"], a["w"], a["block"], a["nnzb"], clip=a["clip"], residual=a["residual"],
+        pixel_tile=k["pixel_tile"], lanes=a["lanes"], col_dtype=a["col_dtype"],
+        name=f32_spmm_chw.kernel_name(k["pixel_tile"], a["block"]), in_plane=a["in_plane"]).with_attr("op_pattern", 8)
+
+
+def _spmm_chw_space(a: dict, spec) -> list[dict]:
+    lanes, pixels = a["lanes"], a["h"] * a["w"]
+    whole = -(-pixels // lanes) * lanes
+    return [{"pixel_tile": lanes * v} for v in (1, 2, 4, 8) if lanes * v <= max(lanes, whole)
+            and lanes * v <= f32_spmm_chw.MAX_PIXEL_TILE]
+
+
+def _dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_dwconv2d_chw.dwconv2d_chw(a["c"], a["h"], a["w"], a["k"], a["stride"], a["pads"], clip=a["clip"],
+                                         lanes=a["lanes"], rows=k["rows"], out_plane=a["out_plane"])
+
+
+def _spmm_dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_spmm_dwconv2d_chw.spmm_dwconv2d_chw(
+        a["cin"], a["c"], a["h"], a["w"], a["block"], a["nnzb"], a["k"], a["stride"], a["pads"], clip1=a["clip1"],
+        clip=a["clip"], lanes=a["lanes"], col_dtype=a["col_dtype"], out_plane=a["out_plane"],
+        in_plane=a["in_plane"], rows=k["rows"], group=k["group"])
+
+
+def _fused_space(a: dict, spec) -> list[dict]:
+    blocks = a["c"] // a["block"]
+    return [{"rows": r, "group": g} for r in ROW_OPTIONS for g in GROUP_OPTIONS if blocks % g == 0]
+
+
+def _conv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_conv2d_chw.conv2d_chw(a["cin"], a["cout"], a["h"], a["w"], a["k"], a["stride"], a["pads"],
+                                     clip=a["clip"], lanes=a["lanes"], out_block=k["out_block"])
+
+
+def _target(kind: str, spec, knobs: dict) -> dict:
+    return {**knobs, **spec.kernel_defaults.get(kind, {})}
+
+
+BUILDERS = {
+    "spmm_chw": Builder(
+        _spmm_chw,
+        lambda a, spec: _target("spmm_chw", spec, {
+            "pixel_tile": f32_spmm_chw.default_pixel_tile(a["h"] * a["w"], a["block"], spec)}),
+        _spmm_chw_space),
+    "dwconv2d_chw": Builder(
+        _dwconv2d_chw,
+        lambda a, spec: _target("dwconv2d_chw", spec, {"rows": chw_rows.ROWS}),
+        lambda a, spec: [{"rows": r} for r in ROW_OPTIONS]),
+    "spmm_dwconv2d_chw": Builder(
+        _spmm_dwconv2d_chw,
+        lambda a, spec: _target("spmm_dwconv2d_chw", spec, {"rows": chw_rows.ROWS, "group": 1}),
+        _fused_space),
+    "conv2d_chw": Builder(
+        _conv2d_chw,
+        lambda a, spec: _target("conv2d_chw", spec, {"out_block": f32_conv2d_chw.OUT_BLOCK}),
+        lambda a, spec: [{"out_block": b} for b in OUT_BLOCK_OPTIONS if a["cout"] % b == 0]),
+}
+
+
+def _json(value):
+    """args as JSON values (tuples become lists, numpy scalars plain numbers)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else list(v)))
+
+
+def build(kind: str, args: dict, spec, knobs: dict | None = None) -> tirx.PrimFunc:
+    """The kernel `kind` computing `args`, with the target's default knobs (and `knobs` over them)."""
+    builder = BUILDERS[kind]
+    args = _json(args)
+    knobs = {**builder.defaults(args, spec), **(knobs or {})}
+    func = builder.build(args, knobs)
+    return func.with_attr(BUILDER_ATTR, json.dumps({"kind": kind, "args": args, "knobs": knobs}, sort_keys=True))
+
+
+def recipe(func) -> dict | None:
+    """{"kind", "args", "knobs"} of a kernel `build` made, or None."""
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or BUILDER_ATTR not in func.attrs:
+        return None
+    return json.loads(str(func.attrs[BUILDER_ATTR]))
+
+
+class HandwrittenKernels(ScheduleRule):
+    """The rule `shrinkc tune` and ApplySchedules use for kernels `build` made: apply = rebuild with knobs."""
+
+    kind = "handwritten"
+
+    def knob_space(self, func, spec) -> list[dict]:
+        r = recipe(func)
+        return BUILDERS[r["kind"]].space(r["args"], spec) if r else []
+
+    def apply(self, func, spec, knobs: dict | None = None) -> Scheduled | None:
+        r = recipe(func)
+        if r is None:
+            return None
+        knobs = {**r["knobs"], **(knobs or {})}
+        new = build(r["kind"], r["args"], spec, knobs)
+        return Scheduled(new, str(new.attrs["global_symbol"]), knobs)
+
+
+HANDWRITTEN = HandwrittenKernels()
