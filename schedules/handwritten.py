@@ -50,10 +50,12 @@ def _dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
 
 
 def _spmm_dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    blocks = a["c"] // a["block"]
+    group = max(g for g in range(1, k["group"] + 1) if blocks % g == 0)   # a default may not divide the blocks
     return f32_spmm_dwconv2d_chw.spmm_dwconv2d_chw(
         a["cin"], a["c"], a["h"], a["w"], a["block"], a["nnzb"], a["k"], a["stride"], a["pads"], clip1=a["clip1"],
         clip=a["clip"], lanes=a["lanes"], col_dtype=a["col_dtype"], out_plane=a["out_plane"],
-        in_plane=a["in_plane"], rows=k["rows"], group=k["group"])
+        in_plane=a["in_plane"], rows=k["rows"], group=group)
 
 
 def _fused_space(a: dict, spec) -> list[dict]:

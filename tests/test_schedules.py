@@ -145,6 +145,13 @@ def test_avx512_default_tile_is_one_channel_block():
     assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen5))["knobs"] == {"out_block": 4}
     zen4 = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
     assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen4))["knobs"] == {"out_block": 8}
+    # the fused expand + depthwise kernel: 3 rows a step, 2 channel blocks a task (1 where the blocks are odd)
+    fused = {"cin": 8, "c": 24, "h": 14, "w": 14, "block": 1, "nnzb": 20, "k": 3, "stride": 1, "pads": [1] * 4,
+             "clip1": [0.0, 6.0], "clip": [0.0, 6.0], "lanes": 16, "col_dtype": "int16", "out_plane": None,
+             "in_plane": None}
+    for spec, c, name in ((zen5, 24, "f32_spmm1x1_dwconv3x3s1_chw_16x3_c2"), (zen5, 21, "f32_spmm1x1_dwconv3x3s1_chw_16x3"),
+                          (zen4, 24, "f32_spmm1x1_dwconv3x3s1_chw_16x2")):
+        assert str(handwritten.build("spmm_dwconv2d_chw", {**fused, "c": c}, spec).attrs["global_symbol"]) == name
 
 
 def test_padded_copy_is_a_target_default():
