@@ -39,7 +39,8 @@ class ApplySchedules:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         funcs, renames = {}, {}
         # a kernel a pass built keeps its name unless tuning rebuilds it (then it is named like the others)
-        retune = {gv: self.knobs.get(task_key(f)) for gv, f in mod.functions.items() if recipe(f) is not None}
+        retune = {gv: self.knobs.get(task_key(f)) for gv, f in mod.functions.items()
+                  if self.knobs and recipe(f) is not None}      # NOTE: also runs in every cost measurement
         retune = {gv: knobs for gv, knobs in retune.items() if knobs}
         taken = {gv.name_hint for gv, f in mod.functions.items() if is_scheduled(f) and gv not in retune}
         for gv, func in mod.functions.items():

@@ -38,7 +38,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
     tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
     nfull = pixels // (tile * lanes)
 
-    def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int, row0=0):
+    def expand(xf, rp, col, val, bias1, plane, b, p0, n_pixels: int, row0):
         """plane[row0 + j, p0 : p0 + n_pixels] for the block's channels j (n_pixels at most tile * lanes)."""
         nvec = -(-n_pixels // lanes)
         acc = I.alloc_buffer((block * nvec * lanes,), F32, scope="global")
@@ -77,24 +77,17 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
             plane = I.decl_buffer((group * block, h, w), F32, data=flat.data)
 
             def expand_group(p0, n_pixels: int):
-                if group == 1:
-                    expand(xf, rp, col, val, bias1, flat, g, p0, n_pixels)
-                else:
-                    with I.serial(0, group) as q:
-                        expand(xf, rp, col, val, bias1, flat, g * group + q, p0, n_pixels, q * block)
+                with I.serial(0, group) as q:
+                    expand(xf, rp, col, val, bias1, flat, g * group + q, p0, n_pixels, q * block)
 
             if nfull:
                 with I.serial(0, nfull) as i:
                     expand_group(i * tile * lanes, tile * lanes)
             for p0 in range(nfull * tile * lanes, pixels, tile * lanes):
                 expand_group(p0, min(tile * lanes, pixels - p0))
-            if group == 1:
+            with I.serial(0, group) as q:
                 for j in range(block):
-                    dw.planes(channel_planes(plane, [j], wt, bias, out, g * block + j))
-            else:
-                with I.serial(0, group) as q:
-                    for j in range(block):
-                        dw.planes(channel_planes(plane, [q * block + j], wt, bias, out, (g * group + q) * block + j))
+                    dw.planes(channel_planes(plane, [q * block + j], wt, bias, out, (g * group + q) * block + j))
 
     return scheduled_kernel(kernel_name(k, stride, dw.tile(), block, group * block),
                             [("x", planes_shape(cin, h, w, in_plane), F32), ("row_ptr", (nb + 1,), "int32"),

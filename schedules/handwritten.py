@@ -16,7 +16,7 @@ from typing import Callable
 from tvm import tirx
 
 from schedules import chw_rows, f32_conv2d_chw, f32_dwconv2d_chw, f32_spmm_chw, f32_spmm_dwconv2d_chw
-from schedules.rule import BUILDER_ATTR, Scheduled, ScheduleRule
+from schedules.rule import BUILDER_ATTR, Scheduled, ScheduleRule, recipe
 
 ROW_OPTIONS = (1, 2, 3, 4)          # output rows per step of a depthwise conv (chw_rows.RowConv)
 GROUP_OPTIONS = (1, 2, 4, 8)        # channel blocks per task of the fused expand + depthwise kernel
@@ -105,13 +105,6 @@ def build(kind: str, args: dict, spec, knobs: dict | None = None) -> tirx.PrimFu
     knobs = {**builder.defaults(args, spec), **(knobs or {})}
     func = builder.build(args, knobs)
     return func.with_attr(BUILDER_ATTR, json.dumps({"kind": kind, "args": args, "knobs": knobs}, sort_keys=True))
-
-
-def recipe(func) -> dict | None:
-    """{"kind", "args", "knobs"} of a kernel `build` made, or None."""
-    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or BUILDER_ATTR not in func.attrs:
-        return None
-    return json.loads(str(func.attrs[BUILDER_ATTR]))
 
 
 class HandwrittenKernels(ScheduleRule):

@@ -43,11 +43,18 @@ def task_key(func: tirx.PrimFunc) -> str:
 
     Tuning records and ApplySchedules meet on it (function names change with the model around them). A kernel
     a pass built (BUILDER_ATTR) is keyed by what it computes, not by the knobs it was built with."""
-    if func.attrs is not None and BUILDER_ATTR in func.attrs:
-        recipe = json.loads(str(func.attrs[BUILDER_ATTR]))
-        text = json.dumps({"kind": recipe["kind"], "args": recipe["args"]}, sort_keys=True)
+    built = recipe(func)
+    if built is not None:
+        text = json.dumps({"kind": built["kind"], "args": built["args"]}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
     return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
+
+
+def recipe(func) -> dict | None:
+    """{"kind", "args", "knobs"} of a kernel schedules/handwritten.py built (BUILDER_ATTR), or None."""
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or BUILDER_ATTR not in func.attrs:
+        return None
+    return json.loads(str(func.attrs[BUILDER_ATTR]))
 
 
 def is_scheduled(func) -> bool:
