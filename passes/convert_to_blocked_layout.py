@@ -120,7 +120,7 @@ class _Blocker(BindingRewriter):
         tensors = [a for a in args if isinstance(a.ty, relax.TensorType)]
         if blocked and name in UNARY and len(tensors) == 1:
             return self.finish(var, relax.Call(value.op, args, value.attrs), *self.layout[args[0]])
-        if blocked and name in BINARY and self.binary_ok(var, value):
+        if blocked and name in BINARY and self.binary_ok(var, value) and not self.scales_nchw(var, value):
             b, channels = self.layout[blocked[0]]
             new_args = [self.to_block(a, b, channels, 1.0 if name == "relax.divide" and i == 1 else 0.0)
                         for i, a in enumerate(args)]
@@ -185,6 +185,16 @@ class _Blocker(BindingRewriter):
             if op_name(value) == "relax.divide" and i == 1 and not is_const(a) and self.pad:
                 return False  # x / pad-junk could be inf or NaN, and 0 * NaN poisons the next conv
         return True
+
+    def scales_nchw(self, var, value) -> bool:
+        """An NCHW tensor of the output's shape times (plus, ...) blocked per-channel vectors (a squeeze-and-
+        excitation gate): computed in NCHW, so only the small vectors change layout."""
+        out = [int(d) for d in var.ty.shape.values]
+        big = [a for a in value.args if isinstance(a, relax.Var) and a not in self.layout
+               and self.nchw_shape(a) == out]
+        small = all(self.nchw_shape(a)[2:] == [1, 1] for a in value.args
+                    if isinstance(a, relax.Var) and a in self.layout)
+        return bool(big) and small
 
     @staticmethod
     def spatial_keepdims(var, value) -> bool:

@@ -29,7 +29,7 @@ from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules import handwritten
 from schedules.f32_conv2d_chw import MAX_CIN
-from schedules.f32_spmm_chw import CLIP_ATTR
+from schedules.f32_spmm_chw import kernel_clip
 
 NAME = "FormCHWRegions"
 SPARSE_KERNEL = "f32_spmm_chw"
@@ -105,11 +105,32 @@ class _Regions(BindingRewriter):
         return None
 
     def depthwise_goes_chw(self, var, c: int) -> bool:
-        """The depthwise conv bound to (input) var reads a sparse kernel's output or feeds one."""
+        """The depthwise conv bound to (input) var reads a sparse kernel's output or feeds one (directly, or
+        through a squeeze-and-excitation product)."""
         src = self.bindings.get(self.bindings[var].args[0])
-        user = self.only_user(epilogue_chain(self, var, c, residual=False)["last"])
+        last = epilogue_chain(self, var, c, residual=False)["last"]
+        excited = self.excited(last)
+        user = self.only_user(last if excited is None else excited)
         feeds_sparse = isinstance(user, relax.VarBinding) and _is_sparse_call(user.value)
         return (src is not None and _is_sparse_call(src)) or feeds_sparse
+
+    def excited(self, var):
+        """The var of x * gate for x = var where a mean over x's H and W and that product by a per-channel
+        gate are all that read x (squeeze-and-excitation, MobileNetV3): None where not. The product stays
+        an NCHW elementwise op (ConvertToBlockedLayout keeps a full NCHW operand as it is)."""
+        users = self.users.get(var, [])
+        if len(users) != 2 or None in users:
+            return None
+        by_op = {op_name(u.value): u for u in users}
+        mean, mul = by_op.get("relax.mean"), by_op.get("relax.multiply")
+        if mean is None or mul is None or not mean.value.args[0].same_as(var):
+            return None
+        gate = [a for a in mul.value.args if not a.same_as(var)]
+        shape = [int(d) for d in var.ty.shape.values]
+        if len(gate) != 1 or gate[0].ty.shape is None \
+                or [int(d) for d in gate[0].ty.shape.values] != [1, shape[1], 1, 1]:
+            return None
+        return mul.var
 
     def first_conv(self, var, value):
         """A dense conv with few input channels (a network's first) whose only reader is a depthwise conv
@@ -170,8 +191,7 @@ class _Regions(BindingRewriter):
         _, cin, h, wd = (int(d) for d in x_in.ty.shape.values)
         cout = int(var.ty.shape.values[1])
         col, val = const_np(fields[2]), const_np(fields[3])
-        clip = [float(v) for v in old.attrs[CLIP_ATTR]] if CLIP_ATTR in old.attrs else None
-        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), clip, len(fields) == 6, str(col.dtype),
+        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), kernel_clip(old), len(fields) == 6, str(col.dtype),
                            self.spec, in_plane=self.planes[x_in])
         gv, func = add_kernel(self, func)
         changelog.record(NAME, "padded_planes", var.name, kernel=str(func.attrs["global_symbol"]),
@@ -198,12 +218,11 @@ class _Regions(BindingRewriter):
         _, cin, h, wd = (int(d) for d in x.ty.shape.values)      # the input function's x: [1, cin, h, w]
         x = self.visit_expr(x)
         spmm = self.builder_.get()[src.args[0]]
-        clip1 = spmm.attrs[CLIP_ATTR] if CLIP_ATTR in spmm.attrs else None
         val_np, col_np = const_np(val), const_np(col)
         k, stride, pads = _kxk(plan)
         func = handwritten.build("spmm_dwconv2d_chw", {
             "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "block": val_np.shape[1], "nnzb": len(col_np),
-            "k": k, "stride": stride, "pads": pads, "clip1": None if clip1 is None else [float(v) for v in clip1],
+            "k": k, "stride": stride, "pads": pads, "clip1": kernel_clip(spmm),
             "clip": plan["clip"], "lanes": self.spec.vector_lanes, "col_dtype": str(col_np.dtype),
             "out_plane": plan["plane"], "in_plane": in_plane}, self.spec)
         return self.call_kernel(plan, func, "fused", [x, row_ptr, col, val, bias1],

@@ -19,7 +19,7 @@ from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     rewriter
-from schedules.chw_rows import planes_shape
+from schedules.chw_rows import HSWISH, planes_shape
 from schedules import handwritten
 from schedules.f32_spmm_chw import BLOCKS, block_fill, encode_bsr
 
@@ -63,15 +63,44 @@ def _scalar(e) -> float:
     return float(v.value if hasattr(v, "value") else v)
 
 
+def _is_scalar(e, value: float) -> bool:
+    return is_const(e) and const_np(e).size == 1 and float(const_np(e).reshape(())) == value
+
+
+def hard_swish(rw: BindingRewriter, var) -> relax.Var | None:
+    """The input var of x * (clip(x + 3, 0, 6) / 6) for x = var (hard swish as importers write it), where
+    the swish's steps are all that read var and each other."""
+    users = rw.users.get(var, [])
+    adds = [u for u in users if u is not None and op_name(u.value) == "relax.add"
+            and u.value.args[0].same_as(var) and _is_scalar(u.value.args[1], 3.0)]
+    if len(users) != 2 or len(adds) != 1:
+        return None
+    clip = rw.only_user(adds[0].var)
+    if clip is None or _clip_bounds(clip.value) != (0.0, 6.0):
+        return None
+    div = rw.only_user(clip.var)
+    if div is None or not (op_name(div.value) == "relax.divide" and _is_scalar(div.value.args[1], 6.0)):
+        return None
+    mul = rw.only_user(div.var)
+    if mul is None or op_name(mul.value) != "relax.multiply":
+        return None
+    a, b = mul.value.args
+    return mul.var if (a.same_as(var) and b.same_as(div.var)) or (b.same_as(var) and a.same_as(div.var)) else None
+
+
 def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = True) -> dict:
     """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add.
 
-    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi) or None,
+    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi), HSWISH or None,
     "residual": the other operand of the residual add (an input var) or None, "name": the layer's name
     (the bias add's when the importer named that one after the model's node)}."""
     plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "name": conv_var.name}
     var, stage = conv_var, 0
     while True:
+        swish = hard_swish(rw, var) if stage <= 1 else None
+        if swish is not None:
+            plan["clip"], plan["last"], var, stage = HSWISH, swish, swish, 2
+            continue
         user = rw.only_user(var)
         if not isinstance(user, relax.VarBinding):
             return plan
@@ -246,7 +275,11 @@ def dense_layer_module(plan, spec) -> tvm.IRModule:
 def _epilogue(bb, y, plan, res, bias_const):
     if plan["bias"] is not None:
         y = bb.emit(relax.op.add(y, const(bias_const(plan["bias"]))))
-    if plan["clip"] is not None:
+    if plan["clip"] == HSWISH:
+        six = relax.const(6.0, "float32")
+        gate = bb.emit(relax.op.clip(bb.emit(relax.op.add(y, relax.const(3.0, "float32"))), 0.0, 6.0))
+        y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.divide(gate, six))))
+    elif plan["clip"] is not None:
         y = bb.emit(relax.op.clip(y, *plan["clip"]))
     if res is not None:
         y = bb.emit(relax.op.add(y, res))

@@ -26,6 +26,7 @@ STRIDES = (1, 2)
 ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
 ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
 F32 = "float32"
+HSWISH = "hswish"     # an epilogue `clip` that is hard swish, x * clip(x + 3, 0, 6) / 6 (MobileNetV3)
 
 
 def scheduled_kernel(name: str, params: list, body) -> tirx.PrimFunc:
@@ -59,10 +60,14 @@ def planes_shape(c: int, h: int, w: int, plane: int | None) -> tuple:
 
 
 def clipped(a, clip, vec: int):
-    """The vector a clamped to clip = (lo, hi); None clamps to the float32 range."""
+    """The vector a clamped to clip = (lo, hi), or its hard swish where clip is HSWISH; None clamps to the
+    float32 range."""
+    def const(v):
+        return tirx.Broadcast(tirx.FloatImm(F32, v), vec)
+    if clip == HSWISH:     # the importer's order of operations: x * (clip(x + 3, 0, 6) / 6)
+        return a * (tirx.Min(tirx.Max(a + const(3.0), const(0.0)), const(6.0)) / const(6.0))
     lo, hi = (-3.4e38, 3.4e38) if clip is None else clip
-    return tirx.Min(tirx.Max(a, tirx.Broadcast(tirx.FloatImm(F32, lo), vec)),
-                    tirx.Broadcast(tirx.FloatImm(F32, hi), vec))
+    return tirx.Min(tirx.Max(a, const(lo)), const(hi))
 
 
 def row_vector(ow: int, lanes: int) -> int:

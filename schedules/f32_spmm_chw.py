@@ -17,7 +17,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from schedules.chw_rows import planes_shape
+from schedules.chw_rows import HSWISH, planes_shape
 from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
@@ -75,7 +75,7 @@ def default_pixel_tile(pixels: int, block: int, spec) -> int:
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
-CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), for passes that fuse the kernel with its consumer
+CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi) or HSWISH, for passes that fuse the kernel with its consumer
 
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
@@ -84,7 +84,8 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (residual [1,cout,h,w]), out.
-    clip: (lo, hi) applied after the bias, before the residual add; None for none.
+    clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH for hard swish; None
+    for none.
     in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
     with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line)."""
     pixels = h * w
@@ -97,13 +98,21 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     ntiles = nfull + (1 if rem else 0)
     nb = cout // block
     nnzb = max(1, nnzb)
-    lo = T.float32(-3.4e38 if clip is None else clip[0])
-    hi = T.float32(3.4e38 if clip is None else clip[1])
-    has_clip = clip is not None
+    hswish = clip == HSWISH
+    lo = T.float32(-3.4e38 if clip is None or hswish else clip[0])
+    hi = T.float32(3.4e38 if clip is None or hswish else clip[1])
+    has_clip = clip is not None and not hswish
 
     @T.macro
     def finish(value, res, out, co, px):
-        if has_clip:
+        if hswish:
+            if residual:
+                out[co, px] = value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6))
+                                       / T.float32(6)) + res[co, px]
+            else:
+                out[co, px] = value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6))
+                                       / T.float32(6))
+        elif has_clip:
             if residual:
                 out[co, px] = T.min(T.max(value, lo), hi) + res[co, px]
             else:
@@ -178,4 +187,14 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
 
     name = name or kernel_name(pixel_tile, block)
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
-    return func if clip is None else func.with_attr(CLIP_ATTR, [float(clip[0]), float(clip[1])])
+    if clip is None:
+        return func
+    return func.with_attr(CLIP_ATTR, HSWISH if hswish else [float(clip[0]), float(clip[1])])
+
+
+def kernel_clip(func) -> list | str | None:
+    """The epilogue clip a spmm kernel was built with: [lo, hi], HSWISH or None."""
+    if CLIP_ATTR not in func.attrs:
+        return None
+    v = func.attrs[CLIP_ATTR]
+    return HSWISH if str(v) == HSWISH else [float(x) for x in v]

@@ -304,3 +304,29 @@ def test_kernels_fused_away_leave_the_module(monkeypatch):
     kernels = {g.name_hint for g, f in mod.functions.items() if SCHEDULED_ATTR in (f.attrs or {})}
     fused_away = {c["expand"] for c in book["FormCHWRegions"]["changes"] if c["what"] == "fused"}
     assert kernels and kernels <= called and not fused_away & kernels
+
+
+def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(monkeypatch):
+    """Sparse MobileNetV3-Large: hard swish fuses into the CHW kernels as their epilogue, a depthwise conv
+    followed by squeeze-and-excitation still goes CHW (the SE product stays NCHW), so every depthwise conv
+    is a CHW kernel and only the SE gates' [1, C, 1, 1] vectors change layout between sparse kernels; the
+    compiled model matches ONNX Runtime."""
+    from zoo.mobilenet_v3 import mobilenet_v3
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = mobilenet_v3("large", width=0.5, resolution=64, num_classes=10, sparsity=0.85)
+    cleaned = _cleaned(model)
+    n_depthwise = cleaned.script(show_meta=False).count("groups=") - cleaned.script(show_meta=False).count("groups=1,")
+    mod, book = _sparsify(cleaned)
+    counts = book["FormCHWRegions"]["counts"]
+    assert counts.get("chw", 0) + counts.get("fused", 0) == n_depthwise > 0
+    assert not any("not next to a sparse" in s["why"] for s in book["FormCHWRegions"].get("skipped", []))
+    with SPEC.tvm_target():
+        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+    lines = [ln for ln in lowered.script(show_meta=False).splitlines()
+             if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
+    first = next(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
+    last = max(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
+    moved = [re.search(r"R\.Tensor\(\(([^)]*)\)", ln).group(1) for ln in lines[first:last] if "layout_transform" in ln]
+    assert moved and all(s.replace(" ", "").split(",")[2:4] == ["1", "1"] for s in moved), moved
+    cm = driver.compile_model(model)
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]

@@ -10,7 +10,7 @@ import tvm
 
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
-from schedules.chw_rows import aligned_plane
+from schedules.chw_rows import HSWISH, aligned_plane
 from schedules.f32_conv2d_chw import conv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
@@ -345,3 +345,49 @@ def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip, out_blo
     out = _run(conv2d_chw(cin, cout, h, w, k, s, list(pads), clip=clip, lanes=SPEC.vector_lanes, out_block=out_block),
                [x, wt, b], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def _hard_swish(y):
+    return y * (np.clip(y + 3, 0, 6) / 6)
+
+
+def test_hard_swish_epilogue_in_every_chw_kernel():
+    """HSWISH as the epilogue (MobileNetV3's x * clip(x + 3, 0, 6) / 6) of the spmm (with and without the
+    residual add after it), the CHW depthwise conv, both epilogues of the fused expand + depthwise kernel, and
+    the CHW first conv; inputs scaled so values fall on both sides of -3 and 3."""
+    rng = np.random.default_rng(7)
+    lanes = SPEC.vector_lanes
+    cin, cout, h, w = 12, 16, 5, 9
+    wt = _weights(rng, cout, cin, 0.7, 1)
+    x = 3 * rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    rp, col, val = encode_bsr(wt, 1)
+    y = (wt @ x.reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w)
+    out = _run(spmm_chw(cin, cout, h, w, 1, len(col), clip=HSWISH, pixel_tile=32, lanes=lanes,
+                        col_dtype=str(col.dtype)), [x, rp, col, val, bias], y.shape)
+    np.testing.assert_allclose(out, _hard_swish(y), rtol=1e-5, atol=1e-5)
+    out = _run(spmm_chw(cin, cout, h, w, 1, len(col), clip=HSWISH, residual=True, pixel_tile=32, lanes=lanes,
+                        col_dtype=str(col.dtype)), [x, rp, col, val, bias, res], y.shape)
+    np.testing.assert_allclose(out, _hard_swish(y) + res, rtol=1e-5, atol=1e-5)
+
+    wd = 2 * rng.standard_normal((cin, 1, 3, 3)).astype(np.float32)
+    bd = rng.standard_normal(cin).astype(np.float32)
+    ref = _hard_swish(_dw_ref(x, wd, bd, 2, [1] * 4, None))
+    out = _run(dwconv2d_chw(cin, h, w, 3, 2, [1] * 4, clip=HSWISH, lanes=lanes), [x, wd, bd], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+    w5 = rng.standard_normal((cout, 1, 5, 5)).astype(np.float32)
+    ref = _hard_swish(_dw_ref(_hard_swish(y), w5, bias, 1, [2] * 4, None))
+    func = spmm_dwconv2d_chw(cin, cout, h, w, 1, len(col), 5, 1, [2] * 4, clip1=HSWISH, clip=HSWISH, lanes=lanes,
+                             col_dtype=str(col.dtype))
+    out = _run(func, [x, rp, col, val, bias, w5, bias], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+    w3 = rng.standard_normal((cout, 3, 3, 3)).astype(np.float32)
+    xp = np.pad(x[:, :3], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = sum(np.einsum("oc,nchw->nohw", w3[:, :, i, j], xp[:, :, i:i + h, j:j + w])
+              for i in range(3) for j in range(3)) + bias[None, :, None, None]
+    out = _run(conv2d_chw(3, cout, h, w, 3, 1, [1] * 4, clip=HSWISH, lanes=lanes), [x[:, :3].copy(), w3, bias],
+               ref.shape)
+    np.testing.assert_allclose(out, _hard_swish(ref), rtol=1e-5, atol=1e-5)
