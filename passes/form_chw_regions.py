@@ -90,6 +90,8 @@ class _Regions(BindingRewriter):
             return self.emit_first_conv(plan) if "first_conv" in plan else self.emit(var, plan)
         if _is_sparse_call(value) and self.bindings[var].args[1].fields[0] in self.planes:
             return self.read_padded_planes(var, value)
+        if _is_sparse_call(value) and self.se_gate(var) is not None:
+            return self.scale_by_gate(var, value)
         w = depthwise_weights(value)
         if w is None:
             return self.first_conv(var, value)
@@ -186,17 +188,45 @@ class _Regions(BindingRewriter):
     def read_padded_planes(self, var, value):
         """The sparse 1x1 bound to var, rebuilt to read its input x as padded planes (pad_planes)."""
         x_in = self.bindings[var].args[1].fields[0]
-        fields = value.args[1].fields
+        return self.rebuild_spmm(var, value, list(value.args[1].fields), "padded_planes", in_plane=self.planes[x_in])
+
+    def se_gate(self, var):
+        """(x, gate) where the sparse 1x1 bound to var is the only reader of its input x * gate, gate a
+        [1, C, 1, 1] vector (a squeeze-and-excitation product, see `excited`); None otherwise."""
+        x_in = self.bindings[var].args[1].fields[0]
+        product = self.bindings.get(x_in)
+        if op_name(product) != "relax.multiply" or self.only_user(x_in) is None:
+            return None
+        full = [int(d) for d in x_in.ty.shape.values]
+        shapes = [[int(d) for d in a.ty.shape.values] for a in product.args]
+        for x, gate, xs, gs in ((*product.args, *shapes), (*product.args[::-1], *shapes[::-1])):
+            if xs == full and gs == [1, full[1], 1, 1] and isinstance(gate, relax.Var):
+                return x, gate
+        return None
+
+    def scale_by_gate(self, var, value):
+        """The sparse 1x1 bound to var, rebuilt to read x and the gate of its input x * gate and scale each
+        weight by its input channel's gate: the product is never written."""
+        x, gate = (self.visit_expr(v) for v in self.se_gate(var))
+        fields = list(value.args[1].fields)
+        fields = [x, *fields[1:5], gate, *fields[5:]]
+        return self.rebuild_spmm(var, value, fields, "se_gate", scale=True)
+
+    def rebuild_spmm(self, var, value, fields: list, what: str, in_plane: int | None = None, scale: bool = False):
+        """call_tir of the sparse 1x1 bound to var with its kernel built again (reading padded planes, or
+        scaling by a gate), on the arguments `fields`; noted as `what`."""
         old = self.builder_.get()[value.args[0]]
+        x_in = self.bindings[var].args[1].fields[0]
         _, cin, h, wd = (int(d) for d in x_in.ty.shape.values)
         cout = int(var.ty.shape.values[1])
-        col, val = const_np(fields[2]), const_np(fields[3])
-        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), kernel_clip(old), len(fields) == 6, str(col.dtype),
-                           self.spec, in_plane=self.planes[x_in])
+        args = value.args[1].fields
+        col, val = const_np(args[2]), const_np(args[3])
+        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), kernel_clip(old), len(args) == 6,
+                           str(col.dtype), self.spec, in_plane=in_plane, scale=scale)
         gv, func = add_kernel(self, func)
-        changelog.record(NAME, "padded_planes", var.name, kernel=str(func.attrs["global_symbol"]),
-                         replaces=str(old.attrs["global_symbol"]), plane=self.planes[x_in])
-        return relax.call_tir(gv, relax.Tuple(list(fields)), var.ty)
+        changelog.record(NAME, what, var.name, kernel=str(func.attrs["global_symbol"]),
+                         replaces=str(old.attrs["global_symbol"]), **({"plane": in_plane} if in_plane else {}))
+        return relax.call_tir(gv, relax.Tuple(fields), var.ty)
 
     def call_kernel(self, plan, func, what: str, inputs: list, **details):
         """call_tir(func, *inputs, W, bias) in place of the plan's conv and its epilogue, noted as `what`."""

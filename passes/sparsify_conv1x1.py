@@ -64,12 +64,30 @@ def _scalar(e) -> float:
 
 
 def _is_scalar(e, value: float) -> bool:
-    return is_const(e) and const_np(e).size == 1 and float(const_np(e).reshape(())) == value
+    return is_const(e) and const_np(e).size == 1 and np.isclose(float(const_np(e).reshape(())), value, rtol=1e-6)
+
+
+def _sixth_of(value, var) -> bool:
+    """value is var / 6 or var * (1/6)."""
+    a = value.args if isinstance(value, relax.Call) else []
+    if op_name(value) == "relax.divide":
+        return a[0].same_as(var) and _is_scalar(a[1], 6.0)
+    return op_name(value) == "relax.multiply" and any(
+        x.same_as(var) and _is_scalar(y, 1 / 6) for x, y in ((a[0], a[1]), (a[1], a[0])))
+
+
+def _product_of(value, u, v) -> bool:
+    """value is u * v (either order)."""
+    if op_name(value) != "relax.multiply":
+        return False
+    a, b = value.args
+    return (a.same_as(u) and b.same_as(v)) or (a.same_as(v) and b.same_as(u))
 
 
 def hard_swish(rw: BindingRewriter, var) -> relax.Var | None:
-    """The input var of x * (clip(x + 3, 0, 6) / 6) for x = var (hard swish as importers write it), where
-    the swish's steps are all that read var and each other."""
+    """The input var of var's hard swish, x * clip(x + 3, 0, 6) / 6 for x = var, as importers write it:
+    x * (clip(..) / 6) (ONNX), (x * clip(..)) / 6 (TFLite), or with * (1/6); where the swish's steps are all
+    that read var and each other. None where var is not so followed."""
     users = rw.users.get(var, [])
     adds = [u for u in users if u is not None and op_name(u.value) == "relax.add"
             and u.value.args[0].same_as(var) and _is_scalar(u.value.args[1], 3.0)]
@@ -78,14 +96,17 @@ def hard_swish(rw: BindingRewriter, var) -> relax.Var | None:
     clip = rw.only_user(adds[0].var)
     if clip is None or _clip_bounds(clip.value) != (0.0, 6.0):
         return None
-    div = rw.only_user(clip.var)
-    if div is None or not (op_name(div.value) == "relax.divide" and _is_scalar(div.value.args[1], 6.0)):
-        return None
-    mul = rw.only_user(div.var)
-    if mul is None or op_name(mul.value) != "relax.multiply":
-        return None
-    a, b = mul.value.args
-    return mul.var if (a.same_as(var) and b.same_as(div.var)) or (b.same_as(var) and a.same_as(div.var)) else None
+    cur, steps = clip.var, set()
+    while len(steps) < 2:      # the scaling by 1/6 and the product with x, in either order
+        step = rw.only_user(cur)
+        if step is not None and "sixth" not in steps and _sixth_of(step.value, cur):
+            steps.add("sixth")
+        elif step is not None and "times" not in steps and _product_of(step.value, cur, var):
+            steps.add("times")
+        else:
+            return None
+        cur = step.var
+    return cur
 
 
 def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = True) -> dict:
@@ -199,12 +220,14 @@ class _Sparsifier(BindingRewriter):
 
 
 def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip, residual: bool, col_dtype: str,
-                spec, in_plane: int | None = None):
+                spec, in_plane: int | None = None, scale: bool = False):
     """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused; tunable:
-    schedules/handwritten.py)."""
-    return handwritten.build("spmm_chw", {"cin": cin, "cout": cout, "h": h, "w": w, "block": block, "nnzb": max(1, nnzb),
-                                          "clip": clip, "residual": residual, "lanes": spec.vector_lanes,
-                                          "col_dtype": col_dtype, "in_plane": in_plane}, spec)
+    schedules/handwritten.py). scale: x comes with a per-channel scale to apply (an SE gate)."""
+    args = {"cin": cin, "cout": cout, "h": h, "w": w, "block": block, "nnzb": max(1, nnzb), "clip": clip,
+            "residual": residual, "lanes": spec.vector_lanes, "col_dtype": col_dtype, "in_plane": in_plane}
+    if scale:    # NOTE: only where set, so the task keys of unscaled kernels stay those of tuning databases
+        args["scale"] = True
+    return handwritten.build("spmm_chw", args, spec)
 
 
 def _sparse_call_parts(plan, block, spec, x, residual):

@@ -7,6 +7,9 @@ block j and `val[j, 0:block]` its weights. For each (channel block, pixel tile) 
 keeps block x pixel_tile accumulators in vector registers, walks the block's non-zero input
 channels (a loop whose bounds are read from row_ptr), broadcasts each weight and FMAs it into the
 tile, then writes the tile back through the fused epilogue (clip, residual add).
+With `scale`, x arrives multiplied per input channel by a runtime vector (a squeeze-and-excitation gate,
+[1, cin, 1, 1]): out = W (scale * x) = (W scale) x, so each weight is multiplied by its column's scale
+as it is broadcast, and the scaled x is never written.
 Knobs: `pixel_tile` (pixels per task, a multiple of the vector lanes), `block`.
 Tasks are (channel block x pixel tile) fused into one parallel loop, so a 7x7 layer with one
 pixel tile still spreads its channel blocks over the cores.
@@ -80,10 +83,11 @@ CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi) or HSWISH, for passes th
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
-             name: str | None = None, in_plane: int | None = None) -> tvm.tirx.PrimFunc:
+             name: str | None = None, in_plane: int | None = None, scale: bool = False) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
-    Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (residual [1,cout,h,w]), out.
+    Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
+    (residual [1,cout,h,w]), out.
     clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH for hard swish; None
     for none.
     in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
@@ -124,7 +128,18 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
                 out[co, px] = value
 
     @T.macro
-    def task(x, rp, col, val, bias, res, out, b, p0, nv, ns):
+    def fma(acc, x, wk, c, k, p0, nv, ns):
+        # acc[k, :] += wk * x[c, p0 : p0 + nv * lanes + ns]
+        if nv > 0:
+            for v in T.unroll(nv):
+                for p in T.vectorized(lanes):
+                    acc[k, v * lanes + p] = acc[k, v * lanes + p] + wk * x[c, p0 + v * lanes + p]
+        if ns > 0:
+            for p in T.vectorized(ns):
+                acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + wk * x[c, p0 + nv * lanes + p]
+
+    @T.macro
+    def task(x, rp, col, val, bias, sc, res, out, b, p0, nv, ns):
         # output channels b*block .. +block; pixels p0 .. p0 + nv*lanes (whole vectors) + ns (< lanes)
         # NOTE: nv and ns are Python ints: the `if`s below are decided when the kernel is built
         acc = T.alloc_buffer((block, nv * lanes + ns), "float32", scope="global")
@@ -139,13 +154,10 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         for j in T.serial(rp[b], rp[b + 1]):
             c = T.Cast("int32", col[j])     # NOTE: one widening load per block, read by every FMA below
             for k in T.unroll(block):
-                if nv > 0:
-                    for v in T.unroll(nv):
-                        for p in T.vectorized(lanes):
-                            acc[k, v * lanes + p] = acc[k, v * lanes + p] + val[j, k] * x[c, p0 + v * lanes + p]
-                if ns > 0:
-                    for p in T.vectorized(ns):
-                        acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + val[j, k] * x[c, p0 + nv * lanes + p]
+                if scale:
+                    fma(acc, x, val[j, k] * sc[0, c, 0, 0], c, k, p0, nv, ns)
+                else:
+                    fma(acc, x, val[j, k], c, k, p0, nv, ns)
         for k in T.unroll(block):
             if nv > 0:
                 for v in T.unroll(nv):
@@ -156,34 +168,44 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
                     finish(acc[k, nv * lanes + p], res, out, b * block + k, p0 + nv * lanes + p)
 
     @T.macro
-    def body(x, rp, col, val, bias, res, out):
+    def body(x, rp, col, val, bias, sc, res, out):
         # NOTE: pixel tile outer, channel block inner: one tile of x stays in cache for every block
         for i in T.parallel(nb * ntiles):
             if i // nb < nfull:
-                task(x, rp, col, val, bias, res, out, i % nb, i // nb * tile_n, tile_n // lanes, 0)
+                task(x, rp, col, val, bias, sc, res, out, i % nb, i // nb * tile_n, tile_n // lanes, 0)
             else:
-                task(x, rp, col, val, bias, res, out, i % nb, nfull * tile_n, rest_v // lanes, rest_s)
+                task(x, rp, col, val, bias, sc, res, out, i % nb, nfull * tile_n, rest_v // lanes, rest_s)
 
-    if residual:
+    x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((nb + 1,), "int32")
+    col_t, val_t = T.Buffer((nnzb,), col_dtype), T.Buffer((nnzb, block), "float32")
+    vec_t, sc_t, o_shape = T.Buffer((cout,), "float32"), T.Buffer((1, cin, 1, 1), "float32"), (1, cout, h, w)
+    @T.macro
+    def main(x4, rp, col, val, bias, sc, r4, o4):
+        T.func_attr({"tirx.noalias": True})
+        x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
+        res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
+        out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
+        body(x, rp, col, val, bias, sc, res, out)
+
+    # NOTE: one signature per optional input (scale, residual); an absent one is never read
+    if residual and scale:
         @T.prim_func
-        def func(x4: T.Buffer(x_shape, "float32"), rp: T.Buffer((nb + 1,), "int32"),
-                 col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
-                 bias: T.Buffer((cout,), "float32"), r4: T.Buffer((1, cout, h, w), "float32"),
-                 o4: T.Buffer((1, cout, h, w), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
-            res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
-            out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
-            body(x, rp, col, val, bias, res, out)
+        def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, sc: sc_t,
+                 r4: T.Buffer(o_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
+            main(x4, rp, col, val, bias, sc, r4, o4)
+    elif residual:
+        @T.prim_func
+        def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t,
+                 r4: T.Buffer(o_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
+            main(x4, rp, col, val, bias, bias, r4, o4)
+    elif scale:
+        @T.prim_func
+        def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, sc: sc_t, o4: T.Buffer(o_shape, "float32")):
+            main(x4, rp, col, val, bias, sc, o4, o4)
     else:
         @T.prim_func
-        def func(x4: T.Buffer(x_shape, "float32"), rp: T.Buffer((nb + 1,), "int32"),
-                 col: T.Buffer((nnzb,), col_dtype), val: T.Buffer((nnzb, block), "float32"),
-                 bias: T.Buffer((cout,), "float32"), o4: T.Buffer((1, cout, h, w), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
-            out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
-            body(x, rp, col, val, bias, out, out)
+        def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, o4: T.Buffer(o_shape, "float32")):
+            main(x4, rp, col, val, bias, bias, o4, o4)
 
     name = name or kernel_name(pixel_tile, block)
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)

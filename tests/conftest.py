@@ -49,12 +49,24 @@ def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=
     elif act == "relu":
         nodes.append(helper.make_node("Relu", ["y"], ["z"]))
         out = "z"
+    elif act == "hswish":           # the ONNX op (opset 14)
+        nodes.append(helper.make_node("HardSwish", ["y"], ["z"]))
+        out = "z"
+    elif act in ("hswish_tflite", "hswish_sixth"):   # spelled out: (y * relu6(y + 3)) / 6, y * (relu6(y + 3) * 1/6)
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n)
+                  for n, v in (("three", 3), ("lo", 0), ("hi", 6), ("six", 6), ("sixth", 1 / 6))]
+        nodes += [helper.make_node("Add", ["y", "three"], ["y3"]), helper.make_node("Clip", ["y3", "lo", "hi"], ["c"])]
+        if act == "hswish_tflite":
+            nodes += [helper.make_node("Mul", ["y", "c"], ["yc"]), helper.make_node("Div", ["yc", "six"], ["z"])]
+        else:
+            nodes += [helper.make_node("Mul", ["c", "sixth"], ["g"]), helper.make_node("Mul", ["y", "g"], ["z"])]
+        out = "z"
     if residual:
         nodes.append(helper.make_node("Add", [out, "x"], ["r"]))
         out = "r"
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", 1, [1, cin, h, h])],
                               [helper.make_tensor_value_info(out, 1, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14 if act == "hswish" else 13)])
     model.ir_version = 8
     return model
 

@@ -93,18 +93,20 @@ def test_register_tile_stays_off_the_heap():
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
 
 
-def test_mean_in_plain_nchw():
-    """Regression: the write-back of an NCHW mean (no loop of its own) was vectorised over the channel
-    loop that also holds the reduction, which summed the wrong values."""
+@pytest.mark.parametrize("hw", [9, 4, 2])
+def test_mean_in_plain_nchw(hw):
+    """An NCHW mean (a grouped conv's output stays NCHW) sums each contiguous plane a vector at a time: planes
+    of 81 (vectors and a masked tail), 16 (whole vectors) and 4 pixels (the tail alone). Regression: an
+    earlier schedule vectorised the write-back over the channel loop that also held the reduction."""
     from onnx import helper, numpy_helper
     w = np.random.default_rng(0).standard_normal((12, 3, 3, 3)).astype(np.float32)
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4, group=4),
                            helper.make_node("GlobalAveragePool", ["y"], ["z"])], "g",
-                          [helper.make_tensor_value_info("x", 1, [1, 12, 9, 9])],
+                          [helper.make_tensor_value_info("x", 1, [1, 12, hw, hw])],
                           [helper.make_tensor_value_info("z", 1, None)], [numpy_helper.from_array(w, "w")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    _check(model, "f32_mean_hw_nchw")
+    _check(model, "f32_mean_hw_chw")
 
 
 def test_register_tile_caps_from_the_target():

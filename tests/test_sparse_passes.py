@@ -12,7 +12,7 @@ from compiler import driver, pipeline
 from passes import changelog
 from passes.form_chw_regions import FormCHWRegions
 from passes.sparsify_conv1x1 import SparsifyConv1x1
-from tests.conftest import single_conv_model
+from tests.conftest import assert_matches_ort, single_conv_model
 
 SPEC = targets.x86_host()
 
@@ -108,6 +108,21 @@ def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
     cm = driver.compile_model(single_conv_model(40, 40, 7, residual=residual, act=act, sparsity=0.8))
     assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+
+
+@pytest.mark.parametrize("act", ["hswish", "hswish_tflite", "hswish_sixth"])
+def test_hard_swish_after_a_sparse_conv_is_its_epilogue(monkeypatch, act):
+    """Hard swish as importers spell it (the ONNX op; TFLite's (x * relu6(x + 3)) / 6; a product with 1/6) is
+    fused into the spmm kernel as HSWISH, no clip is left in the graph, and the result matches ONNX Runtime."""
+    from schedules.chw_rows import HSWISH
+    from schedules.f32_spmm_chw import kernel_clip
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = single_conv_model(24, 32, 6, act=act, sparsity=0.8)
+    mod, _ = _sparsify(_cleaned(model))
+    spmm = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_spmm_chw")]
+    assert len(spmm) == 1 and kernel_clip(spmm[0]) == HSWISH
+    assert "R.clip" not in mod["main"].script(show_meta=False)
+    assert_matches_ort(model)
 
 
 def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
@@ -309,8 +324,9 @@ def test_kernels_fused_away_leave_the_module(monkeypatch):
 def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(monkeypatch):
     """Sparse MobileNetV3-Large: hard swish fuses into the CHW kernels as their epilogue, a depthwise conv
     followed by squeeze-and-excitation still goes CHW (the SE product stays NCHW), so every depthwise conv
-    is a CHW kernel and only the SE gates' [1, C, 1, 1] vectors change layout between sparse kernels; the
-    compiled model matches ONNX Runtime."""
+    is a CHW kernel, each SE product is folded into the sparse 1x1 that reads it (the gate scales the weights),
+    and only the SE gates' [1, C, 1, 1] vectors change layout between sparse kernels; the compiled model
+    matches ONNX Runtime."""
     from zoo.mobilenet_v3 import mobilenet_v3
     monkeypatch.setenv("SHRINKC_COST", "off")
     model = mobilenet_v3("large", width=0.5, resolution=64, num_classes=10, sparsity=0.85)
@@ -319,6 +335,10 @@ def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(m
     mod, book = _sparsify(cleaned)
     counts = book["FormCHWRegions"]["counts"]
     assert counts.get("chw", 0) + counts.get("fused", 0) == n_depthwise > 0
+    # every SE product feeding a sparse 1x1 is folded into it: the gate scales its weights, x * gate is not stored
+    n_se = sum(1 for n in model.graph.node if n.name.endswith("se.mul"))
+    assert counts.get("se_gate") == n_se > 0
+    assert not [ln for ln in mod.script(show_meta=False).splitlines() if "R.multiply(" in ln and "se_mul" in ln]
     assert not any("not next to a sparse" in s["why"] for s in book["FormCHWRegions"].get("skipped", []))
     with SPEC.tvm_target():
         lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout

@@ -391,3 +391,22 @@ def test_hard_swish_epilogue_in_every_chw_kernel():
     out = _run(conv2d_chw(3, cout, h, w, 3, 1, [1] * 4, clip=HSWISH, lanes=lanes), [x[:, :3].copy(), w3, bias],
                ref.shape)
     np.testing.assert_allclose(out, _hard_swish(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block,residual", [(1, False), (4, True)])
+def test_spmm_scales_its_input_channels(block, residual):
+    """With `scale` the spmm reads x and a per-input-channel gate [1, cin, 1, 1] and computes W (gate * x): a
+    squeeze-and-excitation product fused into the 1x1 conv after it."""
+    rng = np.random.default_rng(block)
+    cin, cout, h, w = 13, 16, 5, 7
+    wt = _weights(rng, cout, cin, 0.7, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    gate = rng.random((1, cin, 1, 1)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block)
+    func = spmm_chw(cin, cout, h, w, block, len(col), residual=residual, scale=True, lanes=SPEC.vector_lanes,
+                    col_dtype=str(col.dtype))
+    out = _run(func, [x, rp, col, val, bias, gate] + ([res] if residual else []), (1, cout, h, w))
+    ref = (wt @ (x * gate).reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w) + (res if residual else 0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
