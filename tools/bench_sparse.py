@@ -315,7 +315,10 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
                   "'1x1 + fc' is the model of (b) with the classifier pruned too. The dense library is the same size "
                   "for both. Weights as dense float32: '1x1' and 'fc' are what the sparse encodings compress (values "
                   "+ int16 column index where the input channels fit, else int32), 'other' (stem, depthwise, biases) "
-                  "stays dense. A layer the cost interface finds slower sparse stays dense (sparse layers column).",
+                  "stays dense. A layer the cost interface finds slower sparse stays dense (sparse layers column)."
+                  + ("" if models[0]["sparse_fc"] else " This model's builder prunes no classifier: both sparse "
+                     "columns are one model, its 'fc' weights stay dense (and squeeze-and-excitation convs, counted "
+                     "in '1x1', are not pruned)."),
                   "",
                   "| zeros | blocks | sparse .so MB, 1x1 only | sparse .so MB, 1x1 + fc | dense .so MB "
                   "| ratio 1x1 only | ratio 1x1 + fc | sparse layers 1x1 / fc (1x1 only; 1x1 + fc) "
