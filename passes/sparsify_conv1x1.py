@@ -86,22 +86,36 @@ def _product_of(value, u, v) -> bool:
 
 def hard_swish(rw: BindingRewriter, var) -> relax.Var | None:
     """The input var of var's hard swish, x * clip(x + 3, 0, 6) / 6 for x = var, as importers write it:
-    x * (clip(..) / 6) (ONNX), (x * clip(..)) / 6 (TFLite), or with * (1/6); where the swish's steps are all
-    that read var and each other. None where var is not so followed."""
+    x * (clip(..) / 6) (ONNX HardSwish), (x * clip(..)) / 6 (TFLite), with * (1/6) in place of / 6, or
+    x * clip(x / 6 + 0.5, 0, 1) (x times ONNX HardSigmoid, as older torch exports write it); where the
+    swish's steps are all that read var and each other. None where var is not so followed."""
     users = rw.users.get(var, [])
-    adds = [u for u in users if u is not None and op_name(u.value) == "relax.add"
-            and u.value.args[0].same_as(var) and _is_scalar(u.value.args[1], 3.0)]
-    if len(users) != 2 or len(adds) != 1:
+    if len(users) != 2 or None in users:
         return None
-    clip = rw.only_user(adds[0].var)
-    if clip is None or _clip_bounds(clip.value) != (0.0, 6.0):
-        return None
-    cur, steps = clip.var, set()
-    while len(steps) < 2:      # the scaling by 1/6 and the product with x, in either order
+    for first in users:
+        step = rw.only_user(first.var)
+        if step is None:
+            continue
+        if op_name(first.value) == "relax.add" and first.value.args[0].same_as(var) \
+                and _is_scalar(first.value.args[1], 3.0) and _clip_bounds(step.value) == (0.0, 6.0):
+            return _times_and_sixth(rw, step.var, var)
+        if _sixth_of(first.value, var) and op_name(step.value) == "relax.add" \
+                and step.value.args[0].same_as(first.var) and _is_scalar(step.value.args[1], 0.5):
+            clip = rw.only_user(step.var)
+            mul = rw.only_user(clip.var) if clip is not None and _clip_bounds(clip.value) == (0.0, 1.0) else None
+            return mul.var if mul is not None and _product_of(mul.value, clip.var, var) else None
+    return None
+
+
+def _times_and_sixth(rw: BindingRewriter, cur, x):
+    """The var after the two steps that follow cur = relu6(x + 3): the scaling by 1/6 and the product with
+    x, in either order; None where they do not follow."""
+    steps: set = set()
+    while len(steps) < 2:
         step = rw.only_user(cur)
         if step is not None and "sixth" not in steps and _sixth_of(step.value, cur):
             steps.add("sixth")
-        elif step is not None and "times" not in steps and _product_of(step.value, cur, var):
+        elif step is not None and "times" not in steps and _product_of(step.value, cur, x):
             steps.add("times")
         else:
             return None

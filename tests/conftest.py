@@ -52,6 +52,10 @@ def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=
     elif act == "hswish":           # the ONNX op (opset 14)
         nodes.append(helper.make_node("HardSwish", ["y"], ["z"]))
         out = "z"
+    elif act == "hswish_hsigmoid":  # y * HardSigmoid(y): older torch exports (opset < 14)
+        nodes += [helper.make_node("HardSigmoid", ["y"], ["g"], alpha=1 / 6, beta=0.5),
+                  helper.make_node("Mul", ["y", "g"], ["z"])]
+        out = "z"
     elif act in ("hswish_tflite", "hswish_sixth"):   # spelled out: (y * relu6(y + 3)) / 6, y * (relu6(y + 3) * 1/6)
         inits += [numpy_helper.from_array(np.array(v, np.float32), n)
                   for n, v in (("three", 3), ("lo", 0), ("hi", 6), ("six", 6), ("sixth", 1 / 6))]

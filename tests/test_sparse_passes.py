@@ -110,10 +110,11 @@ def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
 
 
-@pytest.mark.parametrize("act", ["hswish", "hswish_tflite", "hswish_sixth"])
+@pytest.mark.parametrize("act", ["hswish", "hswish_tflite", "hswish_sixth", "hswish_hsigmoid"])
 def test_hard_swish_after_a_sparse_conv_is_its_epilogue(monkeypatch, act):
-    """Hard swish as importers spell it (the ONNX op; TFLite's (x * relu6(x + 3)) / 6; a product with 1/6) is
-    fused into the spmm kernel as HSWISH, no clip is left in the graph, and the result matches ONNX Runtime."""
+    """Hard swish as importers spell it (the ONNX op; TFLite's (x * relu6(x + 3)) / 6; a product with 1/6;
+    x * HardSigmoid(x)) is fused into the spmm kernel as HSWISH, no clip is left in the graph, and the result
+    matches ONNX Runtime."""
     from schedules.chw_rows import HSWISH
     from schedules.f32_spmm_chw import kernel_clip
     monkeypatch.setenv("SHRINKC_COST", "off")
