@@ -11,6 +11,7 @@ from tvm import relax
 from compiler.shrink_auto import AutoPruneActivations
 from passes import changelog
 from passes.apply_schedules import ApplySchedules
+from passes.cancel_layout_permutes import CancelLayoutPermutes
 from passes.convert_convs_to_nchw import ConvertConvsToNCHW
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
@@ -54,6 +55,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.CanonicalizeBindings(),
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
+            CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW
             FoldPadIntoConv(),
             FoldScaleIntoConv(),
             relax.transform.FoldConstant(),
