@@ -75,6 +75,21 @@ def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=
     return model
 
 
+def tflite_layers_model() -> bytes:
+    """A small NHWC TFLite model of one of each layer: conv + ReLU, depthwise + ReLU6, residual add + ReLU6,
+    hard swish, mean, fully connected, softmax (input "image" [1, 9, 9, 4], output "scores" [1, 5])."""
+    from zoo.tflite_writer import TfliteBuilder
+    rng = np.random.default_rng(3)
+    b = TfliteBuilder()
+    x = b.input([1, 9, 9, 4], name="image")
+    y = b.conv2d(x, rng.standard_normal((6, 3, 3, 4)), rng.standard_normal(6), stride=2, padding="VALID", act="RELU")
+    z = b.depthwise_conv2d(y, rng.standard_normal((1, 3, 3, 6)), rng.standard_normal(6), act="RELU6")
+    y = b.hard_swish(b.add(y, z, act="RELU6"))
+    y = b.reshape(b.mean_hw(y), [1, 6])
+    b.output(b.softmax(b.fully_connected(y, rng.standard_normal((5, 6)), rng.standard_normal(5)), name="scores"))
+    return b.finish()
+
+
 def assert_matches_ort(model, target=None, tol=1e-4, **options):
     """Compile for this machine and compare with ONNX Runtime on a seeded random input."""
     import compiler

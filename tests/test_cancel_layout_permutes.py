@@ -7,7 +7,8 @@ import pytest
 
 import targets
 from compiler import driver, pipeline
-from zoo.tflite_writer import TfliteBuilder, mobilenet_v2_tflite
+from tests.conftest import tflite_layers_model
+from zoo.tflite_writer import mobilenet_v2_tflite
 
 SPEC = targets.x86_host()
 
@@ -27,19 +28,6 @@ def _cleanup_script(path, without=None):
     return mod["main"].script(show_meta=False)
 
 
-def _layers_model():
-    """conv -> bias/relu, depthwise -> relu6, residual add with relu6, hard swish, mean, FC (NHWC)."""
-    rng = np.random.default_rng(3)
-    b = TfliteBuilder()
-    x = b.input([1, 9, 9, 4], name="image")
-    y = b.conv2d(x, rng.standard_normal((6, 3, 3, 4)), rng.standard_normal(6), stride=2, padding="VALID", act="RELU")
-    z = b.depthwise_conv2d(y, rng.standard_normal((1, 3, 3, 6)), rng.standard_normal(6), act="RELU6")
-    y = b.hard_swish(b.add(y, z, act="RELU6"))
-    y = b.reshape(b.mean_hw(y), [1, 6])
-    b.output(b.fully_connected(y, rng.standard_normal((5, 6)), rng.standard_normal(5), name="scores"))
-    return b.finish()
-
-
 def test_no_transpose_is_left_between_convs(tmp_path):
     """Without the pass every conv sits between two transposes; with it only the input's and the one before
     the final reshape (of a [1, C, 1, 1] mean) are left."""
@@ -56,7 +44,7 @@ def test_tflite_models_match_litert(tmp_path, monkeypatch, model):
     """Numerically the same as LiteRT; a sparse model's 1x1 convs then get their bias and ReLU6 fused and its
     depthwise convs go CHW (before, each stayed apart behind transposes)."""
     monkeypatch.setenv("SHRINKC_COST", "off")
-    buf = _layers_model() if model == "layers" else mobilenet_v2_tflite(num_blocks=6, resolution=32, num_classes=16,
+    buf = tflite_layers_model() if model == "layers" else mobilenet_v2_tflite(num_blocks=6, resolution=32, num_classes=16,
                                                                         sparsity=0.8)
     cm = driver.compile_model(_write(tmp_path, f"{model}.tflite", buf))
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]

@@ -11,6 +11,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from compiler.errors import ShrinkcError
 from compiler.frontend.tflite_import import HINTS_ATTR, import_tflite, sparse_hints
+from tests.conftest import tflite_layers_model
 from zoo.tflite_writer import TfliteBuilder, custom_op_tflite, mobilenet_v2_tflite
 
 SMALL = dict(num_blocks=4, resolution=32, num_classes=16)
@@ -135,15 +136,7 @@ def test_sparse_weights_read_without_densify(tmp_path):
 
 
 def test_layers(tmp_path):
-    rng = np.random.default_rng(3)
-    b = TfliteBuilder()
-    x = b.input([1, 9, 9, 4], name="image")
-    y = b.conv2d(x, rng.standard_normal((6, 3, 3, 4)), rng.standard_normal(6), stride=2, padding="VALID", act="RELU")
-    z = b.depthwise_conv2d(y, rng.standard_normal((1, 3, 3, 6)), rng.standard_normal(6), act="RELU6")
-    y = b.hard_swish(b.add(y, z, act="RELU6"))
-    y = b.reshape(b.mean_hw(y), [1, 6])
-    b.output(b.softmax(b.fully_connected(y, rng.standard_normal((5, 6)), rng.standard_normal(5)), name="scores"))
-    mod, info = check_against_litert(write(tmp_path, "layers.tflite", b.finish()))
+    mod, info = check_against_litert(write(tmp_path, "layers.tflite", tflite_layers_model()))
     assert (info.inputs[0].name, info.outputs[0].name, info.outputs[0].shape) == ("image", "scores", [1, 5])
 
 
