@@ -48,7 +48,8 @@ class MeanHW(ScheduleRule):
         if block is None:
             return None
         data, out = list(func.params) if len(func.params) == 2 else (None, None)   # the mean alone, NCHW
-        if data is not None and len(data.shape) == 4 and len(top_blocks(sch)) == 2:
+        if data is not None and len(data.shape) == 4 and int(data.shape[0]) == 1 and str(data.dtype) == "float32" \
+                and len(top_blocks(sch)) == 2:
             planes = mean_planes(data, out, spec.vector_lanes).with_attrs(func.attrs).with_attr("op_pattern", 8)
             return Scheduled(planes, "f32_mean_hw_chw", {})
         loops = sch.get_loops(block)

@@ -109,6 +109,18 @@ def test_mean_in_plain_nchw(hw):
     _check(model, "f32_mean_hw_chw")
 
 
+def test_mean_of_a_batch_keeps_the_general_schedule():
+    """The plane-summing NCHW mean serves batch 1 only; a batch of 2 keeps the general schedule and its
+    second image's means are right."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 1, 1])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    _check(model, "f32_mean_hw_nchw")
+
+
 def test_register_tile_caps_from_the_target():
     """A target's max_oc_blocks / max_pixel_tile bound the default tile; without caps the tile with
     the fewest loads per FMA wins (7 pixels x 3 blocks for 7-wide rows and 9 blocks)."""
