@@ -61,9 +61,9 @@ def planes_shape(c: int, h: int, w: int, plane: int | None) -> tuple:
 
 def clipped(a, clip, vec: int):
     """The vector a clamped to clip = (lo, hi), or its hard swish where clip is HSWISH; None clamps to the
-    float32 range."""
+    float32 range. vec 0: a is a scalar."""
     def const(v):
-        return tirx.Broadcast(tirx.FloatImm(F32, v), vec)
+        return tirx.Broadcast(tirx.FloatImm(F32, v), vec) if vec else tirx.FloatImm(F32, v)
     if clip == HSWISH:     # the importer's order of operations: x * (clip(x + 3, 0, 6) / 6)
         return a * (tirx.Min(tirx.Max(a + const(3.0), const(0.0)), const(6.0)) / const(6.0))
     lo, hi = (-3.4e38, 3.4e38) if clip is None else clip

@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from schedules.chw_rows import HSWISH, planes_shape
+from schedules.chw_rows import HSWISH, clipped, planes_shape
 from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
@@ -102,30 +102,15 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     ntiles = nfull + (1 if rem else 0)
     nb = cout // block
     nnzb = max(1, nnzb)
-    hswish = clip == HSWISH
-    lo = T.float32(-3.4e38 if clip is None or hswish else clip[0])
-    hi = T.float32(3.4e38 if clip is None or hswish else clip[1])
-    has_clip = clip is not None and not hswish
+    def act(value):      # the epilogue's activation, the one the CHW kernels apply (chw_rows.clipped)
+        return value if clip is None else clipped(value, clip, 0)
 
     @T.macro
     def finish(value, res, out, co, px):
-        if hswish:
-            if residual:
-                out[co, px] = value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6))
-                                       / T.float32(6)) + res[co, px]
-            else:
-                out[co, px] = value * (T.min(T.max(value + T.float32(3), T.float32(0)), T.float32(6))
-                                       / T.float32(6))
-        elif has_clip:
-            if residual:
-                out[co, px] = T.min(T.max(value, lo), hi) + res[co, px]
-            else:
-                out[co, px] = T.min(T.max(value, lo), hi)
+        if residual:
+            out[co, px] = act(value) + res[co, px]
         else:
-            if residual:
-                out[co, px] = value + res[co, px]
-            else:
-                out[co, px] = value
+            out[co, px] = act(value)
 
     @T.macro
     def fma(acc, x, wk, c, k, p0, nv, ns):
@@ -211,7 +196,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
     if clip is None:
         return func
-    return func.with_attr(CLIP_ATTR, HSWISH if hswish else [float(clip[0]), float(clip[1])])
+    return func.with_attr(CLIP_ATTR, HSWISH if clip == HSWISH else [float(clip[0]), float(clip[1])])
 
 
 def kernel_clip(func) -> list | str | None:
