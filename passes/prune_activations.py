@@ -6,18 +6,23 @@ project conv, or after the residual add): DepthShrinker's "final activation", wh
 per merged block; MergeLinearChains then merges the block and the ReLU6 becomes the merged conv's epilogue.
 Lossy: which blocks go is
 chosen from calibration data (compiler/shrink_auto.py) or named by the user (--shrink-blocks).
+Auto mode also passes `fits`: per block and activation a per-channel (a, b) fitted on the calibration data;
+such an activation becomes a * x + b, folded into the conv + bias before it (conv(W * a) + (bias * a + b)),
+so the block is still one linear chain; without a fit it becomes the identity.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from passes import changelog
+from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.merge_linear_chains import layer_name
-from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, users_of
+from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, rewriter, users_of
 from targets.errors import ShrinkcError
 
 NAME = "PruneActivations"
@@ -139,21 +144,60 @@ def relu6(x) -> relax.Expr:
 
 @rewriter
 class _Pruner(BindingRewriter):
-    # relu6(x) => x for the named blocks' activations; with final_activation, out => relu6(out) for their outputs
-    def __init__(self, mod, func, names, final_activation: bool):
+    # relu6(x) => x for the named blocks' activations, or with a fit (a, b): conv -> +bias -> relu6 =>
+    # conv(W * a) -> +(bias * a + b), the affine map folded into the conv before it (names kept);
+    # with final_activation, out => relu6(out) for the blocks' outputs
+    def __init__(self, mod, func, names, final_activation: bool, fits: dict):
         super().__init__(mod, func)
-        self.drop, self.final = {}, set()
+        self.drop, self.final = {}, set()   # activation var -> its replacement's (a, b), or None: the identity
+        self.scale, self.shift = {}, {}     # conv var -> a, bias add var -> (a, b): fits folded in place
+        bound = {b.var: b for blk in func.body.blocks for b in blk.bindings}
         for b in match_blocks(find_blocks(func), names)[0]:
-            for act in b.acts:
-                self.drop[act.var] = b.name
+            for i, act in enumerate(b.acts):
+                fit = fits[b.name][i] if b.name in fits else None
+                self.drop[act.var] = None if fit is not None and self._fold(bound, act, fit) else fit
             if final_activation and b.acts:
                 self.final.add(b.output)
             changelog.record(NAME, "removed_activations", b.name, activations=len(b.acts), layers=b.layers,
-                             final_activation=final_activation and bool(b.acts))
+                             final_activation=final_activation and bool(b.acts), fitted=b.name in fits)
+
+    def _fold(self, bound, act, fit) -> bool:
+        """Plan folding (a, b) into the conv + bias add that produce the activation's input; False if they
+        are not a single-use conv -> bias add."""
+        bias = bound.get(act.value.args[0])
+        if bias is None or op_name(bias.value) != "relax.add" or not self._only_reader(bias.var, act):
+            return False
+        src = next((a for a in bias.value.args if not is_const(a)), None)
+        conv = bound.get(src)
+        if conv is None or op_name(conv.value) != "relax.nn.conv2d" or not self._only_reader(conv.var, bias) \
+                or not is_const(conv.value.args[1]) or str(conv.value.attrs.kernel_layout) != "OIHW" \
+                or channel_vector(next(a for a in bias.value.args if is_const(a)), len(fit[0])) is None:
+            return False
+        self.scale[conv.var] = fit[0]
+        self.shift[bias.var] = fit
+        return True
+
+    def _only_reader(self, var, binding) -> bool:
+        user = self.only_user(var)
+        return user is not None and user.var.same_as(binding.var)
 
     def rewrite(self, var, value):
+        if var in self.scale:
+            w = const_np(value.args[1])
+            return relax.Call(value.op, [value.args[0], const(w * self.scale[var].reshape(-1, 1, 1, 1))],
+                              value.attrs)
+        if var in self.shift:
+            a, b = self.shift[var]
+            src = next(x for x in value.args if not is_const(x))
+            bias = channel_vector(next(x for x in value.args if is_const(x)), len(a))
+            return relax.op.add(src, const((bias * a + b).astype(np.float32).reshape(1, -1, 1, 1)))
         if var in self.drop:
-            return value.args[0]
+            x, fit = value.args[0], self.drop[var]
+            if fit is None:
+                return x
+            c = int(x.ty.shape.values[1])
+            return relax.op.add(self.emit(relax.op.multiply(x, const(np.reshape(fit[0], (1, c, 1, 1))))),
+                                const(np.reshape(fit[1], (1, c, 1, 1))))
         if var in self.final:
             return relu6(self.emit(value))
         return None
@@ -163,8 +207,8 @@ class _Pruner(BindingRewriter):
 class PruneActivations:
     """Remove the activations of named inverted residual blocks, so their convs become one linear chain."""
 
-    def __init__(self, blocks: list[str], final_activation: bool = False):
-        self.blocks, self.final_activation = list(blocks), final_activation
+    def __init__(self, blocks: list[str], final_activation: bool = False, fits: dict | None = None):
+        self.blocks, self.final_activation, self.fits = list(blocks), final_activation, dict(fits or {})
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not self.blocks:
@@ -175,5 +219,7 @@ class PruneActivations:
             names = ", ".join(b.name for b in found[:8]) + (", ..." if len(found) > 8 else "")
             raise ShrinkcError(f"--shrink-blocks: no block named {', '.join(unknown)}",
                                f"use block names from `shrinkc analyze` ({names or 'this model has none'})")
-        mod = rewrite_main(mod, _Pruner, self.blocks, self.final_activation)[0]
-        return relax.transform.CanonicalizeBindings()(mod)
+        mod = rewrite_main(mod, _Pruner, self.blocks, self.final_activation, self.fits)[0]
+        mod = relax.transform.CanonicalizeBindings()(mod)
+        # NOTE: the fitted maps fold into the conv before each activation, so each block is one linear chain again
+        return FoldScaleIntoConv()(mod) if self.fits else mod

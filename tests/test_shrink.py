@@ -252,3 +252,97 @@ def test_bench_shrink_auto_report_from_a_compile_report():
                          {1: {"auto": stats, "merge": stats, "speedup": 1.0}}, {"auto": 1, "merge": 0})
     assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md
     assert "calibration = 4 other images (not trained on)" in md
+
+
+# --- fitted removal: each removed activation becomes the per-channel affine map closest to it on calibration data ---
+def test_fit_affine_is_the_least_squares_line_per_channel():
+    from compiler.shrink_auto import fit_affine
+    rng = np.random.default_rng(3)
+    x = rng.normal([1.0, -2.0, 4.0, 0.5], [2.0, 1.0, 3.0, 0.0], (4000, 4)).astype(np.float64)
+    f = np.clip(x, 0.0, 6.0)
+    a, b = fit_affine(np.stack([x.mean(0), (x * x).mean(0), f.mean(0), (x * f).mean(0)]))
+    for c in range(3):
+        slope, icpt = np.polyfit(x[:, c], f[:, c], 1)
+        assert a[c] == pytest.approx(slope, rel=1e-4, abs=1e-5) and b[c] == pytest.approx(icpt, rel=1e-4, abs=1e-5)
+    assert a[3] == 1.0 and b[3] == pytest.approx(f[0, 3] - x[0, 3])   # constant input: a shift, exact there
+
+
+def _affine_instead_of(model, fits: dict):
+    """The ONNX model with each named Clip node replaced by Mul + Add with per-channel constants (a, b)."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    for name, (a, b) in fits.items():
+        at, node = next((i, n) for i, n in enumerate(g.node) if n.name == name)
+        out = node.output[0]
+        g.node.remove(node)
+        g.node.insert(at, helper.make_node("Mul", [node.input[0], f"{name}.a"], [f"{name}.ax"]))
+        g.node.insert(at + 1, helper.make_node("Add", [f"{name}.ax", f"{name}.b"], [out]))
+        g.initializer.extend([numpy_helper.from_array(np.asarray(v, np.float32).reshape(1, -1, 1, 1), f"{name}.{k}")
+                              for k, v in (("a", a), ("b", b))])
+    return model
+
+
+def test_fitted_removal_merges_and_equals_the_model_with_those_affine_maps():
+    """PruneActivations with fits: block3's ReLU6s become a x + b per channel, folded into the convs before
+    them, so the block still merges into one conv; the result equals ONNX Runtime on the model with the two
+    Clips replaced by those Mul + Add, to 1e-4."""
+    import tvm
+    from tvm import relax
+
+    from compiler import verify
+    from passes import changelog
+    from passes.merge_linear_chains import MergeLinearChains
+    from passes.prune_activations import PruneActivations
+    model = zoo.build("mobilenet_v2", **MV2)
+    mod, _ = cleaned(model, resolve(None, None))
+    (blk,) = [b for b in find_blocks(mod["main"]) if b.name == "block3"]
+    chans = [int(a.value.args[0].ty.shape.values[1]) for a in blk.acts]
+    rng = np.random.default_rng(4)
+    fits = [(rng.uniform(0.3, 1.2, c).astype(np.float32), rng.uniform(-0.5, 0.5, c).astype(np.float32))
+            for c in chans]
+    with changelog.collecting() as book:
+        pruned = PruneActivations(["block3"], fits={"block3": fits})(mod)
+        merged = MergeLinearChains(None, select=False)(pruned)
+    changes = book.summary()
+    assert changes["PruneActivations"]["changes"][0]["fitted"] is True
+    assert any(c["layers"] == ["block3_expand", "block3_dw", "block3_project"]
+               for c in changes["MergeLinearChains"]["changes"])
+    ops = [str(b.value.op.name) for blk_ in merged["main"].body.blocks for b in blk_.bindings
+           if isinstance(b.value, relax.Call) and hasattr(b.value.op, "name")]
+    assert "relax.multiply" not in ops        # the affine maps were folded into the convs
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    ref = verify.reference_outputs("onnx", _affine_instead_of(
+        zoo.build("mobilenet_v2", **MV2), {"block3.expand.relu6": fits[0], "block3.dw.relu6": fits[1]})
+        .SerializeToString(), {"input": x})
+    target = tvm.target.Target.from_device("cpu")
+    with target:
+        ex = tvm.compile(merged, target, relax_pipeline=relax.get_default_pipeline(target))
+    out = relax.VirtualMachine(ex, tvm.cpu(0))["main"](tvm.runtime.tensor(x))
+    out = out if hasattr(out, "numpy") else out[0]
+    (res,) = verify.compare(["out"], [out.numpy()], ref, tolerance=1e-4)
+    assert res.ok, res.line()
+
+
+def test_gated_model_fits_the_activation_on_its_calibration_inputs(mv2_path, calib_path):
+    """fit_block's (a, b) for block3's first ReLU6 equal a least-squares line through that activation's
+    inputs, read from ONNX Runtime on the same calibration images."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compiler.shrink_auto import GatedModel
+    mod, _ = cleaned(onnx.load(mv2_path), resolve(None, None))
+    blocks = [b for b in find_blocks(mod["main"]) if b.acts]
+    model = GatedModel(mod, blocks)
+    feeds = samples(load_calibration(calib_path), model.inputs)
+    fits = model.fit_block(feeds, "block3", set(), {})
+    first = model.act_indices("block3")[0]
+    m = onnx.load(mv2_path)
+    m.graph.output.append(helper.make_tensor_value_info("block3.expand", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = np.concatenate([sess.run(["block3.expand"], f)[0] for f in feeds])     # [N, C, H, W]
+    xs = xs.transpose(1, 0, 2, 3).reshape(xs.shape[1], -1)
+    a, b = fits[first]
+    for c in range(0, xs.shape[0], 7):
+        slope, icpt = np.polyfit(xs[c], np.clip(xs[c], 0, 6), 1)
+        assert a[c] == pytest.approx(slope, rel=1e-3, abs=1e-4) and b[c] == pytest.approx(icpt, rel=1e-3, abs=1e-4)
+    assert not np.allclose(a, 1.0)            # the calibration inputs do reach below 0
