@@ -100,7 +100,9 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
              f"(not trained on), evaluation = the {info['test_samples']} held-out images",
              f"- `--shrink auto --max-drop {max_drop}` removed {len(removed)} of {len(measured)} blocks: "
              f"{', '.join(removed) or 'none'} (agreement on the calibration data {calib_agreement}); "
-             f"chains merged: auto {merged['auto']}, merge-only {merged['merge']}", "",
+             f"chains merged: auto {merged['auto']}, merge-only {merged['merge']}",
+             "- a removed activation becomes its least-squares per-channel affine fit on the calibration data "
+             "(compiler/shrink_auto.py), folded into the conv before it", "",
              "| held-out | accuracy | top-1 agreement with the original |", "|---|---|---|",
              f"| original (ONNX Runtime) | {ev['original']['accuracy']:.4f} | - |",
              f"| shrinkc --shrink merge | {ev['merge']['accuracy']:.4f} | {ev['merge']['agreement']:.4f} |",
@@ -109,7 +111,7 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
     for n, t in times.items():
         lines.append(f"| {n} | {t['auto']['median_ms']:.4f} | {t['merge']['median_ms']:.4f} | "
                      f"**{t['speedup']:.2f}x** |")
-    lines += ["", "| block | linearity (1 - max non-linear share) | agreement alone | removed |", "|---|---|---|---|"]
+    lines += ["", "| block | linearity (1 - max non-linear share) | agreement alone (fitted removal) | removed |", "|---|---|---|---|"]
     lines += [f"| {m['layer']} | {m['linearity']:.4f} | {m['agreement_alone']:.4f} | "
               f"{'yes' if m['removed'] else 'no'} |" for m in measured]
     return "\n".join(lines)
