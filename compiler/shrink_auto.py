@@ -148,16 +148,18 @@ class GatedModel:
             k += len(b.acts)
         return []
 
-    def fit_block(self, feeds, name: str, removed: set[str], fits: dict) -> dict:
+    def fit_block(self, feeds, name: str, removed: set[str], fits: dict, moments: list | None = None) -> dict:
         """fits plus the least-squares affine maps of block `name`'s activations, each measured with the
-        blocks in `removed` (their fits in place) and the block's earlier activations already replaced."""
+        blocks in `removed` (their fits in place) and the block's earlier activations already replaced.
+        moments: those run() returned for exactly (removed, fits), if at hand (saves the first run)."""
         fits = dict(fits)
         idx = self.act_indices(name)
         for j, i in enumerate(idx):
-            # NOTE: removing `name` with only its first j activations fitted: the j-th sees its real input
-            part = {k: v for k, v in fits.items() if k not in idx[j:]}
-            moments = self.run(feeds, removed | ({name} if j else set()), part)[2][i]
-            fits[i] = fit_affine(moments)
+            if j or moments is None:
+                # NOTE: removing `name` with only its first j activations fitted: the j-th sees its real input
+                part = {k: v for k, v in fits.items() if k not in idx[j:]}
+                moments = self.run(feeds, removed | ({name} if j else set()), part)[2]
+            fits[i] = fit_affine(moments[i])
         return fits
 
 
@@ -170,12 +172,12 @@ def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False, 
         return [], None, [], np.zeros(0)
     model = GatedModel(mod, blocks, final_activation)
     feeds = calibration.samples(calib, model.inputs)
-    ref, shares, _ = model.run(feeds, set())
+    ref, shares, moments = model.run(feeds, set())
     stats, k = [], 0
     for b in blocks:
         nonlinear = [float(s) for s in shares[k:k + len(b.acts)]]
         k += len(b.acts)
-        fits = model.fit_block(feeds, b.name, set(), {}) if fit else {}
+        fits = model.fit_block(feeds, b.name, set(), {}, moments) if fit else {}
         alone = float(np.mean(model.run(feeds, {b.name}, fits)[0] == ref))
         stats.append(BlockStats(b.name, b.layers, nonlinear, alone))
     return stats, model, feeds, ref
@@ -186,16 +188,17 @@ def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: flo
     """Greedy: the most linear blocks first, each kept out only while agreement stays >= 1 - max_drop.
     Returns the blocks, the agreement, and {block: [(a, b) per activation]} (empty without fit)."""
     removed: list[str] = []
-    agreement, fits = 1.0, {}
+    agreement, fits, moments = 1.0, {}, None    # moments: of the model as removed and fits leave it, once run
     for s in sorted(stats, key=lambda s: (-s.linearity, -s.agreement_alone)):
         if s.agreement_alone < 1.0 - max_drop:
             changelog.skip(NAME, s.name, f"alone it drops agreement to {s.agreement_alone:.3f}")
             continue
-        trial_fits = model.fit_block(feeds, s.name, set(removed), fits) if fit else {}
-        trial = float(np.mean(model.run(feeds, set(removed) | {s.name}, trial_fits)[0] == ref))
+        trial_fits = model.fit_block(feeds, s.name, set(removed), fits, moments) if fit else {}
+        top1, _, trial_moments = model.run(feeds, set(removed) | {s.name}, trial_fits)
+        trial = float(np.mean(top1 == ref))
         if trial >= 1.0 - max_drop:
             removed.append(s.name)
-            agreement, fits = trial, trial_fits
+            agreement, fits, moments = trial, trial_fits, trial_moments
         else:
             changelog.skip(NAME, s.name, f"with the blocks before it agreement would be {trial:.3f} "
                            f"< {1.0 - max_drop:.3f}")
