@@ -72,7 +72,7 @@ class _Gater(BindingRewriter):
         out = self.builder_.emit_output
         self.extra.append(out(relax.op.mean(relax.op.astype(outside, "float32"))))
         for t in (x, relax.op.multiply(x, x), act, relax.op.multiply(x, act)):
-            self.extra.append(out(relax.op.mean(self.emit(t) if t is not x else t, axis=[0, 2, 3])))
+            self.extra.append(out(relax.op.mean(t if isinstance(t, relax.Var) else self.emit(t), axis=[0, 2, 3])))
         lin = self.emit(relax.op.add(relax.op.multiply(x, scale), shift))
         return relax.op.add(lin, relax.op.multiply(gate, relax.op.subtract(act, lin)))
 

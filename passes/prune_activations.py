@@ -22,7 +22,8 @@ from tvm import relax
 from passes import changelog
 from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.merge_linear_chains import layer_name
-from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, rewriter, users_of
+from passes.rewriting import (BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main,
+                              rewriter, users_of)
 from targets.errors import ShrinkcError
 
 NAME = "PruneActivations"
@@ -163,7 +164,10 @@ class _Pruner(BindingRewriter):
 
     def _fold(self, bound, act, fit) -> bool:
         """Plan folding (a, b) into the conv + bias add that produce the activation's input; False if they
-        are not a single-use conv -> bias add."""
+        are not a single-use conv -> bias add (then a * x + b is emitted and FoldScaleIntoConv folds it).
+        NOTE: folded here, not by FoldScaleIntoConv, because that pass binds the folded bias to the last
+        step's variable, the activation's, and the layer would be renamed (block3_expand -> block3_expand_relu6)
+        in the report and for --shrink-blocks."""
         bias = bound.get(act.value.args[0])
         if bias is None or op_name(bias.value) != "relax.add" or not self._only_reader(bias.var, act):
             return False
