@@ -30,8 +30,18 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads for verification and timing runs")
 
 
+def _share(flag: str, value: float) -> float:
+    """A share given on the command line (--max-drop, --sparse-min): between 0 and 1, or one error line."""
+    if not 0.0 <= value <= 1.0:
+        raise ShrinkcError(f"{flag} {value:g} is not a share between 0 and 1",
+                           f"write it as a fraction ({flag} 0.01 means 1%)")
+    return value
+
+
 def _compile_kwargs(args) -> dict:
     from compiler.frontend.onnx_import import parse_input_pins
+    _share("--max-drop", args.max_drop)
+    _share("--sparse-min", args.sparse_min)
     kw = dict(target=args.target, inputs=parse_input_pins(args.input), cc=args.cc, tuning_db=args.tuning_db,
               shrink=args.shrink, sparse=args.sparse, sparse_min=args.sparse_min, max_drop=args.max_drop,
               shrink_blocks=[b for b in args.shrink_blocks.split(",") if b], final_activation=args.final_activation)
@@ -135,11 +145,12 @@ def cmd_inspect(args) -> int:
 def cmd_analyze(args) -> int:
     from compiler.analyze import analyze, render
     from compiler.frontend.onnx_import import parse_input_pins
+    sparse_min = _share("--sparse-min", args.sparse_min)
     calib = None
     if args.calib:
         from compiler.calibration import load_calibration
         calib = load_calibration(args.calib)
-    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input), sparse_min=args.sparse_min,
+    print(render(analyze(args.model, calib, args.target, parse_input_pins(args.input), sparse_min=sparse_min,
                          final_activation=args.final_activation)))
     return 0
 

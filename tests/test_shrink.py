@@ -117,6 +117,16 @@ def test_unknown_block_name_is_one_line_error(mv2_path, tmp_path, capsys):
     assert code == 2 and "no block named block99" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv", [["compile", "--max-drop", "-0.5"], ["compile", "--max-drop", "2"],
+                                  ["compile", "--sparse-min", "80"], ["analyze", "--sparse-min", "1.5"]])
+def test_shares_outside_0_1_are_one_line_errors(mv2_path, tmp_path, capsys, argv):
+    cmd, flag, value = argv
+    out_so = tmp_path / "m.so"
+    code, _, err = run_cli([cmd, mv2_path, *(["-o", out_so] if cmd == "compile" else []), flag, value], capsys)
+    assert code == 2 and f"{flag} {float(value):g} is not a share between 0 and 1" in err
+    assert len(err.strip().splitlines()) == 1 and not out_so.exists()
+
+
 def test_auto_without_calibration_is_an_error(mv2_path, tmp_path, capsys):
     code, _, err = run_cli(["compile", mv2_path, "-o", tmp_path / "m.so", "--shrink", "auto"], capsys)
     assert code == 2 and "--calib" in err
