@@ -13,8 +13,9 @@ A depthwise kernel whose only reader is a sparse 1x1 writes its planes padded to
 7x7 planes (196 or 49 floats) most planes would start mid cache line, and every vector load of the
 1x1's inner loop would split across two lines.
 The network's first conv (dense, at most MAX_CIN input channels) whose only reader is such a
-depthwise conv becomes call_tir(f32_conv3x3s2_chw_112x1x4, x, W, bias): it reads the NCHW input and
-writes CHW, so the region starts at the model's input.
+depthwise conv is fused with it: call_tir(f32_conv3x3s2_dwconv3x3s1_chw_112x4x4, x, W1, bias1, W, bias)
+reads the NCHW input and writes CHW, so the region starts at the model's input, and the first conv's
+output never goes to memory.
 NOTE: runs after SparsifyConv1x1 (it looks for its kernels).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules import handwritten
-from schedules.f32_conv2d_chw import MAX_CIN
+from schedules.f32_conv2d_dwconv2d_chw import MAX_CIN
 from schedules.f32_spmm_chw import kernel_clip
 
 NAME = "FormCHWRegions"
@@ -71,7 +72,8 @@ def depthwise_weights(value) -> np.ndarray | None:
 
 
 def first_conv_weights(value) -> np.ndarray | None:
-    """[O, I, k, k] weights of a dense conv with few input channels (a network's first) f32_conv2d_chw covers."""
+    """[O, I, k, k] weights of a dense conv with few input channels (a network's first) that
+    f32_conv2d_dwconv2d_chw covers."""
     return _conv_weights(value, depthwise=False)
 
 
@@ -83,6 +85,7 @@ class _Regions(BindingRewriter):
         self.plans: dict = {}
         self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         self.planes: dict = {}    # depthwise output (input function's var) -> its padded plane
+        self.first_convs: dict = {}   # a first conv's output (input function's var) -> its plan, fused into its reader
 
     def rewrite(self, var, value):
         if var in self.plans:
@@ -153,16 +156,16 @@ class _Regions(BindingRewriter):
         return None
 
     def emit_first_conv(self, plan):
-        _, cin, h, wd = (int(d) for d in plan["x"].ty.shape.values)
-        k, stride, pads = _kxk(plan)
-        func = handwritten.build("conv2d_chw", {"cin": cin, "cout": plan["w"].shape[0], "h": h, "w": wd, "k": k,
-                                                "stride": stride, "pads": pads, "clip": plan["clip"],
-                                                "lanes": self.spec.vector_lanes}, self.spec)
-        return self.call_kernel(plan, func, "chw", [plan["x"]])
+        """Nothing: the depthwise conv that reads the first conv computes it (fuse_with_first_conv); its
+        bindings stay as they are until then and are dropped as dead."""
+        self.first_convs[plan["last"]] = plan
+        return None
 
     def emit(self, var, plan):
         self.pad_planes(plan)
-        fused = self.fuse_with_expand(plan)
+        fused = self.fuse_with_first_conv(plan)
+        if fused is None:
+            fused = self.fuse_with_expand(plan)
         if fused is not None:
             return fused
         _, c, h, wd = (int(d) for d in plan["x"].ty.shape.values)
@@ -235,6 +238,23 @@ class _Regions(BindingRewriter):
         bias = plan["bias"] if plan["bias"] is not None else np.zeros(w.shape[0], np.float32)
         changelog.record(NAME, what, plan["conv"], kernel=str(func.attrs["global_symbol"]), **details)
         return relax.call_tir(gv, relax.Tuple([*inputs, const(w), const(bias)]), plan["out_ty"])
+
+    def fuse_with_first_conv(self, plan):
+        """first conv -> this depthwise conv (first_conv planned it): one kernel that never writes the first
+        conv's output to memory (f32_conv2d_dwconv2d_chw)."""
+        first = self.first_convs.pop(plan["x_in"], None)
+        if first is None:
+            return None
+        _, cin, h, wd = (int(d) for d in first["x"].ty.shape.values)
+        k1, stride1, pads1 = _kxk(first)
+        k, stride, pads = _kxk(plan)
+        func = handwritten.build("conv2d_dwconv2d_chw", {
+            "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "k1": k1, "stride1": stride1, "pads1": pads1,
+            "clip1": first["clip"], "k": k, "stride": stride, "pads": pads, "clip": plan["clip"],
+            "lanes": self.spec.vector_lanes, "out_plane": plan["plane"]}, self.spec)
+        bias1 = first["bias"] if first["bias"] is not None else np.zeros(first["w"].shape[0], np.float32)
+        return self.call_kernel(plan, func, "fused_first_conv", [first["x"], const(first["w"]), const(bias1)],
+                                first_conv=first["conv"])
 
     def fuse_with_expand(self, plan):
         """sparse 1x1 (no residual) -> this depthwise conv, where the conv is the 1x1's only reader:

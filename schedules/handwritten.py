@@ -15,12 +15,12 @@ from typing import Callable
 
 from tvm import tirx
 
-from schedules import chw_rows, f32_conv2d_chw, f32_dwconv2d_chw, f32_spmm_chw, f32_spmm_dwconv2d_chw
+from schedules import chw_rows, f32_conv2d_dwconv2d_chw, f32_dwconv2d_chw, f32_spmm_chw, f32_spmm_dwconv2d_chw
 from schedules.rule import BUILDER_ATTR, Scheduled, ScheduleRule, recipe
 
 ROW_OPTIONS = (1, 2, 3, 4)          # output rows per step of a depthwise conv (chw_rows.RowConv)
 GROUP_OPTIONS = (1, 2, 4, 8)        # channel blocks per task of the fused expand + depthwise kernel
-OUT_BLOCK_OPTIONS = (2, 4, 8, 16)   # output channels per task of the first conv
+OUT_BLOCK_OPTIONS = (2, 4, 8, 16)   # first-conv channels per task of the fused first conv + depthwise kernel
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,11 @@ def _fused_space(a: dict, spec) -> list[dict]:
     return [{"rows": r, "group": g} for r in ROW_OPTIONS for g in GROUP_OPTIONS if blocks % g == 0]
 
 
-def _conv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
-    return f32_conv2d_chw.conv2d_chw(a["cin"], a["cout"], a["h"], a["w"], a["k"], a["stride"], a["pads"],
-                                     clip=a["clip"], lanes=a["lanes"], out_block=k["out_block"])
+def _conv2d_dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_conv2d_dwconv2d_chw.conv2d_dwconv2d_chw(
+        a["cin"], a["c"], a["h"], a["w"], a["k1"], a["stride1"], a["pads1"], a["k"], a["stride"], a["pads"],
+        clip1=a["clip1"], clip=a["clip"], lanes=a["lanes"], out_block=k["out_block"], rows=k["rows"],
+        out_plane=a["out_plane"])
 
 
 def _target(kind: str, spec, knobs: dict) -> dict:
@@ -87,10 +89,12 @@ BUILDERS = {
         _spmm_dwconv2d_chw,
         lambda a, spec: _target("spmm_dwconv2d_chw", spec, {"rows": chw_rows.ROWS, "group": 1}),
         _fused_space),
-    "conv2d_chw": Builder(
-        _conv2d_chw,
-        lambda a, spec: _target("conv2d_chw", spec, {"out_block": f32_conv2d_chw.OUT_BLOCK}),
-        lambda a, spec: [{"out_block": b} for b in OUT_BLOCK_OPTIONS if a["cout"] % b == 0]),
+    "conv2d_dwconv2d_chw": Builder(
+        _conv2d_dwconv2d_chw,
+        lambda a, spec: _target("conv2d_dwconv2d_chw", spec, {"out_block": f32_conv2d_dwconv2d_chw.OUT_BLOCK,
+                                                              "rows": chw_rows.ROWS}),
+        lambda a, spec: [{"out_block": b, "rows": r} for b in OUT_BLOCK_OPTIONS if a["c"] % b == 0
+                         for r in ROW_OPTIONS]),
 }
 
 

@@ -123,9 +123,11 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # 1x1 only: with them for every conv, DS-F MobileNetV2-1.4's merged 3x3 convs ran slower (its merged /
         # unmerged speed-up fell from 1.68x to 1.43x at 1 thread in a `bench.py shrink` run, not committed).
         defaults["conv1x1"] = {"max_oc_blocks": 2, "conv2d_nchwc": {"unroll_ci": False}}
-        # the CHW first conv of sparse models: 4 output channels per task ran faster than 8 (Zen 4's choice)
-        # alone and inside 85%-sparse MobileNetV2 (ad-hoc interleaved A/Bs on a Zen 5 host)
-        defaults["conv2d_chw"] = {"out_block": 4}
+        # the CHW first conv of sparse models, fused with block 0's depthwise conv: 4 first-conv channels per
+        # task ran faster than 8 (Zen 4's choice) alone and inside 85%-sparse MobileNetV2 (unfused, ad-hoc
+        # interleaved A/Bs on a Zen 5 host); fused, 4 channels x 4 depthwise rows per step timed fastest of
+        # 2-4 channels x 1-4 rows on MobileNetV2's pair alone (ad hoc, interleaved)
+        defaults["conv2d_dwconv2d_chw"] = {"out_block": 4, "rows": 4}
         # the fused expand + depthwise kernel: `shrinkc tune` there picked 2-8 channel blocks per task and 3-4
         # rows per step for most of 85%-sparse MobileNetV2's; 3 rows x 2 blocks as the default made the whole
         # model faster at 1 and 2 threads, as fast as the tuned library (ad-hoc interleaved A/Bs)

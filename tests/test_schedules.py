@@ -152,13 +152,16 @@ def test_avx512_default_tile_is_one_channel_block():
     assert (knobs["pixel_tile"], knobs["oc_blocks"], knobs["unroll_ci"]) == (7, 1, True)
     from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc
     assert Conv2dWinogradNCHWc().default_knobs({"nty": 7, "ntx": 7, "cob": 20, "bo": 16}, zen5)["oc_blocks"] == 1
-    # the CHW first conv of sparse models (a kernel a pass builds, schedules/handwritten.py): 4 channels a task
+    # the CHW first conv + depthwise of sparse models (a kernel a pass builds, schedules/handwritten.py):
+    # 4 first-conv channels a task, 4 depthwise rows a step
     from schedules import handwritten
-    stem = {"cin": 3, "cout": 32, "h": 32, "w": 32, "k": 3, "stride": 2, "pads": [0, 0, 1, 1], "clip": [0.0, 6.0],
-            "lanes": 16}
-    assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen5))["knobs"] == {"out_block": 4}
+    stem = {"cin": 3, "c": 32, "h": 32, "w": 32, "k1": 3, "stride1": 2, "pads1": [0, 0, 1, 1], "clip1": [0.0, 6.0],
+            "k": 3, "stride": 1, "pads": [1] * 4, "clip": [0.0, 6.0], "lanes": 16, "out_plane": None}
+    assert handwritten.recipe(handwritten.build("conv2d_dwconv2d_chw", stem, zen5))["knobs"] == \
+        {"out_block": 4, "rows": 4}
     zen4 = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
-    assert handwritten.recipe(handwritten.build("conv2d_chw", stem, zen4))["knobs"] == {"out_block": 8}
+    assert handwritten.recipe(handwritten.build("conv2d_dwconv2d_chw", stem, zen4))["knobs"] == \
+        {"out_block": 8, "rows": 2}
     # the fused expand + depthwise kernel: 3 rows a step, 2 channel blocks a task (1 where the blocks are odd)
     fused = {"cin": 8, "c": 24, "h": 14, "w": 14, "block": 1, "nnzb": 20, "k": 3, "stride": 1, "pads": [1] * 4,
              "clip1": [0.0, 6.0], "clip": [0.0, 6.0], "lanes": 16, "col_dtype": "int16", "out_plane": None,

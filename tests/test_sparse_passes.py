@@ -193,14 +193,18 @@ def test_depthwise_pointwise_chains_read_padded_planes_in_fused_kernels(monkeypa
 
 
 def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
-    """All 1x1s sparse (from block 0): the first conv reads the NCHW input and writes CHW
-    (f32_conv3x3s2_chw_...), no layout transform before the first sparse kernel; equal to ONNX Runtime.
-    With the region starting at block 3 the first conv stays blocked."""
+    """All 1x1s sparse (from block 0): the first conv, fused with block 0's depthwise conv, reads the NCHW
+    input and writes CHW (f32_conv3x3s2_dwconv3x3s1_chw_...), no layout transform before the first sparse
+    kernel; equal to ONNX Runtime. With the region starting at block 3 the first conv stays blocked."""
     from zoo.mobilenet_v2 import mobilenet_v2
     monkeypatch.setenv("SHRINKC_COST", "off")
     model = mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_from=0)
     cm = driver.compile_model(model)
-    assert any(k.startswith("f32_conv3x3s2_chw_") for k in cm.report["kernels"])
+    assert any(k.startswith("f32_conv3x3s2_dwconv3x3s1_chw_") for k in cm.report["kernels"])
+    (fused,) = [c for c in cm.report["passes"]["FormCHWRegions"]["changes"] if c["what"] == "fused_first_conv"]
+    assert fused["layer"] == "block0_dw" and fused["first_conv"] == "stem"
+    assert "block0_dw" not in {c["layer"] for c in cm.report["passes"]["FormCHWRegions"]["changes"]
+                               if c["what"] == "chw"}
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
     mod, _ = _sparsify(_cleaned(model))
     with SPEC.tvm_target():
@@ -208,10 +212,11 @@ def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     lines = [ln for ln in lowered.script(show_meta=False).splitlines()
              if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
     first_sparse = next(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
-    assert "f32_conv3x3s2_chw_" in lines[0] and not any("layout_transform" in ln for ln in lines[:first_sparse])
+    assert "f32_conv3x3s2_dwconv3x3s1_chw_" in lines[0] \
+        and not any("layout_transform" in ln for ln in lines[:first_sparse])
     late, _ = _sparsify(_cleaned(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85,
                                               sparse_from=3)))
-    assert "f32_conv3x3s2_chw_" not in late.script(show_meta=False)
+    assert "f32_conv3x3s2_" not in late.script(show_meta=False)
 
 
 def test_sparse_off_leaves_convs_dense(monkeypatch):
@@ -335,7 +340,7 @@ def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(m
     n_depthwise = cleaned.script(show_meta=False).count("groups=") - cleaned.script(show_meta=False).count("groups=1,")
     mod, book = _sparsify(cleaned)
     counts = book["FormCHWRegions"]["counts"]
-    assert counts.get("chw", 0) + counts.get("fused", 0) == n_depthwise > 0
+    assert counts.get("chw", 0) + counts.get("fused", 0) + counts.get("fused_first_conv", 0) == n_depthwise > 0
     # every SE product feeding a sparse 1x1 is folded into it: the gate scales its weights, x * gate is not stored
     n_se = sum(1 for n in model.graph.node if n.name.endswith("se.mul"))
     assert counts.get("se_gate") == n_se > 0

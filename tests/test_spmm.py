@@ -11,7 +11,7 @@ import tvm
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
 from schedules.chw_rows import HSWISH, aligned_plane
-from schedules.f32_conv2d_chw import conv2d_chw
+from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
@@ -285,6 +285,48 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_first_conv_dwconv_stays_inside_its_buffers(guard):
+    """The fused first conv + depthwise kernel with the model's input and its output each against an
+    inaccessible page (TF-'same' padding of the first conv, 2 x 112 input columns, odd rows)."""
+    rng = np.random.default_rng(11)
+    cin, c, h, w = 3, 8, 9, 224
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, cin, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    w2 = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b2 = rng.standard_normal(c).astype(np.float32)
+    first = np.clip(_conv_ref(x, wt, b, 2, (0, 0, 1, 1)), 0, 6).astype(np.float32)
+    ref = _dw_ref(first, w2, b2, 1, [1] * 4, (0.0, 6.0))
+    func = conv2d_dwconv2d_chw(cin, c, h, w, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+                               lanes=SPEC.vector_lanes, out_block=4, rows=4)
+    out = _run_guarded(func, [x, wt, b, w2, b2], {0}, ref.shape, guard)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_first_conv_dwconv_writes_padded_planes():
+    """With out_plane (its reader a sparse 1x1) the fused first conv + depthwise kernel writes each 5 x 15
+    plane into 80 floats: pixels 0-74 the result, 75-79 untouched (their NaN fill stays)."""
+    rng = np.random.default_rng(12)
+    cin, c, h, w = 3, 8, 11, 30
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, cin, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    w2 = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b2 = rng.standard_normal(c).astype(np.float32)
+    first = np.clip(_conv_ref(x, wt, b, 2, (0, 0, 1, 1)), 0, 6).astype(np.float32)
+    ref = _dw_ref(first, w2, b2, 1, [1] * 4, (0.0, 6.0)).reshape(1, c, 75)
+    plane = aligned_plane(75, SPEC.vector_lanes)
+    func = conv2d_dwconv2d_chw(cin, c, h, w, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+                               lanes=SPEC.vector_lanes, out_plane=plane)
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    out = tvm.runtime.tensor(np.full((1, c, plane), np.nan, np.float32))
+    ex[str(func.attrs["global_symbol"])](*(tvm.runtime.tensor(a) for a in (x, wt, b, w2, b2)), out)
+    got = out.numpy()
+    np.testing.assert_allclose(got[:, :, :75], ref, rtol=1e-5, atol=1e-5)
+    assert plane > 75 and np.isnan(got[:, :, 75:]).all()
+
+
 @pytest.mark.parametrize("h,w,s", [(14, 14, 1), (7, 7, 1), (28, 28, 2), (5, 7, 1)])
 def test_padded_planes_from_depthwise_to_spmm(h, w, s):
     """A depthwise kernel (plain and fused with its expand) writing planes padded to whole vectors
@@ -323,27 +365,41 @@ def test_padded_planes_from_depthwise_to_spmm(h, w, s):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _conv_ref(x, wt, b, s, pads):
+    """Dense conv of NCHW x with OIHW wt, stride s, pads (top, left, bottom, right), plus bias."""
+    k = wt.shape[2]
+    top, left, bottom, right = pads
+    _, _, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    return sum(np.einsum("oc,nchw->nohw", wt[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow])
+               for i in range(k) for j in range(k)) + b[None, :, None, None]
+
+
 @pytest.mark.parametrize("cin,cout,h,w,k,s,pads", [(3, 32, 30, 30, 3, 2, (0, 0, 1, 1)), (3, 16, 9, 20, 3, 2, (1, 1, 1, 1)),
                                                   (1, 8, 7, 7, 3, 1, (1, 1, 1, 1)), (2, 6, 13, 11, 5, 2, (2, 2, 2, 2)),
                                                   (4, 5, 6, 37, 5, 1, (2, 2, 2, 2)), (3, 48, 8, 224, 3, 2, (0, 0, 1, 1)),
                                                   (3, 24, 7, 61, 3, 2, (1, 1, 1, 1))])
-@pytest.mark.parametrize("clip,out_block", [(None, 16), ((0.0, 6.0), 8), ((0.0, 6.0), 4)])
-def test_first_conv_chw_matches_numpy(cin, cout, h, w, k, s, pads, clip, out_block):
-    """The dense CHW conv for a network's first layer: few input channels, output channels a multiple of its
-    block (out_block, a knob) or not, strides 1/2, k 3/5, TF-'same' and symmetric padding, odd widths, rows
-    of one vector and of several column chunks (MobileNetV2's 224-wide input)."""
+@pytest.mark.parametrize("clip,out_block,k2,s2,rows", [(None, 16, 3, 1, 2), ((0.0, 6.0), 8, 5, 2, 1),
+                                                       ((0.0, 6.0), 4, 3, 2, 4)])
+def test_first_conv_fused_with_depthwise_matches_numpy(cin, cout, h, w, k, s, pads, clip, out_block, k2, s2, rows):
+    """The network's first conv (few input channels) fused with the depthwise conv that reads it: output
+    channels a multiple of the first conv's block (out_block, a knob) or not, strides 1/2 and k 3/5 for
+    both, TF-'same' and symmetric padding, odd widths, rows of one vector and of several column chunks
+    (MobileNetV2's 224-wide input), depthwise rows per step 1/2/4."""
     rng = np.random.default_rng(cin * w + k)
     x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
     wt = rng.standard_normal((cout, cin, k, k)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32)
-    top, left, bottom, right = pads
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
-    ref = sum(np.einsum("oc,nchw->nohw", wt[:, :, i, j], xp[:, :, i:i + s * oh:s, j:j + s * ow:s][:, :, :oh, :ow])
-              for i in range(k) for j in range(k)) + b[None, :, None, None]
-    ref = np.clip(ref, *clip) if clip else ref
-    out = _run(conv2d_chw(cin, cout, h, w, k, s, list(pads), clip=clip, lanes=SPEC.vector_lanes, out_block=out_block),
-               [x, wt, b], ref.shape)
+    w2 = rng.standard_normal((cout, 1, k2, k2)).astype(np.float32)
+    b2 = rng.standard_normal(cout).astype(np.float32)
+    first = _conv_ref(x, wt, b, s, pads)
+    first = np.clip(first, *clip) if clip else first
+    pads2 = [k2 // 2] * 4
+    ref = _dw_ref(first.astype(np.float32), w2, b2, s2, pads2, clip)
+    func = conv2d_dwconv2d_chw(cin, cout, h, w, k, s, list(pads), k2, s2, pads2, clip1=clip, clip=clip,
+                               lanes=SPEC.vector_lanes, out_block=out_block, rows=rows)
+    out = _run(func, [x, wt, b, w2, b2], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -354,7 +410,7 @@ def _hard_swish(y):
 def test_hard_swish_epilogue_in_every_chw_kernel():
     """HSWISH as the epilogue (MobileNetV3's x * clip(x + 3, 0, 6) / 6) of the spmm (with and without the
     residual add after it), the CHW depthwise conv, both epilogues of the fused expand + depthwise kernel, and
-    the CHW first conv; inputs scaled so values fall on both sides of -3 and 3."""
+    both epilogues of the fused first conv + depthwise kernel; inputs scaled so values fall on both sides of -3 and 3."""
     rng = np.random.default_rng(7)
     lanes = SPEC.vector_lanes
     cin, cout, h, w = 12, 16, 5, 9
@@ -385,12 +441,11 @@ def test_hard_swish_epilogue_in_every_chw_kernel():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
     w3 = rng.standard_normal((cout, 3, 3, 3)).astype(np.float32)
-    xp = np.pad(x[:, :3], ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = sum(np.einsum("oc,nchw->nohw", w3[:, :, i, j], xp[:, :, i:i + h, j:j + w])
-              for i in range(3) for j in range(3)) + bias[None, :, None, None]
-    out = _run(conv2d_chw(3, cout, h, w, 3, 1, [1] * 4, clip=HSWISH, lanes=lanes), [x[:, :3].copy(), w3, bias],
-               ref.shape)
-    np.testing.assert_allclose(out, _hard_swish(ref), rtol=1e-5, atol=1e-5)
+    ref = _hard_swish(_dw_ref(_hard_swish(_conv_ref(x[:, :3], w3, bias, 1, [1] * 4)).astype(np.float32),
+                              w5, bias, 1, [2] * 4, None))
+    out = _run(conv2d_dwconv2d_chw(3, cout, h, w, 3, 1, [1] * 4, 5, 1, [2] * 4, clip1=HSWISH, clip=HSWISH,
+                                   lanes=lanes), [x[:, :3].copy(), w3, bias, w5, bias], ref.shape)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block,residual", [(1, False), (4, True)])
