@@ -285,43 +285,42 @@ def test_spmm_dwconv_stays_inside_its_buffers(guard):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("guard", ["before", "after"])
-def test_first_conv_dwconv_stays_inside_its_buffers(guard):
-    """The fused first conv + depthwise kernel with the model's input and its output each against an
-    inaccessible page (TF-'same' padding of the first conv, 2 x 112 input columns, odd rows)."""
-    rng = np.random.default_rng(11)
-    cin, c, h, w = 3, 8, 9, 224
-    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
-    wt = rng.standard_normal((c, cin, 3, 3)).astype(np.float32)
+def _stem_dw_case(seed: int, c: int, h: int, w: int):
+    """([x, w1, bias1, w, bias2], reference) for a 3-channel 3x3 stride-2 first conv (TF-'same' padding, ReLU6)
+    into a 3x3 stride-1 depthwise conv (ReLU6), c channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
     w2 = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
     b2 = rng.standard_normal(c).astype(np.float32)
     first = np.clip(_conv_ref(x, wt, b, 2, (0, 0, 1, 1)), 0, 6).astype(np.float32)
-    ref = _dw_ref(first, w2, b2, 1, [1] * 4, (0.0, 6.0))
-    func = conv2d_dwconv2d_chw(cin, c, h, w, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+    return [x, wt, b, w2, b2], _dw_ref(first, w2, b2, 1, [1] * 4, (0.0, 6.0))
+
+
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_first_conv_dwconv_stays_inside_its_buffers(guard):
+    """The fused first conv + depthwise kernel with the model's input and its output each against an
+    inaccessible page (TF-'same' padding of the first conv, 2 x 112 input columns, odd rows)."""
+    arrays, ref = _stem_dw_case(11, 8, 9, 224)
+    func = conv2d_dwconv2d_chw(3, 8, 9, 224, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
                                lanes=SPEC.vector_lanes, out_block=4, rows=4)
-    out = _run_guarded(func, [x, wt, b, w2, b2], {0}, ref.shape, guard)
+    out = _run_guarded(func, arrays, {0}, ref.shape, guard)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_first_conv_dwconv_writes_padded_planes():
     """With out_plane (its reader a sparse 1x1) the fused first conv + depthwise kernel writes each 5 x 15
     plane into 80 floats: pixels 0-74 the result, 75-79 untouched (their NaN fill stays)."""
-    rng = np.random.default_rng(12)
-    cin, c, h, w = 3, 8, 11, 30
-    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
-    wt = rng.standard_normal((c, cin, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(c).astype(np.float32)
-    w2 = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
-    b2 = rng.standard_normal(c).astype(np.float32)
-    first = np.clip(_conv_ref(x, wt, b, 2, (0, 0, 1, 1)), 0, 6).astype(np.float32)
-    ref = _dw_ref(first, w2, b2, 1, [1] * 4, (0.0, 6.0)).reshape(1, c, 75)
+    c = 8
+    arrays, ref = _stem_dw_case(12, c, 11, 30)
+    ref = ref.reshape(1, c, 75)
     plane = aligned_plane(75, SPEC.vector_lanes)
-    func = conv2d_dwconv2d_chw(cin, c, h, w, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+    func = conv2d_dwconv2d_chw(3, c, 11, 30, 3, 2, [0, 0, 1, 1], 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
                                lanes=SPEC.vector_lanes, out_plane=plane)
     ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
     out = tvm.runtime.tensor(np.full((1, c, plane), np.nan, np.float32))
-    ex[str(func.attrs["global_symbol"])](*(tvm.runtime.tensor(a) for a in (x, wt, b, w2, b2)), out)
+    ex[str(func.attrs["global_symbol"])](*(tvm.runtime.tensor(a) for a in arrays), out)
     got = out.numpy()
     np.testing.assert_allclose(got[:, :, :75], ref, rtol=1e-5, atol=1e-5)
     assert plane > 75 and np.isnan(got[:, :, 75:]).all()
