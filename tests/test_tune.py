@@ -243,8 +243,8 @@ def _sparse_model(tmp_path, monkeypatch) -> str:
 
 
 def test_kernels_passes_build_are_tuned_on_their_own_weights(tmp_path, monkeypatch):
-    """Kernels a pass emits already scheduled (spmm, fused expand + depthwise, CHW convs) are tasks whose
-    knobs the tuner times, on the call's real sparse weights (random indices would read out of bounds).
+    """Kernels a pass emits already scheduled (spmm, fused expand + depthwise, fused first conv + depthwise) are
+    tasks whose knobs the tuner times, on the call's real sparse weights (random indices would read out of bounds).
     (Before, `shrinkc tune` skipped them; before that it crashed on them: they have no root block.)"""
     from schedules.handwritten import HANDWRITTEN, recipe
     from schedules.rule import task_key
@@ -253,7 +253,7 @@ def test_kernels_passes_build_are_tuned_on_their_own_weights(tmp_path, monkeypat
     tasks = tune.extract_tasks(model, spec)
     built = [t for t in tasks if t.rule is HANDWRITTEN]
     kinds = {recipe(t.func)["kind"] for t in built}
-    assert {"spmm_chw", "spmm_dwconv2d_chw", "conv2d_chw"} <= kinds, kinds
+    assert {"spmm_chw", "spmm_dwconv2d_chw", "conv2d_dwconv2d_chw"} <= kinds, kinds
     for t in built:
         assert t.key == task_key(t.func) and t.space[0] == recipe(t.func)["knobs"]
         if recipe(t.func)["kind"].startswith("spmm"):      # row_ptr and col come from the model, not random
