@@ -1,6 +1,6 @@
 """Convolutions over CHW planes, computed a step of output rows at a time, vectorised along the width.
 
-The shared code of the CHW kernels (f32_dwconv2d_chw, f32_spmm_dwconv2d_chw, f32_conv2d_chw). A step
+The shared code of the CHW kernels (f32_dwconv2d_chw, f32_spmm_dwconv2d_chw, f32_conv2d_dwconv2d_chw). A step
 computes ROWS output rows of some output planes from some input planes, each input row loaded once
 for every output row of the step that uses it, and keeps the step's output vectors in registers (at
 most ACCUMULATORS, so wide rows go in column chunks). Nothing is copied or padded in memory:
