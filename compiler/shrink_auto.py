@@ -163,10 +163,10 @@ class GatedModel:
         return fits
 
 
-def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False, fit: bool = True
+def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False
                 ) -> tuple[list[BlockStats], GatedModel, list[dict], np.ndarray]:
     """Per prunable block: non-linear share of each activation and agreement when removed alone (replaced by
-    their fitted affine maps with fit, by the identity without)."""
+    their fitted affine maps)."""
     blocks = [b for b in find_blocks(mod["main"]) if b.acts]
     if not blocks:
         return [], None, [], np.zeros(0)
@@ -177,23 +177,23 @@ def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False, 
     for b in blocks:
         nonlinear = [float(s) for s in shares[k:k + len(b.acts)]]
         k += len(b.acts)
-        fits = model.fit_block(feeds, b.name, set(), {}, moments) if fit else {}
+        fits = model.fit_block(feeds, b.name, set(), {}, moments)
         alone = float(np.mean(model.run(feeds, {b.name}, fits)[0] == ref))
         stats.append(BlockStats(b.name, b.layers, nonlinear, alone))
     return stats, model, feeds, ref
 
 
-def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: float, fit: bool = True
+def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: float
            ) -> tuple[list[str], float, dict]:
     """Greedy: the most linear blocks first, each kept out only while agreement stays >= 1 - max_drop.
-    Returns the blocks, the agreement, and {block: [(a, b) per activation]} (empty without fit)."""
+    Returns the blocks, the agreement, and {block: [(a, b) per activation]}."""
     removed: list[str] = []
     agreement, fits, moments = 1.0, {}, None    # moments: of the model as removed and fits leave it, once run
     for s in sorted(stats, key=lambda s: (-s.linearity, -s.agreement_alone)):
         if s.agreement_alone < 1.0 - max_drop:
             changelog.skip(NAME, s.name, f"alone it drops agreement to {s.agreement_alone:.3f}")
             continue
-        trial_fits = model.fit_block(feeds, s.name, set(removed), fits, moments) if fit else {}
+        trial_fits = model.fit_block(feeds, s.name, set(removed), fits, moments)
         top1, _, trial_moments = model.run(feeds, set(removed) | {s.name}, trial_fits)
         trial = float(np.mean(top1 == ref))
         if trial >= 1.0 - max_drop:
@@ -202,7 +202,7 @@ def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: flo
         else:
             changelog.skip(NAME, s.name, f"with the blocks before it agreement would be {trial:.3f} "
                            f"< {1.0 - max_drop:.3f}")
-    return removed, agreement, {name: [fits[i] for i in model.act_indices(name)] for name in removed if fit}
+    return removed, agreement, {name: [fits[i] for i in model.act_indices(name)] for name in removed}
 
 
 def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost, final_activation: bool = False) -> set[str]:
@@ -218,14 +218,13 @@ def mergeable_blocks(mod: tvm.IRModule, names: list[str], cost, final_activation
 class AutoPruneActivations:
     """Remove the activations of the blocks that calibration shows can go within the agreement budget."""
 
-    def __init__(self, calib: dict | None, max_drop: float, cost=None, final_activation: bool = False,
-                 fit: bool = True):
+    def __init__(self, calib: dict | None, max_drop: float, cost=None, final_activation: bool = False):
         if not calib:
             raise ShrinkcError("--shrink auto needs calibration inputs", "pass --calib FILE.npy or FILE.npz")
-        self.calib, self.max_drop, self.cost, self.final, self.fit = calib, max_drop, cost, final_activation, fit
+        self.calib, self.max_drop, self.cost, self.final = calib, max_drop, cost, final_activation
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        stats, model, feeds, ref = block_stats(mod, self.calib, self.final, self.fit)
+        stats, model, feeds, ref = block_stats(mod, self.calib, self.final)
         if not stats:
             return mod
         if self.cost is not None:   # a block whose merge would not be faster loses accuracy for nothing
@@ -234,11 +233,11 @@ class AutoPruneActivations:
                 if s.name not in faster:
                     changelog.skip(NAME, s.name, "its merged conv would not be faster on this target")
             stats = [s for s in stats if s.name in faster]
-        removed, agreement, fits = choose(stats, model, feeds, ref, self.max_drop, self.fit)
+        removed, agreement, fits = choose(stats, model, feeds, ref, self.max_drop)
         for s in stats:
             changelog.record(NAME, "measured", s.name, linearity=round(s.linearity, 4),
                              agreement_alone=round(s.agreement_alone, 4), removed=s.name in removed)
         changelog.record(NAME, "agreement", "", top1_agreement=round(agreement, 4), samples=len(ref),
-                         blocks=removed, fitted=bool(fits))
+                         blocks=removed)
         return PruneActivations(removed, self.final, fits)(mod)
 
