@@ -164,12 +164,13 @@ class GatedModel:
 
 
 def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False
-                ) -> tuple[list[BlockStats], GatedModel, list[dict], np.ndarray]:
+                ) -> tuple[list[BlockStats], GatedModel, list[dict], np.ndarray, list]:
     """Per prunable block: non-linear share of each activation and agreement when removed alone (replaced by
-    their fitted affine maps)."""
+    their fitted affine maps). Also returns the model, the feeds, the reference top-1 answers and the
+    moments of the unchanged model (what choose() starts from)."""
     blocks = [b for b in find_blocks(mod["main"]) if b.acts]
     if not blocks:
-        return [], None, [], np.zeros(0)
+        return [], None, [], np.zeros(0), []
     model = GatedModel(mod, blocks, final_activation)
     feeds = calibration.samples(calib, model.inputs)
     ref, shares, moments = model.run(feeds, set())
@@ -180,15 +181,16 @@ def block_stats(mod: tvm.IRModule, calib: dict, final_activation: bool = False
         fits = model.fit_block(feeds, b.name, set(), {}, moments)
         alone = float(np.mean(model.run(feeds, {b.name}, fits)[0] == ref))
         stats.append(BlockStats(b.name, b.layers, nonlinear, alone))
-    return stats, model, feeds, ref
+    return stats, model, feeds, ref, moments
 
 
-def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: float
+def choose(stats: list[BlockStats], model: GatedModel, feeds, ref, max_drop: float, moments: list
            ) -> tuple[list[str], float, dict]:
     """Greedy: the most linear blocks first, each kept out only while agreement stays >= 1 - max_drop.
-    Returns the blocks, the agreement, and {block: [(a, b) per activation]}."""
+    moments: those of the unchanged model (block_stats). Returns the blocks, the agreement, and
+    {block: [(a, b) per activation]}."""
     removed: list[str] = []
-    agreement, fits, moments = 1.0, {}, None    # moments: of the model as removed and fits leave it, once run
+    agreement, fits = 1.0, {}    # NOTE: moments are always those of the model as removed and fits leave it
     for s in sorted(stats, key=lambda s: (-s.linearity, -s.agreement_alone)):
         if s.agreement_alone < 1.0 - max_drop:
             changelog.skip(NAME, s.name, f"alone it drops agreement to {s.agreement_alone:.3f}")
@@ -224,7 +226,7 @@ class AutoPruneActivations:
         self.calib, self.max_drop, self.cost, self.final = calib, max_drop, cost, final_activation
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        stats, model, feeds, ref = block_stats(mod, self.calib, self.final)
+        stats, model, feeds, ref, moments = block_stats(mod, self.calib, self.final)
         if not stats:
             return mod
         if self.cost is not None:   # a block whose merge would not be faster loses accuracy for nothing
@@ -233,7 +235,7 @@ class AutoPruneActivations:
                 if s.name not in faster:
                     changelog.skip(NAME, s.name, "its merged conv would not be faster on this target")
             stats = [s for s in stats if s.name in faster]
-        removed, agreement, fits = choose(stats, model, feeds, ref, self.max_drop)
+        removed, agreement, fits = choose(stats, model, feeds, ref, self.max_drop, moments)
         for s in stats:
             changelog.record(NAME, "measured", s.name, linearity=round(s.linearity, 4),
                              agreement_alone=round(s.agreement_alone, 4), removed=s.name in removed)
