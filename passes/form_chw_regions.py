@@ -30,7 +30,7 @@ from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules import handwritten
 from schedules.f32_conv2d_dwconv2d_chw import MAX_CIN
-from schedules.f32_spmm_chw import kernel_clip
+from schedules.f32_spmm_chw import decode_bsr, encode_bsr, kernel_clip
 
 NAME = "FormCHWRegions"
 SPARSE_KERNEL = "f32_spmm_chw"
@@ -269,6 +269,10 @@ class _Regions(BindingRewriter):
         x = self.visit_expr(x)
         spmm = self.builder_.get()[src.args[0]]
         val_np, col_np = const_np(val), const_np(col)
+        c, block = plan["w"].shape[0], val_np.shape[1]
+        if len(const_np(row_ptr)) != c // block + 1:    # encoded in chunks of input channels: the fused kernel walks rows
+            row_ptr, col_np, val_np = encode_bsr(decode_bsr(const_np(row_ptr), col_np, val_np, c, cin), block)
+            row_ptr, col, val = const(row_ptr), const(col_np), const(val_np)
         k, stride, pads = _kxk(plan)
         func = handwritten.build("spmm_dwconv2d_chw", {
             "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "block": val_np.shape[1], "nnzb": len(col_np),

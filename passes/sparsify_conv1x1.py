@@ -21,7 +21,7 @@ from passes.rewriting import BindingRewriter, channel_vector, const, const_np, i
     rewriter
 from schedules.chw_rows import HSWISH, planes_shape
 from schedules import handwritten
-from schedules.f32_spmm_chw import BLOCKS, block_fill, encode_bsr
+from schedules.f32_spmm_chw import BLOCKS, block_fill, default_k_chunk, encode_bsr
 
 NAME = "SparsifyConv1x1"
 SPARSE_MIN = 2 / 3          # least share of zero weights for a sparse 1x1 (XNNPACK's rule)
@@ -241,6 +241,9 @@ def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip
             "residual": residual, "lanes": spec.vector_lanes, "col_dtype": col_dtype, "in_plane": in_plane}
     if scale:    # NOTE: only where set, so the task keys of unscaled kernels stay those of tuning databases
         args["scale"] = True
+    k_chunk = default_k_chunk(cin, cout, h * w, block, spec)
+    if k_chunk:  # (likewise) the weights are encoded in chunks of input channels: _sparse_call_parts
+        args["k_chunk"] = k_chunk
     return handwritten.build("spmm_chw", args, spec)
 
 
@@ -248,7 +251,7 @@ def _sparse_call_parts(plan, block, spec, x, residual):
     """The kernel and its arguments: x, row_ptr, col, val, bias (, residual)."""
     w = plan["w"]
     cout, cin = w.shape
-    row_ptr, col, val = encode_bsr(w, block)
+    row_ptr, col, val = encode_bsr(w, block, default_k_chunk(cin, cout, plan["h"] * plan["wd"], block, spec))
     func = spmm_kernel(cin, cout, plan["h"], plan["wd"], block, len(col), plan["clip"], residual is not None,
                        str(col.dtype), spec, in_plane=plan.get("in_plane"))
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)

@@ -54,6 +54,28 @@ def output_planes(out, c: int, oh: int, ow: int, plane: int | None):
     return I.decl_buffer((1, c, oh, ow), F32, data=out.data, strides=[c * plane, plane, ow, 1])
 
 
+def pixel_runs(pixels: int, max_vectors: int, lanes: int) -> list[tuple[int, int, int, int]]:
+    """Split a plane's pixels into as few tiles of at most max_vectors vectors as cover it, sized evenly (a
+    last tile of one vector would cost as much per non-zero weight as a full one), as runs of equal tiles
+    (first pixel, tiles, whole vectors per tile, pixels of a last partial vector): the plane's partial
+    vector, if any, ends the last tile, the only tile of its run."""
+    shares = -(-pixels // lanes)                      # vectors, the partial one included
+    ntiles = -(-shares // max_vectors)
+    base, extra = divmod(shares, ntiles)              # `extra` tiles get one vector more, first
+    runs, p0 = [], 0
+    for count, nv in ((extra, base + 1), (ntiles - extra, base)):
+        if count:
+            runs.append((p0, count, nv, 0))
+            p0 += count * nv * lanes
+    rest = pixels % lanes
+    if rest:                                          # the last tile: its last vector is partial
+        first, count, nv, _ = runs.pop()
+        if count > 1:
+            runs.append((first, count - 1, nv, 0))
+        runs.append((first + (count - 1) * nv * lanes, 1, nv - 1, rest))
+    return runs
+
+
 def planes_shape(c: int, h: int, w: int, plane: int | None) -> tuple:
     """The shape of a CHW tensor of c h x w planes: [1, c, h, w], or [1, c, plane] stored padded."""
     return (1, c, h, w) if plane is None else (1, c, plane)

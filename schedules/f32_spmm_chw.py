@@ -10,7 +10,8 @@ tile, then writes the tile back through the fused epilogue (clip, residual add).
 With `scale`, x arrives multiplied per input channel by a runtime vector (a squeeze-and-excitation gate,
 [1, cin, 1, 1]): out = W (scale * x) = (W scale) x, so each weight is multiplied by its column's scale
 as it is broadcast, and the scaled x is never written.
-Knobs: `pixel_tile` (pixels per task, a multiple of the vector lanes), `block`.
+Knobs: `pixel_tile` (at most this many pixels per task, a multiple of the vector lanes; a plane's tiles are
+sized evenly), `block`.
 Tasks are (channel block x pixel tile) fused into one parallel loop, so a 7x7 layer with one
 pixel tile still spreads its channel blocks over the cores.
 """
@@ -20,17 +21,19 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from schedules.chw_rows import HSWISH, clipped, planes_shape
+from schedules.chw_rows import HSWISH, clipped, pixel_runs, planes_shape
 from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
 BLOCKS = (8, 4, 2, 1)
 MAX_PIXEL_TILE = 128
 INT16_MAX_COLUMNS = 32768      # int16 column indices when the input channel count is below this
+CHUNK_TASKS = 4                # chunked kernels: at least this many parallel tasks (pixel tiles x output-block groups)
 
 
-def kernel_name(pixel_tile: int, block: int) -> str:
-    return f"f32_spmm_chw_{pixel_tile}x{block}"
+def kernel_name(pixel_tile: int, block: int, k_chunk: int | None = None) -> str:
+    """f32_spmm_chw_64x1, or f32_spmm_chw_64x1_k128 walking its input channels in chunks of 128."""
+    return f"f32_spmm_chw_{pixel_tile}x{block}" + (f"_k{k_chunk}" if k_chunk else "")
 
 
 def index_dtype(columns: int) -> str:
@@ -38,23 +41,61 @@ def index_dtype(columns: int) -> str:
     return "int16" if columns < INT16_MAX_COLUMNS else "int32"
 
 
-def encode_bsr(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_bsr(w: np.ndarray, block: int, k_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[Cout, Cin] dense weights -> (row_ptr [Cout/block + 1] int32, col [nnzb], val [nnzb, block]).
 
     A block (input channel, `block` consecutive output channels) is kept when any of its weights
     is non-zero. Output channels must be a multiple of `block`. col is int16 where Cin fits
-    (index_dtype), else int32."""
+    (index_dtype), else int32.
+    k_chunk: the blocks ordered by (input channels // k_chunk, output block), and row_ptr
+    [chunks x Cout/block + 1]: chunk q of output block b is row_ptr[q*nb + b] .. row_ptr[q*nb + b + 1]."""
     cout, cin = w.shape
     assert cout % block == 0, (cout, block)
-    blocks = w.reshape(cout // block, block, cin).transpose(0, 2, 1)      # [nb, cin, block]
+    nb, chunk = cout // block, k_chunk or cin
+    chunks = -(-cin // chunk)
+    blocks = w.reshape(nb, block, cin).transpose(0, 2, 1)                 # [nb, cin, block]
     keep = np.any(blocks != 0, axis=2)                                     # [nb, cin]
-    row_ptr = np.zeros(cout // block + 1, np.int32)
-    row_ptr[1:] = np.cumsum(keep.sum(axis=1))
-    rows, cols = np.nonzero(keep)
+    keep = np.pad(keep, ((0, 0), (0, chunks * chunk - cin))).reshape(nb, chunks, chunk).transpose(1, 0, 2)
+    row_ptr = np.zeros(chunks * nb + 1, np.int32)
+    row_ptr[1:] = np.cumsum(keep.sum(axis=2).reshape(-1))
+    q, rows, cols = np.nonzero(keep)                                       # (chunk, block, column in chunk) order
+    cols = cols + q * chunk
     val = blocks[rows, cols].astype(np.float32).reshape(-1, block)
     if len(cols) == 0:   # an all-zero weight still needs buffers of positive size
         return row_ptr, np.zeros(1, index_dtype(cin)), np.zeros((1, block), np.float32)
     return row_ptr, cols.astype(index_dtype(cin)), np.ascontiguousarray(val)
+
+
+def decode_bsr(row_ptr: np.ndarray, col: np.ndarray, val: np.ndarray, cout: int, cin: int) -> np.ndarray:
+    """The [Cout, Cin] dense weights of encode_bsr's arrays, chunked or not (row_ptr's length tells)."""
+    block = val.shape[1]
+    nb = cout // block
+    w = np.zeros((nb, cin, block), np.float32)
+    rows = np.repeat(np.arange(len(row_ptr) - 1) % nb, np.diff(row_ptr))
+    w[rows, col[:len(rows)].astype(np.int64)] = val[:len(rows)]
+    return w.transpose(0, 2, 1).reshape(cout, cin)
+
+
+def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int | None:
+    """Input channels per chunk for a layer, or None (unchunked). A task's tile of x (cin rows of its pixels)
+    is re-read from cache for every output block; where it is larger than the L1 share the target names
+    (`kernel_defaults["spmm_chunk_bytes"]`), chunks of that size stay in L1 across the blocks, at the cost of
+    storing and reloading the partial sums once per chunk. Used where that paid on Zen 5 (ad-hoc single-layer
+    timings, 85% zeros): layers of one pixel tile (7x7) with at least 2 chunks and partial sums of at most 4 x
+    that share. MobileNetV2's 7x7 project convs (576-960 input channels) ran 1.1-1.3x faster chunked; 320 ->
+    1280 (large partial sums) and the 14x14-56x56 layers of several tiles (chunks of 64-72) 0.85-1.0x."""
+    budget = spec.kernel_defaults.get("spmm_chunk_bytes")
+    if not budget:
+        return None
+    lanes = spec.vector_lanes
+    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec) // lanes, lanes)
+    if len(runs) != 1 or runs[0][1] != 1:
+        return None
+    tile_bytes = -(-pixels // lanes) * lanes * 4       # whole vectors: the lines its loads touch
+    chunk = budget // tile_bytes // 8 * 8
+    if chunk < 16 or cin < 2 * chunk or cout * tile_bytes > 4 * budget:
+        return None
+    return chunk
 
 
 def block_fill(w: np.ndarray, block: int) -> float:
@@ -83,7 +124,8 @@ CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi) or HSWISH, for passes th
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
-             name: str | None = None, in_plane: int | None = None, scale: bool = False) -> tvm.tirx.PrimFunc:
+             name: str | None = None, in_plane: int | None = None, scale: bool = False,
+             k_chunk: int | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
@@ -91,17 +133,25 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH for hard swish; None
     for none.
     in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
-    with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line)."""
+    with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line).
+    k_chunk: the weights as encode_bsr(w, block, k_chunk) writes them; each task walks its output blocks once
+    per chunk of k_chunk input channels (whose pixel tile then stays in L1 across the blocks), keeping
+    partial sums in `out` in between (see k_chunk below)."""
     pixels = h * w
     x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
-    tile_n = pixel_tile
-    lanes = min(lanes, tile_n)
-    # tasks: full tiles, then one with the rest (whole vectors and a partial one)
-    nfull, rem = divmod(pixels, tile_n)
-    rest_v, rest_s = rem // lanes * lanes, rem % lanes
-    ntiles = nfull + (1 if rem else 0)
+    lanes = min(lanes, pixel_tile)
+    # tasks: tiles of at most pixel_tile pixels, sized evenly, in up to three runs of equal tiles (chw_rows.pixel_runs);
+    # absent runs repeat the last one, never reached
+    runs = pixel_runs(pixels, pixel_tile // lanes, lanes)
+    runs = runs + [(runs[-1][0], 0, *runs[-1][2:])] * (3 - len(runs))
+    (p_a, n_a, nv_a, ns_a), (p_b, n_b, nv_b, ns_b), (p_c, n_c, nv_c, ns_c) = runs
+    ntiles = n_a + n_b + n_c
     nb = cout // block
     nnzb = max(1, nnzb)
+    chunks = -(-cin // k_chunk) if k_chunk else 1
+    # chunked: tasks are (pixel tile x group of output blocks), at least CHUNK_TASKS of them to share out
+    groups = next((g for g in range(-(-CHUNK_TASKS // ntiles), nb + 1) if nb % g == 0), nb) if k_chunk else 1
+    gsz = nb // groups
     def act(value):      # the epilogue's activation, the one the CHW kernels apply (chw_rows.clipped)
         return value if clip is None else clipped(value, clip, 0)
 
@@ -124,44 +174,87 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
                 acc[k, nv * lanes + p] = acc[k, nv * lanes + p] + wk * x[c, p0 + nv * lanes + p]
 
     @T.macro
-    def task(x, rp, col, val, bias, sc, res, out, b, p0, nv, ns):
-        # output channels b*block .. +block; pixels p0 .. p0 + nv*lanes (whole vectors) + ns (< lanes)
+    def store(acc, res, out, b, p0, nv, ns, last):
+        # the tile to out: through the epilogue (last) or as partial sums
+        for k in T.unroll(block):
+            if nv > 0:
+                for v in T.unroll(nv):
+                    for p in T.vectorized(lanes):
+                        if last:
+                            finish(acc[k, v * lanes + p], res, out, b * block + k, p0 + v * lanes + p)
+                        else:
+                            out[b * block + k, p0 + v * lanes + p] = acc[k, v * lanes + p]
+            if ns > 0:
+                for p in T.vectorized(ns):
+                    if last:
+                        finish(acc[k, nv * lanes + p], res, out, b * block + k, p0 + nv * lanes + p)
+                    else:
+                        out[b * block + k, p0 + nv * lanes + p] = acc[k, nv * lanes + p]
+
+    def start(bias, out, co, px, q):
+        # an accumulator's start: the bias, or (chunked, past the first chunk) the partial sum left in out
+        return bias[co] if chunks == 1 else T.if_then_else(q == 0, bias[co], out[co, px])
+
+    @T.macro
+    def task(x, rp, col, val, bias, sc, res, out, b, q, p0, nv, ns):
+        # output channels b*block .. +block; pixels p0 .. p0 + nv*lanes (whole vectors) + ns (< lanes); input
+        # channel chunk q (0 unchunked), which ends with the epilogue (the last chunk) or leaves partial sums in out
         # NOTE: nv and ns are Python ints: the `if`s below are decided when the kernel is built
         acc = T.alloc_buffer((block, nv * lanes + ns), "float32", scope="global")
         for k in T.unroll(block):
             if nv > 0:
                 for v in T.unroll(nv):
                     for p in T.vectorized(lanes):
-                        acc[k, v * lanes + p] = bias[b * block + k]
+                        acc[k, v * lanes + p] = start(bias, out, b * block + k, p0 + v * lanes + p, q)
             if ns > 0:
                 for p in T.vectorized(ns):
-                    acc[k, nv * lanes + p] = bias[b * block + k]
-        for j in T.serial(rp[b], rp[b + 1]):
+                    acc[k, nv * lanes + p] = start(bias, out, b * block + k, p0 + nv * lanes + p, q)
+        for j in T.serial(rp[q * nb + b], rp[q * nb + b + 1]):
             c = T.Cast("int32", col[j])     # NOTE: one widening load per block, read by every FMA below
             for k in T.unroll(block):
                 if scale:
                     fma(acc, x, val[j, k] * sc[0, c, 0, 0], c, k, p0, nv, ns)
                 else:
                     fma(acc, x, val[j, k], c, k, p0, nv, ns)
-        for k in T.unroll(block):
-            if nv > 0:
-                for v in T.unroll(nv):
-                    for p in T.vectorized(lanes):
-                        finish(acc[k, v * lanes + p], res, out, b * block + k, p0 + v * lanes + p)
-            if ns > 0:
-                for p in T.vectorized(ns):
-                    finish(acc[k, nv * lanes + p], res, out, b * block + k, p0 + nv * lanes + p)
+        if chunks == 1:
+            store(acc, res, out, b, p0, nv, ns, True)
+        elif q == chunks - 1:
+            store(acc, res, out, b, p0, nv, ns, True)
+        else:
+            store(acc, res, out, b, p0, nv, ns, False)
+
+    @T.macro
+    def chunked(x, rp, col, val, bias, sc, res, out, g, p0, nv, ns):
+        for q in T.serial(chunks):
+            for r in T.serial(gsz):
+                task(x, rp, col, val, bias, sc, res, out, g * gsz + r, q, p0, nv, ns)
+
+    @T.macro
+    def body_chunked(x, rp, col, val, bias, sc, res, out):
+        for i in T.parallel(groups * ntiles):
+            if i // groups < n_a:
+                chunked(x, rp, col, val, bias, sc, res, out, i % groups, p_a + i // groups * (nv_a * lanes), nv_a, ns_a)
+            elif i // groups < n_a + n_b:
+                chunked(x, rp, col, val, bias, sc, res, out, i % groups, p_b + (i // groups - n_a) * (nv_b * lanes),
+                        nv_b, ns_b)
+            else:
+                chunked(x, rp, col, val, bias, sc, res, out, i % groups,
+                        p_c + (i // groups - n_a - n_b) * (nv_c * lanes), nv_c, ns_c)
 
     @T.macro
     def body(x, rp, col, val, bias, sc, res, out):
         # NOTE: pixel tile outer, channel block inner: one tile of x stays in cache for every block
         for i in T.parallel(nb * ntiles):
-            if i // nb < nfull:
-                task(x, rp, col, val, bias, sc, res, out, i % nb, i // nb * tile_n, tile_n // lanes, 0)
+            if i // nb < n_a:
+                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_a + i // nb * (nv_a * lanes), nv_a, ns_a)
+            elif i // nb < n_a + n_b:
+                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_b + (i // nb - n_a) * (nv_b * lanes), nv_b,
+                     ns_b)
             else:
-                task(x, rp, col, val, bias, sc, res, out, i % nb, nfull * tile_n, rest_v // lanes, rest_s)
+                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_c + (i // nb - n_a - n_b) * (nv_c * lanes),
+                     nv_c, ns_c)
 
-    x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((nb + 1,), "int32")
+    x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((chunks * nb + 1,), "int32")
     col_t, val_t = T.Buffer((nnzb,), col_dtype), T.Buffer((nnzb, block), "float32")
     vec_t, sc_t, o_shape = T.Buffer((cout,), "float32"), T.Buffer((1, cin, 1, 1), "float32"), (1, cout, h, w)
     @T.macro
@@ -170,7 +263,10 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
         res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
         out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
-        body(x, rp, col, val, bias, sc, res, out)
+        if chunks > 1:
+            body_chunked(x, rp, col, val, bias, sc, res, out)
+        else:
+            body(x, rp, col, val, bias, sc, res, out)
 
     # NOTE: one signature per optional input (scale, residual); an absent one is never read
     if residual and scale:
@@ -192,7 +288,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, o4: T.Buffer(o_shape, "float32")):
             main(x4, rp, col, val, bias, bias, o4, o4)
 
-    name = name or kernel_name(pixel_tile, block)
+    name = name or kernel_name(pixel_tile, block, k_chunk)
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
     if clip is None:
         return func

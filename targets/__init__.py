@@ -132,6 +132,9 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # rows per step for most of 85%-sparse MobileNetV2's; 3 rows x 2 blocks as the default made the whole
         # model faster at 1 and 2 threads, as fast as the tuned library (ad-hoc interleaved A/Bs)
         defaults["spmm_dwconv2d_chw"] = {"rows": 3, "group": 2}
+        # sparse 1x1 convs with many input channels walk them in chunks whose pixel tile fits in this many bytes
+        # of L1 (48 KiB here); schedules/f32_spmm_chw.default_k_chunk
+        defaults["spmm_chunk_bytes"] = 32768
     return defaults
 
 

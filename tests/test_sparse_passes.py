@@ -192,6 +192,29 @@ def test_depthwise_pointwise_chains_read_padded_planes_in_fused_kernels(monkeypa
     assert kernels["pw2"].startswith("f32_spmm_chw_") and kernels["pw2"] in cm.report["kernels"]
 
 
+def test_chunked_sparse_convs_match_onnxruntime(monkeypatch):
+    """On a target that names an L1 share for sparse tiles (Zen 5 does), 7x7 sparse 1x1 convs with many input
+    channels walk them in chunks (f32_spmm_chw_..._k<chunk>, weights encoded by chunk); one that feeds a depthwise
+    conv is fused with it after all, its weights encoded again by output block. Equal to ONNX Runtime."""
+    import dataclasses
+    from zoo.onnx_builder import OnnxBuilder
+    host = targets.x86_host()
+    chunked = dataclasses.replace(host, kernel_defaults={**host.kernel_defaults, "spmm_chunk_bytes": 32768})
+    monkeypatch.setattr(targets, "x86_host", lambda: chunked)
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    b = OnnxBuilder("chunked", seed=5)
+    x = b.input("input", [1, 320, 7, 7])
+    x = b.relu6(b.conv(x, 320, 64, 1, name="pw0", sparsity=0.85))           # chunked, then fused with dw
+    x = b.relu6(b.conv(x, 64, 64, 3, 1, groups=64, name="dw"))
+    x = b.relu6(b.conv(x, 64, 320, 1, name="pw1", sparsity=0.85))
+    x = b.conv(x, 320, 48, 1, name="pw2", sparsity=0.85)                     # chunked
+    cm = driver.compile_model(b.finish([b.linear(b.flatten_via_shape(b.global_pool(x)), 48, 10)]))
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    kernels = {r["layer"]: r["kernel"] for r in cm.metadata()["sparse_layers"]}
+    assert re.fullmatch(r"f32_spmm_chw_\d+x\d_k\d+(_\d+)?", kernels["pw2"])
+    assert "_k" not in kernels["pw1"] and kernels["pw0"].startswith("f32_spmm1x1_dwconv3x3s1_chw")
+
+
 def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     """All 1x1s sparse (from block 0): the first conv, fused with block 0's depthwise conv, reads the NCHW
     input and writes CHW (f32_conv3x3s2_dwconv3x3s1_chw_...), no layout transform before the first sparse

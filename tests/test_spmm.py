@@ -1,6 +1,7 @@
 """The sparse CHW 1x1 kernel and the CHW depthwise kernel against numpy, on sweeps around their tiles."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 
@@ -10,10 +11,10 @@ import tvm
 
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
-from schedules.chw_rows import HSWISH, aligned_plane
+from schedules.chw_rows import HSWISH, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
-from schedules.f32_spmm_chw import block_fill, encode_bsr, spmm_chw
+from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 SPEC = targets.x86_host()
@@ -225,6 +226,96 @@ def test_spmm_stays_inside_its_buffers(hw, tile, guard):
     out = _run_guarded(func, [x, rp, col, val, bias, res], {0, 5}, (1, cout, h, w), guard)
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pixels,max_vectors", [(49, 4), (196, 8), (784, 8), (3136, 8), (4, 8), (16, 1), (17, 1),
+                                                (200, 4), (208, 8), (12544, 8)])
+def test_pixel_runs_cover_the_plane_in_even_tiles(pixels, max_vectors):
+    """Tiles in order cover every pixel once, each at most max_vectors vectors, their vector counts (a partial
+    vector counted) within one of each other, in as few tiles as can hold the plane; a partial vector ends the plane."""
+    lanes = 16
+    runs = pixel_runs(pixels, max_vectors, lanes)
+    tiles = [(p0 + i * nv * lanes, nv, ns) for p0, count, nv, ns in runs for i in range(count)]
+    start, shares = 0, []
+    for p0, nv, ns in tiles:
+        assert p0 == start and nv * lanes + ns > 0
+        start += nv * lanes + ns
+        shares.append(nv + (ns > 0))
+    assert start == pixels and max(shares) <= max_vectors and max(shares) - min(shares) <= 1
+    assert len(tiles) == -(-(-(-pixels // lanes)) // max_vectors)
+    assert all(ns == 0 for _, _, ns in tiles[:-1]) and tiles[-1][2] == pixels % lanes
+
+
+@pytest.mark.parametrize("block,chunk", [(1, 16), (2, 32), (4, 40), (8, 64), (1, 200)])
+def test_chunked_bsr_encoding_orders_blocks_by_chunk(block, chunk):
+    """encode_bsr(w, block, chunk): the blocks of input-channel chunk q and output block b are row_ptr[q*nb + b] ..
+    row_ptr[q*nb + b + 1], their columns inside the chunk; decode_bsr gives w back, chunked or not."""
+    rng = np.random.default_rng(block * chunk)
+    cout, cin = 8 * 3, 150
+    wt = _weights(rng, cout, cin, 0.8, block)
+    rp, col, val = encode_bsr(wt, block, chunk)
+    nb, chunks = cout // block, -(-cin // chunk)
+    assert len(rp) == chunks * nb + 1 and rp[-1] == len(col) == encode_bsr(wt, block)[0][-1]
+    for q in range(chunks):
+        for b in range(nb):
+            cols = col[rp[q * nb + b]:rp[q * nb + b + 1]]
+            assert list(cols) == sorted(cols) and all(q * chunk <= c < (q + 1) * chunk for c in cols)
+    np.testing.assert_array_equal(decode_bsr(rp, col, val, cout, cin), wt)
+    np.testing.assert_array_equal(decode_bsr(*encode_bsr(wt, block), cout, cin), wt)
+
+
+@pytest.mark.parametrize("h,w,tile,block,chunk,residual,scale", [
+    (7, 7, 64, 1, 32, False, False), (7, 7, 64, 2, 48, True, False), (5, 9, 16, 4, 40, True, True),
+    (14, 14, 128, 8, 16, False, True), (3, 3, 16, 1, 160, True, False)])
+def test_chunked_spmm_matches_numpy(h, w, tile, block, chunk, residual, scale):
+    """Walking the input channels in chunks (partial sums kept in `out`, the epilogue after the last chunk) computes
+    the unchunked kernel's result: several tiles and a partial vector, every block, residual and gate, a chunk
+    larger than the input channels (one chunk) and a last chunk shorter than the others."""
+    rng = np.random.default_rng(h * tile + chunk)
+    cin, cout = 150, 8 * 4
+    wt = _weights(rng, cout, cin, 0.8, block)
+    wt[:block] = 0                                   # an empty output block
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    gate = rng.random((1, cin, 1, 1)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block, chunk)
+    func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=residual, scale=scale,
+                    pixel_tile=tile, lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), k_chunk=chunk)
+    out = _run(func, [x, rp, col, val, bias] + ([gate] if scale else []) + ([res] if residual else []),
+               (1, cout, h, w))
+    xs = x * gate if scale else x
+    ref = np.clip(wt @ xs.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + (res if residual else 0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_chunked_spmm_stays_inside_its_buffers(guard):
+    rng = np.random.default_rng(7)
+    cin, cout, h, w, block = 96, 16, 7, 7, 2
+    wt = _weights(rng, cout, cin, 0.7, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block, 32)
+    func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=64,
+                    lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), k_chunk=32)
+    out = _run_guarded(func, [x, rp, col, val, bias, res], {0, 5}, (1, cout, h, w), guard)
+    ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_k_chunk_only_where_the_target_names_an_l1_share():
+    """Chunked: one-tile layers (7x7) with many input channels and small partial sums, on a target that names
+    `spmm_chunk_bytes`; never on one that does not, nor for layers of several tiles or large partial sums."""
+    zen5 = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={"spmm_chunk_bytes": 32768})
+    assert default_k_chunk(960, 320, 49, 1, zen5) == 128          # 32 KiB / (64 floats x 4 bytes)
+    assert default_k_chunk(576, 160, 49, 2, zen5) == 128
+    assert default_k_chunk(320, 1280, 49, 1, zen5) is None        # partial sums 320 KiB
+    assert default_k_chunk(160, 960, 49, 1, zen5) is None         # one chunk and a bit
+    assert default_k_chunk(576, 96, 196, 1, zen5) is None         # two pixel tiles
+    plain = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={})
+    assert default_k_chunk(960, 320, 49, 1, plain) is None
 
 
 def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
