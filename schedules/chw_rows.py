@@ -6,7 +6,8 @@ for every output row of the step that uses it, and keeps the step's output vecto
 most ACCUMULATORS, so wide rows go in column chunks). Nothing is copied or padded in memory:
 - stride 1: every tap is one vector load at its column offset;
 - stride 2: each input row is loaded as pairs of vectors and split into its even and odd columns by
-  two shuffles; the taps are those vectors or a shuffle of two neighbours.
+  two shuffles; the taps are those vectors or a shuffle of two neighbours. Or (`split`) the kernel has
+  split its input rows into even and odd columns once (split_columns), and every tap is a load.
 A load that reaches past a row's ends is a masked load, and a tap with padding lanes is a masked FMA
 (those lanes keep their sum): the kernels never touch memory outside their tensors, which tests check
 against inaccessible pages. (Selecting zeros into the masked load's lanes instead let LLVM turn it into
@@ -102,22 +103,24 @@ def row_vector(ow: int, lanes: int) -> int:
 class _Row:
     """The vectors of one input row that a step's taps read, loaded on first use."""
 
-    def __init__(self, src, lead: list, r: int | tirx.PrimExpr, w: int, vec: int, stride: int):
-        # the row is src[*lead, r, :]
+    def __init__(self, src, lead: list, r: int | tirx.PrimExpr, w: int, vec: int, stride: int, split: bool = False):
+        # the row is src[*lead, r, :]; split (stride 2): src[*lead, 0 / 1, r, :] are its even / odd columns
         self.src, self.lead, self.r, self.w, self.vec, self.stride = src, lead, r, w, vec, stride
+        self.split = split
         self.zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), vec)
         self.phase: dict = {}
 
-    def load(self, col0: int):
-        """Input columns col0 .. col0 + vec - 1 of the row. Lanes outside [0, w) are undefined (a masked
-        load leaves them poison): the caller masks them out of its FMA, see `lanes_inside`."""
-        vec, w = self.vec, self.w
+    def load(self, col0: int, lead: list | None = None, w: int | None = None):
+        """Input columns col0 .. col0 + vec - 1 of the row (of src[*lead, r, :] of width w where given). Lanes
+        outside [0, w) are undefined (a masked load leaves them poison): the caller masks them out of its
+        FMA, see `lanes_inside`."""
+        vec, w, lead = self.vec, self.w if w is None else w, self.lead if lead is None else lead
         if col0 >= w or col0 + vec <= 0:
             return self.zero
         idx = tirx.Ramp(col0, 1, vec)
         if col0 >= 0 and col0 + vec <= w:
-            return tirx.BufferLoad(self.src, [*self.lead, self.r, idx])
-        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.src, *self.lead, self.r, idx,
+            return tirx.BufferLoad(self.src, [*lead, self.r, idx])
+        return tirx.call_intrin(f"float32x{vec}", "tirx.masked_load", self.src, *lead, self.r, idx,
                                 lanes_inside(col0, 1, vec, w))
 
     def _phases(self, j: int):
@@ -138,11 +141,24 @@ class _Row:
         if self.stride == 1:
             return self.load(o0 + d)
         vec, parity, start = self.vec, d % 2, o0 + d // 2    # column 2 * (start + i) + parity
+        if self.split:                                         # column start + i of the parity's plane
+            return self.load(start, [*self.lead, parity], (self.w + 1 - parity) // 2)
         j0, off = start // vec, start % vec
         first = self._phases(j0)[parity]
         if off == 0:
             return first
         return tirx.Shuffle([first, self._phases(j0 + 1)[parity]], [off + i for i in range(vec)])
+
+
+def split_columns(src, lead: list, dst, dst_lead: list, r, w: int, vec: int) -> None:
+    """dst[*dst_lead, 0 / 1, r, :] = the even / odd columns of the row src[*lead, r, :] of w floats (whole
+    vectors read, two shuffles per pair): what a split RowConv reads in place of the row."""
+    row = _Row(src, lead, r, w, vec, 2)
+    for j in range(-(-w // (2 * vec))):
+        for parity, value in enumerate(row._phases(j)):
+            n = min(vec, (w + 1 - parity) // 2 - j * vec)
+            if n > 0:
+                store(dst, value, [*dst_lead, parity, r], j * vec, n, vec)
 
 
 def lanes_inside(col0: int, step: int, vec: int, w: int, used: int | None = None):
@@ -169,9 +185,10 @@ class RowConv:
     """A kxk conv over CHW planes computed one output row step at a time: the shapes, and the TIR."""
 
     def __init__(self, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
-                 rows: int = ROWS):
-        assert stride in STRIDES, stride
+                 rows: int = ROWS, split: bool = False):
+        assert stride in STRIDES and (stride == 2 or not split), (stride, split)
         self.h, self.w, self.k, self.s, self.rows = h, w, k, stride, rows
+        self.split = split     # stride 2, input planes given as their even and odd columns (split_columns)
         self.top, self.left, bottom, right = (int(p) for p in pads)
         self.oh = (h + self.top + bottom - k) // stride + 1
         self.ow = (w + self.left + right - k) // stride + 1
@@ -229,7 +246,7 @@ class RowConv:
                     users = [(t, ir - s * t) for t in range(n_rows) if 0 <= ir - s * t < k and valid(t, ir - s * t)]
                     if not users:
                         continue
-                    row = _Row(src, lead, s * y0 + ir - self.top, w, vec, s)
+                    row = _Row(src, lead, s * y0 + ir - self.top, w, vec, s, self.split)
                     for kw in range(k):
                         for v in vs:
                             # input column of each lane; lanes past the row's last output are never stored
