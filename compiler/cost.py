@@ -45,26 +45,34 @@ class Cost:
     # --- public ---------------------------------------------------------------------------
     def latency(self, mod: tvm.IRModule, key: str | None = None) -> float:
         """Seconds for one call of mod["main"] on the target (measured or estimated, cached)."""
+        return self.latencies([(mod, key)])[0]
+
+    def latencies(self, items: list[tuple[tvm.IRModule, str | None]]) -> list[float]:
+        """latency() of each (module, key); the ones not cached are measured together, run by run in turn, so
+        that a slow phase of a shared machine hits all the candidates of a decision alike."""
         if not self.enabled:
-            return estimate(mod, self.spec)
-        full_key = f"{self._target_key()}|{key or structural_key(mod)}"
-        if full_key not in self._cache:
-            self._cache[full_key] = self._measure(mod)
-            self.measured += 1
+            return [estimate(mod, self.spec) for mod, _ in items]
+        keys = [f"{self._target_key()}|{key or structural_key(mod)}" for mod, key in items]
+        todo = {k: mod for k, (mod, _) in zip(keys, items) if k not in self._cache}
+        if todo:
+            self._cache.update(zip(todo, self._measure(list(todo.values()))))
+            self.measured += len(todo)
             self._write_cache()
-        return self._cache[full_key]
+        return [self._cache[k] for k in keys]
 
     # --- measuring ------------------------------------------------------------------------
-    def _measure(self, mod: tvm.IRModule) -> float:
-        f = runnable(mod, self.spec)
+    def _measure(self, mods: list[tvm.IRModule]) -> list[float]:
+        fns = [runnable(mod, self.spec) for mod in mods]
         for _ in range(WARMUP):
-            f()
-        times = []
+            for f in fns:
+                f()
+        times = [[] for _ in fns]
         for _ in range(REPEAT):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+            for f, t in zip(fns, times):
+                t0 = time.perf_counter()
+                f()
+                t.append(time.perf_counter() - t0)
+        return [float(np.median(t)) for t in times]
 
     def _target_key(self) -> str:
         # NOTE: a latency holds only for the kernels that were timed: the schedules' source and the

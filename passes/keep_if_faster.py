@@ -11,6 +11,7 @@ import tvm
 import tvm_ffi
 
 from passes import changelog
+from passes.rewriting import latencies
 
 MIN_GAIN = 1.0      # after must be faster than before by at least this factor
 
@@ -30,7 +31,7 @@ class KeepIfFaster:
         if after.same_as(mod) or tvm_ffi.structural_equal(after, mod) or self.cost is None \
                 or not getattr(self.cost, "enabled", False):
             return after
-        t_before, t_after = self.cost.latency(mod), self.cost.latency(after)
+        t_before, t_after = latencies(self.cost, [(mod, None), (after, None)])
         if t_after * self.min_gain < t_before:
             changelog.record(self.name, "kept", "main", before_ms=round(t_before * 1e3, 3),
                              after_ms=round(t_after * 1e3, 3), speedup=round(t_before / t_after, 2))

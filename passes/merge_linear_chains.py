@@ -19,7 +19,7 @@ from tvm import relax
 from passes import changelog
 from passes.conv_algebra import ConvStep, NotExact, merge
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
-    rewriter, shape_of
+    latencies, rewriter, shape_of
 
 NAME = "MergeLinearChains"
 MAX_FLOP_GROWTH = 2.5   # merged conv may need at most this many times the chain's FLOPs (else not timed)
@@ -183,8 +183,8 @@ class _Merger(BindingRewriter):
                 skip(NAME, label, f"merged conv needs {merged.flops() / chain_flops:.2f}x the FLOPs (no cost model)")
                 return None
             return 1e-12 * (chain_flops - merged.flops())
-        before = self.cost.latency(_chain_module(seg, res))
-        after = self.cost.latency(_merged_module(seg[0], merged, c, res is not None and not folded))
+        before, after = latencies(self.cost, [(_chain_module(seg, res), None),
+                                              (_merged_module(seg[0], merged, c, res is not None and not folded), None)])
         self.timed[label] = (before, after)
         if before < MIN_SPEEDUP * after:
             skip(NAME, label, f"merged conv not faster: {after * 1e3:.3f} ms vs {before * 1e3:.3f} ms "

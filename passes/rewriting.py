@@ -170,3 +170,11 @@ def _with_func(mod: tvm.IRModule, gv, func) -> tvm.IRModule:
     new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
     new[gv] = func
     return new
+
+
+def latencies(cost, items: list) -> list[float]:
+    """The cost interface's latencies of [(module, key or None)]: measured together where it can (run by run
+    in turn, so a slow phase of the machine hits every candidate of a decision alike), else one by one."""
+    if hasattr(cost, "latencies"):
+        return cost.latencies(items)
+    return [cost.latency(mod, key) for mod, key in items]

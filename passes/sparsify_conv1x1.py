@@ -18,7 +18,7 @@ from passes import changelog
 from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, pack_kernel
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
-    rewriter
+    latencies, rewriter
 from schedules.chw_rows import HSWISH, planes_shape
 from schedules import handwritten
 from schedules.f32_spmm_chw import BLOCKS, block_fill, default_k_chunk, encode_bsr
@@ -215,8 +215,9 @@ class _Sparsifier(BindingRewriter):
         if not measure:
             b = blocks[0]
             return {"block": b, "fill": fills[b], "speedup": None}
-        dense = self.cost.latency(dense_layer_module(plan, self.spec), key=dense_key(plan))
-        timed = {b: self.cost.latency(sparse_layer_module(plan, b, self.spec)) for b in blocks}
+        dense, *sparse = latencies(self.cost, [(dense_layer_module(plan, self.spec), dense_key(plan))]
+                                   + [(sparse_layer_module(plan, b, self.spec), None) for b in blocks])
+        timed = dict(zip(blocks, sparse))
         b = min(timed, key=timed.get)
         if timed[b] >= dense:
             changelog.skip(NAME, plan["conv"], f"sparse 1x1 skipped: {plan['zeros']:.0%} zeros but sparse "

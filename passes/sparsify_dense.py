@@ -19,7 +19,7 @@ from tvm import relax
 from passes import changelog
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
-    rewriter
+    latencies, rewriter
 from passes.sparsify_conv1x1 import SPARSE_MIN, add_kernel
 from schedules import f32_spmv_perm, f32_spmv_sell
 from schedules.f32_spmv_perm import encode_perm, spmv_perm
@@ -97,8 +97,9 @@ class _Sparsifier(BindingRewriter):
         options = kernels(self.spec)
         if self.cost is None or not getattr(self.cost, "enabled", False):
             return {"kernel": options[0], "speedup": None}
-        dense = self.cost.latency(dense_layer_module(plan), key=dense_key(plan))
-        timed = {kernel: self.cost.latency(sparse_layer_module(plan, kernel)) for kernel in options}
+        dense, *sparse = latencies(self.cost, [(dense_layer_module(plan), dense_key(plan))]
+                                   + [(sparse_layer_module(plan, kernel), None) for kernel in options])
+        timed = dict(zip(options, sparse))
         best = min(timed, key=timed.get)
         if timed[best] >= dense:
             changelog.skip(NAME, plan["name"], f"sparse fully connected skipped: {plan['zeros']:.0%} zeros but "

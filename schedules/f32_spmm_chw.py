@@ -140,17 +140,15 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     pixels = h * w
     x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
     lanes = min(lanes, pixel_tile)
-    # tasks: tiles of at most pixel_tile pixels, sized evenly, in up to three runs of equal tiles (chw_rows.pixel_runs);
-    # absent runs repeat the last one, never reached
+    # tasks: tiles of at most pixel_tile pixels, sized evenly, in 1-3 runs of equal tiles (chw_rows.pixel_runs)
     runs = pixel_runs(pixels, pixel_tile // lanes, lanes)
-    runs = runs + [(runs[-1][0], 0, *runs[-1][2:])] * (3 - len(runs))
-    (p_a, n_a, nv_a, ns_a), (p_b, n_b, nv_b, ns_b), (p_c, n_c, nv_c, ns_c) = runs
-    ntiles = n_a + n_b + n_c
+    ntiles = sum(count for _, count, _, _ in runs)
     nb = cout // block
     nnzb = max(1, nnzb)
     chunks = -(-cin // k_chunk) if k_chunk else 1
-    # chunked: tasks are (pixel tile x group of output blocks), at least CHUNK_TASKS of them to share out
-    groups = next((g for g in range(-(-CHUNK_TASKS // ntiles), nb + 1) if nb % g == 0), nb) if k_chunk else 1
+    # tasks are (pixel tile x group of output blocks): unchunked one block each; chunked at least CHUNK_TASKS
+    # tasks to share out
+    groups = next((g for g in range(-(-CHUNK_TASKS // ntiles), nb + 1) if nb % g == 0), nb) if k_chunk else nb
     gsz = nb // groups
     def act(value):      # the epilogue's activation, the one the CHW kernels apply (chw_rows.clipped)
         return value if clip is None else clipped(value, clip, 0)
@@ -224,35 +222,38 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
             store(acc, res, out, b, p0, nv, ns, False)
 
     @T.macro
-    def chunked(x, rp, col, val, bias, sc, res, out, g, p0, nv, ns):
+    def tile(x, rp, col, val, bias, sc, res, out, g, p0, nv, ns):
+        # the output blocks of group g on one pixel tile, chunk after chunk
         for q in T.serial(chunks):
             for r in T.serial(gsz):
                 task(x, rp, col, val, bias, sc, res, out, g * gsz + r, q, p0, nv, ns)
 
-    @T.macro
-    def body_chunked(x, rp, col, val, bias, sc, res, out):
-        for i in T.parallel(groups * ntiles):
-            if i // groups < n_a:
-                chunked(x, rp, col, val, bias, sc, res, out, i % groups, p_a + i // groups * (nv_a * lanes), nv_a, ns_a)
-            elif i // groups < n_a + n_b:
-                chunked(x, rp, col, val, bias, sc, res, out, i % groups, p_b + (i // groups - n_a) * (nv_b * lanes),
-                        nv_b, ns_b)
-            else:
-                chunked(x, rp, col, val, bias, sc, res, out, i % groups,
-                        p_c + (i // groups - n_a - n_b) * (nv_c * lanes), nv_c, ns_c)
+    assert len(runs) < 3 or runs[2][1] == 1, runs            # a third run is the one tile with a partial vector
+    (p_a, n_a, nv_a, ns_a), (p_b, n_b, nv_b, ns_b), (p_c, _, nv_c, ns_c) = (runs * 3)[:3]
 
     @T.macro
     def body(x, rp, col, val, bias, sc, res, out):
-        # NOTE: pixel tile outer, channel block inner: one tile of x stays in cache for every block
-        for i in T.parallel(nb * ntiles):
-            if i // nb < n_a:
-                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_a + i // nb * (nv_a * lanes), nv_a, ns_a)
-            elif i // nb < n_a + n_b:
-                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_b + (i // nb - n_a) * (nv_b * lanes), nv_b,
-                     ns_b)
+        # NOTE: pixel tile outer, output blocks inner: one tile of x stays in cache for every block. The tiles
+        # come in 1-3 runs of equal tiles, a branch each (how many is known here: no code for absent runs)
+        for i in T.parallel(groups * ntiles):
+            if len(runs) == 1:
+                tile(x, rp, col, val, bias, sc, res, out, i % groups, p_a + i // groups * (nv_a * lanes), nv_a, ns_a)
+            elif len(runs) == 2:
+                if i // groups < n_a:
+                    tile(x, rp, col, val, bias, sc, res, out, i % groups, p_a + i // groups * (nv_a * lanes), nv_a,
+                         ns_a)
+                else:
+                    tile(x, rp, col, val, bias, sc, res, out, i % groups, p_b + (i // groups - n_a) * (nv_b * lanes),
+                         nv_b, ns_b)
             else:
-                task(x, rp, col, val, bias, sc, res, out, i % nb, 0, p_c + (i // nb - n_a - n_b) * (nv_c * lanes),
-                     nv_c, ns_c)
+                if i // groups < n_a:
+                    tile(x, rp, col, val, bias, sc, res, out, i % groups, p_a + i // groups * (nv_a * lanes), nv_a,
+                         ns_a)
+                elif i // groups < n_a + n_b:
+                    tile(x, rp, col, val, bias, sc, res, out, i % groups, p_b + (i // groups - n_a) * (nv_b * lanes),
+                         nv_b, ns_b)
+                else:
+                    tile(x, rp, col, val, bias, sc, res, out, i % groups, p_c, nv_c, ns_c)
 
     x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((chunks * nb + 1,), "int32")
     col_t, val_t = T.Buffer((nnzb,), col_dtype), T.Buffer((nnzb, block), "float32")
@@ -263,10 +264,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
         res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
         out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
-        if chunks > 1:
-            body_chunked(x, rp, col, val, bias, sc, res, out)
-        else:
-            body(x, rp, col, val, bias, sc, res, out)
+        body(x, rp, col, val, bias, sc, res, out)
 
     # NOTE: one signature per optional input (scale, residual); an absent one is never read
     if residual and scale:

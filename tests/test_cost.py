@@ -30,6 +30,22 @@ def test_measures_once_then_reads_the_cache(tmp_path):
     assert again.measured == 1 and big > small
 
 
+def test_candidates_not_cached_are_measured_run_by_run_in_turn(tmp_path, monkeypatch):
+    """latencies(): the uncached modules of one decision are timed together, one run of each in turn (a slow
+    phase of the machine hits them alike); a cached one is not run again."""
+    import compiler.cost as cost_module
+    spec = targets.resolve("x86")
+    cost = Cost(spec, cache_dir=str(tmp_path), enabled=True)
+    cached = cost.latency(conv_module(8, 8, 4))
+    runs = []
+    monkeypatch.setattr(cost_module, "runnable", lambda mod, spec: (lambda name=mod["main"].params[0].ty.shape[1]:
+                                                                     runs.append(int(name))))
+    out = cost.latencies([(conv_module(8, 8, 4), None), (conv_module(16, 16, 4), None), (conv_module(24, 24, 4), "k")])
+    assert out[0] == cached and cost.measured == 3 and all(t >= 0 for t in out)
+    assert runs == [16, 24] * (cost_module.WARMUP + cost_module.REPEAT)
+    assert cost.latency(conv_module(24, 24, 4), "k") == out[2] and cost.measured == 3
+
+
 def test_cross_targets_are_estimated_not_run(tmp_path):
     cost = Cost(targets.resolve("rpi4"), cache_dir=str(tmp_path))
     assert not cost.enabled
