@@ -13,7 +13,9 @@ as it is broadcast, and the scaled x is never written.
 Knobs: `pixel_tile` (at most this many pixels per task, a multiple of the vector lanes; a plane's tiles are
 sized evenly), `block`.
 Tasks are (channel block x pixel tile) fused into one parallel loop, so a 7x7 layer with one
-pixel tile still spreads its channel blocks over the cores.
+pixel tile still spreads its channel blocks over the cores. With `k_chunk` (default_k_chunk: 7x7 layers with
+many input channels, where the target names an L1 share) a task takes a group of channel blocks and walks
+them once per chunk of input channels, so that the chunk's tile of x stays in L1.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line).
     k_chunk: the weights as encode_bsr(w, block, k_chunk) writes them; each task walks its output blocks once
     per chunk of k_chunk input channels (whose pixel tile then stays in L1 across the blocks), keeping
-    partial sums in `out` in between (see k_chunk below)."""
+    partial sums in `out` in between and applying the epilogue after the last chunk."""
     pixels = h * w
     x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
     lanes = min(lanes, pixel_tile)
