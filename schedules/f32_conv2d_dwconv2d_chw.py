@@ -8,7 +8,7 @@ conv on those planes while they are still in cache, so the first conv's output n
 The region then starts at the model's input: the kernel reads the NCHW input and writes CHW. A stride-2
 first conv first splits the input's rows into their even and odd columns (one parallel pass, into a buffer
 the tasks share), so that its taps are plain loads in every task rather than shuffles redone per task
-(MobileNetV2's pair about 1.07x faster alone, ad-hoc interleaved timing on Zen 5).
+(MobileNetV2's pair ran a little faster so, alone, in ad-hoc interleaved timings on Zen 5).
 Parameters: x [1, cin, h, w], w1 [c, cin, k1, k1], bias1 [c], w [c, 1, k, k], bias2 [c], out.
 """
 from __future__ import annotations

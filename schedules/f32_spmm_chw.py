@@ -84,8 +84,9 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     (`kernel_defaults["spmm_chunk_bytes"]`), chunks of that size stay in L1 across the blocks, at the cost of
     storing and reloading the partial sums once per chunk. Used where that paid on Zen 5 (ad-hoc single-layer
     timings, 85% zeros): layers of one pixel tile (7x7) with at least 2 chunks and partial sums of at most 4 x
-    that share. MobileNetV2's 7x7 project convs (576-960 input channels) ran 1.1-1.3x faster chunked; 320 ->
-    1280 (large partial sums) and the 14x14-56x56 layers of several tiles (chunks of 64-72) 0.85-1.0x."""
+    that share. MobileNetV2's 7x7 project convs (576-960 input channels) ran faster chunked; 320 -> 1280
+    (large partial sums) and the 14x14-56x56 layers of several tiles (chunks of 64-72) did not (the
+    per-layer table of benchmarks/RESULTS-sparse.md has the 7x7 layers' figures)."""
     budget = spec.kernel_defaults.get("spmm_chunk_bytes")
     if not budget:
         return None
