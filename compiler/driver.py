@@ -100,17 +100,23 @@ def sparse_layers(passes: dict) -> list[dict]:
     and its speed-up over our dense kernel as measured by the cost interface (None where nothing was
     measured: the target does not run here). Layers whose sparse rewrite was undone (the whole model was
     not faster) are not listed: they run dense. An expand conv fused with its depthwise conv names the
-    fused kernel, a 1x1 rebuilt to read padded planes the rebuilt one (the speed-up is the 1x1 kernel's
+    fused kernel, a 1x1 rebuilt to read or write padded planes the rebuilt one (the speed-up is the 1x1 kernel's
     alone, as SparsifyConv1x1 measured it), a kernel rebuilt with tuned knobs its new name."""
     regions = passes.get("FormCHWRegions", {}).get("changes", [])
-    now = {c["replaces"]: c["kernel"] for c in regions if c["what"] == "padded_planes"}
-    now.update({c["expand"]: c["kernel"] for c in regions if c["what"] == "fused"})   # fused last: it is what runs
-    tuned = {c["layer"]: c["kernel"] for c in passes.get("ApplySchedules", {}).get("changes", [])
-             if c["what"] == "retuned"}                                                # rebuilt with tuned knobs
-    now = {old: tuned.get(new, new) for old, new in now.items()}
-    now.update({old: new for old, new in tuned.items() if old not in now})
+    regions_map = {c["replaces"]: c["kernel"] for c in regions if c["what"] == "padded_planes"}
+    regions_map.update({c["expand"]: c["kernel"] for c in regions if c["what"] == "fused"})  # fused: what runs
+    # each later pass renames the kernels the one before it left (passes that rebuild kernels, in pipeline order)
+    steps = [regions_map,
+             {c["replaces"]: c["kernel"] for c in passes.get("PadChannelPlanes", {}).get("changes", [])},
+             {c["layer"]: c["kernel"] for c in passes.get("ApplySchedules", {}).get("changes", [])
+              if c["what"] == "retuned"}]                                             # rebuilt with tuned knobs
+
+    def now(kernel: str) -> str:
+        for step in steps:
+            kernel = step.get(kernel, kernel)
+        return kernel
     return [{"layer": c["layer"], "sparsity": c["zeros"], "block": f"{c['block']}x1", "block_fill": c["block_fill"],
-             "kernel": now.get(c["kernel"], c["kernel"]), "speedup_vs_dense": c["speedup"]}
+             "kernel": now(c["kernel"]), "speedup_vs_dense": c["speedup"]}
             for name in SPARSE_PASSES for c in passes.get(name, {}).get("changes", []) if c["what"] == "sparse"]
 
 

@@ -20,6 +20,7 @@ from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.form_chw_regions import FormCHWRegions
 from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
+from passes.pad_channel_planes import PadChannelPlanes
 from passes.prune_activations import PruneActivations
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
@@ -74,7 +75,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         # NOTE: kept only if the whole model measures faster (layer gains can be lost at region borders)
         ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min),
                                   SparsifyDense(spec, cost, opts.sparse_min),
-                                  FormCHWRegions(spec)], cost, "SparseRegions")]
+                                  FormCHWRegions(spec), PadChannelPlanes(spec)], cost, "SparseRegions")]
          if opts.sparse == "auto" and spec.is_cpu else []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),

@@ -235,13 +235,17 @@ class _Sparsifier(BindingRewriter):
 
 
 def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip, residual: bool, col_dtype: str,
-                spec, in_plane: int | None = None, scale: bool = False):
+                spec, in_plane: int | None = None, scale: bool = False, out_plane: int | None = None,
+                res_plane: int | None = None):
     """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused; tunable:
     schedules/handwritten.py). scale: x comes with a per-channel scale to apply (an SE gate)."""
     args = {"cin": cin, "cout": cout, "h": h, "w": w, "block": block, "nnzb": max(1, nnzb), "clip": clip,
             "residual": residual, "lanes": spec.vector_lanes, "col_dtype": col_dtype, "in_plane": in_plane}
     if scale:    # NOTE: only where set, so the task keys of unscaled kernels stay those of tuning databases
         args["scale"] = True
+    for key, plane in (("out_plane", out_plane), ("res_plane", res_plane)):
+        if plane:    # (likewise) PadChannelPlanes
+            args[key] = plane
     k_chunk = default_k_chunk(cin, cout, h * w, block, spec)
     if k_chunk:  # (likewise) the weights are encoded in chunks of input channels: _sparse_call_parts
         args["k_chunk"] = k_chunk
@@ -254,7 +258,8 @@ def _sparse_call_parts(plan, block, spec, x, residual):
     cout, cin = w.shape
     row_ptr, col, val = encode_bsr(w, block, default_k_chunk(cin, cout, plan["h"] * plan["wd"], block, spec))
     func = spmm_kernel(cin, cout, plan["h"], plan["wd"], block, len(col), plan["clip"], residual is not None,
-                       str(col.dtype), spec, in_plane=plan.get("in_plane"))
+                       str(col.dtype), spec, in_plane=plan.get("in_plane"), out_plane=plan.get("out_plane"),
+                       res_plane=plan.get("res_plane"))
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)
     args = [x, const(row_ptr), const(col), const(val), const(bias)]
     if residual is not None:
@@ -267,7 +272,8 @@ def _layer_params(plan):
     x = relax.Var("x", relax.TensorType(planes_shape(cin, plan["h"], plan["wd"], plan.get("in_plane")), "float32"))
     res = None
     if plan["residual"] is not None:
-        res = relax.Var("res", relax.TensorType([1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32"))
+        res = relax.Var("res", relax.TensorType(
+            planes_shape(plan["w"].shape[0], plan["h"], plan["wd"], plan.get("res_plane")), "float32"))
     return x, res
 
 
@@ -342,7 +348,8 @@ def _nchw_dense_layer_module(plan) -> tvm.IRModule:
 def sparse_layer_module(plan, block, spec) -> tvm.IRModule:
     """The layer as one spmm call (`block` output channels per BSR block). plan: w [Cout, Cin], h, wd,
     bias ([Cout] or None), clip ((lo, hi) or None), residual (None, or anything: a residual input), and
-    optionally in_plane (its input as padded planes, as FormCHWRegions gives it after a depthwise conv)."""
+    optionally in_plane (its input as padded planes, as FormCHWRegions gives it after a depthwise conv),
+    out_plane and res_plane (its output and residual so, as PadChannelPlanes stores them)."""
     x, res = _layer_params(plan)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):
@@ -350,7 +357,7 @@ def sparse_layer_module(plan, block, spec) -> tvm.IRModule:
         gv = bb.add_func(func, func.attrs["global_symbol"])
         with bb.dataflow():
             out = bb.emit_output(relax.call_tir(gv, args, relax.TensorType(
-                [1, plan["w"].shape[0], plan["h"], plan["wd"]], "float32")))
+                planes_shape(plan["w"].shape[0], plan["h"], plan["wd"], plan.get("out_plane")), "float32")))
         bb.emit_func_output(out)
     return bb.get()
 

@@ -128,7 +128,8 @@ CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi) or HSWISH, for passes th
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
              name: str | None = None, in_plane: int | None = None, scale: bool = False,
-             k_chunk: int | None = None) -> tvm.tirx.PrimFunc:
+             k_chunk: int | None = None, out_plane: int | None = None,
+             res_plane: int | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
@@ -139,7 +140,9 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line).
     k_chunk: the weights as encode_bsr(w, block, k_chunk) writes them; each task walks its output blocks once
     per chunk of k_chunk input channels (whose pixel tile then stays in L1 across the blocks), keeping
-    partial sums in `out` in between and applying the epilogue after the last chunk."""
+    partial sums in `out` in between and applying the epilogue after the last chunk.
+    out_plane / res_plane: out / the residual are [1, cout, plane] likewise (PadChannelPlanes: this kernel's
+    readers take padded planes too), their pixels past h * w never written or read."""
     pixels = h * w
     x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
     lanes = min(lanes, pixel_tile)
@@ -260,25 +263,26 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
 
     x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((chunks * nb + 1,), "int32")
     col_t, val_t = T.Buffer((nnzb,), col_dtype), T.Buffer((nnzb, block), "float32")
-    vec_t, sc_t, o_shape = T.Buffer((cout,), "float32"), T.Buffer((1, cin, 1, 1), "float32"), (1, cout, h, w)
+    vec_t, sc_t = T.Buffer((cout,), "float32"), T.Buffer((1, cin, 1, 1), "float32")
+    o_shape, r_shape = planes_shape(cout, h, w, out_plane), planes_shape(cout, h, w, res_plane)
     @T.macro
     def main(x4, rp, col, val, bias, sc, r4, o4):
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
-        res = T.decl_buffer((cout, pixels), "float32", data=r4.data)
-        out = T.decl_buffer((cout, pixels), "float32", data=o4.data)
+        res = T.decl_buffer((cout, res_plane or pixels), "float32", data=r4.data)
+        out = T.decl_buffer((cout, out_plane or pixels), "float32", data=o4.data)
         body(x, rp, col, val, bias, sc, res, out)
 
     # NOTE: one signature per optional input (scale, residual); an absent one is never read
     if residual and scale:
         @T.prim_func
         def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, sc: sc_t,
-                 r4: T.Buffer(o_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
+                 r4: T.Buffer(r_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
             main(x4, rp, col, val, bias, sc, r4, o4)
     elif residual:
         @T.prim_func
         def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t,
-                 r4: T.Buffer(o_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
+                 r4: T.Buffer(r_shape, "float32"), o4: T.Buffer(o_shape, "float32")):
             main(x4, rp, col, val, bias, bias, r4, o4)
     elif scale:
         @T.prim_func

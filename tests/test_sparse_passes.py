@@ -162,6 +162,37 @@ def test_depthwise_outputs_read_by_a_sparse_1x1_are_padded_to_whole_vectors(monk
     assert planes == {1: 208, 2: 208, 3: 64, 4: 64, 5: 64, 13: 16, 14: 16, 15: 16, 16: 16}
 
 
+def test_block_outputs_between_sparse_kernels_are_padded_to_whole_vectors(monkeypatch):
+    """PadChannelPlanes at 56x56 input: the outputs of blocks 1-2 (14x14), 3-5 (7x7) and 13-16 (2x2), read only by
+    the next block's fused expand + depthwise kernel (in_plane), its project as the residual (res_plane) and the
+    head 1x1 (in_plane), are written padded to 208, 64 and 16; the head's output, read by the pooling, and the
+    28x28 / 4x4 outputs stay as they are. Equal to ONNX Runtime."""
+    from zoo.mobilenet_v2 import mobilenet_v2
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(mobilenet_v2(width=0.35, resolution=56, num_classes=10, sparsity=0.85, sparse_from=0))
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    changes = cm.report["passes"]["PadChannelPlanes"]["changes"]
+    by = {key: {c["layer"]: c[key] for c in changes if key in c} for key in ("out_plane", "in_plane", "res_plane")}
+    assert by["out_plane"] == {"block1_project": 208, "block2_add": 208, "block3_project": 64, "block4_add": 64,
+                               "block5_add": 64, "block13_project": 16, "block14_add": 16, "block15_add": 16,
+                               "block16_project": 16}
+    assert by["res_plane"] == {"block2_add": 208, "block4_add": 64, "block5_add": 64, "block14_add": 16,
+                               "block15_add": 16}
+    assert by["in_plane"] == {"block2_dw_relu6": 208, "block3_dw_relu6": 208, "block4_dw_relu6": 64,
+                              "block5_dw_relu6": 64, "block6_dw_relu6": 64, "block14_dw_relu6": 16,
+                              "block15_dw_relu6": 16, "block16_dw_relu6": 16, "head_relu6": 16}
+    assert all(c["kernel"] in cm.report["kernels"] for c in changes)
+
+
+def test_a_sparse_output_the_model_returns_keeps_its_shape(monkeypatch):
+    """A 7x7 sparse 1x1 whose output is the model's: not padded (its reader is not a kernel)."""
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = driver.compile_model(single_conv_model(48, 48, 7, residual=True, act="relu6", sparsity=0.85))
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+    assert not cm.report["passes"].get("PadChannelPlanes", {}).get("changes")
+
+
 def _mobilenet_v1_like(resolution: int = 28):
     """conv -> (depthwise 3x3 -> sparse pointwise 1x1 + ReLU6) x 3, the middle one stride 2: each pointwise
     reads a depthwise output and feeds the next depthwise conv (MobileNetV1's pattern)."""

@@ -555,3 +555,44 @@ def test_spmm_scales_its_input_channels(block, residual):
     out = _run(func, [x, rp, col, val, bias, gate] + ([res] if residual else []), (1, cout, h, w))
     ref = (wt @ (x * gate).reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w) + (res if residual else 0)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _padded(a: np.ndarray, plane: int) -> np.ndarray:
+    """[1, c, h, w] as [1, c, plane] planes, NaN past each plane's pixels (NaN read would reach the result)."""
+    c, pixels = a.shape[1], a.shape[2] * a.shape[3]
+    out = np.full((1, c, plane), np.nan, np.float32)
+    out[:, :, :pixels] = a.reshape(1, c, pixels)
+    return out
+
+
+@pytest.mark.parametrize("h,w,block,chunk", [(14, 14, 1, None), (7, 7, 2, None), (7, 7, 1, 32), (5, 7, 4, None)])
+def test_spmm_reads_and_writes_padded_block_outputs(h, w, block, chunk):
+    """PadChannelPlanes' kernels: a sparse 1x1 writing its output as padded planes (out_plane) and reading its
+    residual (res_plane) and input (in_plane) so, chunked or not, and a fused expand + depthwise reading such an
+    output: equal to numpy; the pixels past each plane are never written (the NaN fill stays) nor read."""
+    rng = np.random.default_rng(h * w + block)
+    cin, cout, c, lanes = 40, 24, 32, SPEC.vector_lanes
+    plane = aligned_plane(h * w, lanes)
+    wt = _weights(rng, cout, cin, 0.8, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block, chunk)
+    func = spmm_chw(cin, cout, h, w, block, len(col), residual=True, pixel_tile=64, lanes=lanes,
+                    col_dtype=str(col.dtype), k_chunk=chunk, in_plane=plane, out_plane=plane, res_plane=plane)
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=SPEC.tvm_target(), tir_pipeline="shrinkc")
+    out = tvm.runtime.tensor(np.full((1, cout, plane), np.nan, np.float32))
+    ex[str(func.attrs["global_symbol"])](*(tvm.runtime.tensor(a) for a in (
+        _padded(x, plane), rp, col, val, bias, _padded(res, plane))), out)
+    got = out.numpy()
+    ref = (wt @ x.reshape(cin, -1) + bias[:, None]).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(got[:, :, :h * w].reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[:, :, h * w:]).all()
+    # the block output read by the next block's fused expand + depthwise, as padded planes
+    wt1, _, b1, wdw, b2 = _expand_dw_case(rng, cout, c, h, w, 3, 2)
+    rp1, col1, val1 = encode_bsr(wt1, 2)
+    fused = spmm_dwconv2d_chw(cout, c, h, w, 2, len(col1), 3, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+                              lanes=lanes, col_dtype=str(col1.dtype), in_plane=plane)
+    mid = np.clip(wt1 @ ref.reshape(cout, -1) + b1[:, None], 0, 6).reshape(1, c, h, w)
+    np.testing.assert_allclose(_run(fused, [got, rp1, col1, val1, b1, wdw, b2], (1, c, h, w)),
+                               _dw_ref(mid, wdw, b2, 1, [1] * 4, (0.0, 6.0)), rtol=1e-4, atol=1e-4)

@@ -62,11 +62,14 @@ def mobilenet_v2_1x1_shapes() -> list[dict]:
 
 
 def _plan(shape: dict, w: np.ndarray, rng, spec=None) -> dict:
-    """The layer's plan; with spec, a project conv (which reads a depthwise conv's output) reads it as the
-    network does: as padded planes where FormCHWRegions pads them (`in_plane`)."""
+    """The layer's plan; with spec, its input and output stored as in the network: padded planes where their
+    planes are not whole vectors (`in_plane`: a project conv reads a depthwise output FormCHWRegions pads, an
+    expand conv a block output PadChannelPlanes pads; `out_plane`: a project conv writes a block output, an
+    expand conv (ReLU6) feeds a depthwise conv, which reads planes as they are)."""
     from schedules.chw_rows import aligned_plane
-    plane = aligned_plane(shape["h"] * shape["w"], spec.vector_lanes) if spec and not shape["relu6"] else None
+    plane = aligned_plane(shape["h"] * shape["w"], spec.vector_lanes) if spec else None
     return {"w": w, "h": shape["h"], "wd": shape["w"], "residual": None, "in_plane": plane,
+            "out_plane": None if shape["relu6"] else plane,
             "bias": (rng.standard_normal(shape["cout"]) * 0.05).astype(np.float32),
             "clip": (0.0, 6.0) if shape["relu6"] else None}
 
@@ -259,8 +262,9 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
                   "MobileNetV2 1.0 224's distinct 1x1 shapes, 1 thread, every kernel of a shape interleaved "
                   "run by run after warm-up. Dense = our blocked NCHW{b}c 1x1 conv with fused bias/ReLU6 "
                   "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue (residual adds left out); "
-                  "the spmm of a project conv (relu6 empty) reads its input as the network gives it to it, from "
-                  "a depthwise kernel: planes padded to whole vectors where H x W is not (14x14: 208, 7x7: 64). "
+                  "the spmm reads its input and writes its output as the network stores them: planes padded to "
+                  "whole vectors where H x W is not (14x14: 208, 7x7: 64), except a ReLU6 (expand) conv's output, "
+                  "which a depthwise kernel reads as it is. "
                   "Both are called as kernels on buffers allocated once, as in a network's memory plan (through "
                   "the VM each call would also allocate its output). "
                   "n = how often the shape occurs in the network; the last row weighs each shape by n.", ""]
