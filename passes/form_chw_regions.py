@@ -275,7 +275,7 @@ class _Regions(BindingRewriter):
             row_ptr, col, val = const(row_ptr), const(col_np), const(val_np)
         k, stride, pads = _kxk(plan)
         func = handwritten.build("spmm_dwconv2d_chw", {
-            "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "block": val_np.shape[1], "nnzb": len(col_np),
+            "cin": cin, "c": c, "h": h, "w": wd, "block": block, "nnzb": len(col_np),
             "k": k, "stride": stride, "pads": pads, "clip1": kernel_clip(spmm),
             "clip": plan["clip"], "lanes": self.spec.vector_lanes, "col_dtype": str(col_np.dtype),
             "out_plane": plan["plane"], "in_plane": in_plane}, self.spec)
