@@ -95,7 +95,8 @@ def _dw_ref(x, w, b, s, p, clip):
 
 
 @pytest.mark.parametrize("c,h,w,k,s", [(8, 7, 7, 3, 1), (5, 9, 20, 3, 2), (3, 17, 33, 5, 1), (4, 6, 5, 5, 2),
-                                       (2, 3, 40, 3, 1)])
+                                       (2, 3, 40, 3, 1), (3, 9, 56, 3, 1), (2, 6, 28, 5, 1), (2, 4, 3, 5, 1),
+                                       (2, 5, 64, 5, 1)])
 @pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
 def test_dwconv_chw_matches_numpy(c, h, w, k, s, clip):
     rng = np.random.default_rng(c * h + w)
@@ -193,7 +194,8 @@ def _run_guarded(func, arrays, guarded: set, out_shape, guard: str):
 @pytest.mark.parametrize("c,h,w,k,s,pads", [(4, 14, 14, 3, 1, (1, 1, 1, 1)), (4, 14, 14, 3, 2, (0, 0, 1, 1)),
                                             (16, 7, 7, 3, 1, (1, 1, 1, 1)), (4, 16, 16, 5, 2, (2, 2, 2, 2)),
                                             (4, 28, 28, 5, 1, (2, 2, 2, 2)), (2, 56, 56, 3, 2, (1, 1, 1, 1)),
-                                            (2, 8, 112, 3, 1, (1, 1, 1, 1))])
+                                            (2, 8, 112, 3, 1, (1, 1, 1, 1)), (2, 6, 56, 3, 1, (1, 1, 1, 1)),
+                                            (2, 5, 3, 5, 1, (2, 2, 2, 2))])
 @pytest.mark.parametrize("guard", ["before", "after"])
 def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
     """The row ends are masked loads and stores, never a full vector that reaches past the tensor: with the
