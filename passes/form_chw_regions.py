@@ -26,9 +26,10 @@ from tvm import relax
 
 from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
-from passes.sparsify_conv1x1 import add_kernel, epilogue_chain, spmm_kernel
+from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules import handwritten
+from schedules.rule import recipe
 from schedules.f32_conv2d_dwconv2d_chw import MAX_CIN
 from schedules.f32_spmm_chw import decode_bsr, encode_bsr, kernel_clip
 
@@ -215,20 +216,16 @@ class _Regions(BindingRewriter):
         fields = [x, *fields[1:5], gate, *fields[5:]]
         return self.rebuild_spmm(var, value, fields, "se_gate", scale=True)
 
-    def rebuild_spmm(self, var, value, fields: list, what: str, in_plane: int | None = None, scale: bool = False):
-        """call_tir of the sparse 1x1 bound to var with its kernel built again (reading padded planes, or
-        scaling by a gate), on the arguments `fields`; noted as `what`."""
+    def rebuild_spmm(self, var, value, fields: list, what: str, **updates):
+        """call_tir of the sparse 1x1 bound to var with its kernel built again from its recipe with `updates`
+        (in_plane: reading padded planes; scale: scaling by a gate), on the arguments `fields`; noted as `what`."""
         old = self.builder_.get()[value.args[0]]
-        x_in = self.bindings[var].args[1].fields[0]
-        _, cin, h, wd = (int(d) for d in x_in.ty.shape.values)
-        cout = int(var.ty.shape.values[1])
-        args = value.args[1].fields
-        col, val = const_np(args[2]), const_np(args[3])
-        func = spmm_kernel(cin, cout, h, wd, val.shape[1], len(col), kernel_clip(old), len(args) == 6,
-                           str(col.dtype), self.spec, in_plane=in_plane, scale=scale)
+        r = recipe(old)
+        func = handwritten.build(r["kind"], {**r["args"], **updates}, self.spec, r["knobs"])
         gv, func = add_kernel(self, func)
         changelog.record(NAME, what, var.name, kernel=str(func.attrs["global_symbol"]),
-                         replaces=str(old.attrs["global_symbol"]), **({"plane": in_plane} if in_plane else {}))
+                         replaces=str(old.attrs["global_symbol"]),
+                         **({"plane": updates["in_plane"]} if "in_plane" in updates else {}))
         return relax.call_tir(gv, relax.Tuple(fields), var.ty)
 
     def call_kernel(self, plan, func, what: str, inputs: list, **details):
