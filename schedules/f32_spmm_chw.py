@@ -28,7 +28,7 @@ from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
 BLOCKS = (8, 4, 2, 1)
-MAX_PIXEL_TILE = 128
+MAX_PIXEL_TILE = 256
 INT16_MAX_COLUMNS = 32768      # int16 column indices when the input channel count is below this
 CHUNK_TASKS = 4                # chunked kernels: at least this many parallel tasks (pixel tiles x output-block groups)
 
@@ -112,13 +112,19 @@ def block_fill(w: np.ndarray, block: int) -> float:
 
 
 def default_pixel_tile(pixels: int, block: int, spec) -> int:
-    """Pixels per task: as many accumulator vectors as a third of the registers hold, <= 64 pixels,
-    no more than the layer has (rounded up to whole vectors)."""
-    lanes = spec.vector_lanes
-    budget = max(1, spec.vector_registers // 3 + (2 if spec.vector_registers >= 32 else 0))
+    """Pixels per task: as many accumulator vectors as the target's `spmm_accumulators` (else a third of the
+    registers) hold, a power of two, no more than the layer has (rounded up to whole vectors).
+    With `spmm_accumulators` set, a plane of fewer than two such tiles takes tiles of half that: on Zen 5,
+    16-vector tiles ran clearly faster than 8-vector ones on 28x28 to 112x112 layers (fewer loads of the
+    column index and weight per FMA), but not on 14x14 ones (one tile then, whose rows of x no longer
+    fit in L1 for some layers); ad-hoc interleaved timings of MobileNetV2's sparse 1x1 shapes."""
+    lanes, wide = spec.vector_lanes, spec.kernel_defaults.get("spmm_accumulators")
+    budget = wide or max(1, spec.vector_registers // 3 + (2 if spec.vector_registers >= 32 else 0))
     vectors = max(1, budget // block)
+    vectors = 1 << (vectors.bit_length() - 1)                         # a power of two
+    if wide and vectors > 1 and -(-pixels // lanes) < 2 * vectors:
+        vectors //= 2
     tile = min(MAX_PIXEL_TILE, lanes * vectors)
-    tile = max(lanes, 1 << (tile.bit_length() - 1))                  # a power of two
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 

@@ -42,7 +42,7 @@ def _spmm_chw(a: dict, k: dict) -> tirx.PrimFunc:
 def _spmm_chw_space(a: dict, spec) -> list[dict]:
     lanes, pixels = a["lanes"], a["h"] * a["w"]
     whole = -(-pixels // lanes) * lanes
-    return [{"pixel_tile": lanes * v} for v in (1, 2, 4, 8) if lanes * v <= max(lanes, whole)
+    return [{"pixel_tile": lanes * v} for v in (1, 2, 4, 8, 16) if lanes * v <= max(lanes, whole)
             and lanes * v <= f32_spmm_chw.MAX_PIXEL_TILE]
 
 

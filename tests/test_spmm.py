@@ -14,7 +14,7 @@ import targets
 from schedules.chw_rows import HSWISH, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
-from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, encode_bsr, spmm_chw
+from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, default_pixel_tile, encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
 
 SPEC = targets.x86_host()
@@ -68,6 +68,37 @@ def test_spmm_epilogue_clip_and_residual(tile, col_dtype):
     out = _run(func, [x, rp, col, val, bias, res], (1, cout, h, w))
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block,tile,hw", [(1, 256, (28, 28)), (1, 256, (9, 30)), (2, 128, (17, 19)), (4, 64, (5, 40))])
+def test_spmm_wide_tiles(block, tile, hw):
+    """Tiles of 16 accumulator vectors (block x pixel vectors), as default_pixel_tile gives large planes where
+    the target sets spmm_accumulators: planes of several such tiles, and ones that end in a partial vector."""
+    rng = np.random.default_rng(block)
+    (h, w), cin, cout = hw, 40, 8 * block
+    wt = _weights(rng, cout, cin, 0.85, block)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block)
+    func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile, lanes=16,
+                    col_dtype=str(col.dtype))
+    out = _run(func, [x, rp, col, val, bias, res], (1, cout, h, w))
+    ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_pixel_tile_follows_the_accumulator_budget():
+    """With spmm_accumulators = 16: block x vectors = 16 on planes of at least two such tiles, half that on
+    smaller planes, never more than the plane; without it, a third of the registers as before."""
+    wide = dataclasses.replace(SPEC, isa="avx512", vector_lanes=16, vector_registers=32,
+                               kernel_defaults={**SPEC.kernel_defaults, "spmm_accumulators": 16})
+    assert [default_pixel_tile(56 * 56, b, wide) for b in (1, 2, 4, 8)] == [256, 128, 64, 32]
+    assert [default_pixel_tile(14 * 14, b, wide) for b in (1, 2, 4)] == [128, 64, 64]
+    assert default_pixel_tile(7 * 7, 1, wide) == 64
+    plain = dataclasses.replace(wide, kernel_defaults={k: v for k, v in wide.kernel_defaults.items()
+                                                       if k != "spmm_accumulators"})
+    assert [default_pixel_tile(56 * 56, b, plain) for b in (1, 2, 4)] == [128, 64, 32]
 
 
 def test_bsr_encoding_and_fill():
