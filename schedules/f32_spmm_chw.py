@@ -91,7 +91,7 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     if not budget:
         return None
     lanes = spec.vector_lanes
-    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec) // lanes, lanes)
+    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
     if len(runs) != 1 or runs[0][1] != 1:
         return None
     tile_bytes = -(-pixels // lanes) * lanes * 4       # whole vectors: the lines its loads touch
@@ -111,19 +111,20 @@ def block_fill(w: np.ndarray, block: int) -> float:
     return nz / (kept * block) if kept else 1.0
 
 
-def default_pixel_tile(pixels: int, block: int, spec) -> int:
-    """Pixels per task: as many accumulator vectors as the target's `spmm_accumulators` (else a third of the
-    registers) hold, a power of two, no more than the layer has (rounded up to whole vectors).
-    With `spmm_accumulators` set, a plane of fewer than two such tiles takes tiles of half that: on Zen 5,
-    16-vector tiles ran clearly faster than 8-vector ones on 28x28 to 112x112 layers (fewer loads of the
-    column index and weight per FMA), but not on 14x14 ones (one tile then, whose rows of x no longer
-    fit in L1 for some layers); ad-hoc interleaved timings of MobileNetV2's sparse 1x1 shapes."""
+def default_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> int:
+    """Pixels per task: as many accumulator vectors as a third of the registers hold, a power of two, no more
+    than the layer has (rounded up to whole vectors).
+    Where the target sets `spmm_accumulators`, a layer with at least as many input as output channels (a
+    project conv) takes that many accumulators instead, on planes of at least two such tiles: on Zen 5,
+    16-vector tiles ran clearly faster than 8-vector ones on MobileNetV2's 28x28-112x112 project convs (fewer
+    column-index and weight loads per FMA) and slower on its expand convs (2-5 non-zeros per output channel),
+    and a 14x14 plane in one tile was no faster; ad-hoc interleaved timings of single kernels."""
     lanes, wide = spec.vector_lanes, spec.kernel_defaults.get("spmm_accumulators")
-    budget = wide or max(1, spec.vector_registers // 3 + (2 if spec.vector_registers >= 32 else 0))
+    budget = max(1, spec.vector_registers // 3 + (2 if spec.vector_registers >= 32 else 0))
+    if wide and cin >= cout and -(-pixels // lanes) >= 2 * max(1, wide // block):
+        budget = wide
     vectors = max(1, budget // block)
     vectors = 1 << (vectors.bit_length() - 1)                         # a power of two
-    if wide and vectors > 1 and -(-pixels // lanes) < 2 * vectors:
-        vectors //= 2
     tile = min(MAX_PIXEL_TILE, lanes * vectors)
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 

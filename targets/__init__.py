@@ -135,9 +135,9 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # sparse 1x1 convs with many input channels walk them in chunks whose pixel tile fits in this many bytes
         # of L1 (48 KiB here); schedules/f32_spmm_chw.default_k_chunk
         defaults["spmm_chunk_bytes"] = 32768
-        # accumulator vectors per sparse 1x1 task (block x pixel vectors): 16 of the 32 registers ran faster
-        # than the generic third on the 28x28-112x112 layers of 85%-sparse MobileNetV2, blocks 1, 2 and 4 (ad-hoc
-        # interleaved timings of single kernels); schedules/f32_spmm_chw.default_pixel_tile
+        # accumulator vectors per sparse 1x1 task (block x pixel vectors) of project convs: 16 of the 32 registers
+        # ran faster than the generic third on the 28x28-112x112 project convs of 85%-sparse MobileNetV2, blocks
+        # 1, 2 and 4 (ad-hoc interleaved timings of single kernels); schedules/f32_spmm_chw.default_pixel_tile
         defaults["spmm_accumulators"] = 16
     return defaults
 

@@ -72,8 +72,9 @@ def test_spmm_epilogue_clip_and_residual(tile, col_dtype):
 
 @pytest.mark.parametrize("block,tile,hw", [(1, 256, (28, 28)), (1, 256, (9, 30)), (2, 128, (17, 19)), (4, 64, (5, 40))])
 def test_spmm_wide_tiles(block, tile, hw):
-    """Tiles of 16 accumulator vectors (block x pixel vectors), as default_pixel_tile gives large planes where
-    the target sets spmm_accumulators: planes of several such tiles, and ones that end in a partial vector."""
+    """Tiles of 16 accumulator vectors (block x pixel vectors), as default_pixel_tile gives project convs on
+    large planes where the target sets spmm_accumulators: planes of several such tiles, and ones that end in a
+    partial vector."""
     rng = np.random.default_rng(block)
     (h, w), cin, cout = hw, 40, 8 * block
     wt = _weights(rng, cout, cin, 0.85, block)
@@ -89,16 +90,17 @@ def test_spmm_wide_tiles(block, tile, hw):
 
 
 def test_default_pixel_tile_follows_the_accumulator_budget():
-    """With spmm_accumulators = 16: block x vectors = 16 on planes of at least two such tiles, half that on
-    smaller planes, never more than the plane; without it, a third of the registers as before."""
+    """With spmm_accumulators = 16: block x vectors = 16 for project convs (cin >= cout) on planes of at least
+    two such tiles; expand convs, smaller planes and targets without it: a third of the registers as before."""
     wide = dataclasses.replace(SPEC, isa="avx512", vector_lanes=16, vector_registers=32,
                                kernel_defaults={**SPEC.kernel_defaults, "spmm_accumulators": 16})
-    assert [default_pixel_tile(56 * 56, b, wide) for b in (1, 2, 4, 8)] == [256, 128, 64, 32]
-    assert [default_pixel_tile(14 * 14, b, wide) for b in (1, 2, 4)] == [128, 64, 64]
-    assert default_pixel_tile(7 * 7, 1, wide) == 64
+    assert [default_pixel_tile(56 * 56, b, wide, 144, 24) for b in (1, 2, 4, 8)] == [256, 128, 64, 32]
+    assert [default_pixel_tile(56 * 56, b, wide, 24, 144) for b in (1, 2, 4, 8)] == [128, 64, 32, 16]
+    assert [default_pixel_tile(14 * 14, b, wide, 384, 64) for b in (1, 2, 4)] == [128, 64, 64]
+    assert default_pixel_tile(7 * 7, 1, wide, 960, 160) == 64
     plain = dataclasses.replace(wide, kernel_defaults={k: v for k, v in wide.kernel_defaults.items()
                                                        if k != "spmm_accumulators"})
-    assert [default_pixel_tile(56 * 56, b, plain) for b in (1, 2, 4)] == [128, 64, 32]
+    assert [default_pixel_tile(56 * 56, b, plain, 144, 24) for b in (1, 2, 4)] == [128, 64, 32]
 
 
 def test_bsr_encoding_and_fill():
