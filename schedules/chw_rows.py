@@ -17,7 +17,10 @@ A load that reaches past a row's ends is a masked load, and a tap with padding l
 against inaccessible pages. (Selecting zeros into the masked load's lanes instead let LLVM turn it into
 a plain load that faulted there.) The row's last pixels are a masked store.
 Rows whose taps all lie inside the image run in a loop; the few border rows are emitted one by one
-with their out-of-image taps left out, so the loop has no conditions.
+with their out-of-image taps left out, so the loop has no conditions. A 3x3 stride-1 conv on rows narrower
+than half a vector (7x7 planes at 16 lanes) puts two rows in each vector instead (RowConv.paired_planes):
+full-width vectors where one row each would fill half-width ones (a little faster alone and fused, in
+ad-hoc interleaved timings of MobileNetV2's 7x7 layers on Zen 5).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ STRIDES = (1, 2)
 ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
 ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
 F32 = "float32"
+PAIR_ROWS = True      # RowConv.paired_planes where it applies
 HSWISH = "hswish"     # an epilogue `clip` that is hard swish, x * clip(x + 3, 0, 6) / 6 (MobileNetV3)
 
 
@@ -213,13 +217,21 @@ class RowConv:
         self.vec = row_vector(self.ow, lanes)
         self.nv = -(-self.ow // self.vec)
         self.clip = clip
+        self.lanes = lanes
+        # two rows per vector (`paired`): a 3x3 stride-1 conv, padding 1, on rows of at most half a vector less one
+        # lane, so that a zero lane after each row is its right and the next row's left padding
+        self.paired = (PAIR_ROWS and stride == 1 and k == 3 and (self.top, self.left, bottom, right) == (1, 1, 1, 1)
+                       and h >= 2 and w < lanes // 2)
 
     def tile(self) -> str:
-        """The register tile, for kernel names: pixels along a row (whole vectors) x rows per step."""
-        return f"{self.nv * self.vec}x{self.rows}"
+        """The register tile, for kernel names: pixels along a row (whole vectors) x rows per step; paired:
+        the vector's lanes and `p2` (two rows in each)."""
+        return f"{self.lanes}p2" if self.paired else f"{self.nv * self.vec}x{self.rows}"
 
     def planes(self, p: Planes) -> None:
         """Emit every output row of the planes p."""
+        if self.paired and len(p.inputs) == 1 and len(p.outputs) == 1:
+            return self.paired_planes(p)
         s, k, top, rows = self.s, self.k, self.top, self.rows
         inside = [y for y in range(self.oh) if 0 <= s * y - top and s * y + k - 1 - top < self.h]
         y_in0, y_in1 = (inside[0], inside[-1] + 1) if inside else (self.oh, self.oh)
@@ -240,6 +252,56 @@ class RowConv:
             self.step(p, y, 1, everywhere)
         for y in range(max(y_in0, y_in1), self.oh):
             self.step(p, y, 1, border(y))
+
+    def paired_planes(self, p: Planes) -> None:
+        """Every output row of p, two rows to a vector: lanes 0 .. w - 1 hold row y, lanes half .. half + w - 1
+        row y + 1, the lanes after each row zero. A pair of input rows is one masked load of their 2w floats and
+        a shuffle that spreads them so; the taps are that vector and its shifts by one lane, whose zero lanes
+        are the padding (no masked FMA); a pair of output rows is a shuffle and one masked store of 2w floats.
+        On 7x7 planes: 4 full-width vectors per plane and tap where rows one at a time take 7 half-width ones."""
+        (src, lead), (out, out_lead) = p.inputs[0], p.outputs[0]
+        lanes, half, w, h = self.lanes, self.lanes // 2, self.w, self.h
+        zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), lanes)
+        pairs: dict = {}
+
+        def pair(r: int):
+            """Input rows r and r + 1 spread over the two halves (a row outside the plane: zeros)."""
+            if r not in pairs:
+                here = [t for t in (r, r + 1) if 0 <= t < h]
+                if not here:
+                    pairs[r] = zero
+                else:
+                    n = w * len(here)
+                    flat = tirx.call_intrin(f"float32x{lanes}", "tirx.masked_load", src, *lead, here[0],
+                                            tirx.Ramp(0, 1, lanes), lanes_inside(0, 1, lanes, n))
+                    first = {t: j * w for j, t in enumerate(here)}        # where row t starts in `flat`
+                    index = [first[t] + i if t in first and i < w else lanes   # lane `lanes`: a zero
+                             for t in (r, r + 1) for i in range(half)]
+                    pairs[r] = I.Bind(tirx.Shuffle([flat, zero], index))
+            return pairs[r]
+
+        weights = {(kh, kw): I.Bind(tirx.Broadcast(p.weight(0, 0, kh, kw), lanes)) for kh in range(3) for kw in range(3)}
+        bias = I.Bind(tirx.Broadcast(p.bias(0), lanes))
+        for y in range(0, self.oh, 2):
+            sums = []      # NOTE: one sum per input row pair, added last: three short FMA chains, not one long one
+            for kh in range(3):
+                v = pair(y - 1 + kh)
+                if v is zero:
+                    continue
+                taps = (tirx.Shuffle([zero, v], [lanes - 1 + i for i in range(lanes)]), v,
+                        tirx.Shuffle([v, zero], [1 + i for i in range(lanes)]))
+                acc = None
+                for kw, tap in enumerate(taps):
+                    tap = I.Bind(tap)
+                    acc = weights[kh, kw] * tap if acc is None else tirx.op.fma(weights[kh, kw], tap, acc)
+                sums.append(I.Bind(acc))
+            total = bias
+            for part in sums:
+                total = total + part
+            rows = min(2, self.oh - y)
+            value = clipped(I.Bind(total), self.clip, lanes)
+            packed = tirx.Shuffle([value], [half * (i // w) + i % w if i < rows * w else 0 for i in range(lanes)])
+            store(out, packed, [*out_lead, y], 0, rows * w, lanes)
 
     def step(self, p: Planes, y0, n_rows: int, valid) -> None:
         """Output rows y0 .. y0 + n_rows - 1; valid(t, kh): input row s * (y0 + t) + kh - top exists."""

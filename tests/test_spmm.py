@@ -129,7 +129,7 @@ def _dw_ref(x, w, b, s, p, clip):
 
 @pytest.mark.parametrize("c,h,w,k,s", [(8, 7, 7, 3, 1), (5, 9, 20, 3, 2), (3, 17, 33, 5, 1), (4, 6, 5, 5, 2),
                                        (2, 3, 40, 3, 1), (3, 9, 56, 3, 1), (2, 6, 28, 5, 1), (2, 4, 3, 5, 1),
-                                       (2, 5, 64, 5, 1)])
+                                       (2, 5, 64, 5, 1), (4, 6, 5, 3, 1), (3, 2, 7, 3, 1), (2, 9, 3, 3, 1)])
 @pytest.mark.parametrize("clip", [None, (0.0, 6.0)])
 def test_dwconv_chw_matches_numpy(c, h, w, k, s, clip):
     rng = np.random.default_rng(c * h + w)
@@ -140,6 +140,21 @@ def test_dwconv_chw_matches_numpy(c, h, w, k, s, clip):
     ref = _dw_ref(x, wt, b, s, pads, clip)
     out = _run(dwconv2d_chw(c, h, w, k, s, pads, clip=clip, lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lanes,h,w", [(16, 7, 7), (16, 8, 3), (8, 5, 3), (4, 4, 1)])
+def test_dwconv_chw_two_rows_per_vector(lanes, h, w):
+    """Rows narrower than half a vector go two to a vector (RowConv.paired_planes, named `p2`), for every
+    vector width: equal to numpy, and to the kernel that takes the rows one at a time."""
+    rng = np.random.default_rng(lanes + w)
+    c = 3
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    ref = _dw_ref(x, wt, b, 1, [1] * 4, (0.0, 6.0))
+    func = dwconv2d_chw(c, h, w, 3, 1, [1] * 4, clip=(0.0, 6.0), lanes=lanes)
+    assert str(func.attrs["global_symbol"]).endswith(f"_{lanes}p2")
+    np.testing.assert_allclose(_run(func, [x, wt, b], ref.shape), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-objdump") is None or shutil.which("aarch64-linux-gnu-g++") is None,
@@ -228,7 +243,7 @@ def _run_guarded(func, arrays, guarded: set, out_shape, guard: str):
                                             (16, 7, 7, 3, 1, (1, 1, 1, 1)), (4, 16, 16, 5, 2, (2, 2, 2, 2)),
                                             (4, 28, 28, 5, 1, (2, 2, 2, 2)), (2, 56, 56, 3, 2, (1, 1, 1, 1)),
                                             (2, 8, 112, 3, 1, (1, 1, 1, 1)), (2, 6, 56, 3, 1, (1, 1, 1, 1)),
-                                            (2, 5, 3, 5, 1, (2, 2, 2, 2))])
+                                            (2, 5, 3, 5, 1, (2, 2, 2, 2)), (3, 4, 6, 3, 1, (1, 1, 1, 1))])
 @pytest.mark.parametrize("guard", ["before", "after"])
 def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
     """The row ends are masked loads and stores, never a full vector that reaches past the tensor: with the
@@ -379,7 +394,9 @@ def test_spmm_dwconv_knobs_compute_the_same(cin, c, h, w, k, s, block, rows, gro
     """The fused kernel's knobs (schedules/handwritten.py: rows per depthwise step, channel blocks per task)
     change how it runs, never what it computes; the name says how many channels a task takes."""
     func = _check_spmm_dwconv(cin, c, h, w, k, s, block, [k // 2] * 4, (0.0, 6.0), rows=rows, group=group)
-    assert str(func.attrs["global_symbol"]).endswith(f"x{rows}_c{block * group}")
+    paired = k == 3 and s == 1 and w < SPEC.vector_lanes // 2       # two rows per vector: no row steps
+    tile = f"{SPEC.vector_lanes}p2" if paired else f"x{rows}"
+    assert str(func.attrs["global_symbol"]).endswith(f"{tile}_c{block * group}")
 
 
 def _check_spmm_dwconv(cin, c, h, w, k, s, block, pads, clip1, **knobs):
