@@ -259,6 +259,8 @@ class RowConv:
         a shuffle that spreads them so; the taps are that vector and its shifts by one lane, whose zero lanes
         are the padding (no masked FMA); a pair of output rows is a shuffle and one masked store of 2w floats.
         On 7x7 planes: 4 full-width vectors per plane and tap where rows one at a time take 7 half-width ones."""
+        # NOTE: rows are contiguous in src and out (row stride w, as in every CHW plane here), so a pair of rows
+        # is one run of 2w floats
         (src, lead), (out, out_lead) = p.inputs[0], p.outputs[0]
         lanes, half, w, h = self.lanes, self.lanes // 2, self.w, self.h
         zero = tirx.Broadcast(tirx.FloatImm(F32, 0.0), lanes)

@@ -60,9 +60,16 @@ def _spmm_dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
         in_plane=a["in_plane"], rows=k["rows"], group=group)
 
 
+def _row_options(a: dict) -> tuple:
+    """Rows per depthwise step worth timing: none but the default where the conv goes two rows to a vector
+    (chw_rows.RowConv.paired_planes takes no steps)."""
+    paired = chw_rows.RowConv(a["h"], a["w"], a["k"], a["stride"], a["pads"], lanes=a["lanes"]).paired
+    return (chw_rows.ROWS,) if paired else ROW_OPTIONS
+
+
 def _fused_space(a: dict, spec) -> list[dict]:
     blocks = a["c"] // a["block"]
-    return [{"rows": r, "group": g} for r in ROW_OPTIONS for g in GROUP_OPTIONS if blocks % g == 0]
+    return [{"rows": r, "group": g} for r in _row_options(a) for g in GROUP_OPTIONS if blocks % g == 0]
 
 
 def _conv2d_dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
@@ -86,7 +93,7 @@ BUILDERS = {
     "dwconv2d_chw": Builder(
         _dwconv2d_chw,
         lambda a, spec: _target("dwconv2d_chw", spec, {"rows": chw_rows.ROWS}),
-        lambda a, spec: [{"rows": r} for r in ROW_OPTIONS]),
+        lambda a, spec: [{"rows": r} for r in _row_options(a)]),
     "spmm_dwconv2d_chw": Builder(
         _spmm_dwconv2d_chw,
         lambda a, spec: _target("spmm_dwconv2d_chw", spec, {"rows": chw_rows.ROWS, "group": 1}),

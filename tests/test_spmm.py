@@ -157,6 +157,17 @@ def test_dwconv_chw_two_rows_per_vector(lanes, h, w):
     np.testing.assert_allclose(_run(func, [x, wt, b], ref.shape), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_paired_rows_leave_no_row_knob_to_tune():
+    """Where rows go two to a vector there are no row steps: the tuning space times one rows setting."""
+    from schedules import handwritten
+    from schedules.chw_rows import ROWS
+    args = {"c": 8, "h": 7, "w": 7, "k": 3, "stride": 1, "pads": [1, 1, 1, 1], "clip": None, "lanes": 16,
+            "out_plane": None}
+    assert {k["rows"] for k in handwritten.BUILDERS["dwconv2d_chw"].space(args, SPEC)} == {ROWS}
+    wide = {**args, "h": 14, "w": 14}
+    assert {k["rows"] for k in handwritten.BUILDERS["dwconv2d_chw"].space(wide, SPEC)} == {1, 2, 3, 4}
+
+
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-objdump") is None or shutil.which("aarch64-linux-gnu-g++") is None,
                     reason="aarch64 binutils/g++ not installed (apt-get install g++-aarch64-linux-gnu)")
 def test_spmm_is_neon_fma_on_rpi4(tmp_path):
