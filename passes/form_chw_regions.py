@@ -220,8 +220,7 @@ class _Regions(BindingRewriter):
         """call_tir of the sparse 1x1 bound to var with its kernel built again from its recipe with `updates`
         (in_plane: reading padded planes; scale: scaling by a gate), on the arguments `fields`; noted as `what`."""
         old = self.builder_.get()[value.args[0]]
-        r = recipe(old)
-        func = handwritten.build(r["kind"], {**r["args"], **updates}, self.spec, r["knobs"])
+        func = handwritten.rebuild(recipe(old), self.spec, updates)
         gv, func = add_kernel(self, func)
         changelog.record(NAME, what, var.name, kernel=str(func.attrs["global_symbol"]),
                          replaces=str(old.attrs["global_symbol"]),

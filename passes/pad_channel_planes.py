@@ -91,7 +91,7 @@ class _Planes(BindingRewriter):
             updates["out_plane"] = self.padded[var]
         if not updates:
             return None
-        func = handwritten.build(r["kind"], {**r["args"], **updates}, self.spec, r["knobs"])
+        func = handwritten.rebuild(r, self.spec, updates)
         gv, func = add_kernel(self, func)
         out_ty = var.ty
         if var in self.padded:

@@ -34,7 +34,6 @@ STRIDES = (1, 2)
 ROWS = 2              # output rows per step: each input row's loads serve both (timed: 1, 2, 3, 4 rows)
 ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
 F32 = "float32"
-PAIR_ROWS = True      # RowConv.paired_planes where it applies
 HSWISH = "hswish"     # an epilogue `clip` that is hard swish, x * clip(x + 3, 0, 6) / 6 (MobileNetV3)
 
 
@@ -220,7 +219,7 @@ class RowConv:
         self.lanes = lanes
         # two rows per vector (`paired`): a 3x3 stride-1 conv, padding 1, on rows of at most half a vector less one
         # lane, so that a zero lane after each row is its right and the next row's left padding
-        self.paired = (PAIR_ROWS and stride == 1 and k == 3 and (self.top, self.left, bottom, right) == (1, 1, 1, 1)
+        self.paired = (stride == 1 and k == 3 and (self.top, self.left, bottom, right) == (1, 1, 1, 1)
                        and h >= 2 and w < lanes // 2)
 
     def tile(self) -> str:

@@ -121,6 +121,13 @@ def build(kind: str, args: dict, spec, knobs: dict | None = None) -> tirx.PrimFu
     return func.with_attr(BUILDER_ATTR, json.dumps({"kind": kind, "args": args, "knobs": knobs}, sort_keys=True))
 
 
+def rebuild(r: dict, spec, args: dict | None = None, knobs: dict | None = None) -> tirx.PrimFunc:
+    """The kernel of recipe r (rule.recipe of a kernel `build` made) built again, with `args` and `knobs` over
+    the recipe's: tuned knobs (ApplySchedules, `shrinkc tune`), or args that change what it reads and writes
+    (padded planes, an SE gate: FormCHWRegions, PadChannelPlanes)."""
+    return build(r["kind"], {**r["args"], **(args or {})}, spec, {**r["knobs"], **(knobs or {})})
+
+
 class HandwrittenKernels(ScheduleRule):
     """The rule `shrinkc tune` and ApplySchedules use for kernels `build` made: apply = rebuild with knobs."""
 
@@ -135,7 +142,7 @@ class HandwrittenKernels(ScheduleRule):
         if r is None:
             return None
         knobs = {**r["knobs"], **(knobs or {})}
-        new = build(r["kind"], r["args"], spec, knobs)
+        new = rebuild(r, spec, knobs=knobs)
         return Scheduled(new, str(new.attrs["global_symbol"]), knobs)
 
 
