@@ -133,8 +133,10 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         # model faster at 1 and 2 threads, as fast as the tuned library (ad-hoc interleaved A/Bs)
         defaults["spmm_dwconv2d_chw"] = {"rows": 3, "group": 2}
         # sparse 1x1 convs with many input channels walk them in chunks whose pixel tile fits in this many bytes
-        # of L1 (48 KiB here); schedules/f32_spmm_chw.default_k_chunk
-        defaults["spmm_chunk_bytes"] = 32768
+        # (the whole 48 KiB L1: 192 channels of a 7x7 tile); schedules/f32_spmm_chw.default_k_chunk. Against 32 KiB
+        # (128 channels): MobileNetV2's 960-channel 7x7 layers faster alone at 1 and 2 threads (chunks of 160-320
+        # alike, 32-64 much slower), and the 85%-sparse model a little faster at both (ad-hoc interleaved A/Bs)
+        defaults["spmm_chunk_bytes"] = 49152
         # accumulator vectors per sparse 1x1 task (block x pixel vectors) of project convs: 16 of the 32 registers
         # ran faster than the generic third on the 28x28-112x112 project convs of 85%-sparse MobileNetV2, blocks
         # 1, 2 and 4 (ad-hoc interleaved timings of single kernels); schedules/f32_spmm_chw.default_pixel_tile
