@@ -6,8 +6,9 @@ memory by the sparse kernel and read back by the depthwise one. Fused, each para
 block of expanded channels, computes their planes into a buffer of its own (the 1x1 part: the block's
 non-zero weights walked over tiles of pixels held in registers, bias and clip fused, as
 f32_spmm_chw), and runs the depthwise conv on them while they are still in cache
-(chw_rows.RowConv, as f32_dwconv2d_chw). Parameters: x, row_ptr, col, val, bias1 (the 1x1 conv's, BSR
-as encode_bsr writes it), w [C,1,k,k], bias2, out.
+(chw_rows.RowConv, as f32_dwconv2d_chw); at stride 2 on inputs whose output rows are one vector wide,
+from input rows split into even and odd columns first (split_input). Parameters: x, row_ptr, col, val,
+bias1 (the 1x1 conv's, BSR as encode_bsr writes it), w [C,1,k,k], bias2, out.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
 from schedules.chw_rows import ACCUMULATORS, F32, ROWS, RowConv, clipped, lanes_inside, output_planes, planes_shape, \
-    scheduled_kernel, store
+    scheduled_kernel, split_columns, store
 from schedules.f32_dwconv2d_chw import channel_planes
 
 
@@ -24,16 +25,30 @@ def kernel_name(k: int, stride: int, tile: str, block: int, channels: int = 1) -
     return f"f32_spmm{block}x1_dwconv{k}x{k}s{stride}_chw_{tile}" + (f"_c{channels}" if channels > block else "")
 
 
+def split_input(w: int, k: int, stride: int, pads, lanes: int) -> bool:
+    """Whether a stride-2 kernel splits its input's rows into even and odd columns first (one parallel pass over
+    the cin input planes, not the c expanded ones; the 1x1 conv does not care in which order it meets the
+    pixels, so the expanded planes come out split and the depthwise taps are loads, not two shuffles per pair
+    of vectors): where an output row is one full-width vector. Ad-hoc interleaved timings of single kernels
+    on Zen 5 (85% zeros): clearly faster on 28- to 32-wide inputs (3x3 and 5x5), the same or a little slower on
+    56- and 112-wide ones, slower on 14-wide ones (7-wide output rows in 8-lane vectors); inside 85%-sparse
+    MobileNetV2 its 28x28 stride-2 kernel ran a little faster, the whole model the same."""
+    ow = (w + int(pads[1]) + int(pads[3]) - k) // stride + 1
+    return stride == 2 and w % 2 == 0 and lanes // 2 < ow <= lanes
+
+
 def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k: int, stride: int, pads, *,
                       clip1=None, clip=None, lanes: int = 16, col_dtype: str = "int32",
                       out_plane: int | None = None, in_plane: int | None = None, rows: int = ROWS,
-                      group: int = 1) -> tirx.PrimFunc:
+                      group: int = 1, split: bool | None = None) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block).
     out_plane: write out as [1, c, out_plane] (chw_rows.output_planes); in_plane: read x as [1, cin, in_plane]
     (a depthwise kernel before it wrote it so). Knobs: `rows` (the depthwise step, chw_rows.RowConv),
     `group` (channel blocks per task)."""
     assert c % (block * group) == 0, (c, block, group)
-    dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows)
+    split = split_input(w, k, stride, pads, lanes) if split is None else split
+    assert not split or (stride == 2 and w % 2 == 0), (split, stride, w)
+    dw = RowConv(h, w, k, stride, pads, clip=clip, lanes=lanes, rows=rows, split=split)
     nb, pixels = c // block, h * w
     tile = max(1, ACCUMULATORS // block)             # vectors of pixels per 1x1 tile and channel
     nfull = pixels // (tile * lanes)
@@ -70,11 +85,20 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
     def body(x, rp, col, val, bias1, wt, bias, out):
         xf = I.decl_buffer((cin, in_plane or pixels), F32, data=x.data)
         out = output_planes(out, c, dw.oh, dw.ow, out_plane)
+        if split:
+            # NOTE: x's rows split into their even and odd columns once, for all tasks; a 1x1 conv does not
+            # care in which order it meets the pixels, so the expanded planes come out split too
+            rows_x = I.decl_buffer((cin, h, w), F32, data=x.data, strides=[in_plane or pixels, w, 1])
+            halves = I.alloc_buffer((cin, 2, h, w // 2), F32, scope="global")
+            with I.parallel(0, cin * h) as ir:
+                split_columns(rows_x, [ir // h], halves, [ir // h], ir % h, w, lanes)
+            xf = I.decl_buffer((cin, pixels), F32, data=halves.data)
         # NOTE: a task expands `group` channel blocks one pixel tile at a time, so the tile's input columns
         # (cin x tile floats) are read from L1 by every block of the group, then runs their depthwise convs
         with I.parallel(0, nb // group) as g:
             flat = I.alloc_buffer((group * block, pixels), F32, scope="global")
-            plane = I.decl_buffer((group * block, h, w), F32, data=flat.data)
+            plane = I.decl_buffer((group * block, 2, h, w // 2) if split else (group * block, h, w), F32,
+                                  data=flat.data)
 
             def expand_group(p0, n_pixels: int):
                 with I.serial(0, group) as q:

@@ -15,7 +15,7 @@ from schedules.chw_rows import HSWISH, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, default_pixel_tile, encode_bsr, spmm_chw
-from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw
+from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw, split_input
 
 SPEC = targets.x86_host()
 
@@ -410,6 +410,38 @@ def test_spmm_dwconv_knobs_compute_the_same(cin, c, h, w, k, s, block, rows, gro
     assert str(func.attrs["global_symbol"]).endswith(f"{tile}_c{block * group}")
 
 
+@pytest.mark.parametrize("cin,c,h,w,k,block,pads,split", [
+    (32, 48, 28, 28, 3, 1, (1, 1, 1, 1), None), (8, 16, 12, 30, 5, 2, (2, 2, 2, 2), None),
+    (6, 8, 9, 10, 3, 4, (0, 0, 1, 1), True), (16, 32, 56, 56, 3, 1, (1, 1, 1, 1), True),
+    (16, 32, 20, 20, 5, 1, (2, 2, 2, 2), True), (5, 16, 4, 2, 3, 8, (1, 1, 1, 1), True)])
+def test_stride2_kernels_that_split_their_input_compute_the_same(cin, c, h, w, k, block, pads, split):
+    """A stride-2 fused kernel whose input rows are split into even and odd columns first (by the rule where
+    an output row is one full vector, or asked to) equals numpy, as the unsplit kernel does: TF-'same' and
+    symmetric padding, odd heights, 3x3 and 5x5, every block shape."""
+    if split is None:
+        assert split_input(w, k, 2, pads, SPEC.vector_lanes) == (SPEC.vector_lanes // 2 < w // 2 <= SPEC.vector_lanes)
+    for flag in (split, False):
+        _check_spmm_dwconv(cin, c, h, w, k, 2, block, pads, (0.0, 6.0), split=flag)
+
+
+def test_split_input_only_where_an_output_row_is_one_full_vector():
+    """The rule: stride 2, an even width, an output row of more than half and at most one vector."""
+    assert split_input(28, 3, 2, [1] * 4, 16) and split_input(32, 5, 2, [2] * 4, 16)
+    assert not split_input(56, 3, 2, [1] * 4, 16)          # two vectors a row: no faster split
+    assert not split_input(14, 3, 2, [1] * 4, 16)          # 7-wide output rows take 8-lane vectors
+    assert not split_input(27, 3, 2, [1] * 4, 16)          # odd width
+    assert not split_input(28, 3, 1, [1] * 4, 16)          # stride 1
+    assert split_input(14, 3, 2, [1] * 4, 8)               # 8-lane targets: 7 of 8 lanes
+
+
+@pytest.mark.parametrize("guard", ["before", "after"])
+@pytest.mark.parametrize("in_plane", [None, 800])
+def test_split_input_stays_inside_its_buffers(guard, in_plane):
+    """The split pass reads x's rows (planes padded to in_plane floats or not) up to their last pixel and no
+    further; NaN in the padding never reaches the output."""
+    _guarded_expand_dw(guard, 6, 16, 28, 28, 2, in_plane, split=True)
+
+
 def _check_spmm_dwconv(cin, c, h, w, k, s, block, pads, clip1, **knobs):
     rng = np.random.default_rng(c * h + w)
     wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, k, block)
@@ -425,18 +457,25 @@ def _check_spmm_dwconv(cin, c, h, w, k, s, block, pads, clip1, **knobs):
     return func
 
 
-@pytest.mark.parametrize("guard", ["before", "after"])
-def test_spmm_dwconv_stays_inside_its_buffers(guard):
-    rng = np.random.default_rng(7)
-    cin, c, h, w, k = 24, 32, 14, 14, 3
-    wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, k, 1)
+def _guarded_expand_dw(guard, cin, c, h, w, s, in_plane=None, **knobs):
+    """A fused expand + 3x3 depthwise kernel run with x (its planes padded to in_plane floats with NaN, or not)
+    and the output each against an inaccessible page; checked against numpy."""
+    rng = np.random.default_rng(7 + s)
+    wt1, x, b1, wt, b2 = _expand_dw_case(rng, cin, c, h, w, 3, 1)
     rp, col, val = encode_bsr(wt1, 1)
     mid = np.clip(wt1 @ x.reshape(cin, -1) + b1[:, None], 0, 6).reshape(1, c, h, w)
-    ref = _dw_ref(mid, wt, b2, 1, [1] * 4, (0.0, 6.0))
-    func = spmm_dwconv2d_chw(cin, c, h, w, 1, len(col), k, 1, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
-                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+    ref = _dw_ref(mid, wt, b2, s, [1] * 4, (0.0, 6.0))
+    if in_plane:
+        x = np.concatenate([x.reshape(1, cin, -1), np.full((1, cin, in_plane - h * w), np.nan, np.float32)], axis=2)
+    func = spmm_dwconv2d_chw(cin, c, h, w, 1, len(col), 3, s, [1] * 4, clip1=(0.0, 6.0), clip=(0.0, 6.0),
+                             lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), in_plane=in_plane, **knobs)
     out = _run_guarded(func, [x, rp, col, val, b1, wt, b2], {0}, ref.shape, guard)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_spmm_dwconv_stays_inside_its_buffers(guard):
+    _guarded_expand_dw(guard, 24, 32, 14, 14, 1)
 
 
 def _stem_dw_case(seed: int, c: int, h: int, w: int):
