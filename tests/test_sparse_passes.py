@@ -147,6 +147,28 @@ def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
     assert not any("layout_transform" in ln for ln in lines[first_sparse:last_sparse])
 
 
+def test_sparse_mobilenet_v1_is_one_chw_region_that_matches_onnxruntime(monkeypatch):
+    """MobileNetV1 (no residuals, a depthwise conv before every pointwise one), 85% zeros in the 1x1s: the first
+    conv is fused with the first depthwise conv, every depthwise conv with the sparse 1x1 before it, so the
+    whole network from the input to the pool is one CHW region without a layout transform; it matches ONNX
+    Runtime."""
+    from zoo.mobilenet_v1 import mobilenet_v1
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = mobilenet_v1(width=0.25, resolution=64, num_classes=10, sparsity=0.85)
+    cm = driver.compile_model(model)
+    kernels = cm.report["kernels"]
+    assert any(k.startswith("f32_conv3x3s2_dwconv3x3s1_chw") for k in kernels), kernels
+    assert sum(k.startswith("f32_spmm1x1_dwconv3x3") for k in kernels) == 12, kernels
+    counts = cm.report["passes"]["FormCHWRegions"]["counts"]
+    assert counts["fused_first_conv"] == 1 and counts["fused"] == 12, counts
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+    mod, _ = _sparsify(_cleaned(model))
+    with SPEC.tvm_target():
+        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+    text = lowered.script(show_meta=False)
+    assert "layout_transform" not in text and text.count("R.call_tir(cls.f32_spmm") == 13
+
+
 def test_depthwise_outputs_read_by_a_sparse_1x1_are_padded_to_whole_vectors(monkeypatch):
     """At 56x56 input the depthwise outputs of blocks 1-2 (14x14), 3-5 (7x7) and 13-16 (2x2) are 196, 49 and 4
     floats per plane, not whole vectors: those kernels write them padded to 208, 64 and 16 and the sparse 1x1

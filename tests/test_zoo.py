@@ -10,11 +10,13 @@ from onnx import numpy_helper
 import zoo
 from targets.errors import ShrinkcError
 from zoo.efficientnet_lite import efficientnet_lite
+from zoo.mobilenet_v1 import mobilenet_v1
 from zoo.mobilenet_v2 import mobilenet_v2
 from zoo.mobilenet_v3 import mobilenet_v3
 
 # reduced sizes that keep the whole file fast
 SMALL = {
+    "mobilenet_v1": dict(width=0.25, resolution=64),
     "mobilenet_v2": dict(width=0.5, resolution=96),
     "mobilenet_v2_1.4": dict(resolution=64),
     "mobilenet_v3_large": dict(width=0.5, resolution=96),
@@ -113,6 +115,22 @@ def test_sparsity_zeros_pointwise_only(name):
         if kinds[kind]:
             assert zero_share(kinds[kind]) == 0.0, kind
     assert zero_share(conv_weights(BUILDERS[name]())["pointwise"]) == 0.0
+
+
+def test_mobilenet_v1_is_the_papers_network():
+    """MobileNetV1 1.0: 13 depthwise-separable layers, 4.2 M weights (the paper's Table 1 and 2), and its
+    sparsity zeros exactly round(s x size) of each pointwise weight (or whole 4x1 blocks) and nothing else."""
+    model = mobilenet_v1()
+    kinds = conv_weights(model)
+    assert len(kinds["depthwise"]) == 13 and len(kinds["pointwise"]) == 13 and len(kinds["other"]) == 1
+    n = sum(w.size for ws in kinds.values() for w in ws) + 1024 * 1000
+    assert 4.2e6 <= n <= 4.25e6, n
+    sparse = conv_weights(mobilenet_v1(width=0.5, resolution=64, sparsity=0.8, sparse_block=4))
+    for w in sparse["pointwise"]:
+        blocks = w.reshape(w.shape[0] // 4, 4, w.shape[1])
+        assert (w == 0).sum() == 4 * round(0.8 * blocks.shape[0] * blocks.shape[2])
+        assert np.all((blocks == 0).all(axis=1) | (blocks != 0).all(axis=1))
+    assert zero_share(sparse["depthwise"] + sparse["other"]) == 0.0
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -9,10 +9,12 @@ import onnx
 
 from targets.errors import ShrinkcError
 from zoo.efficientnet_lite import efficientnet_lite
+from zoo.mobilenet_v1 import mobilenet_v1
 from zoo.mobilenet_v2 import mobilenet_v2
 from zoo.mobilenet_v3 import mobilenet_v3
 
 BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {
+    "mobilenet_v1": mobilenet_v1,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v2_1.4": partial(mobilenet_v2, width=1.4),
     "mobilenet_v3_large": partial(mobilenet_v3, variant="large"),
