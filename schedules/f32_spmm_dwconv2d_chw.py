@@ -44,7 +44,8 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
     """The scheduled kernel (marked `shrinkc.scheduled`); c = the expanded channels (a multiple of block).
     out_plane: write out as [1, c, out_plane] (chw_rows.output_planes); in_plane: read x as [1, cin, in_plane]
     (a depthwise kernel before it wrote it so). Knobs: `rows` (the depthwise step, chw_rows.RowConv),
-    `group` (channel blocks per task)."""
+    `group` (channel blocks per task). split: stride 2, split x's rows into even and odd columns first (None:
+    where split_input says so)."""
     assert c % (block * group) == 0, (c, block, group)
     split = split_input(w, k, stride, pads, lanes) if split is None else split
     assert not split or (stride == 2 and w % 2 == 0), (split, stride, w)
