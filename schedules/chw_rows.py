@@ -11,7 +11,7 @@ most ACCUMULATORS, so wide rows go in column chunks). Nothing is copied or padde
   inside the fused expand + depthwise kernel, whose planes are in cache, about the same.)
 - stride 2: each input row is loaded as pairs of vectors and split into its even and odd columns by
   two shuffles; the taps are those vectors or a shuffle of two neighbours. Or (`split`) the kernel has
-  split its input rows into even and odd columns once (split_columns), and every tap is a load.
+  split its input rows into even and odd columns once (split_planes), and every tap is a load.
 A load that reaches past a row's ends is a masked load, and a tap with padding lanes is a masked FMA
 (those lanes keep their sum): the kernels never touch memory outside their tensors, which tests check
 against inaccessible pages. (Selecting zeros into the masked load's lanes instead let LLVM turn it into
@@ -180,6 +180,15 @@ def split_columns(src, lead: list, dst, dst_lead: list, r, w: int, vec: int) -> 
             n = min(vec, (w + 1 - parity) // 2 - j * vec)
             if n > 0:
                 store(dst, value, [*dst_lead, parity, r], j * vec, n, vec)
+
+
+def split_planes(src, lead: list, c: int, h: int, w: int, vec: int):
+    """A new buffer [c, 2, h, (w + 1) // 2] of the even / odd columns of the planes src[*lead, i] (i < c, each
+    h rows of w floats), filled by one parallel pass over their rows (split_columns): a split RowConv's input."""
+    halves = I.alloc_buffer((c, 2, h, (w + 1) // 2), F32, scope="global")
+    with I.parallel(0, c * h) as ir:
+        split_columns(src, [*lead, ir // h], halves, [ir // h], ir % h, w, vec)
+    return halves
 
 
 def lanes_inside(col0: int, step: int, vec: int, w: int, used: int | None = None):

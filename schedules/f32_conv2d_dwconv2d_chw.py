@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
 from schedules.chw_rows import F32, ROWS, Planes, RowConv, output_planes, planes_shape, scheduled_kernel, \
-    split_columns
+    split_planes
 from schedules.f32_dwconv2d_chw import channel_planes
 
 MAX_CIN = 4       # first-conv input channels covered: every input plane's taps are reloaded per task
@@ -45,9 +45,7 @@ def conv2d_dwconv2d_chw(cin: int, c: int, h: int, w: int, k1: int, stride1: int,
         if split:
             # NOTE: the input's even and odd columns, split once for all tasks: the stride-2 taps are then
             # loads, not two shuffles per pair of vectors in every task
-            halves = I.alloc_buffer((cin, 2, h, (w + 1) // 2), F32, scope="global")
-            with I.parallel(0, cin * h) as ir:
-                split_columns(x, [0, ir // h], halves, [ir // h], ir % h, w, lanes)
+            halves = split_planes(x, [0], cin, h, w, lanes)
             src = [(halves, [i]) for i in range(cin)]
         with I.parallel(0, c // block) as b:
             plane = I.alloc_buffer((block, first.oh, first.ow), F32, scope="global")

@@ -16,7 +16,7 @@ from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
 from schedules.chw_rows import ACCUMULATORS, F32, ROWS, RowConv, clipped, lanes_inside, output_planes, planes_shape, \
-    scheduled_kernel, split_columns, store
+    scheduled_kernel, split_planes, store
 from schedules.f32_dwconv2d_chw import channel_planes
 
 
@@ -90,10 +90,7 @@ def spmm_dwconv2d_chw(cin: int, c: int, h: int, w: int, block: int, nnzb: int, k
             # NOTE: x's rows split into their even and odd columns once, for all tasks; a 1x1 conv does not
             # care in which order it meets the pixels, so the expanded planes come out split too
             rows_x = I.decl_buffer((cin, h, w), F32, data=x.data, strides=[in_plane or pixels, w, 1])
-            halves = I.alloc_buffer((cin, 2, h, w // 2), F32, scope="global")
-            with I.parallel(0, cin * h) as ir:
-                split_columns(rows_x, [ir // h], halves, [ir // h], ir % h, w, lanes)
-            xf = I.decl_buffer((cin, pixels), F32, data=halves.data)
+            xf = I.decl_buffer((cin, pixels), F32, data=split_planes(rows_x, [], cin, h, w, lanes).data)
         # NOTE: a task expands `group` channel blocks one pixel tile at a time, so the tile's input columns
         # (cin x tile floats) are read from L1 by every block of the group, then runs their depthwise convs
         with I.parallel(0, nb // group) as g:
