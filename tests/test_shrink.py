@@ -259,8 +259,10 @@ def test_bench_shrink_auto_report_from_a_compile_report():
     ev = {"original": {"accuracy": 0.9}, "merge": {"accuracy": 0.9, "agreement": 1.0},
           "auto": {"accuracy": 0.8, "agreement": 0.95}}
     md = auto.results_md("cmd", info, 0.01, measured, agreement, ev,
-                         {1: {"auto": stats, "merge": stats, "speedup": 1.0}}, {"auto": 1, "merge": 0})
+                         {1: {"auto": stats, "merge": stats, "speedup": 1.05, "speedup_of_medians": 1.0}},
+                         {"auto": 1, "merge": 0})
     assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md
+    assert "| 1 | 1.0000 | 1.0000 | **1.05x** | 1.00x |" in md     # the paired speed-up, then the medians' ratio
     assert "calibration = 4 other images (not trained on)" in md
 
 
