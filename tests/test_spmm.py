@@ -11,7 +11,7 @@ import tvm
 
 import compiler.artifact  # noqa: F401  (registers the "shrinkc" TIR pipeline: tiles stay on the stack)
 import targets
-from schedules.chw_rows import HSWISH, aligned_plane, pixel_runs
+from schedules.chw_rows import HSWISH, RowConv, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, default_pixel_tile, encode_bsr, spmm_chw
@@ -140,6 +140,15 @@ def test_dwconv_chw_matches_numpy(c, h, w, k, s, clip):
     ref = _dw_ref(x, wt, b, s, pads, clip)
     out = _run(dwconv2d_chw(c, h, w, k, s, pads, clip=clip, lanes=SPEC.vector_lanes), [x, wt, b], ref.shape)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_taps_on_stride1_rows_that_end_in_a_partial_vector():
+    """The rule (the padding lanes of a tap are zeros, no masked FMA): stride 1, a row that is not whole vectors.
+    test_dwconv_chw_matches_numpy and test_dwconv_chw_stays_inside_its_buffers run both kinds against numpy."""
+    assert all(RowConv(8, w, 3, 1, [1] * 4).zero_taps for w in (14, 28, 56, 33))
+    assert RowConv(8, 28, 5, 1, [2] * 4).zero_taps
+    assert not RowConv(8, 112, 3, 1, [1] * 4).zero_taps and not RowConv(8, 64, 5, 1, [2] * 4).zero_taps
+    assert not RowConv(8, 28, 3, 2, [1] * 4).zero_taps                 # stride 2 keeps its masked taps
 
 
 @pytest.mark.parametrize("lanes,h,w", [(16, 7, 7), (16, 8, 3), (8, 5, 3), (4, 4, 1)])
