@@ -1,7 +1,9 @@
 """The device farm (tools/farm.py): tracker, host RPC servers, the emulated aarch64 board, clear errors."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,6 +158,16 @@ def test_busy_board_times_out_with_a_clear_error(tracker):
         del held
     finally:
         farm.server_stop("host-busy")
+
+
+def test_a_process_that_exits_while_we_look_is_not_running():
+    """server stop scans /proc while the group's processes exit: a vanished PID reads as no threads (a
+    FileNotFoundError from its task folder once failed a stop)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert farm._thread_states(Path(f"/proc/{gone.pid}")) == []
+    states = farm._thread_states(Path(f"/proc/{os.getpid()}"))
+    assert states and all(s in "RSD" for s in states)        # this test's own threads run or sleep
 
 
 def test_unknown_key_names_what_is_registered(tracker):

@@ -67,13 +67,22 @@ def _stat(path: Path) -> list[str]:
         return ["X", "0", "0"]
 
 
+def _thread_states(proc: Path) -> list[str]:
+    """The state letter of each thread of /proc/PID; [] once the process is gone (it can exit while we look)."""
+    try:
+        tasks = list((proc / "task").iterdir())
+    except OSError:
+        return []
+    return [_stat(t / "stat")[0] for t in tasks]
+
+
 def _group_members(pgid: int) -> list[int]:
     """Processes in a process group that still run. NOTE: a multi-threaded process whose main thread
     has exited shows 'Z' while its other threads still hold its sockets, so look at every thread."""
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(_stat(entry / "stat")[2]) == pgid:
-            if any(_stat(t / "stat")[0] not in "ZX" for t in (entry / "task").glob("*")):
+            if any(state not in "ZX" for state in _thread_states(entry)):
                 members.append(int(entry.name))
     return members
 
