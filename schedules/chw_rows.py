@@ -164,17 +164,17 @@ class _Row:
     def tap(self, o0: int, d: int):
         """Input columns stride * o + d for the output columns o0 .. o0 + vec - 1 (o0 a multiple of vec)."""
         if self.stride == 1:
-            # lanes of the row's vectors j and j + 1 (one two-register shuffle); past the row's ends the vector
-            # itself stands in for the missing neighbour (a rotation): those lanes are masked out of the FMA
+            # lanes of the row's vectors j and j + 1 (one two-register shuffle); past the row's ends a zero vector
+            # (zero_taps: the padding lanes come out zero) or the vector itself (a rotation: those lanes are masked
+            # out of the FMA) stands in for the missing neighbour
             vec, j, off = self.vec, (o0 + d) // self.vec, (o0 + d) % self.vec
             here, after = self._vector(j), self._vector(j + 1)
             if off == 0:
                 return here if here is not None else self.zero
-            if self.zero_taps:    # the missing neighbour is zeros: the padding lanes come out zero
-                here = here if here is not None else self.opaque_zero
-                after = after if after is not None else self.opaque_zero
-                return tirx.Shuffle([here, after], [off + i for i in range(vec)])
-            here, after = here if here is not None else after, after if after is not None else here
+            if self.zero_taps:
+                here, after = (v if v is not None else self.opaque_zero for v in (here, after))
+            else:
+                here, after = here if here is not None else after, after if after is not None else here
             return tirx.Shuffle([here, after], [off + i for i in range(vec)])
         vec, parity, start = self.vec, d % 2, o0 + d // 2    # column 2 * (start + i) + parity
         if self.split:                                         # column start + i of the parity's plane
