@@ -47,13 +47,15 @@ class Cost:
         """Seconds for one call of mod["main"] on the target (measured or estimated, cached)."""
         return self.latencies([(mod, key)])[0]
 
-    def latencies(self, items: list[tuple[tvm.IRModule, str | None]]) -> list[float]:
+    def latencies(self, items: list[tuple[tvm.IRModule, str | None]], together: bool = False) -> list[float]:
         """latency() of each (module, key); the ones not cached are measured together, run by run in turn, so
-        that a slow phase of a shared machine hits all the candidates of a decision alike."""
+        that a slow phase of a shared machine hits all the candidates of a decision alike. together: where any
+        is not cached, all are measured now (a decision that must not weigh a time from another moment)."""
         if not self.enabled:
             return [estimate(mod, self.spec) for mod, _ in items]
         keys = [f"{self._target_key()}|{key or structural_key(mod)}" for mod, key in items]
-        todo = {k: mod for k, (mod, _) in zip(keys, items) if k not in self._cache}
+        missing = any(k not in self._cache for k in keys)
+        todo = {k: mod for k, (mod, _) in zip(keys, items) if k not in self._cache or (together and missing)}
         if todo:
             self._cache.update(zip(todo, self._measure(list(todo.values()))))
             self.measured += len(todo)

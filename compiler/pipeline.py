@@ -27,6 +27,10 @@ from passes.sparsify_dense import SparsifyDense
 from schedules import registry
 from targets import TargetSpec, errors
 
+# Where a model's whole CHW region measures slower than dense: its late parts tried alone, the 1x1 convs on planes
+# up to these shares of the largest 1x1 input plane (MobileNet at 224: 28x28 and 14x14 and smaller).
+LATE_PLANES = (1 / 16, 1 / 64)
+
 
 @dataclass
 class Options:
@@ -72,14 +76,23 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
         ]),
         # Phase 3. Sparsity: mostly-zero 1x1 convs -> block-sparse CHW kernels, mostly-zero fully connected
         # layers -> sparse matrix-vector kernels (compressed weights).
-        # NOTE: kept only if the whole model measures faster (layer gains can be lost at region borders)
-        ("sparse", [KeepIfFaster([SparsifyConv1x1(spec, cost, opts.sparse_min),
-                                  SparsifyDense(spec, cost, opts.sparse_min),
-                                  FormCHWRegions(spec), PadChannelPlanes(spec)], cost, "SparseRegions")]
+        # NOTE: the CHW regions are kept only if the whole model measures faster (layer gains can be lost at
+        # region borders); failing that, the fastest of their late (low-resolution) parts alone that is. A sparse
+        # fully connected layer changes no layout: its own measurement decides.
+        ("sparse", [KeepIfFaster(_sparse_regions(spec, cost, opts), cost, "SparseRegions",
+                                 fallbacks=[(f"the part on planes up to 1/{round(1 / share)} of the largest",
+                                             _sparse_regions(spec, cost, opts, share)) for share in LATE_PLANES]),
+                    SparsifyDense(spec, cost, opts.sparse_min)]
          if opts.sparse == "auto" and spec.is_cpu else []),
         # Phase 4. Lower: layouts, kernels, fusion, schedules.
         ("lower", _lower_cpu(spec, opts) if spec.is_cpu else _lower_gpu(spec, opts)),
     ]
+
+
+def _sparse_regions(spec: TargetSpec, cost, opts: Options, plane_share: float = 1.0) -> list:
+    """Sparse 1x1 convs and the CHW regions around them (only the 1x1 convs on planes up to plane_share of the
+    model's largest 1x1 input plane, for KeepIfFaster's fallbacks)."""
+    return [SparsifyConv1x1(spec, cost, opts.sparse_min, plane_share), FormCHWRegions(spec), PadChannelPlanes(spec)]
 
 
 def _cost(spec: TargetSpec, opts: Options):

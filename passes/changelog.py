@@ -54,14 +54,8 @@ def skip(pass_name: str, layer: str, why: str) -> None:
         book.skipped.setdefault(pass_name, []).append({"layer": layer, "why": why})
 
 
-def mark() -> dict[str, int]:
-    """How many changes each pass has recorded so far (to retract() what a dropped rewrite did)."""
-    book = _ACTIVE.get()
-    return {name: len(items) for name, items in book.entries.items()} if book is not None else {}
-
-
 def retract(since: dict[str, int], why: str) -> None:
-    """Turn the changes recorded after `since = mark()` into skips saying `why` (the rewrite was undone)."""
+    """Turn the changes recorded after `since = checkpoint()[0]` into skips saying `why` (the rewrite was undone)."""
     book = _ACTIVE.get()
     if book is None:
         return
@@ -69,3 +63,35 @@ def retract(since: dict[str, int], why: str) -> None:
         undone, book.entries[name] = items[since.get(name, 0):], items[:since.get(name, 0)]
         for c in undone:
             book.skipped.setdefault(name, []).append({"layer": c.get("layer", ""), "why": why, "undone": c})
+
+
+def checkpoint() -> tuple[dict[str, int], dict[str, int]]:
+    """How many changes and skips each pass has recorded so far (to cut() what a trial rewrite recorded)."""
+    book = _ACTIVE.get()
+    if book is None:
+        return {}, {}
+    return ({name: len(items) for name, items in book.entries.items()},
+            {name: len(items) for name, items in book.skipped.items()})
+
+
+def cut(since: tuple[dict[str, int], dict[str, int]]) -> tuple[dict, dict]:
+    """Take out of the book what was recorded after `since = checkpoint()`, to paste() back or leave out
+    (one of several trial rewrites, of which only one is kept)."""
+    book = _ACTIVE.get()
+    if book is None:
+        return {}, {}
+    taken: tuple[dict, dict] = ({}, {})
+    for part, counts, store in ((book.entries, since[0], taken[0]), (book.skipped, since[1], taken[1])):
+        for name, items in part.items():
+            store[name], part[name] = items[counts.get(name, 0):], items[:counts.get(name, 0)]
+    return taken
+
+
+def paste(taken: tuple[dict, dict]) -> None:
+    """Put back what cut() took out."""
+    book = _ACTIVE.get()
+    if book is None:
+        return
+    for part, store in ((book.entries, taken[0]), (book.skipped, taken[1])):
+        for name, items in store.items():
+            part.setdefault(name, []).extend(items)

@@ -4,6 +4,10 @@ A guard for rewrites whose layer-by-layer gains can be eaten by what they do to 
 (sparse 1x1 kernels pull depthwise convs into CHW and add layout transforms at region borders).
 The cost interface times the module before and after; with measuring off (targets that do not
 run here, SHRINKC_COST=off) the group's result is kept as the passes decided.
+`fallbacks`: smaller versions of the group (lists of passes), tried where the whole group measured slower:
+each is run on the module as it was before, all are measured together with it (again), and the fastest
+is kept if it beats the module by min_gain (for sparse regions: the model's late, low-resolution part
+alone, where the CHW kernels gain most and the region's costly high-resolution borders are left out).
 """
 from __future__ import annotations
 
@@ -20,23 +24,63 @@ MIN_GAIN = 1.0      # after must be faster than before by at least this factor
 class KeepIfFaster:
     """Run a group of passes and keep what they did only if the whole function measures faster."""
 
-    def __init__(self, passes: list, cost, name: str, min_gain: float = MIN_GAIN):
+    def __init__(self, passes: list, cost, name: str, min_gain: float = MIN_GAIN,
+                 fallbacks: list[tuple[str, list]] | None = None):
+        """fallbacks: (label for the report, passes) for each smaller version of the group."""
         self.passes, self.cost, self.name, self.min_gain = passes, cost, name, min_gain
+        self.fallbacks = fallbacks or []
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        since = changelog.mark()
-        after = mod
-        for p in self.passes:
-            after = p(after)
-        if after.same_as(mod) or tvm_ffi.structural_equal(after, mod) or self.cost is None \
-                or not getattr(self.cost, "enabled", False):
+        since = changelog.checkpoint()
+        after = _run(self.passes, mod)
+        if _same(after, mod) or self.cost is None or not getattr(self.cost, "enabled", False):
             return after
-        t_before, t_after = latencies(self.cost, [(mod, None), (after, None)])
+        # NOTE: together: a whole-model time cached by an earlier compile is from another phase of the machine
+        t_before, t_after = latencies(self.cost, [(mod, None), (after, None)], together=True)
         if t_after * self.min_gain < t_before:
             changelog.record(self.name, "kept", "main", before_ms=round(t_before * 1e3, 3),
                              after_ms=round(t_after * 1e3, 3), speedup=round(t_before / t_after, 2))
             return after
         why = f"whole model {t_after * 1e3:.2f} ms with the rewrite >= {t_before * 1e3:.2f} ms without: dropped"
-        changelog.retract(since, f"{self.name}: {why}")
+        whole = changelog.cut(since)          # the whole group's changes and skips, out of the book for now
+        kept, why = self._fallback(mod, why)
+        if kept is not None:
+            return kept
+        changelog.paste(whole)
+        changelog.retract(since[0], f"{self.name}: {why}")
         changelog.skip(self.name, "main", why)
         return mod
+
+    def _fallback(self, mod: tvm.IRModule, why: str) -> tuple[tvm.IRModule | None, str]:
+        """The fastest fallback that beats mod, its changes recorded; or None, the book as it was, and why with
+        the fallbacks' times added."""
+        trials = []
+        for label, passes in self.fallbacks:
+            mark = changelog.checkpoint()
+            out = _run(passes, mod)
+            taken = changelog.cut(mark)
+            if not _same(out, mod) and not any(_same(out, t[1]) for t in trials):
+                trials.append((label, out, taken))
+        if not trials:
+            return None, why
+        t_before, *times = latencies(self.cost, [(mod, None)] + [(t[1], None) for t in trials], together=True)
+        best = min(range(len(trials)), key=times.__getitem__)
+        label, out, taken = trials[best]
+        if times[best] * self.min_gain < t_before:
+            changelog.paste(taken)
+            changelog.skip(self.name, "main", f"{why}; {label} alone kept")
+            changelog.record(self.name, "kept", "main", part=label, before_ms=round(t_before * 1e3, 3),
+                             after_ms=round(times[best] * 1e3, 3), speedup=round(t_before / times[best], 2))
+            return out, why
+        return None, why + "".join(f"; {t[0]} alone {x * 1e3:.2f} ms >= {t_before * 1e3:.2f} ms"
+                                   for t, x in zip(trials, times))
+
+
+def _run(passes: list, mod: tvm.IRModule) -> tvm.IRModule:
+    for p in passes:
+        mod = p(mod)
+    return mod
+
+
+def _same(a: tvm.IRModule, b: tvm.IRModule) -> bool:
+    return a.same_as(b) or tvm_ffi.structural_equal(a, b)

@@ -172,9 +172,10 @@ def _with_func(mod: tvm.IRModule, gv, func) -> tvm.IRModule:
     return new
 
 
-def latencies(cost, items: list) -> list[float]:
+def latencies(cost, items: list, together: bool = False) -> list[float]:
     """The cost interface's latencies of [(module, key or None)]: measured together where it can (run by run
-    in turn, so a slow phase of the machine hits every candidate of a decision alike), else one by one."""
+    in turn, so a slow phase of the machine hits every candidate of a decision alike), else one by one.
+    together: where the interface caches and any is not cached, all are measured now (Cost.latencies)."""
     if hasattr(cost, "latencies"):
-        return cost.latencies(items)
+        return cost.latencies(items, together=together)
     return [cost.latency(mod, key) for mod, key in items]

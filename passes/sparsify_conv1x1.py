@@ -7,6 +7,9 @@ Applies to batch-1 NCHW 1x1 stride-1 convs (groups 1) with constant weights of w
 together) comes from the block fill; the dense weights leave the module. Where the cost interface
 measures (the target runs here), a layer goes sparse only when the sparse kernel is measured
 faster than our dense 1x1; elsewhere the zero share alone decides.
+With `plane_share` < 1 only the layers whose input planes (H x W) are at most that share of the model's
+largest 1x1 input plane are candidates: the late, low-resolution part of a CHW region, which the pipeline
+tries alone where the whole region measured slower than dense (KeepIfFaster's fallbacks).
 """
 from __future__ import annotations
 
@@ -173,9 +176,9 @@ def add_kernel(rw: BindingRewriter, func):
 
 @rewriter
 class _Sparsifier(BindingRewriter):
-    def __init__(self, mod, func, spec, cost, sparse_min):
+    def __init__(self, mod, func, spec, cost, sparse_min, max_pixels=None):
         super().__init__(mod, func)
-        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+        self.spec, self.cost, self.sparse_min, self.max_pixels = spec, cost, sparse_min, max_pixels
         self.plans: dict = {}     # input var of the chain's last binding -> plan
 
     def rewrite(self, var, value):
@@ -194,6 +197,10 @@ class _Sparsifier(BindingRewriter):
             changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")
             return None
         _, _, h, wd = (int(d) for d in value.args[0].ty.shape.values)
+        if self.max_pixels is not None and h * wd > self.max_pixels:
+            changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {h}x{wd} plane, above the {self.max_pixels} "
+                                               "pixels of the late part of the model tried alone")
+            return None
         plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=plan["name"])
         choice = self.choose(plan)
         if choice is None:
@@ -366,8 +373,28 @@ def sparse_layer_module(plan, block, spec) -> tvm.IRModule:
 class SparsifyConv1x1:
     """Run mostly-zero 1x1 convs as block-sparse CHW kernels with compressed weights."""
 
-    def __init__(self, spec, cost=None, sparse_min: float = SPARSE_MIN):
-        self.spec, self.cost, self.sparse_min = spec, cost, sparse_min
+    def __init__(self, spec, cost=None, sparse_min: float = SPARSE_MIN, plane_share: float = 1.0):
+        self.spec, self.cost, self.sparse_min, self.plane_share = spec, cost, sparse_min, plane_share
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return rewrite_main(mod, _Sparsifier, self.spec, self.cost, self.sparse_min)[0]
+        max_pixels = None
+        if self.plane_share < 1:
+            planes = conv1x1_planes(mod)
+            if not planes:
+                return mod
+            max_pixels = int(max(planes) * self.plane_share)
+        return rewrite_main(mod, _Sparsifier, self.spec, self.cost, self.sparse_min, max_pixels)[0]
+
+
+def conv1x1_planes(mod: tvm.IRModule) -> list[int]:
+    """H x W of the input of every 1x1 conv with constant weights (conv1x1_weights) in the module's functions."""
+    planes = []
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in getattr(func.body, "blocks", []):
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding) and conv1x1_weights(b.value) is not None:
+                    _, _, h, w = (int(d) for d in b.value.args[0].ty.shape.values)   # checked there
+                    planes.append(h * w)
+    return planes

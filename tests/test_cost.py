@@ -46,6 +46,22 @@ def test_candidates_not_cached_are_measured_run_by_run_in_turn(tmp_path, monkeyp
     assert cost.latency(conv_module(24, 24, 4), "k") == out[2] and cost.measured == 3
 
 
+def test_together_measures_a_cached_candidate_again_beside_a_new_one(tmp_path, monkeypatch):
+    """latencies(together=True) (KeepIfFaster's whole-model checks): where one candidate is new, the cached one is
+    timed again with it, not weighed from another moment; where all are cached, none runs."""
+    import compiler.cost as cost_module
+    cost = Cost(targets.resolve("x86"), cache_dir=str(tmp_path), enabled=True)
+    cost.latency(conv_module(8, 8, 4))
+    runs = []
+    monkeypatch.setattr(cost_module, "runnable", lambda mod, spec: (lambda name=mod["main"].params[0].ty.shape[1]:
+                                                                     runs.append(int(name))))
+    cost.latencies([(conv_module(8, 8, 4), None), (conv_module(16, 16, 4), None)], together=True)
+    assert runs == [8, 16] * (cost_module.WARMUP + cost_module.REPEAT) and cost.measured == 3
+    runs.clear()
+    cost.latencies([(conv_module(8, 8, 4), None), (conv_module(16, 16, 4), None)], together=True)
+    assert runs == [] and cost.measured == 3
+
+
 def test_cross_targets_are_estimated_not_run(tmp_path):
     cost = Cost(targets.resolve("rpi4"), cache_dir=str(tmp_path))
     assert not cost.enabled

@@ -13,6 +13,7 @@ from passes import changelog
 from passes.form_chw_regions import FormCHWRegions
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from tests.conftest import assert_matches_ort, single_conv_model
+from zoo.mobilenet_v2 import mobilenet_v2
 
 SPEC = targets.x86_host()
 
@@ -318,6 +319,62 @@ def test_group_dropped_when_whole_model_is_not_faster():
     summary = book.summary()
     assert summary["SparsifyConv1x1"]["counts"] == {} and "dropped" in summary["SparsifyConv1x1"]["skipped"][0]["why"]
     assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]
+
+
+class _LatePartsCost:
+    """Stand-in cost: a sparse layer beats its dense one, but a whole model with a sparse 1x1 on its largest
+    (32x32) plane is slower than dense; without one, the more sparse 1x1 convs the faster."""
+    enabled = True
+
+    def latency(self, mod, key=None):
+        text = mod.script(show_meta=False)
+        if text.count("R.nn.conv2d") + text.count("R.call_tir") <= 3:       # one layer's module
+            return 0.5 if "f32_sp" in text else 1.0
+        spmm = [ln for ln in text.splitlines() if "R.call_tir(cls.f32_spmm" in ln]
+        return (2.0 if any(", 32, 32)" in ln for ln in spmm) else 1.0) - 0.01 * len(spmm)
+
+
+def test_sparse_phase_falls_back_to_the_late_part_of_a_region_that_is_slower_whole():
+    """The pipeline's sparse phase: where the whole CHW region measures slower, its late part alone (1x1 convs on
+    planes up to 1/16 of the largest, the faster fallback here) is kept, the report says so and why the larger
+    planes stayed dense; the sparse classifier stays sparse either way (its own measurement decides)."""
+    model = mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85, sparse_fc=True)
+    mod = _cleaned(model)
+    with changelog.collecting() as book, SPEC.tvm_target():
+        for p in dict(pipeline.phases(SPEC, pipeline.Options(cost=_LatePartsCost())))["sparse"]:
+            mod = p(mod)
+    text, summary = mod.script(show_meta=False), book.summary()
+    spmm = [ln for ln in text.splitlines() if "R.call_tir(cls.f32_spmm" in ln]
+    assert spmm and not any(", 32, 32)" in ln or ", 16, 16)" in ln for ln in spmm)
+    assert any(", 8, 8)" in ln for ln in spmm)                    # 1/16 of 32x32, not only 1/64's 4x4 and below
+    assert "f32_spmv" in text and summary["SparsifyDense"]["counts"] == {"sparse": 1}
+    (kept,) = summary["SparseRegions"]["changes"]
+    assert kept["part"] == "the part on planes up to 1/16 of the largest" and kept["after_ms"] < kept["before_ms"]
+    assert "dropped" in summary["SparseRegions"]["skipped"][0]["why"]
+    skips = [s["why"] for s in summary["SparsifyConv1x1"]["skipped"]]
+    assert any("32x32 plane, above the 64 pixels" in w for w in skips)
+    assert not any("undone" in s for s in summary["SparsifyConv1x1"]["skipped"])   # the whole region's run: left out
+    assert len(summary["SparsifyConv1x1"]["changes"]) == len(spmm)          # the kept part's, once each
+
+
+def test_region_dropped_when_no_late_part_is_faster_either():
+    """Every fallback slower too: nothing sparse in the convs, the report gives each part's time."""
+    class _Slower(_LatePartsCost):
+        def latency(self, mod, key=None):
+            t = super().latency(mod, key)
+            return t if t <= 0.5 or t >= 1.0 else 1.5       # a whole model with sparse convs: always slower
+
+    mod = _cleaned(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85))
+    with changelog.collecting() as book, SPEC.tvm_target():
+        for p in dict(pipeline.phases(SPEC, pipeline.Options(cost=_Slower())))["sparse"]:
+            mod = p(mod)
+    assert "f32_spmm" not in mod.script(show_meta=False)
+    summary = book.summary()
+    why = summary["SparseRegions"]["skipped"][0]["why"]
+    assert "dropped" in why and "1/16 of the largest alone 1500.00 ms" in why and "1/64 of the largest alone" in why
+    assert summary["SparsifyConv1x1"]["counts"] == {}
+    undone = [s for s in summary["SparsifyConv1x1"]["skipped"] if "undone" in s]      # the whole region's layers
+    assert undone and all("dropped" in s["why"] for s in undone)
 
 
 def _small_sparse_mv2():
