@@ -4,10 +4,11 @@ A guard for rewrites whose layer-by-layer gains can be eaten by what they do to 
 (sparse 1x1 kernels pull depthwise convs into CHW and add layout transforms at region borders).
 The cost interface times the module before and after; with measuring off (targets that do not
 run here, SHRINKC_COST=off) the group's result is kept as the passes decided.
-`fallbacks`: smaller versions of the group (lists of passes), tried where the whole group measured slower:
-each is run on the module as it was before, all are measured together with it (again), and the fastest
-is kept if it beats the module by min_gain (for sparse regions: the model's late, low-resolution part
-alone, where the CHW kernels gain most and the region's costly high-resolution borders are left out).
+`fallbacks`: smaller versions of the group (lists of passes), tried where the whole group measured slower or
+gained less than FALLBACK_BELOW: each is run on the module as it was before, all are measured together with it
+and the whole group's result (again), and the fastest is kept if it beats the module by min_gain (for sparse
+regions: the model's late, low-resolution part alone, where the CHW kernels gain most and the region's costly
+high-resolution borders are left out).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from passes import changelog
 from passes.rewriting import latencies
 
 MIN_GAIN = 1.0      # after must be faster than before by at least this factor
+FALLBACK_BELOW = 1.25   # the fallbacks are tried (against the whole) where the whole gains less than this
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="KeepIfFaster")
@@ -37,43 +39,39 @@ class KeepIfFaster:
             return after
         # NOTE: together: a whole-model time cached by an earlier compile is from another phase of the machine
         t_before, t_after = latencies(self.cost, [(mod, None), (after, None)], together=True)
-        if t_after * self.min_gain < t_before:
-            changelog.record(self.name, "kept", "main", before_ms=round(t_before * 1e3, 3),
-                             after_ms=round(t_after * 1e3, 3), speedup=round(t_before / t_after, 2))
-            return after
-        why = f"whole model {t_after * 1e3:.2f} ms with the rewrite >= {t_before * 1e3:.2f} ms without: dropped"
+        if t_after * self.min_gain < t_before and (not self.fallbacks or t_after * FALLBACK_BELOW <= t_before):
+            return self._keep(after, t_before, t_after)
+        why = f"whole model {t_after * 1e3:.2f} ms with the rewrite, {t_before * 1e3:.2f} ms without"
         whole = changelog.cut(since)          # the whole group's changes and skips, out of the book for now
-        kept, why = self._fallback(mod, why)
-        if kept is not None:
-            return kept
-        changelog.paste(whole)
-        changelog.retract(since[0], f"{self.name}: {why}")
-        changelog.skip(self.name, "main", why)
-        return mod
-
-    def _fallback(self, mod: tvm.IRModule, why: str) -> tuple[tvm.IRModule | None, str]:
-        """The fastest fallback that beats mod, its changes recorded; or None, the book as it was, and why with
-        the fallbacks' times added."""
-        trials = []
+        trials, takens = [("the whole", after)], [whole]
         for label, passes in self.fallbacks:
             mark = changelog.checkpoint()
             out = _run(passes, mod)
             taken = changelog.cut(mark)
             if not _same(out, mod) and not any(_same(out, t[1]) for t in trials):
-                trials.append((label, out, taken))
-        if not trials:
-            return None, why
-        t_before, *times = latencies(self.cost, [(mod, None)] + [(t[1], None) for t in trials], together=True)
+                trials.append((label, out))
+                takens.append(taken)
+        times = [t_after]
+        if len(trials) > 1:       # NOTE: all measured again, together: the first two times are from another moment
+            t_before, *times = latencies(self.cost, [(mod, None)] + [(t[1], None) for t in trials], together=True)
+            why += "".join(f"; {t[0]} alone {x * 1e3:.2f} ms" for t, x in zip(trials[1:], times[1:]))
         best = min(range(len(trials)), key=times.__getitem__)
-        label, out, taken = trials[best]
         if times[best] * self.min_gain < t_before:
-            changelog.paste(taken)
-            changelog.skip(self.name, "main", f"{why}; {label} alone kept")
-            changelog.record(self.name, "kept", "main", part=label, before_ms=round(t_before * 1e3, 3),
-                             after_ms=round(times[best] * 1e3, 3), speedup=round(t_before / times[best], 2))
-            return out, why
-        return None, why + "".join(f"; {t[0]} alone {x * 1e3:.2f} ms >= {t_before * 1e3:.2f} ms"
-                                   for t, x in zip(trials, times))
+            changelog.paste(takens[best])
+            if best:
+                changelog.skip(self.name, "main", f"{why}: {trials[best][0]} kept")
+            return self._keep(trials[best][1], t_before, times[best], trials[best][0] if best else None)
+        why += ": dropped"
+        changelog.paste(whole)
+        changelog.retract(since[0], f"{self.name}: {why}")
+        changelog.skip(self.name, "main", why)
+        return mod
+
+    def _keep(self, out: tvm.IRModule, t_before: float, t_after: float, part: str | None = None) -> tvm.IRModule:
+        changelog.record(self.name, "kept", "main", **({"part": part} if part else {}),
+                         before_ms=round(t_before * 1e3, 3), after_ms=round(t_after * 1e3, 3),
+                         speedup=round(t_before / t_after, 2))
+        return out
 
 
 def _run(passes: list, mod: tvm.IRModule) -> tvm.IRModule:

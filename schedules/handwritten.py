@@ -9,6 +9,7 @@ Defaults: the target's `kernel_defaults[kind]`, else the kernel module's own con
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -114,11 +115,17 @@ def _json(value):
 
 def build(kind: str, args: dict, spec, knobs: dict | None = None) -> tirx.PrimFunc:
     """The kernel `kind` computing `args`, with the target's default knobs (and `knobs` over them)."""
-    builder = BUILDERS[kind]
     args = _json(args)
-    knobs = {**builder.defaults(args, spec), **(knobs or {})}
-    func = builder.build(args, knobs)
-    return func.with_attr(BUILDER_ATTR, json.dumps({"kind": kind, "args": args, "knobs": knobs}, sort_keys=True))
+    knobs = {**BUILDERS[kind].defaults(args, spec), **(knobs or {})}
+    return _built(json.dumps({"kind": kind, "args": args, "knobs": knobs}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=1024)
+def _built(recipe_json: str) -> tirx.PrimFunc:
+    # NOTE: kernels are immutable IR and a kernel is a function of its recipe alone, so a pass that builds the
+    # same one again (every layer's candidates, once per trial of KeepIfFaster's fallbacks) gets it back parsed
+    r = json.loads(recipe_json)
+    return BUILDERS[r["kind"]].build(r["args"], r["knobs"]).with_attr(BUILDER_ATTR, recipe_json)
 
 
 def rebuild(r: dict, spec, args: dict | None = None, knobs: dict | None = None) -> tirx.PrimFunc:
