@@ -9,7 +9,7 @@ measures (the target runs here), a layer goes sparse only when the sparse kernel
 faster than our dense 1x1; elsewhere the zero share alone decides.
 With `plane_share` < 1 only the layers whose input planes (H x W) are at most that share of the model's
 largest 1x1 input plane are candidates: the late, low-resolution part of a CHW region, which the pipeline
-tries alone where the whole region measured slower than dense (KeepIfFaster's fallbacks).
+tries alone where the whole region measured slower than dense or gained little (KeepIfFaster's fallbacks).
 """
 from __future__ import annotations
 
