@@ -41,7 +41,6 @@ class KeepIfFaster:
         t_before, t_after = latencies(self.cost, [(mod, None), (after, None)], together=True)
         if t_after * self.min_gain < t_before and (not self.fallbacks or t_after * FALLBACK_BELOW <= t_before):
             return self._keep(after, t_before, t_after)
-        why = f"whole model {t_after * 1e3:.2f} ms with the rewrite, {t_before * 1e3:.2f} ms without"
         whole = changelog.cut(since)          # the whole group's changes and skips, out of the book for now
         trials, takens = [("the whole", after)], [whole]
         for label, passes in self.fallbacks:
@@ -54,7 +53,8 @@ class KeepIfFaster:
         times = [t_after]
         if len(trials) > 1:       # NOTE: all measured again, together: the first two times are from another moment
             t_before, *times = latencies(self.cost, [(mod, None)] + [(t[1], None) for t in trials], together=True)
-            why += "".join(f"; {t[0]} alone {x * 1e3:.2f} ms" for t, x in zip(trials[1:], times[1:]))
+        why = f"whole model {times[0] * 1e3:.2f} ms with the rewrite, {t_before * 1e3:.2f} ms without" + \
+            "".join(f"; {t[0]} alone {x * 1e3:.2f} ms" for t, x in zip(trials[1:], times[1:]))
         best = min(range(len(trials)), key=times.__getitem__)
         if times[best] * self.min_gain < t_before:
             changelog.paste(takens[best])
