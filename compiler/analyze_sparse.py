@@ -118,7 +118,7 @@ def sparse_sections(mod, spec, cost=None, sparse_min: float = SPARSE_MIN) -> lis
         rrows = [["none", "", "", "", "", "", why]]
     elif kept.get("changes"):
         c = kept["changes"][0]
-        part = f" ({c['part']} alone: {kept['skipped'][0]['why'].split(';')[0]})" if c.get("part") else ""
+        part = f" ({c['part']} alone; the whole region {c['whole_ms']} ms)" if c.get("part") else ""
         rrows.append(["whole model", "", "", "", "", "", f"{c['before_ms']} ms without -> {c['after_ms']} ms with the "
                                                          f"regions ({c['speedup']}x): kept{part}"])
     sections.append(("CHW regions (FormCHWRegions)", ["region", "from .. to", "sparse 1x1", "depthwise",

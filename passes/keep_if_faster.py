@@ -60,15 +60,18 @@ class KeepIfFaster:
             changelog.paste(takens[best])
             if best:
                 changelog.skip(self.name, "main", f"{why}: {trials[best][0]} kept")
-            return self._keep(trials[best][1], t_before, times[best], trials[best][0] if best else None)
+            return self._keep(trials[best][1], t_before, times[best], *((trials[best][0], times[0]) if best else ()))
         why += ": dropped"
         changelog.paste(whole)
         changelog.retract(since[0], f"{self.name}: {why}")
         changelog.skip(self.name, "main", why)
         return mod
 
-    def _keep(self, out: tvm.IRModule, t_before: float, t_after: float, part: str | None = None) -> tvm.IRModule:
-        changelog.record(self.name, "kept", "main", **({"part": part} if part else {}),
+    def _keep(self, out: tvm.IRModule, t_before: float, t_after: float, part: str | None = None,
+              t_whole: float | None = None) -> tvm.IRModule:
+        """Record the kept result; part: the fallback's label, t_whole: the whole group's time beside it."""
+        changelog.record(self.name, "kept", "main",
+                         **({"part": part, "whole_ms": round(t_whole * 1e3, 3)} if part else {}),
                          before_ms=round(t_before * 1e3, 3), after_ms=round(t_after * 1e3, 3),
                          speedup=round(t_before / t_after, 2))
         return out

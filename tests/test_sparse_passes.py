@@ -359,6 +359,7 @@ def test_sparse_phase_keeps_the_late_part_of_a_region_that_is_slower_or_little_f
     assert "f32_spmv" in text and summary["SparsifyDense"]["counts"] == {"sparse": 1}
     (kept,) = summary["SparseRegions"]["changes"]
     assert kept["part"] == "the part on planes up to 1/16 of the largest" and kept["after_ms"] < kept["before_ms"]
+    assert kept["after_ms"] < kept["whole_ms"]
     (why,) = [s["why"] for s in summary["SparseRegions"]["skipped"]]
     assert why.startswith("whole model") and why.endswith("the part on planes up to 1/16 of the largest kept")
     skips = [s["why"] for s in summary["SparsifyConv1x1"]["skipped"]]
