@@ -201,6 +201,10 @@ class _Sparsifier(BindingRewriter):
             changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {h}x{wd} plane, above the {self.max_pixels} "
                                                "pixels of the late part of the model tried alone")
             return None
+        if h * wd == 1:   # a matrix-vector product: our kernels here are vectorised over pixels
+            changelog.skip(NAME, plan["name"], "sparse 1x1 skipped: 1x1 plane, left to SparsifyDense's "
+                                               "matrix-vector kernels")
+            return None
         plan.update(w=w, x=value.args[0], h=h, wd=wd, zeros=zeros, conv=plan["name"])
         choice = self.choose(plan)
         if choice is None:

@@ -1,8 +1,11 @@
 """SparsifyDense: run mostly-zero fully connected layers as sparse matrix-vector kernels with compressed weights.
 
 matmul(x[1, K], W[K, N]) [-> add(bias[N])]  =>  call_tir(f32_spmv_perm_16x32 | f32_spmv_sell_R, x, <weights>, bias)
+conv2d(x[1, K, 1, 1], W[N, K, 1, 1]) [-> add(bias)]  =>  reshape, the same call, reshape to [1, N, 1, 1]
 Applies to batch-1 f32 matmuls whose right operand is a 2-D constant (what ONNX Gemm / MatMul and
-Relax's linear leave after cleanup) with at least `sparse_min` zeros. Two kernels, each with its own
+Relax's linear leave after cleanup), and to 1x1 convs on a 1x1 plane (Keras' MobileNetV3 heads and
+squeeze-excite convs: matrix-vector products that SparsifyConv1x1 leaves alone, its kernels being
+vectorised over pixels), with at least `sparse_min` zeros. Two kernels, each with its own
 compressed weights (the dense weights leave the module): on AVX-512, f32_spmv_perm (per slice of 16
 rows and chunk of 32 inputs, the inputs picked from registers by a permute; schedules/f32_spmv_perm.py);
 on every CPU, f32_spmv_sell (sliced-ELL, inputs gathered; schedules/f32_spmv_sell.py). Where the cost
@@ -20,7 +23,7 @@ from passes import changelog
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     latencies, rewriter
-from passes.sparsify_conv1x1 import SPARSE_MIN, add_kernel
+from passes.sparsify_conv1x1 import SPARSE_MIN, add_kernel, conv1x1_weights
 from schedules import f32_spmv_perm, f32_spmv_sell
 from schedules.f32_spmv_perm import encode_perm, spmv_perm
 from schedules.f32_spmv_sell import encode_sell, spmv_sell
@@ -56,6 +59,14 @@ def dense_weights(value) -> np.ndarray | None:
     return np.ascontiguousarray(wt.T)
 
 
+def point_conv_weights(value) -> np.ndarray | None:
+    """[N, K] weights of a batch-1 f32 NCHW 1x1 conv (constant weights) on a 1x1 plane: x[1, K, 1, 1]."""
+    w = conv1x1_weights(value)
+    if w is None or [int(d) for d in value.args[0].ty.shape.values[2:]] != [1, 1]:
+        return None
+    return np.ascontiguousarray(w)
+
+
 @rewriter
 class _Sparsifier(BindingRewriter):
     def __init__(self, mod, func, spec, cost, sparse_min):
@@ -66,15 +77,17 @@ class _Sparsifier(BindingRewriter):
     def rewrite(self, var, value):
         if var in self.plans:
             return self.emit_sparse(self.plans.pop(var))
-        w = dense_weights(value)
+        w, ndim = dense_weights(value), 2
+        if w is None:
+            w, ndim = point_conv_weights(value), 4
         if w is None:
             return None
-        plan = {"w": w, "x": value.args[0], "bias": None, "name": var.name}
+        plan = {"w": w, "x": value.args[0], "bias": None, "name": var.name, "ndim": ndim}
         user = self.only_user(var)
         if isinstance(user, relax.VarBinding) and op_name(user.value) == "relax.add":
             a, b = user.value.args
             other = b if a.same_as(var) else a if b.same_as(var) else None
-            bias = channel_vector(other, w.shape[0], axis=1, ndim=2) if other is not None else None
+            bias = channel_vector(other, w.shape[0], axis=1, ndim=ndim) if other is not None else None
             if bias is not None:
                 plan.update(bias=bias, name=var_layer_name(var, user.var), last=user.var)
         zeros = 1.0 - np.count_nonzero(w) / w.size
@@ -108,11 +121,14 @@ class _Sparsifier(BindingRewriter):
         return {"kernel": best, "speedup": round(dense / timed[best], 2)}
 
     def emit_sparse(self, plan):
-        func, args = _sparse_call_parts(plan, plan["kernel"], plan["x"])
+        n, k = plan["w"].shape
+        x = plan["x"] if plan["ndim"] == 2 else self.emit(relax.op.reshape(plan["x"], [1, k]))
+        func, args = _sparse_call_parts(plan, plan["kernel"], x)
         gv, func = add_kernel(self, func)
         changelog.record(NAME, "sparse", plan["name"], zeros=round(plan["zeros"], 3), block=1, block_fill=1.0,
                          kernel=str(func.attrs["global_symbol"]), speedup=plan["speedup"])
-        return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
+        y = relax.call_tir(gv, args, relax.TensorType([1, n], "float32"))
+        return y if plan["ndim"] == 2 else relax.op.reshape(self.emit(y), [1, n, 1, 1])
 
 
 def _sparse_call_parts(plan, kernel, x):
@@ -132,11 +148,12 @@ def _sparse_call_parts(plan, kernel, x):
 def dense_key(plan) -> str:
     """The cost key of the dense layer: its shape only (a dense kernel's speed does not depend on the weights)."""
     n, k = plan["w"].shape
-    return f"densefc|{k}x{n}|bias={plan['bias'] is not None}"
+    kind = "densefc" if plan["ndim"] == 2 else "denseconv1x1@1x1"
+    return f"{kind}|{k}x{n}|bias={plan['bias'] is not None}"
 
 
 def _layer_function(plan, body) -> tvm.IRModule:
-    x = relax.Var("x", relax.TensorType([1, plan["w"].shape[1]], "float32"))
+    x = relax.Var("x", relax.TensorType([1, plan["w"].shape[1]] + [1, 1] * (plan["ndim"] == 4), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -146,19 +163,26 @@ def _layer_function(plan, body) -> tvm.IRModule:
 
 
 def dense_layer_module(plan) -> tvm.IRModule:
-    """The dense layer as phase 4 runs it: matmul with the constant [K, N] weights, then the bias add."""
+    """The dense layer as phase 4 runs it: matmul with the constant [K, N] weights (or the 1x1 conv), then
+    the bias add."""
     def body(bb, x):
-        y = bb.emit(relax.op.matmul(x, const(plan["w"].T)))
-        return relax.op.add(y, const(plan["bias"])) if plan["bias"] is not None else y
+        if plan["ndim"] == 2:
+            y, bias_shape = bb.emit(relax.op.matmul(x, const(plan["w"].T))), [-1]
+        else:
+            y, bias_shape = bb.emit(relax.op.nn.conv2d(x, const(plan["w"][:, :, None, None]))), [1, -1, 1, 1]
+        return relax.op.add(y, const(plan["bias"].reshape(bias_shape))) if plan["bias"] is not None else y
     return _layer_function(plan, body)
 
 
 def sparse_layer_module(plan, kernel) -> tvm.IRModule:
     """The layer as one call of `kernel` ((kind, rows) from kernels())."""
     def body(bb, x):
+        n, k = plan["w"].shape
+        x = x if plan["ndim"] == 2 else bb.emit(relax.op.reshape(x, [1, k]))
         func, args = _sparse_call_parts(plan, kernel, x)
         gv = bb.add_func(func, func.attrs["global_symbol"])
-        return relax.call_tir(gv, args, relax.TensorType([1, plan["w"].shape[0]], "float32"))
+        y = relax.call_tir(gv, args, relax.TensorType([1, n], "float32"))
+        return y if plan["ndim"] == 2 else relax.op.reshape(bb.emit(y), [1, n, 1, 1])
     return _layer_function(plan, body)
 
 

@@ -11,6 +11,15 @@ from onnx import helper, numpy_helper
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 
+def onnx_model(nodes, x_shape, inits, out="y", opset=13, name="g") -> onnx.ModelProto:
+    """A one-input float model: `nodes` reading "x" of `x_shape`, returning `out`."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", 1, x_shape)],
+                              [helper.make_tensor_value_info(out, 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

@@ -10,6 +10,7 @@ from compiler import driver
 from passes import changelog
 from passes import sparsify_dense
 from passes.sparsify_dense import SparsifyDense, kernel_name, kernels
+from conftest import onnx_model
 from tests.test_sparse_passes import _cleaned, _constants
 
 SPEC = targets.x86_host()
@@ -26,11 +27,7 @@ def fc_model(k, n, sparsity, seed=0, gemm=True):
     else:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
         inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")]
-    graph = helper.make_graph(nodes, "fc", [helper.make_tensor_value_info("x", 1, [1, k])],
-                              [helper.make_tensor_value_info("y", 1, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    return onnx_model(nodes, [1, k], inits, name="fc")
 
 
 class _FixedCost:
@@ -104,3 +101,51 @@ def test_sparse_mobilenet_v2_classifier_matches_onnxruntime(monkeypatch):
     assert any(r["kernel"] == kernel_name(kernels(SPEC)[0]) for r in layers)
     assert any(r["kernel"].startswith("f32_spmm_chw") for r in layers)
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
+
+
+def head_model(sparsity, seed=0):
+    """Keras-style squeeze-excite and head, every conv 1x1 with `sparsity` zeros: x[1, 48, 6, 6] -> SE (mean,
+    conv 48->16 + bias, ReLU, conv 16->48 + bias, Sigmoid, Mul) -> conv 48->64 on the 6x6 plane -> mean ->
+    conv 64->40 + bias -> Flatten. Three of the four convs run on a 1x1 plane."""
+    rng = np.random.default_rng(seed)
+
+    def conv(name, cin, cout, x, out, bias=True):
+        w = rng.standard_normal((cout, cin, 1, 1)).astype(np.float32) * (rng.random((cout, cin, 1, 1)) >= sparsity)
+        inits.append(numpy_helper.from_array(w, name + "_w"))
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), name + "_b"))
+        return helper.make_node("Conv", [x, name + "_w"] + [name + "_b"] * bias, [out], name=name)
+
+    inits: list = []
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), conv("se_reduce", 48, 16, "p", "r"),
+             helper.make_node("Relu", ["r"], ["rr"]), conv("se_expand", 16, 48, "rr", "e"),
+             helper.make_node("Sigmoid", ["e"], ["g"]), helper.make_node("Mul", ["x", "g"], ["xg"]),
+             conv("project", 48, 64, "xg", "y", bias=False), helper.make_node("GlobalAveragePool", ["y"], ["q"]),
+             conv("logits", 64, 40, "q", "l"), helper.make_node("Flatten", ["l"], ["out"])]
+    return onnx_model(nodes, [1, 48, 6, 6], inits, out="out", name="head")
+
+
+def test_convs_on_a_1x1_plane_become_spmv():
+    """A 1x1 conv on a 1x1 plane is a matrix-vector product: SparsifyDense takes it (reshape, spmv with
+    the bias fused, reshape back) and its dense weights leave; the conv on the 6x6 plane stays a conv."""
+    mod, book = _sparsify(_cleaned(head_model(0.85)), _FixedCost(dense=2e-6, sparse=1e-6))
+    text = mod.script(show_meta=False)
+    assert text.count("R.nn.conv2d(") == 1 and text.count("f32_spmv_") >= 3
+    sizes = [c.value.numpy().size for c in _constants(mod) if hasattr(c.value, "numpy")]
+    assert not {48 * 16, 16 * 48, 64 * 40} & set(sizes) and 64 * 48 in sizes
+    changes = book["SparsifyDense"]["changes"]
+    assert len(changes) == 3 and all(c["speedup"] == 2.0 for c in changes)
+
+
+def test_sparse_conv1x1_leaves_1x1_planes_to_spmv(monkeypatch):
+    """End to end: SparsifyConv1x1 says why it leaves the 1x1-plane convs, SparsifyDense runs them, and the
+    model (SE gate, head) matches ONNX Runtime with every spmv kernel of the host."""
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    for kernel in kernels(SPEC):
+        monkeypatch.setattr(sparsify_dense, "kernels", lambda spec, k=kernel: [k])
+        cm = driver.compile_model(head_model(0.85, seed=1))
+        skipped = cm.report["passes"]["SparsifyConv1x1"]["skipped"]
+        assert sum("1x1 plane, left to SparsifyDense" in s["why"] for s in skipped) == 3
+        kinds = [r["kernel"] for r in cm.metadata()["sparse_layers"]]
+        assert sum(k.startswith(kernel_name(kernel)) for k in kinds) == 3 and len(kinds) == 4, kinds
+        assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]

@@ -3,15 +3,20 @@ the TFLite converter (random weights: the graphs are what matters), each compile
 
     python tools/real_exports.py export --out DIR     # needs torch, torchvision, tensorflow-cpu (not in
                                                        # shrinkc's extras: use a separate venv)
+    python tools/real_exports.py export --out DIR --only keras-sparse     # tensorflow-cpu only
     python tools/real_exports.py check DIR            # shrinkc's venv: compile --verify each model
 
-`check` writes benchmarks/REAL-EXPORTS.md: model, exporter, result line, compile seconds.
+`keras-sparse`: Keras MobileNetV2 / MobileNetV3-Small with 85% of every 1x1 conv's and dense layer's
+weights zeroed (unstructured), converted with the converter's own sparse encoding
+(tf.lite.Optimize.EXPERIMENTAL_SPARSITY: SparsityParameters + DENSIFY), fp32 and fp16.
+`check` writes benchmarks/REAL-EXPORTS.md: model, result line, sparse layers, library size, compile seconds.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -24,8 +29,17 @@ KERAS = {"mobilenet_v1": "MobileNet", "mobilenet_v2": "MobileNetV2", "mobilenet_
          "mobilenet_v3_large": "MobileNetV3Large", "efficientnet_b0": "EfficientNetB0"}
 
 
-def export(out: str) -> None:
+def export(out: str, only: str | None = None) -> None:
     os.makedirs(out, exist_ok=True)
+    if only in (None, "torch"):
+        _export_torch(out)
+    if only in (None, "keras"):
+        _export_keras(out)
+    if only in (None, "keras-sparse"):
+        _export_keras_sparse(out)
+
+
+def _export_torch(out: str) -> None:
     import torch
     import torchvision
     torch.manual_seed(0)
@@ -40,6 +54,9 @@ def export(out: str) -> None:
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     m = torchvision.models.mobilenet_v2(weights=None).eval()
     torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), f"{out}/torchdynamo_mobilenet_v2.onnx", dynamo=True)
+
+
+def _export_keras(out: str) -> None:
     import tensorflow as tf
     tf.random.set_seed(0)
     for name, cls in KERAS.items():
@@ -54,6 +71,34 @@ def export(out: str) -> None:
                 f.write(conv.convert())
 
 
+def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
+    import numpy as np
+    import tensorflow as tf
+    tf.random.set_seed(0)
+    rng = np.random.default_rng(0)
+    for name in ("mobilenet_v2", "mobilenet_v3_small"):
+        model = getattr(tf.keras.applications, KERAS[name])(weights=None, input_shape=(224, 224, 3),
+                                                             classifier_activation=None)
+        for layer in model.layers:
+            weights = layer.get_weights()
+            if isinstance(layer, tf.keras.layers.BatchNormalization):   # statistics that fold to something
+                weights[2] = rng.uniform(-0.1, 0.1, weights[2].shape).astype(np.float32)
+                weights[3] = rng.uniform(0.5, 1.5, weights[3].shape).astype(np.float32)
+            elif isinstance(layer, tf.keras.layers.Dense) or (type(layer) is tf.keras.layers.Conv2D
+                                                              and tuple(layer.kernel_size) == (1, 1)):
+                weights[0] = weights[0] * (rng.random(weights[0].shape) >= zeros)
+            else:
+                continue
+            layer.set_weights(weights)
+        for suffix, fp16 in (("", False), ("_fp16", True)):
+            conv = tf.lite.TFLiteConverter.from_keras_model(model)
+            conv.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] + [tf.lite.Optimize.DEFAULT] * fp16
+            if fp16:
+                conv.target_spec.supported_types = [tf.float16]
+            with open(f"{out}/keras_{name}_sparse{round(zeros * 100)}{suffix}.tflite", "wb") as f:
+                f.write(conv.convert())
+
+
 def check(folder: str, out_md: str) -> int:
     rows, failed = [], 0
     for path in sorted(glob.glob(os.path.join(folder, "*.onnx")) + glob.glob(os.path.join(folder, "*.tflite"))):
@@ -62,33 +107,47 @@ def check(folder: str, out_md: str) -> int:
         name = next(line.split()[1].rstrip(":") for line in info.splitlines() if line.startswith("  input"))
         shape = "1x224x224x3" if path.endswith(".tflite") else "1x3x224x224"
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", path, "-o",
-                            os.path.join(folder, "out.so"), "--verify", "--input", f"{name}:{shape}"],
-                           capture_output=True, text=True, cwd=ROOT)
+        lib, report = os.path.join(folder, "out.so"), os.path.join(folder, "out.json")
+        for stale in (lib, report):
+            if os.path.exists(stale):
+                os.remove(stale)
+        r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", path, "-o", lib, "--verify",
+                            "--report", report, "--input", f"{name}:{shape}"], capture_output=True, text=True, cwd=ROOT)
         lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith(("verify", "shrinkc:"))]
         failed += r.returncode != 0 or not any("-> ok" in x for x in lines)
-        rows.append((os.path.basename(path), r.returncode, " / ".join(lines)[:240], time.perf_counter() - t0))
-        print(f"{rows[-1][0]}: rc {r.returncode} {rows[-1][2]}", flush=True)
+        sparse, size = "", ""
+        if r.returncode == 0:
+            with open(report) as f:
+                sparse = str(len(json.load(f)["sparse_layers"]))
+            size = f"{os.path.getsize(lib) / 1e6:.2f}"
+        rows.append((os.path.basename(path), r.returncode, " / ".join(lines)[:240], sparse, size,
+                     time.perf_counter() - t0))
+        print(f"{rows[-1][0]}: rc {r.returncode} {rows[-1][2]} sparse layers {sparse}", flush=True)
+    default_md = os.path.join(ROOT, "benchmarks", "REAL-EXPORTS.md")
+    md_arg = "" if os.path.abspath(out_md) == default_md else f" --md {os.path.relpath(out_md, ROOT)}"
     with open(out_md, "w") as f:
         f.write(f"# Real exporters' graphs through shrinkc compile --verify\n\n{datetime.date.today()}, command: "
-                f"`python tools/real_exports.py check {folder}` (models from `tools/real_exports.py export`: "
-                "torchvision via torch.onnx, Keras applications via the TFLite converter, random weights)\n\n"
-                "| model | exit | result | compile + verify s |\n|---|---|---|---|\n")
-        for name, rc, line, s in rows:
-            f.write(f"| {name} | {rc} | {line.replace('|', '/')} | {s:.0f} |\n")
+                f"`python tools/real_exports.py check {folder}{md_arg}` (models from `tools/real_exports.py export`: "
+                "torchvision via torch.onnx, Keras applications via the TFLite converter, random weights; "
+                "`*_sparse85*`: 85% of the 1x1 and dense weights zero, stored by the converter's sparse encoding)\n\n"
+                "| model | exit | result | sparse layers | .so MB | compile + verify s |\n|---|---|---|---|---|---|\n")
+        for name, rc, line, sparse, size, s in rows:
+            f.write(f"| {name} | {rc} | {line.replace('|', '/')} | {sparse} | {size} | {s:.0f} |\n")
     return 1 if failed else 0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("export").add_argument("--out", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("--out", required=True)
+    e.add_argument("--only", choices=["torch", "keras", "keras-sparse"], help="one group of models")
     c = sub.add_parser("check")
     c.add_argument("folder")
     c.add_argument("--md", default=os.path.join(ROOT, "benchmarks", "REAL-EXPORTS.md"))
     args = p.parse_args()
     if args.cmd == "export":
-        export(args.out)
+        export(args.out, args.only)
     else:
         os.makedirs(os.path.dirname(args.md), exist_ok=True)
         sys.exit(check(args.folder, args.md))
