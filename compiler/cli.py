@@ -60,8 +60,8 @@ def cmd_compile(args) -> int:
     if not args.output.endswith(".so"):
         raise ShrinkcError(f"output '{args.output}' must end in .so", "write -o OUT.so")
     cm = compiler.compile_model(args.model, **_compile_kwargs(args))
-    if cm.spec.warning:
-        print(f"shrinkc: note: {cm.spec.warning}", file=sys.stderr)
+    for note in cm.info.notes + [cm.spec.warning] * bool(cm.spec.warning):
+        print(f"shrinkc: note: {note}", file=sys.stderr)
     so, meta = cm.export(args.output, args.report)
     print(f"wrote {so} ({os.path.getsize(so) / 1e6:.2f} MB) and {meta} for target '{cm.spec.name}'")
     for name, entry in cm.report["passes"].items():

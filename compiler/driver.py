@@ -54,7 +54,7 @@ class CompiledModel:
     def metadata(self) -> dict:
         return {
             "shrinkc_version": artifact.VERSION,
-            "model": {"source": self.info.source, "path": self.info.path},
+            "model": {"source": self.info.source, "path": self.info.path, "notes": self.info.notes},
             "inputs": [t.__dict__ for t in self.info.inputs],
             "outputs": [t.__dict__ for t in self.info.outputs],
             "target": self.spec.to_json(),

@@ -63,10 +63,10 @@ def _unsupported_op(tmp_path):
     return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path, "unsupported.onnx")
 
 
-def _dynamic(tmp_path):
+def _dynamic(tmp_path, axis=2, name="height"):
     m = single_conv_model(8, 8, 8)
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    return save(m, tmp_path, "dynamic.onnx")
+    m.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    return save(m, tmp_path, f"dynamic_{name}.onnx")
 
 
 @pytest.mark.parametrize("case,extra,needle", [
@@ -74,7 +74,7 @@ def _dynamic(tmp_path):
     ("not_a_model", [], "not a readable ONNX model"),
     ("truncated", [], "not a readable ONNX model"),
     ("unsupported", [], "unsupported op 'Celu' (node 'celu_1')"),
-    ("dynamic", [], "dynamic dimension 'batch'"),
+    ("dynamic", [], "dynamic dimension 'height'"),
     ("unknown_target", ["--target", "vax"], "unknown target 'vax'"),
     ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
     ("bad_pin", ["--input", "x=1x8x8x8"], "cannot read --input"),
@@ -96,7 +96,22 @@ def test_errors_are_one_line(case, extra, needle, small_mv2, tmp_path, capsys):
 def test_dynamic_dimension_can_be_pinned(tmp_path, capsys):
     code, stdout, err = run_cli(["compile", _dynamic(tmp_path), "-o", tmp_path / "d.so", "--input", "x:1x8x8x8",
                                  "--verify"], capsys)
-    assert code == 0, err and "ok" in stdout
+    assert code == 0, err
+    assert "ok" in stdout
+
+
+@pytest.mark.parametrize("pin", [[], ["--input", "x:2x8x8x8"]])
+def test_a_dynamic_batch_alone_is_compiled_as_1_with_a_note(pin, tmp_path, capsys):
+    code, stdout, err = run_cli(["compile", _dynamic(tmp_path, 0, "batch"), "-o", tmp_path / "b.so", "--verify",
+                                 "--report", tmp_path / "b.json", *pin], capsys)
+    assert code == 0, err
+    assert "ok" in stdout
+    notes = json.loads((tmp_path / "b.json").read_text())["model"]["notes"]
+    if pin:                          # the user's size wins, nothing to say
+        assert not notes and "dynamic batch" not in err
+    else:
+        assert notes == ["input 'x': its dynamic batch axis is compiled as 1 (another size: --input x:8x8x8x8)"]
+        assert f"shrinkc: note: {notes[0]}" in err
 
 
 def test_debug_shows_traceback(tmp_path, capsys):

@@ -165,17 +165,26 @@ def test_custom_op(tmp_path):
 
 def test_dynamic_input_needs_pin(tmp_path):
     b = TfliteBuilder()
-    b.output(b.hard_swish(b.input([1, 8, 8, 3], signature=[-1, 8, 8, 3])))
+    b.output(b.hard_swish(b.input([1, 8, 8, 3], signature=[-1, -1, 8, 3])))
     path = write(tmp_path, "dynamic.tflite", b.finish())
-    err = expect_error(path, "input 'input'", "dynamic dimension", "axis 0")
-    assert "--input input:1x8x8x3" in err.fix
+    err = expect_error(path, "input 'input'", "dynamic dimension", "axis 0")   # batch and height free
+    assert "--input input:1x1x8x3" in err.fix
     expect_error(path, "3 dimensions", pins={"input": [1, 8, 8]})
-    expect_error(path, "fixes it at 8", pins={"input": [1, 9, 8, 3]})
+    expect_error(path, "fixes it at 8", pins={"input": [1, 8, 9, 3]})
     expect_error(path, "not an input", pins={"image": [1, 8, 8, 3]})
     mod, info = import_tflite(path, {"input": [2, 8, 8, 3]})
     assert info.inputs[0].shape == [2, 8, 8, 3] and info.outputs[0].shape == [2, 8, 8, 3]
     x = np.linspace(-5, 5, 2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
     np.testing.assert_allclose(run_tvm(mod, x), x * np.clip(x + 3, 0, 6) / 6, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dynamic_batch_alone_is_imported_as_1(tmp_path):
+    b = TfliteBuilder()
+    b.output(b.hard_swish(b.input([1, 8, 8, 3], signature=[-1, 8, 8, 3])))
+    mod, info = import_tflite(write(tmp_path, "batch.tflite", b.finish()))
+    assert info.inputs[0].shape == [1, 8, 8, 3] and info.outputs[0].shape == [1, 8, 8, 3]
+    assert info.notes == ["input 'input': its dynamic batch axis is compiled as 1 (another size: --input "
+                          "input:8x8x8x3)"]
 
 
 def test_reshape_whose_shape_is_computed_from_a_dynamic_batch(tmp_path):

@@ -19,6 +19,7 @@ class ModelInfo:
     path: str
     inputs: list[TensorInfo] = field(default_factory=list)
     outputs: list[TensorInfo] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)    # what the import decided for the user (batch 1)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -27,4 +28,15 @@ class ModelInfo:
     def from_json(d: dict) -> "ModelInfo":
         return ModelInfo(source=d["source"], path=d["path"],
                          inputs=[TensorInfo(**t) for t in d["inputs"]],
-                         outputs=[TensorInfo(**t) for t in d["outputs"]])
+                         outputs=[TensorInfo(**t) for t in d["outputs"]], notes=d.get("notes", []))
+
+
+def batch_one(name: str, dims: list) -> tuple[list, str | None]:
+    """A free leading (batch) axis whose other axes are all fixed becomes 1, as exporters leave it free
+    (Keras via the TFLite converter always, torch.onnx with dynamic_axes) and a mobile model runs batch 1;
+    also the note that says so. Anything else comes back as it was."""
+    if len(dims) < 2 or isinstance(dims[0], int) or not all(isinstance(d, int) for d in dims[1:]):
+        return dims, None
+    other = "x".join(map(str, [8] + list(dims[1:])))
+    return [1] + list(dims[1:]), (f"input '{name}': its dynamic batch axis is compiled as 1 (another size: "
+                                  f"--input {name}:{other})")

@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.model_info import ModelInfo, TensorInfo
+from compiler.frontend.model_info import ModelInfo, TensorInfo, batch_one
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
@@ -55,8 +55,9 @@ def parse_input_pins(pins: list[str] | None) -> dict[str, list[int]]:
     return out
 
 
-def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]]) -> list[TensorInfo]:
-    """The real inputs (not initializers) with every dimension fixed, or an error naming the free one."""
+def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list | None = None) -> list[TensorInfo]:
+    """The real inputs (not initializers) with every dimension fixed (a free batch axis alone: 1, said in
+    `notes`), or an error naming the free one."""
     inits = {i.name for i in model.graph.initializer}
     result = []
     for vi in model.graph.input:
@@ -73,6 +74,9 @@ def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]]) -> list[Ten
                                    f"has {len(dims)} ({'x'.join(map(str, dims))})",
                                    f"pin all {len(dims)} dimensions")
             dims = pinned
+        dims, note = batch_one(vi.name, dims)
+        if note and notes is not None:
+            notes.append(note)
         free = [d for d in dims if not isinstance(d, int)]
         if free:
             example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims)
@@ -193,7 +197,8 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
         model, path = source, "<in-memory ONNX model>"
     else:
         model, path = load_onnx(source), os.path.abspath(source)
-    inputs = graph_inputs(model, pins or {})
+    notes: list[str] = []
+    inputs = graph_inputs(model, pins or {}, notes)
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     model, _ = fold_shape_subgraphs(folded, {t.name: t.shape for t in inputs})
@@ -213,4 +218,4 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
             raise ShrinkcError(f"output '{vi.name}' has a shape that depends on the data",
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(vi.name, [int(d) for d in ty.shape.values], str(ty.dtype)))
-    return mod, ModelInfo("onnx", path, inputs, outputs)
+    return mod, ModelInfo("onnx", path, inputs, outputs, notes)

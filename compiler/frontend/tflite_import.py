@@ -19,7 +19,7 @@ from tvm import relax
 from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.model_info import ModelInfo, TensorInfo
+from compiler.frontend.model_info import ModelInfo, TensorInfo, batch_one
 
 HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
 _DTYPES = {TensorType.FLOAT32: "float32", TensorType.FLOAT16: "float16", TensorType.INT8: "int8",
@@ -117,8 +117,9 @@ def _check_custom_ops(model: tflite.Model, path: str) -> None:
                            "allow_custom_ops / SELECT_TF_OPS), or replace the op in the source model")
 
 
-def graph_inputs(model: tflite.Model, pins: dict[str, list[int]]) -> list[TensorInfo]:
-    """The subgraph's inputs with every dimension fixed, or an error naming the dynamic one."""
+def graph_inputs(model: tflite.Model, pins: dict[str, list[int]], notes: list | None = None) -> list[TensorInfo]:
+    """The subgraph's inputs with every dimension fixed (a free batch axis alone: 1, said in `notes`), or
+    an error naming the dynamic one."""
     sg = model.Subgraphs(0)
     names = [_name(sg, idx) for idx in sg.InputsAsNumpy()]
     unknown = set(pins) - set(names)
@@ -142,6 +143,9 @@ def graph_inputs(model: tflite.Model, pins: dict[str, list[int]]) -> list[Tensor
                     raise ShrinkcError(f"--input {name} sets axis {axis} to {p}, but the model fixes it at {d}",
                                        f"pin {name} as {'x'.join(str(x) if isinstance(x, int) else '1' for x in dims)}")
             dims = pinned
+        dims, note = batch_one(name, dims)
+        if note and notes is not None:
+            notes.append(note)
         free = [axis for axis, d in enumerate(dims) if not isinstance(d, int)]
         if free:
             example = "x".join(str(d) if isinstance(d, int) else "1" for d in dims)
@@ -380,7 +384,8 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
     raw, model = load_tflite(path)
     path = os.path.abspath(path)
     _check_custom_ops(model, path)
-    inputs = graph_inputs(model, pins or {})
+    notes: list[str] = []
+    inputs = graph_inputs(model, pins or {}, notes)
     hints = _sparse_hints(model, raw)
     converter = type("_FileConverter", (_Converter,), {"raw": raw})
     try:
@@ -406,4 +411,4 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
             raise ShrinkcError(f"output '{name}' has a shape that depends on the data",
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(name, [int(d) for d in ty.shape.values], str(ty.dtype)))
-    return mod, ModelInfo("tflite", path, inputs, outputs)
+    return mod, ModelInfo("tflite", path, inputs, outputs, notes)
