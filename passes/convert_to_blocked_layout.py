@@ -21,6 +21,17 @@ UNARY = {"relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn
          "relax.exp", "relax.negative", "relax.abs", "relax.nn.leakyrelu"}
 BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}
 REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max}
+POOLS = {"relax.nn.max_pool2d": relax.op.nn.max_pool2d, "relax.nn.avg_pool2d": relax.op.nn.avg_pool2d}
+
+
+def channel_pad(value) -> int | None:
+    """Channels a zero `relax.nn.pad` of a 4-D tensor appends after the last one, if that is all it pads."""
+    a = value.attrs
+    widths = [int(v) for v in a.pad_width]
+    if len(widths) != 8 or str(a.pad_mode) != "constant" or float(a.pad_value) != 0.0 \
+            or any(widths[i] for i in (0, 1, 2, 4, 5, 6, 7)) or widths[3] <= 0:
+        return None
+    return widths[3]
 
 
 def channel_block(channels: int, lanes: int) -> int | None:
@@ -125,6 +136,15 @@ class _Blocker(BindingRewriter):
             new_args = [self.to_block(a, b, channels, 1.0 if name == "relax.divide" and i == 1 else 0.0)
                         for i, a in enumerate(args)]
             return self.finish(var, relax.Call(value.op, new_args, value.attrs), b, channels)
+        if blocked and name in POOLS and str(value.attrs.layout) == "NCHW" \
+                and str(value.attrs.out_layout) == "NCHW":
+            b, channels = self.layout[args[0]]
+            a = value.attrs
+            call = POOLS[name](args[0], a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
+                               a.count_include_pad, layout=f"NCHW{b}c", out_layout=f"NCHW{b}c")
+            return self.finish(var, call, b, channels)
+        if blocked and name == "relax.nn.pad" and channel_pad(value) is not None:
+            return self.finish(var, *self.pad_channels(args[0], channel_pad(value)))
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
             # NOTE: axes spelled positively: -1/-2 of the 5-D blocked tensor are its lanes and W
             return self.finish(var, REDUCE[name](args[0], axis=[2, 3], keepdims=True), *self.layout[args[0]])
@@ -144,6 +164,8 @@ class _Blocker(BindingRewriter):
         cin = int(w.ty.shape[1]) * groups
         bo = self.block_for(cout)
         depthwise = groups > 1 and groups == cin == cout
+        if bo is None and self.pad and not depthwise:   # a few outputs (a detector head's scores): one padded vector
+            bo = self.lanes
         why = ""
         if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or not is_const(w):
             why = "not an NCHW/OIHW conv with constant weights"
@@ -163,6 +185,18 @@ class _Blocker(BindingRewriter):
                                   data_layout=f"NCHW{bi}c" if bi else "NCHW", kernel_layout=f"OHWI{bo}o",
                                   out_layout=f"NCHW{bo}c")
         return self.finish(var, call, bo, cout)
+
+    def pad_channels(self, x, extra: int):
+        """Zero channels appended to a blocked tensor (a wider residual block's shortcut): the lanes past its
+        channels in its last block become zeros (they may hold pad junk), whole zero blocks follow."""
+        b, channels = self.layout[x]
+        blocks, new_blocks = ceil_to(channels, b) // b, ceil_to(channels + extra, b) // b
+        if channels % b:
+            keep = (np.arange(blocks * b) < channels).reshape(1, blocks, 1, 1, b)
+            x = self.emit(relax.op.where(const(keep), x, const(np.zeros((), np.float32))), "chpad_mask")
+        if new_blocks > blocks:
+            x = relax.op.nn.pad(x, [0, 0, 0, new_blocks - blocks] + [0, 0] * 3, pad_value=0.0)
+        return x, b, channels + extra
 
     def nchw_shape(self, x) -> list[int]:
         if isinstance(x, relax.Var) and x in self.layout:

@@ -119,6 +119,11 @@ def _writes_output(sch: s_tir.Schedule, block) -> bool:
     return any(any(region.source.same_as(p) for p in params) for region in sch.get(block).writes)
 
 
+def _same_shape_out(sch: s_tir.Schedule, a, b) -> bool:
+    shapes = [[int(d) for d in sch.get(x).writes[0].source.shape] for x in (a, b)]
+    return shapes[0] == shapes[1]
+
+
 def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
     """Fuse the elementwise consumers of `block` (bias, activation, residual add) into it.
 
@@ -139,7 +144,9 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
         try:
             sch.reverse_compute_inline(c)
         except Exception:
-            if tile_loop is None:
+            if tile_loop is None or not _same_shape_out(sch, c, block):
+                # NOTE: computed at the tile, a consumer that writes more than the tile (a pad appending
+                # channels) would leave the rest of its output unwritten
                 left.append(c)
                 continue
             try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import tvm
 from onnx import helper, numpy_helper
 from tvm import relax
@@ -11,7 +12,7 @@ import targets
 import zoo
 from compiler import pipeline
 from compiler.frontend.onnx_import import import_onnx
-from conftest import assert_matches_ort
+from conftest import assert_matches_ort, onnx_model
 from passes import changelog
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
@@ -88,13 +89,15 @@ def test_numpy_folding_leaves_no_constant_arithmetic():
     assert "relax.sqrt" not in ops(FoldConstantsNumpy()(mod))
 
 
-def test_blocked_layout_converts_only_at_the_borders():
-    model = zoo.build("mobilenet_v2", width=0.5, resolution=32, num_classes=4)
-    spec = targets.resolve(None)
+def _blocked_after_phase1(model):
     mod = import_onnx(model)[0]
-    for p in pipeline.phases(spec, pipeline.Options())[0][1]:   # phase 1 only
+    for p in pipeline.phases(targets.resolve(None), pipeline.Options())[0][1]:   # phase 1 only
         mod = p(mod)
-    out = ConvertToBlockedLayout(16, pad=True)(mod)
+    return ConvertToBlockedLayout(16, pad=True)(mod)
+
+
+def test_blocked_layout_converts_only_at_the_borders():
+    out = _blocked_after_phase1(zoo.build("mobilenet_v2", width=0.5, resolution=32, num_classes=4))
     names = ops(out)
     # the stem reads the NCHW image itself; the only conversion is back to NCHW before the classifier
     assert names.count("relax.layout_transform") == 1
@@ -119,3 +122,34 @@ def _calls(mod, name):
     relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(
         e.op, tvm.ir.Op) and str(e.op.name) == name else None)
     return found
+
+
+def test_blazeface_pools_and_channel_pads_stay_blocked():
+    """A detector's max-pooled, zero-channel-padded shortcuts run blocked (before: back to NCHW and again
+    blocked at every such block); layout transforms are left only at the heads' outputs."""
+    out = _blocked_after_phase1(zoo.build("blazeface"))
+    names = ops(out)
+    assert names.count("relax.layout_transform") == 4 and "relax.nn.pad" in names    # whole zero blocks
+    pools = _calls(out, "relax.nn.max_pool2d")
+    assert len(pools) == 3 and all(str(p.attrs.layout) == "NCHW16c" for p in pools)
+    assert all("NCHW16c" in str(c.attrs.out_layout) for c in _calls(out, "relax.nn.conv2d"))   # heads too
+
+
+@pytest.mark.parametrize("cin,cout,extra", [(24, 24, 4), (24, 40, 16), (16, 16, 8)])
+def test_channel_pad_of_a_blocked_tensor_zeroes_the_pad_lanes(cin, cout, extra):
+    """conv -> + 1 (the pad lanes of a 24-channel blocked tensor become 1, not 0) -> zero channels appended ->
+    conv reading them: the appended channels must read as zeros, in the same block or new ones."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((cout, cin, 1, 1)).astype(np.float32)
+    w2 = rng.standard_normal((8, cout + extra, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "one"], ["b"]),
+             helper.make_node("Pad", ["b", "pads"], ["p"], mode="constant"), helper.make_node("Conv", ["p", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), "pads")]
+    model = onnx_model(nodes, [1, cin, 6, 6], inits)
+    out = ConvertToBlockedLayout(16, pad=True)(cleanup(import_onnx(model)[0]))
+    names = ops(out)
+    assert names.count("relax.layout_transform") == 2                  # the input's and the output's only
+    assert ("relax.where" in names) == (cout % 16 != 0)                # pad lanes in the last block: zeroed
+    assert_matches_ort(model)
