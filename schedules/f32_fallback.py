@@ -1,8 +1,14 @@
 """Everything without a kernel of its own: elementwise loop nests vectorised and parallelised,
-reductions parallel over their outputs. Always applies; it is the last rule."""
+reductions parallel over their outputs. Always applies; it is the last rule.
+
+An elementwise nest walks its output in memory order (its loops reordered by the stride each has in the
+written buffer), so a layout transform or transpose writes whole vectors and gathers its reads, instead
+of reading in order and scattering every lane to another plane (a blocked -> NCHW transform at a CHW
+region's border ran several times slower that way).
+"""
 from __future__ import annotations
 
-from tvm import s_tir
+from tvm import s_tir, sym, tirx
 
 from schedules.rule import Scheduled, ScheduleRule, schedule_injective, top_blocks
 
@@ -16,7 +22,8 @@ class Fallback(ScheduleRule):
             iters = sch.get(block).iter_vars
             try:
                 if all(int(iv.iter_type) == 0 for iv in iters):  # all data-parallel
-                    schedule_injective(sch, block, spec.vector_lanes)
+                    if not in_write_order(sch, block, spec.vector_lanes):
+                        schedule_injective(sch, block, spec.vector_lanes)
                 else:
                     loops = sch.get_loops(block)
                     spatial = [lp for lp, iv in zip(loops, iters) if int(iv.iter_type) == 0]
@@ -25,3 +32,46 @@ class Fallback(ScheduleRule):
             except Exception:  # leave a nest we cannot transform as it is: correct, just slower
                 continue
         return Scheduled(sch.mod["main"], "", {})
+
+
+def in_write_order(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """Reorder a perfect loop nest whose loops each bind one block variable by that variable's stride in
+    the (single) written buffer, largest first (leave it where that is not known). Where that changed the
+    order and the innermost loop fills whole vectors, schedule it too: the innermost loop vectorised, the
+    others fused and parallel (no index arithmetic across a fused innermost loop); True when scheduled."""
+    b = sch.get(block)
+    loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body if loops else None
+    if len(b.writes) != 1 or len(loops) < 2 or not isinstance(realize, s_tir.SBlockRealize):
+        return False
+    region, buf = b.writes[0].region, b.writes[0].source
+    flat = None
+    for r, dim in zip(region, buf.shape):
+        flat = r.min if flat is None else flat * dim + r.min
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
+    bound = {}
+    for iv, value in zip(b.iter_vars, realize.iter_values):
+        for i, lv in enumerate(loop_vars):
+            if isinstance(value, tirx.Var) and value.same_as(lv):
+                bound[i] = iv.var
+    if len(bound) != len(loops):
+        return False
+    strides = []
+    for i in range(len(loops)):
+        coef = sym.detect_linear_equation(flat, [bound[i]])
+        if len(coef) != 2 or not isinstance(coef[0], tirx.IntImm):
+            return False
+        strides.append(int(coef[0]))
+    order = sorted(range(len(loops)), key=lambda i: -strides[i])
+    if order == list(range(len(loops))):
+        return False
+    loops = [loops[i] for i in order]
+    sch.reorder(*loops)
+    inner = int(sch.get(loops[-1]).extent)
+    if inner % lanes:
+        return False
+    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    _, vec = sch.split(loops[-1], [None, lanes])
+    sch.vectorize(vec)
+    sch.parallel(outer)
+    return True

@@ -249,3 +249,49 @@ def test_winograd_is_a_target_default():
     spec = targets._x86_from_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
     assert spec.kernel_defaults["winograd_min_channels"] == 16
     assert "winograd_min_channels" not in targets.resolve("rpi4").kernel_defaults
+
+
+@pytest.mark.parametrize("to_blocked", [False, True])
+def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
+    """The fallback walks an elementwise nest in its output's memory order: blocked -> NCHW (a CHW region's
+    border) reads lanes with a stride and writes whole rows of a plane, the innermost loop vectorised over
+    the row; NCHW -> blocked already runs in its output's order and keeps the general schedule. Both give
+    the source back exactly."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    from schedules.f32_fallback import Fallback
+    from schedules.rule import top_blocks
+    spec = targets.resolve(None)
+    shape = [1, 32, 8, 32] if to_blocked else [1, 2, 8, 32, 16]
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            index_map = (lambda n, c, h, w: (n, c // 16, h, w, c % 16)) if to_blocked else \
+                (lambda n, cb, h, w, c: (n, cb * 16 + c, h, w))
+            out = bb.emit_output(relax.op.layout_transform(x, index_map=index_map))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    scheduled = Fallback().apply(func, spec).func
+    sch = s_tir.Schedule(scheduled)
+    loops = [sch.get(lp) for lp in sch.get_loops(top_blocks(sch)[0])]      # outermost first
+    kinds = [{0: "SERIAL", 1: "PARALLEL", 2: "VECTORIZED"}[int(lp.kind)] for lp in loops]
+    if to_blocked:                            # the general schedule: everything fused, split by the lanes
+        assert kinds == ["PARALLEL", "VECTORIZED"] and int(loops[1].extent) == spec.vector_lanes
+    else:                                     # (n, cb, lane, h) fused and parallel, w split by the lanes
+        assert kinds == ["PARALLEL", "SERIAL", "VECTORIZED"]
+        assert [int(lp.extent) for lp in loops] == [32 * 8, 32 // spec.vector_lanes, spec.vector_lanes]
+    with spec.tvm_target():
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    dst = tvm.runtime.tensor(np.zeros([1, 2, 8, 32, 16] if to_blocked else [1, 32, 8, 32], np.float32))
+    lib["main"](tvm.runtime.tensor(src), dst)
+    back = dst.numpy()
+    if to_blocked:
+        back = back.transpose(0, 1, 4, 2, 3).reshape(shape)
+    else:
+        src = src.transpose(0, 1, 4, 2, 3).reshape(back.shape)
+    np.testing.assert_array_equal(back, src)
