@@ -20,6 +20,18 @@ def test_builtin_models_match_onnxruntime(name, opts):
     assert_matches_ort(zoo.build(name, **opts))
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.85])
+def test_blazeface_detector_matches_onnxruntime(sparsity, monkeypatch):
+    """A MediaPipe-style detector: asymmetric pads, max-pooled and channel-padded shortcuts, two heads reshaped
+    and concatenated into two outputs; at 85% zeros its block 1x1 convs run sparse in CHW around those ops
+    (cost measurement off: the rule's choice, not a timing, decides here)."""
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    cm = assert_matches_ort(zoo.build("blazeface", sparsity=sparsity))
+    assert [o["name"] for o in cm.metadata()["outputs"]] == ["scores", "boxes"]
+    sparse = [r["kernel"] for r in cm.metadata()["sparse_layers"]]
+    assert len(sparse) == (16 if sparsity else 0) and all(k.startswith("f32_spmm_chw") for k in sparse)
+
+
 def test_python_api_export_load_run(tmp_path):
     model = zoo.build("mobilenet_v2", width=0.35, resolution=32, num_classes=5)
     cm = compiler.compile_model(model)

@@ -22,6 +22,7 @@ SMALL = {
     "mobilenet_v3_large": dict(width=0.5, resolution=96),
     "mobilenet_v3_small": dict(width=0.75, resolution=96),
     "efficientnet_lite0": dict(resolution=64),
+    "blazeface": {},
 }
 BUILDERS = {
     "mobilenet_v2": lambda **kw: mobilenet_v2(width=0.35, resolution=64, **kw),
@@ -70,11 +71,33 @@ def zero_share(ws: list[np.ndarray]) -> float:
 
 @pytest.mark.parametrize("name", list(zoo.BUILTIN))
 def test_builtin_builds_checks_and_runs(name):
-    model = zoo.build(name, num_classes=10, **SMALL[name])
+    classes = {"num_classes": 10} if "num_classes" in zoo.options(name) else {}
+    model = zoo.build(name, **classes, **SMALL[name])
     onnx.checker.check_model(model, full_check=True)
     out = run(model)
-    assert out.shape == (1, 10)
+    assert out.shape == ((1, 10) if classes else (1, 896, 1))        # blazeface: a score per anchor
     assert np.isfinite(out).all()
+
+
+def test_blazeface_is_the_published_detector():
+    """MediaPipe's short-range face detector: 896 anchors (16x16x2 + 8x8x6), ~0.1 M weights, stride-2 blocks
+    with a max-pooled shortcut, wider blocks with zero channels appended, asymmetric SAME pads; sparsity zeros
+    exactly round(s x size) of every block's 1x1 weight and nothing else."""
+    from zoo.blazeface import blazeface
+    model = blazeface()
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MaxPool") == 3 and ops.count("Concat") == 2 and ops.count("Transpose") == 4
+    n = sum(numpy_helper.to_array(i).size for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    assert 0.09e6 <= n <= 0.12e6, n
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    pads = [inits[p.input[1]] for p in model.graph.node if p.op_type == "Pad"]
+    assert sum(p[5] > 0 for p in pads) == 11 and sum(p[2] != p[6] for p in pads) == 4     # channel pads, asymmetric
+    sparse = blazeface(sparsity=0.8)
+    inits = {i.name: numpy_helper.to_array(i) for i in sparse.graph.initializer}
+    convs = {n.name: inits[n.input[1]] for n in sparse.graph.node if n.op_type == "Conv"}
+    pointwise = [w for name, w in convs.items() if name.endswith(".pw")]
+    assert len(pointwise) == 16 and all((w == 0).sum() == round(0.8 * w.size) for w in pointwise)
+    assert zero_share([w for name, w in convs.items() if not name.endswith(".pw")]) == 0.0      # heads, dw, stem
 
 
 def test_registry_variants_differ():

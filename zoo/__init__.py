@@ -8,6 +8,7 @@ from typing import Callable
 import onnx
 
 from targets.errors import ShrinkcError
+from zoo.blazeface import blazeface
 from zoo.efficientnet_lite import efficientnet_lite
 from zoo.mobilenet_v1 import mobilenet_v1
 from zoo.mobilenet_v2 import mobilenet_v2
@@ -20,6 +21,7 @@ BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenet_v3_large": partial(mobilenet_v3, variant="large"),
     "mobilenet_v3_small": partial(mobilenet_v3, variant="small"),
     "efficientnet_lite0": partial(efficientnet_lite, variant=0),
+    "blazeface": blazeface,           # a detector: two outputs (scores, boxes), no classifier
 }
 
 # the demo's linear blocks, as expansion block indices: blocks 5 (32 ch), 9 (64 ch) and 12 (96 ch)
