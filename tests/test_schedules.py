@@ -295,3 +295,37 @@ def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
     else:
         src = src.transpose(0, 1, 4, 2, 3).reshape(back.shape)
     np.testing.assert_array_equal(back, src)
+
+
+def test_blocked_pool_vectorises_its_lanes_inside_the_window():
+    """A max pool over a channel-blocked tensor (no rule of its own): the fallback puts the 16 lanes inside
+    the window loops, vectorised, and the output pixels in parallel; same result as numpy."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    from schedules.f32_fallback import Fallback
+    from schedules.rule import top_blocks
+    spec = targets.resolve(None)
+    x = relax.Var("x", relax.TensorType([1, 2, 8, 8, 16], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.max_pool2d(x, [3, 3], [2, 2], [1, 1, 1, 1], layout="NCHW16c"))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    scheduled = Fallback().apply(func, spec).func
+    sch = s_tir.Schedule(scheduled)
+    pool = [b for b in top_blocks(sch) if "update" in sch.get(b).name_hint]
+    assert pool, scheduled.script()
+    kinds = [int(sch.get(lp).kind) for lp in sch.get_loops(pool[0])]
+    assert kinds == [1, 0, 0, 2] and int(sch.get(sch.get_loops(pool[0])[-1]).extent) == 16     # par, rh, rw, lanes
+    with spec.tvm_target():
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
+    src = np.random.default_rng(0).standard_normal([1, 2, 8, 8, 16]).astype(np.float32)
+    dst = tvm.runtime.tensor(np.zeros([1, 2, 4, 4, 16], np.float32))
+    lib["main"](tvm.runtime.tensor(src), dst)
+    padded = np.pad(src, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    want = np.max([padded[:, :, i:i + 7:2, j:j + 7:2] for i in range(3) for j in range(3)], axis=0)
+    np.testing.assert_array_equal(dst.numpy(), want)
