@@ -122,13 +122,13 @@ class _Sparsifier(BindingRewriter):
 
     def emit_sparse(self, plan):
         n, k = plan["w"].shape
-        x = plan["x"] if plan["ndim"] == 2 else self.emit(relax.op.reshape(plan["x"], [1, k]))
+        x = plan["x"] if _ndim(plan) == 2 else self.emit(relax.op.reshape(plan["x"], [1, k]))
         func, args = _sparse_call_parts(plan, plan["kernel"], x)
         gv, func = add_kernel(self, func)
         changelog.record(NAME, "sparse", plan["name"], zeros=round(plan["zeros"], 3), block=1, block_fill=1.0,
                          kernel=str(func.attrs["global_symbol"]), speedup=plan["speedup"])
         y = relax.call_tir(gv, args, relax.TensorType([1, n], "float32"))
-        return y if plan["ndim"] == 2 else relax.op.reshape(self.emit(y), [1, n, 1, 1])
+        return y if _ndim(plan) == 2 else relax.op.reshape(self.emit(y), [1, n, 1, 1])
 
 
 def _sparse_call_parts(plan, kernel, x):
@@ -145,15 +145,20 @@ def _sparse_call_parts(plan, kernel, x):
     return func.with_attr("op_pattern", 8), relax.Tuple([x, *map(const, weights), const(bias)])   # opaque: never fused
 
 
+def _ndim(plan) -> int:
+    """The layer's input rank: 2 for a fully connected layer (a plan may leave it out), 4 for a conv on a 1x1 plane."""
+    return plan.get("ndim", 2)
+
+
 def dense_key(plan) -> str:
     """The cost key of the dense layer: its shape only (a dense kernel's speed does not depend on the weights)."""
     n, k = plan["w"].shape
-    kind = "densefc" if plan["ndim"] == 2 else "denseconv1x1@1x1"
+    kind = "densefc" if _ndim(plan) == 2 else "denseconv1x1@1x1"
     return f"{kind}|{k}x{n}|bias={plan['bias'] is not None}"
 
 
 def _layer_function(plan, body) -> tvm.IRModule:
-    x = relax.Var("x", relax.TensorType([1, plan["w"].shape[1]] + [1, 1] * (plan["ndim"] == 4), "float32"))
+    x = relax.Var("x", relax.TensorType([1, plan["w"].shape[1]] + [1, 1] * (_ndim(plan) == 4), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -166,7 +171,7 @@ def dense_layer_module(plan) -> tvm.IRModule:
     """The dense layer as phase 4 runs it: matmul with the constant [K, N] weights (or the 1x1 conv), then
     the bias add."""
     def body(bb, x):
-        if plan["ndim"] == 2:
+        if _ndim(plan) == 2:
             y, bias_shape = bb.emit(relax.op.matmul(x, const(plan["w"].T))), [-1]
         else:
             y, bias_shape = bb.emit(relax.op.nn.conv2d(x, const(plan["w"][:, :, None, None]))), [1, -1, 1, 1]
@@ -178,11 +183,11 @@ def sparse_layer_module(plan, kernel) -> tvm.IRModule:
     """The layer as one call of `kernel` ((kind, rows) from kernels())."""
     def body(bb, x):
         n, k = plan["w"].shape
-        x = x if plan["ndim"] == 2 else bb.emit(relax.op.reshape(x, [1, k]))
+        x = x if _ndim(plan) == 2 else bb.emit(relax.op.reshape(x, [1, k]))
         func, args = _sparse_call_parts(plan, kernel, x)
         gv = bb.add_func(func, func.attrs["global_symbol"])
         y = relax.call_tir(gv, args, relax.TensorType([1, n], "float32"))
-        return y if plan["ndim"] == 2 else relax.op.reshape(bb.emit(y), [1, n, 1, 1])
+        return y if _ndim(plan) == 2 else relax.op.reshape(bb.emit(y), [1, n, 1, 1])
     return _layer_function(plan, body)
 
 

@@ -8,9 +8,10 @@ region's border ran several times slower that way).
 """
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, sym, tirx
 
-from schedules.rule import Scheduled, ScheduleRule, schedule_injective, top_blocks
+from schedules.rule import MIN_PARALLEL, Scheduled, ScheduleRule, schedule_injective, top_blocks
 
 
 class Fallback(ScheduleRule):
@@ -83,12 +84,13 @@ def in_write_order(sch: s_tir.Schedule, block, lanes: int) -> bool:
     outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     _, vec = sch.split(loops[-1], [None, lanes])
     sch.vectorize(vec)
-    sch.parallel(outer)
+    if int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(block)])) >= MIN_PARALLEL:
+        sch.parallel(outer)
     return True
 
 
 def lanes_inside_reduction(sch: s_tir.Schedule, block, n_spatial: int, lanes: int) -> bool:
-    """A reduction whose innermost output axis is contiguous and fills vectors (a pool over a channel-blocked
+    """A reduction whose innermost output axis is contiguous and one vector wide (a pool over a channel-blocked
     tensor): that axis moved inside the reduction loops and vectorised, the other output axes fused and
     parallel, the initial value split off; True when scheduled."""
     loops = sch.get_loops(block)

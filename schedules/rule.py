@@ -204,7 +204,10 @@ def best_divisor(extent: int, target: int, low: int = 1) -> int:
     return min(divs, key=lambda d: abs(d - target))
 
 
-def schedule_injective(sch: s_tir.Schedule, block, lanes: int, min_parallel: int = 4096) -> None:
+MIN_PARALLEL = 4096   # elements below which an elementwise nest runs on one thread
+
+
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int, min_parallel: int = MIN_PARALLEL) -> None:
     """Fuse the loops of an elementwise block, vectorise the innermost run, parallelise the rest."""
     loops = sch.get_loops(block)
     if not loops:

@@ -40,3 +40,15 @@ def test_sparse_layer_kernels_compute_the_layer():
     x, out = arrays[0].numpy(), arrays[-1].numpy()
     want = np.clip(np.einsum("oc,nchw->nohw", w, x) + plan["bias"][None, :, None, None], 0, 6)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_bench_times_every_spmv_kernel():
+    """tools/bench_sparse.bench_fc (the page's classifier table) builds its layers from bare plans: a dense
+    time and one per spmv kernel of the target (a smoke run: one round, a small layer)."""
+    import bench_sparse
+    import targets
+    from passes.sparsify_dense import kernel_name, kernels
+    spec = targets.resolve(None)
+    out = bench_sparse.bench_fc([0.9], 1, spec, k=64, n=32)
+    assert out["dense_ms"] > 0
+    assert sorted(out["sparse_ms"]) == sorted(f"0.90/{kernel_name(k)}" for k in kernels(spec))
