@@ -3,8 +3,10 @@
 Every tensor between convs gets a channel block b: its channels split into C/b vectors of b lanes
 (NCHW{b}c), so kernels load and store whole vectors. With `pad=True` a tensor whose channels are
 not a multiple of the vector lanes is padded with channels nobody reads (24 -> 32 for 16 lanes):
-worth it where half-width vectors run at half rate (AVX-512 on Intel). The pad channels hold
-finite junk: every conv weight reading them is zero, and conversions back to NCHW drop them.
+worth it where half-width vectors run at half rate (AVX-512 on Intel); so is a conv's output with
+fewer channels than fill vectors of 4 (a detector head's 2 or 6 scores). The pad channels hold
+finite junk: every conv weight reading them is zero, conversions back to NCHW drop them, and zero
+channels appended by a Pad mask them first.
 """
 from __future__ import annotations
 
