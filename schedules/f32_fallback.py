@@ -8,7 +8,8 @@ region's border ran several times slower that way).
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 from tvm import s_tir, sym, tirx
 
 from schedules.rule import MIN_PARALLEL, Scheduled, ScheduleRule, schedule_injective, top_blocks
@@ -84,7 +85,7 @@ def in_write_order(sch: s_tir.Schedule, block, lanes: int) -> bool:
     outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     _, vec = sch.split(loops[-1], [None, lanes])
     sch.vectorize(vec)
-    if int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(block)])) >= MIN_PARALLEL:
+    if math.prod(int(sch.get(lp).extent) for lp in sch.get_loops(block)) >= MIN_PARALLEL:
         sch.parallel(outer)
     return True
 

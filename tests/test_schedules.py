@@ -251,45 +251,56 @@ def test_winograd_is_a_target_default():
     assert "winograd_min_channels" not in targets.resolve("rpi4").kernel_defaults
 
 
+def _fallback_op(shape, op, out_shape, src):
+    """Relax `op` on one float tensor of `shape`, legalized and scheduled by the fallback rule alone: the
+    scheduled PrimFunc's schedule (to inspect its loops) and its output on `src`."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    from schedules.f32_fallback import Fallback
+    spec = targets.resolve(None)
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(op(x))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    scheduled = Fallback().apply(func, spec).func
+    with spec.tvm_target():
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
+    dst = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+    lib["main"](tvm.runtime.tensor(src), dst)
+    return s_tir.Schedule(scheduled), dst.numpy()
+
+
 @pytest.mark.parametrize("to_blocked", [False, True])
 def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
     """The fallback walks an elementwise nest in its output's memory order: blocked -> NCHW (a CHW region's
     border) reads lanes with a stride and writes whole rows of a plane, the innermost loop vectorised over
     the row; NCHW -> blocked already runs in its output's order and keeps the general schedule. Both give
     the source back exactly."""
-    import tvm
-    from tvm import relax, s_tir, tirx
+    from tvm import relax
 
     import targets
-    from schedules.f32_fallback import Fallback
     from schedules.rule import top_blocks
-    spec = targets.resolve(None)
-    shape = [1, 32, 8, 32] if to_blocked else [1, 2, 8, 32, 16]
-    x = relax.Var("x", relax.TensorType(shape, "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            index_map = (lambda n, c, h, w: (n, c // 16, h, w, c % 16)) if to_blocked else \
-                (lambda n, cb, h, w, c: (n, cb * 16 + c, h, w))
-            out = bb.emit_output(relax.op.layout_transform(x, index_map=index_map))
-        bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
-    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
-    scheduled = Fallback().apply(func, spec).func
-    sch = s_tir.Schedule(scheduled)
+    lanes = targets.resolve(None).vector_lanes
+    shape, out_shape = [1, 32, 8, 32], [1, 2, 8, 32, 16]
+    if not to_blocked:
+        shape, out_shape = out_shape, shape
+    index_map = (lambda n, c, h, w: (n, c // 16, h, w, c % 16)) if to_blocked else \
+        (lambda n, cb, h, w, c: (n, cb * 16 + c, h, w))
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    sch, back = _fallback_op(shape, lambda x: relax.op.layout_transform(x, index_map=index_map), out_shape, src)
     loops = [sch.get(lp) for lp in sch.get_loops(top_blocks(sch)[0])]      # outermost first
     kinds = [{0: "SERIAL", 1: "PARALLEL", 2: "VECTORIZED"}[int(lp.kind)] for lp in loops]
     if to_blocked:                            # the general schedule: everything fused, split by the lanes
-        assert kinds == ["PARALLEL", "VECTORIZED"] and int(loops[1].extent) == spec.vector_lanes
+        assert kinds == ["PARALLEL", "VECTORIZED"] and int(loops[1].extent) == lanes
     else:                                     # (n, cb, lane, h) fused and parallel, w split by the lanes
         assert kinds == ["PARALLEL", "SERIAL", "VECTORIZED"]
-        assert [int(lp.extent) for lp in loops] == [32 * 8, 32 // spec.vector_lanes, spec.vector_lanes]
-    with spec.tvm_target():
-        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
-    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    dst = tvm.runtime.tensor(np.zeros([1, 2, 8, 32, 16] if to_blocked else [1, 32, 8, 32], np.float32))
-    lib["main"](tvm.runtime.tensor(src), dst)
-    back = dst.numpy()
+        assert [int(lp.extent) for lp in loops] == [32 * 8, 32 // lanes, lanes]
     if to_blocked:
         back = back.transpose(0, 1, 4, 2, 3).reshape(shape)
     else:
@@ -300,32 +311,16 @@ def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
 def test_blocked_pool_vectorises_its_lanes_inside_the_window():
     """A max pool over a channel-blocked tensor (no rule of its own): the fallback puts the 16 lanes inside
     the window loops, vectorised, and the output pixels in parallel; same result as numpy."""
-    import tvm
-    from tvm import relax, s_tir, tirx
+    from tvm import relax
 
-    import targets
-    from schedules.f32_fallback import Fallback
     from schedules.rule import top_blocks
-    spec = targets.resolve(None)
-    x = relax.Var("x", relax.TensorType([1, 2, 8, 8, 16], "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.nn.max_pool2d(x, [3, 3], [2, 2], [1, 1, 1, 1], layout="NCHW16c"))
-        bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
-    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
-    scheduled = Fallback().apply(func, spec).func
-    sch = s_tir.Schedule(scheduled)
+    src = np.random.default_rng(0).standard_normal([1, 2, 8, 8, 16]).astype(np.float32)
+    sch, got = _fallback_op([1, 2, 8, 8, 16], lambda x: relax.op.nn.max_pool2d(
+        x, [3, 3], [2, 2], [1, 1, 1, 1], layout="NCHW16c"), [1, 2, 4, 4, 16], src)
     pool = [b for b in top_blocks(sch) if "update" in sch.get(b).name_hint]
-    assert pool, scheduled.script()
+    assert pool, sch.mod["main"].script()
     kinds = [int(sch.get(lp).kind) for lp in sch.get_loops(pool[0])]
     assert kinds == [1, 0, 0, 2] and int(sch.get(sch.get_loops(pool[0])[-1]).extent) == 16     # par, rh, rw, lanes
-    with spec.tvm_target():
-        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
-    src = np.random.default_rng(0).standard_normal([1, 2, 8, 8, 16]).astype(np.float32)
-    dst = tvm.runtime.tensor(np.zeros([1, 2, 4, 4, 16], np.float32))
-    lib["main"](tvm.runtime.tensor(src), dst)
     padded = np.pad(src, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     want = np.max([padded[:, :, i:i + 7:2, j:j + 7:2] for i in range(3) for j in range(3)], axis=0)
-    np.testing.assert_array_equal(dst.numpy(), want)
+    np.testing.assert_array_equal(got, want)

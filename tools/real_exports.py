@@ -56,19 +56,32 @@ def _export_torch(out: str) -> None:
     torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), f"{out}/torchdynamo_mobilenet_v2.onnx", dynamo=True)
 
 
+def _keras_model(name: str):
+    import tensorflow as tf
+    return getattr(tf.keras.applications, KERAS[name])(weights=None, input_shape=(224, 224, 3),
+                                                        classifier_activation=None)
+
+
+def _write_tflite(model, stem: str, sparse: bool = False) -> None:
+    """STEM.tflite (fp32) and STEM_fp16.tflite through the TFLite converter; with sparse, its own sparse
+    encoding of mostly-zero weights (EXPERIMENTAL_SPARSITY)."""
+    import tensorflow as tf
+    for suffix, fp16 in (("", False), ("_fp16", True)):
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] * sparse + [tf.lite.Optimize.DEFAULT] * fp16
+        if optimizations:
+            conv.optimizations = optimizations
+        if fp16:
+            conv.target_spec.supported_types = [tf.float16]
+        with open(f"{stem}{suffix}.tflite", "wb") as f:
+            f.write(conv.convert())
+
+
 def _export_keras(out: str) -> None:
     import tensorflow as tf
     tf.random.set_seed(0)
-    for name, cls in KERAS.items():
-        model = getattr(tf.keras.applications, cls)(weights=None, input_shape=(224, 224, 3),
-                                                    classifier_activation=None)
-        for suffix, fp16 in (("", False), ("_fp16", True)):
-            conv = tf.lite.TFLiteConverter.from_keras_model(model)
-            if fp16:
-                conv.optimizations = [tf.lite.Optimize.DEFAULT]
-                conv.target_spec.supported_types = [tf.float16]
-            with open(f"{out}/keras_{name}{suffix}.tflite", "wb") as f:
-                f.write(conv.convert())
+    for name in KERAS:
+        _write_tflite(_keras_model(name), f"{out}/keras_{name}")
 
 
 def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
@@ -77,8 +90,7 @@ def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
     tf.random.set_seed(0)
     rng = np.random.default_rng(0)
     for name in ("mobilenet_v2", "mobilenet_v3_small"):
-        model = getattr(tf.keras.applications, KERAS[name])(weights=None, input_shape=(224, 224, 3),
-                                                             classifier_activation=None)
+        model = _keras_model(name)
         for layer in model.layers:
             weights = layer.get_weights()
             if isinstance(layer, tf.keras.layers.BatchNormalization):   # statistics that fold to something
@@ -90,13 +102,7 @@ def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
             else:
                 continue
             layer.set_weights(weights)
-        for suffix, fp16 in (("", False), ("_fp16", True)):
-            conv = tf.lite.TFLiteConverter.from_keras_model(model)
-            conv.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] + [tf.lite.Optimize.DEFAULT] * fp16
-            if fp16:
-                conv.target_spec.supported_types = [tf.float16]
-            with open(f"{out}/keras_{name}_sparse{round(zeros * 100)}{suffix}.tflite", "wb") as f:
-                f.write(conv.convert())
+        _write_tflite(model, f"{out}/keras_{name}_sparse{round(zeros * 100)}", sparse=True)
 
 
 def check(folder: str, out_md: str) -> int:

@@ -55,7 +55,7 @@ def parse_input_pins(pins: list[str] | None) -> dict[str, list[int]]:
     return out
 
 
-def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list | None = None) -> list[TensorInfo]:
+def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list[str]) -> list[TensorInfo]:
     """The real inputs (not initializers) with every dimension fixed (a free batch axis alone: 1, said in
     `notes`), or an error naming the free one."""
     inits = {i.name for i in model.graph.initializer}
@@ -75,7 +75,7 @@ def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list
                                    f"pin all {len(dims)} dimensions")
             dims = pinned
         dims, note = batch_one(vi.name, dims)
-        if note and notes is not None:
+        if note:
             notes.append(note)
         free = [d for d in dims if not isinstance(d, int)]
         if free:

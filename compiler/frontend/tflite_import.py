@@ -117,7 +117,7 @@ def _check_custom_ops(model: tflite.Model, path: str) -> None:
                            "allow_custom_ops / SELECT_TF_OPS), or replace the op in the source model")
 
 
-def graph_inputs(model: tflite.Model, pins: dict[str, list[int]], notes: list | None = None) -> list[TensorInfo]:
+def graph_inputs(model: tflite.Model, pins: dict[str, list[int]], notes: list[str]) -> list[TensorInfo]:
     """The subgraph's inputs with every dimension fixed (a free batch axis alone: 1, said in `notes`), or
     an error naming the dynamic one."""
     sg = model.Subgraphs(0)
@@ -144,7 +144,7 @@ def graph_inputs(model: tflite.Model, pins: dict[str, list[int]], notes: list | 
                                        f"pin {name} as {'x'.join(str(x) if isinstance(x, int) else '1' for x in dims)}")
             dims = pinned
         dims, note = batch_one(name, dims)
-        if note and notes is not None:
+        if note:
             notes.append(note)
         free = [axis for axis, d in enumerate(dims) if not isinstance(d, int)]
         if free:
