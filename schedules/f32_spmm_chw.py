@@ -86,15 +86,17 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     timings, 85% zeros): layers of one pixel tile (7x7) with at least 2 chunks and partial sums of at most 4 x
     that share. MobileNetV2's 7x7 project convs (576-960 input channels) ran faster chunked; 320 -> 1280
     (large partial sums) and the 14x14-56x56 layers of several tiles (chunks of 64-72) did not (the
-    per-layer table of benchmarks/RESULTS-sparse.md has the 7x7 layers' figures)."""
+    per-layer table of benchmarks/RESULTS-sparse.md has the 7x7 layers' figures). A target may allow layers
+    of up to `kernel_defaults["spmm_chunk_tiles"]` pixel tiles (default 1): on Zen 4 the 14x14 project convs
+    (two tiles) ran faster in chunks of 96-128 channels, the 28x28 and 56x56 ones did not."""
     budget = spec.kernel_defaults.get("spmm_chunk_bytes")
     if not budget:
         return None
     lanes = spec.vector_lanes
     runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
-    if len(runs) != 1 or runs[0][1] != 1:
+    if sum(count for _, count, _, _ in runs) > spec.kernel_defaults.get("spmm_chunk_tiles", 1):
         return None
-    tile_bytes = -(-pixels // lanes) * lanes * 4       # whole vectors: the lines its loads touch
+    tile_bytes = max(nv + (ns > 0) for _, _, nv, ns in runs) * lanes * 4   # whole vectors: the lines its loads touch
     chunk = budget // tile_bytes // 8 * 8
     if chunk < 16 or cin < 2 * chunk or cout * tile_bytes > 4 * budget:
         return None

@@ -386,6 +386,12 @@ def test_k_chunk_only_where_the_target_names_an_l1_share():
     assert default_k_chunk(576, 96, 196, 1, zen5) is None         # two pixel tiles
     plain = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={})
     assert default_k_chunk(960, 320, 49, 1, plain) is None
+    zen4 = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={"spmm_chunk_bytes": 49152,
+                                                                       "spmm_chunk_tiles": 2})
+    assert default_k_chunk(960, 320, 49, 1, zen4) == 192          # 48 KiB / (64 floats x 4 bytes)
+    assert default_k_chunk(576, 96, 196, 1, zen4) == 104          # two tiles of 7 and 5 + a part vectors: 448 B
+    assert default_k_chunk(192, 64, 196, 1, zen4) is None         # one chunk and a bit
+    assert default_k_chunk(192, 32, 784, 1, zen4) is None         # seven pixel tiles
 
 
 def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
@@ -676,7 +682,8 @@ def _padded(a: np.ndarray, plane: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("h,w,block,chunk", [(14, 14, 1, None), (7, 7, 2, None), (7, 7, 1, 32), (5, 7, 4, None)])
+@pytest.mark.parametrize("h,w,block,chunk", [(14, 14, 1, None), (7, 7, 2, None), (7, 7, 1, 32), (14, 14, 2, 16),
+                                              (5, 7, 4, None)])
 def test_spmm_reads_and_writes_padded_block_outputs(h, w, block, chunk):
     """PadChannelPlanes' kernels: a sparse 1x1 writing its output as padded planes (out_plane) and reading its
     residual (res_plane) and input (in_plane) so, chunked or not, and a fused expand + depthwise reading such an
