@@ -52,3 +52,30 @@ def test_classifier_bench_times_every_spmv_kernel():
     out = bench_sparse.bench_fc([0.9], 1, spec, k=64, n=32)
     assert out["dense_ms"] > 0
     assert sorted(out["sparse_ms"]) == sorted(f"0.90/{kernel_name(k)}" for k in kernels(spec))
+
+
+def test_layer_bench_times_bursts_and_says_so(tmp_path):
+    """tools/bench_sparse.bench_layer with a burst times every run of every kernel (rounds x burst each), and the
+    page's per-layer section names the burst (a smoke run: a small 7x7 layer, one round of 3)."""
+    import benchlib
+    import bench_sparse
+    import targets
+    spec = targets.resolve(None)
+    shape = {"cin": 32, "cout": 16, "h": 7, "w": 7, "relu6": False, "count": 1, "layers": ["x"]}
+    seen = []
+    real = benchlib.interleave
+
+    def spy(fns, rounds, warmup=5, burst=1):
+        out = real(fns, rounds, warmup, burst)
+        seen.append({k: len(v) for k, v in out.items()})
+        return out
+    benchlib.interleave = spy
+    try:
+        r = bench_sparse.bench_layer(shape, [0.9], [1], 1, spec, burst=3)
+    finally:
+        benchlib.interleave = real
+    assert seen == [{"dense": 3, (0.9, 1): 3}]
+    assert r["burst"] == 3 and r["dense_ms"] > 0 and r["sparse_ms"]["0.90/1"] > 0
+    page = tmp_path / "page.md"
+    bench_sparse.write_md(str(page), "cmd", [r], [], [0.9], [1], 1.0)
+    assert "3 run(s) of a kernel back to back in each round" in page.read_text()

@@ -113,8 +113,9 @@ def kernel_runnable(mod, spec, seed: int = 0):
     return run
 
 
-def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds: int, spec) -> dict:
-    """Medians of our dense 1x1 and of the spmm at each (sparsity, block), interleaved, kernels only."""
+def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds: int, spec, burst: int = 1) -> dict:
+    """Medians of our dense 1x1 and of the spmm at each (sparsity, block), interleaved, kernels only; burst: runs
+    of a kernel back to back in each round (all timed)."""
     from passes.sparsify_conv1x1 import dense_layer_module, sparse_layer_module
     from zoo.onnx_builder import zero_out
     rng = np.random.default_rng(LAYER_SEED)
@@ -124,9 +125,9 @@ def bench_layer(shape: dict, sparsities: list[float], blocks: list[int], rounds:
         for b in blocks:
             plan = _plan(shape, zero_out(w, s, b, rng), rng, spec)
             fns[(s, b)] = kernel_runnable(sparse_layer_module(plan, b, spec), spec)
-    times = benchlib.interleave(fns, rounds)
+    times = benchlib.interleave(fns, rounds, burst=burst)
     med = {k: benchlib.stats(v)["median_ms"] for k, v in times.items()}
-    return {**{k: v for k, v in shape.items() if k != "layers"}, "dense_ms": med["dense"],
+    return {**{k: v for k, v in shape.items() if k != "layers"}, "burst": burst, "dense_ms": med["dense"],
             "sparse_ms": {f"{s:.2f}/{b}": med[(s, b)] for s in sparsities for b in blocks}}
 
 
@@ -261,7 +262,10 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
     if layers:
         lines += ["## (a) per layer: our dense 1x1 median / our spmm median (above 1 = spmm faster)", "",
                   "MobileNetV2 1.0 224's distinct 1x1 shapes, 1 thread, every kernel of a shape interleaved "
-                  "run by run after warm-up. Dense = our blocked NCHW{b}c 1x1 conv with fused bias/ReLU6 "
+                  f"round by round after warm-up, {layers[0].get('burst', 1)} run(s) of a kernel back to back in "
+                  "each round, all timed (from 2 on, most runs find the kernel's buffers in cache, as a kernel in "
+                  "a network finds the input its producer just wrote; with one, the buffers of all the shape's "
+                  "kernels in rotation, up to 34 MB at 112x112, left the large layers' data in memory). Dense = our blocked NCHW{b}c 1x1 conv with fused bias/ReLU6 "
                   "(no layout transforms timed); spmm = f32_spmm_chw with the same epilogue (residual adds left out); "
                   "the spmm reads its input and writes its output as the network stores them: planes padded to "
                   "whole vectors where H x W is not (14x14: 208, 7x7: 64), except a ReLU6 (expand) conv's output, "
@@ -374,7 +378,7 @@ def cmd_sparse(args) -> None:
         if args.max_shapes:
             shapes = shapes[:args.max_shapes]
         for shape in shapes:
-            r = bench_layer(shape, sparsities, blocks, args.layer_rounds, spec)
+            r = bench_layer(shape, sparsities, blocks, args.layer_rounds, spec, args.layer_burst)
             layers.append(r)
             print(f"{r['cin']}->{r['cout']} @{r['h']}x{r['w']}: dense {r['dense_ms']:.3f} ms, speed-up " + ", ".join(
                 f"{k} {r['dense_ms'] / v:.2f}" for k, v in r["sparse_ms"].items()), flush=True)
@@ -407,6 +411,8 @@ def add_parser(sub, default_out_dir: str) -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=20, help="end-to-end runs per runtime at 1 thread")
     p.add_argument("--layer-rounds", type=int, default=40, help="runs per kernel per layer shape")
+    p.add_argument("--layer-burst", type=int, default=5,
+                   help="runs of a layer kernel back to back per round (1: each after the shape's other kernels)")
     p.add_argument("--max-shapes", type=int, default=0, help="only the first N layer shapes (smoke runs)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="the built-in model of the end-to-end and size sections (mobilenet_v3_large, ...)")
