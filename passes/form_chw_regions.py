@@ -84,7 +84,6 @@ class _Regions(BindingRewriter):
         super().__init__(mod, func)
         self.spec = spec
         self.plans: dict = {}
-        self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         self.planes: dict = {}    # depthwise output (input function's var) -> its padded plane
         self.first_convs: dict = {}   # a first conv's output (input function's var) -> its plan, fused into its reader
 
@@ -92,7 +91,7 @@ class _Regions(BindingRewriter):
         if var in self.plans:
             plan = self.plans.pop(var)
             return self.emit_first_conv(plan) if "first_conv" in plan else self.emit(var, plan)
-        if _is_sparse_call(value) and self.bindings[var].args[1].fields[0] in self.planes:
+        if _is_sparse_call(value) and self.bound[var].args[1].fields[0] in self.planes:
             return self.read_padded_planes(var, value)
         if _is_sparse_call(value) and self.se_gate(var) is not None:
             return self.scale_by_gate(var, value)
@@ -100,7 +99,7 @@ class _Regions(BindingRewriter):
         if w is None:
             return self.first_conv(var, value)
         plan = epilogue_chain(self, var, w.shape[0], residual=False)
-        x_in = self.bindings[var].args[0]       # the input function's variable (value's are remapped)
+        x_in = self.bound[var].args[0]       # the input function's variable (value's are remapped)
         if not self.depthwise_goes_chw(var, w.shape[0]):
             changelog.skip(NAME, plan["name"], "depthwise conv not next to a sparse 1x1: stays blocked")
             return None
@@ -113,7 +112,7 @@ class _Regions(BindingRewriter):
     def depthwise_goes_chw(self, var, c: int) -> bool:
         """The depthwise conv bound to (input) var reads a sparse kernel's output or feeds one (directly, or
         through a squeeze-and-excitation product)."""
-        src = self.bindings.get(self.bindings[var].args[0])
+        src = self.bound.get(self.bound[var].args[0])
         last = epilogue_chain(self, var, c, residual=False)["last"]
         excited = self.excited(last)
         user = self.only_user(last if excited is None else excited)
@@ -191,14 +190,14 @@ class _Regions(BindingRewriter):
 
     def read_padded_planes(self, var, value):
         """The sparse 1x1 bound to var, rebuilt to read its input x as padded planes (pad_planes)."""
-        x_in = self.bindings[var].args[1].fields[0]
+        x_in = self.bound[var].args[1].fields[0]
         return self.rebuild_spmm(var, value, list(value.args[1].fields), "padded_planes", in_plane=self.planes[x_in])
 
     def se_gate(self, var):
         """(x, gate) where the sparse 1x1 bound to var is the only reader of its input x * gate, gate a
         [1, C, 1, 1] vector (a squeeze-and-excitation product, see `excited`); None otherwise."""
-        x_in = self.bindings[var].args[1].fields[0]
-        product = self.bindings.get(x_in)
+        x_in = self.bound[var].args[1].fields[0]
+        product = self.bound.get(x_in)
         if op_name(product) != "relax.multiply" or self.only_user(x_in) is None:
             return None
         full = [int(d) for d in x_in.ty.shape.values]
@@ -255,7 +254,7 @@ class _Regions(BindingRewriter):
     def fuse_with_expand(self, plan):
         """sparse 1x1 (no residual) -> this depthwise conv, where the conv is the 1x1's only reader:
         one kernel that never writes the expanded tensor to memory (f32_spmm_dwconv2d_chw)."""
-        src = self.bindings.get(plan["x_in"])
+        src = self.bound.get(plan["x_in"])
         if src is None or not _is_sparse_call(src) or len(src.args[1].fields) != 5 \
                 or self.only_user(plan["x_in"]) is None:
             return None

@@ -73,7 +73,8 @@ class BindingRewriter(PyExprMutator):
     `rewrite` gets the input variable (its `.ty` is the original type) and the value with its
     arguments remapped but not re-normalized. `self.producer(v)` gives the
     (rewritten) expression bound to a variable; `self.users[v]` lists the bindings of the input
-    function that read the (input) variable v, to look ahead.
+    function that read the (input) variable v, to look ahead; `self.bound[v]` is the input function's value
+    of its variable v.
     Replaced bindings that become unused are dropped by `rewrite_main`.
     NOTE: each concrete subclass must be decorated with `@rewriter` (TVM's `mutator`), this base not.
     """
@@ -81,6 +82,7 @@ class BindingRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, func: relax.Function):
         super().__init__(mod)
         self.users = users_of(func)
+        self.bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         self._old_of_new: dict = {}
         self.changes: list[str] = []
 

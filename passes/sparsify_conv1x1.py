@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, pack_kernel
+from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block, channel_pad, pack_kernel
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     latencies, rewriter
@@ -127,12 +127,14 @@ def _times_and_sixth(rw: BindingRewriter, cur, x):
 
 
 def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = True) -> dict:
-    """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add.
+    """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add,
+    clip/relu (after the add, as in BlazeFace's blocks).
 
     Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi), HSWISH or None,
-    "residual": the other operand of the residual add (an input var) or None, "name": the layer's name
-    (the bias add's when the importer named that one after the model's node)}."""
-    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "name": conv_var.name}
+    "residual": the other operand of the residual add (an input var) or None, "clip2": (lo, hi) after the
+    residual add or None, "name": the layer's name (the bias add's when the importer named that one after the
+    model's node)}."""
+    plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "clip2": None, "name": conv_var.name}
     var, stage = conv_var, 0
     while True:
         swish = hard_swish(rw, var) if stage <= 1 else None
@@ -156,10 +158,18 @@ def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = Tr
         elif residual and stage <= 2 and other is not None and not is_const(other) \
                 and [int(d) for d in other.ty.shape.values] == [int(d) for d in user.var.ty.shape.values]:
             plan["residual"], stage = other, 3
+            padded = rw.bound.get(other)
+            if padded is not None and op_name(padded) == "relax.nn.pad" and channel_pad(padded) \
+                    and rw.only_user(other) is not None and rw.only_user(other).var.same_as(user.var):
+                # a shortcut that appends zero channels (BlazeFace): the kernel reads it unpadded
+                plan["residual"] = padded.args[0]
+                plan["res_channels"] = int(padded.args[0].ty.shape.values[1])
+        elif stage == 3 and _clip_bounds(v) is not None and v.args[0].same_as(var):
+            plan["clip2"], stage = _clip_bounds(v), 4
         else:
             return plan
         plan["last"], var = user.var, user.var
-        if stage == 3:
+        if stage == 4:
             return plan
 
 
@@ -247,13 +257,17 @@ class _Sparsifier(BindingRewriter):
 
 def spmm_kernel(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, clip, residual: bool, col_dtype: str,
                 spec, in_plane: int | None = None, scale: bool = False, out_plane: int | None = None,
-                res_plane: int | None = None):
+                res_plane: int | None = None, clip2=None, res_channels: int | None = None):
     """The f32_spmm_chw kernel of a layer, with the target's pixel tile (opaque: never fused; tunable:
     schedules/handwritten.py). scale: x comes with a per-channel scale to apply (an SE gate)."""
     args = {"cin": cin, "cout": cout, "h": h, "w": w, "block": block, "nnzb": max(1, nnzb), "clip": clip,
             "residual": residual, "lanes": spec.vector_lanes, "col_dtype": col_dtype, "in_plane": in_plane}
     if scale:    # NOTE: only where set, so the task keys of unscaled kernels stay those of tuning databases
         args["scale"] = True
+    if clip2 is not None:    # (likewise) a clip after the residual add
+        args["clip2"] = [float(clip2[0]), float(clip2[1])]
+    if res_channels:         # (likewise) a residual with fewer channels (zeros appended)
+        args["res_channels"] = int(res_channels)
     for key, plane in (("out_plane", out_plane), ("res_plane", res_plane)):
         if plane:    # (likewise) PadChannelPlanes
             args[key] = plane
@@ -270,7 +284,8 @@ def _sparse_call_parts(plan, block, spec, x, residual):
     row_ptr, col, val = encode_bsr(w, block, default_k_chunk(cin, cout, plan["h"] * plan["wd"], block, spec))
     func = spmm_kernel(cin, cout, plan["h"], plan["wd"], block, len(col), plan["clip"], residual is not None,
                        str(col.dtype), spec, in_plane=plan.get("in_plane"), out_plane=plan.get("out_plane"),
-                       res_plane=plan.get("res_plane"))
+                       res_plane=plan.get("res_plane"), clip2=plan.get("clip2"),
+                       res_channels=plan.get("res_channels"))
     bias = plan["bias"] if plan["bias"] is not None else np.zeros(cout, np.float32)
     args = [x, const(row_ptr), const(col), const(val), const(bias)]
     if residual is not None:
@@ -278,13 +293,15 @@ def _sparse_call_parts(plan, block, spec, x, residual):
     return func, relax.Tuple(args)
 
 
-def _layer_params(plan):
-    cin = plan["w"].shape[1]
+def _layer_params(plan, sparse: bool = True):
+    """The layer's x and residual (None) as params; sparse: the residual as the spmm reads it (res_channels)."""
+    cout, cin = plan["w"].shape
     x = relax.Var("x", relax.TensorType(planes_shape(cin, plan["h"], plan["wd"], plan.get("in_plane")), "float32"))
     res = None
     if plan["residual"] is not None:
-        res = relax.Var("res", relax.TensorType(
-            planes_shape(plan["w"].shape[0], plan["h"], plan["wd"], plan.get("res_plane")), "float32"))
+        res_c = (plan.get("res_channels") or cout) if sparse else cout
+        res = relax.Var("res", relax.TensorType(planes_shape(res_c, plan["h"], plan["wd"], plan.get("res_plane")),
+                                                "float32"))
     return x, res
 
 
@@ -303,7 +320,7 @@ def dense_key(plan) -> str:
     not depend on them), so layers of one shape share one measurement, within a model and across models."""
     cout, cin = plan["w"].shape
     return (f"dense1x1|{cin}x{cout}@{plan['h']}x{plan['wd']}|bias={plan['bias'] is not None}|clip={plan['clip']}"
-            f"|residual={plan['residual'] is not None}")
+            f"|residual={plan['residual'] is not None}" + (f"|clip2={plan['clip2']}" if plan.get("clip2") else ""))
 
 
 def dense_layer_module(plan, spec) -> tvm.IRModule:
@@ -341,11 +358,13 @@ def _epilogue(bb, y, plan, res, bias_const):
         y = bb.emit(relax.op.clip(y, *plan["clip"]))
     if res is not None:
         y = bb.emit(relax.op.add(y, res))
+    if plan.get("clip2") is not None:
+        y = bb.emit(relax.op.clip(y, *plan["clip2"]))
     return y
 
 
 def _nchw_dense_layer_module(plan) -> tvm.IRModule:
-    x, res = _layer_params(plan)
+    x, res = _layer_params(plan, sparse=False)
     bb = relax.BlockBuilder()
     with bb.function("main", [x] + ([res] if res is not None else [])):
         with bb.dataflow():

@@ -138,13 +138,15 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
              name: str | None = None, in_plane: int | None = None, scale: bool = False,
              k_chunk: int | None = None, out_plane: int | None = None,
-             res_plane: int | None = None) -> tvm.tirx.PrimFunc:
+             res_plane: int | None = None, clip2=None, res_channels: int | None = None) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
     (residual [1,cout,h,w]), out.
     clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH for hard swish; None
-    for none.
+    for none. clip2: (lo, hi) applied after the residual add (a ReLU after a block's add), or None.
+    res_channels: the residual has this many channels (< cout), the rest count as zeros: a block whose shortcut
+    appends zero channels (BlazeFace) reads the shortcut as it is, not a padded copy.
     in_plane: x is [1, cin, in_plane], channel planes in_plane floats apart (a depthwise kernel wrote it
     with chw_rows.output_planes so that each plane starts on a vector boundary: no load splits a line).
     k_chunk: the weights as encode_bsr(w, block, k_chunk) writes them; each task walks its output blocks once
@@ -168,12 +170,29 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     def act(value):      # the epilogue's activation, the one the CHW kernels apply (chw_rows.clipped)
         return value if clip is None else clipped(value, clip, 0)
 
+    def act2(value):     # the clip after the residual add
+        return value if clip2 is None else clipped(value, clip2, 0)
+
     @T.macro
-    def finish(value, res, out, co, px):
-        if residual:
-            out[co, px] = act(value) + res[co, px]
+    def finish(value, res, out, co, px, with_res):
+        if with_res:
+            out[co, px] = act2(act(value) + res[co, px])
         else:
-            out[co, px] = act(value)
+            out[co, px] = act2(act(value))
+
+    @T.macro
+    def finish_vector(acc, k, a0, res, out, co, p0, n):
+        # out[co, p0 : p0 + n] = the epilogue of acc[k, a0 : a0 + n]
+        if residual and res_channels is not None:
+            if co < res_channels:
+                for p in T.vectorized(n):
+                    finish(acc[k, a0 + p], res, out, co, p0 + p, True)
+            else:
+                for p in T.vectorized(n):
+                    finish(acc[k, a0 + p], res, out, co, p0 + p, False)
+        else:
+            for p in T.vectorized(n):
+                finish(acc[k, a0 + p], res, out, co, p0 + p, residual)
 
     @T.macro
     def fma(acc, x, wk, c, k, p0, nv, ns):
@@ -192,16 +211,16 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         for k in T.unroll(block):
             if nv > 0:
                 for v in T.unroll(nv):
-                    for p in T.vectorized(lanes):
-                        if last:
-                            finish(acc[k, v * lanes + p], res, out, b * block + k, p0 + v * lanes + p)
-                        else:
+                    if last:
+                        finish_vector(acc, k, v * lanes, res, out, b * block + k, p0 + v * lanes, lanes)
+                    else:
+                        for p in T.vectorized(lanes):
                             out[b * block + k, p0 + v * lanes + p] = acc[k, v * lanes + p]
             if ns > 0:
-                for p in T.vectorized(ns):
-                    if last:
-                        finish(acc[k, nv * lanes + p], res, out, b * block + k, p0 + nv * lanes + p)
-                    else:
+                if last:
+                    finish_vector(acc, k, nv * lanes, res, out, b * block + k, p0 + nv * lanes, ns)
+                else:
+                    for p in T.vectorized(ns):
                         out[b * block + k, p0 + nv * lanes + p] = acc[k, nv * lanes + p]
 
     def start(bias, out, co, px, q):
@@ -273,12 +292,13 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     x_t, rp_t = T.Buffer(x_shape, "float32"), T.Buffer((chunks * nb + 1,), "int32")
     col_t, val_t = T.Buffer((nnzb,), col_dtype), T.Buffer((nnzb, block), "float32")
     vec_t, sc_t = T.Buffer((cout,), "float32"), T.Buffer((1, cin, 1, 1), "float32")
-    o_shape, r_shape = planes_shape(cout, h, w, out_plane), planes_shape(cout, h, w, res_plane)
+    res_c = res_channels or cout
+    o_shape, r_shape = planes_shape(cout, h, w, out_plane), planes_shape(res_c, h, w, res_plane)
     @T.macro
     def main(x4, rp, col, val, bias, sc, r4, o4):
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((cin, x_row), "float32", data=x4.data)
-        res = T.decl_buffer((cout, res_plane or pixels), "float32", data=r4.data)
+        res = T.decl_buffer((res_c, res_plane or pixels), "float32", data=r4.data)
         out = T.decl_buffer((cout, out_plane or pixels), "float32", data=o4.data)
         body(x, rp, col, val, bias, sc, res, out)
 

@@ -37,7 +37,8 @@ def _spmm_chw(a: dict, k: dict) -> tirx.PrimFunc:
         pixel_tile=k["pixel_tile"], lanes=a["lanes"], col_dtype=a["col_dtype"],
         name=f32_spmm_chw.kernel_name(k["pixel_tile"], a["block"], a.get("k_chunk")), in_plane=a["in_plane"],
         scale=a.get("scale", False), k_chunk=a.get("k_chunk"), out_plane=a.get("out_plane"),
-        res_plane=a.get("res_plane")).with_attr("op_pattern", 8)
+        res_plane=a.get("res_plane"), clip2=a.get("clip2"), res_channels=a.get("res_channels")
+    ).with_attr("op_pattern", 8)
 
 
 def _spmm_chw_space(a: dict, spec) -> list[dict]:

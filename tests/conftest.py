@@ -38,8 +38,9 @@ def small_mv2(model_dir) -> str:
 
 
 def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=False, act="relu6",
-                      w=None, seed=0, sparsity=0.0) -> onnx.ModelProto:
-    """Conv (+bias) -> activation (-> + input): the unit most kernels serve."""
+                      w=None, seed=0, sparsity=0.0, post=None) -> onnx.ModelProto:
+    """Conv (+bias) -> activation (-> + input (-> post: "relu" / "relu6" after the add)): the unit most kernels
+    serve."""
     rng = np.random.default_rng(seed)
     w = w if w is not None else rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
     if sparsity:
@@ -77,6 +78,13 @@ def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=
     if residual:
         nodes.append(helper.make_node("Add", [out, "x"], ["r"]))
         out = "r"
+    if post == "relu":
+        nodes.append(helper.make_node("Relu", [out], ["p"]))
+        out = "p"
+    elif post == "relu6":
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("plo", 0), ("phi", 6))]
+        nodes.append(helper.make_node("Clip", [out, "plo", "phi"], ["p"]))
+        out = "p"
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", 1, [1, cin, h, h])],
                               [helper.make_tensor_value_info(out, 1, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14 if act == "hswish" else 13)])

@@ -111,6 +111,57 @@ def test_sparse_conv_matches_onnxruntime(monkeypatch, residual, act):
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
 
 
+@pytest.mark.parametrize("act,post", [("none", "relu"), ("relu6", "relu6"), ("relu", "relu")])
+def test_activation_after_the_residual_add_is_the_spmm_epilogue(monkeypatch, act, post):
+    """conv -> (act) -> + input -> ReLU / ReLU6 (BlazeFace's blocks end so): one spmm kernel applies the clip
+    after its residual add (`clip2` in its recipe), no activation op is left in the graph, and the result
+    matches ONNX Runtime (the input is signed, so the clip after the add changes it)."""
+    import json
+
+    from schedules.rule import BUILDER_ATTR
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = single_conv_model(32, 32, 6, act=act, residual=True, post=post, sparsity=0.8)
+    mod, _ = _sparsify(_cleaned(model))
+    spmm = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_spmm_chw")]
+    assert len(spmm) == 1
+    args = json.loads(str(spmm[0].attrs[BUILDER_ATTR]))["args"]
+    assert args["residual"] and args["clip2"] == [0.0, 6.0 if post == "relu6" else float(np.finfo(np.float32).max)]
+    main = mod["main"].script(show_meta=False)
+    assert "R.clip" not in main and "R.nn.relu" not in main
+    assert_matches_ort(model)
+
+
+@pytest.mark.parametrize("extra", [8, 5])
+def test_a_shortcut_that_appends_zero_channels_is_read_unpadded(monkeypatch, extra):
+    """relu(conv1x1(x) + pad(x, zero channels appended)) (BlazeFace's wider blocks): the spmm reads x itself as
+    its residual (`res_channels` in its recipe: the output channels past it get no residual), the Pad leaves
+    the graph, and the result matches ONNX Runtime; with 8 and with 5 appended channels (the residual's last
+    rows inside and across a kernel block)."""
+    import json
+
+    from onnx import helper, numpy_helper
+
+    from schedules.rule import BUILDER_ATTR
+    from tests.conftest import onnx_model
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    rng = np.random.default_rng(extra)
+    cin, cout = 24, 24 + extra
+    w = (rng.standard_normal((cout, cin, 1, 1)) * (rng.random((cout, cin, 1, 1)) > 0.8)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"]), helper.make_node("Pad", ["x", "pads"], ["xp"]),
+             helper.make_node("Add", ["y", "xp"], ["s"]), helper.make_node("Relu", ["s"], ["z"])]
+    model = onnx_model(nodes, [1, cin, 12, 12], inits, out="z")
+    mod, _ = _sparsify(_cleaned(model))
+    spmm = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_spmm_chw")]
+    assert len(spmm) == 1
+    args = json.loads(str(spmm[0].attrs[BUILDER_ATTR]))["args"]
+    assert args["residual"] and args["res_channels"] == cin and args["clip2"][0] == 0.0
+    main = mod["main"].script(show_meta=False)
+    assert "R.nn.pad" not in main and "R.nn.relu" not in main
+    assert_matches_ort(model)
+
+
 @pytest.mark.parametrize("act", ["hswish", "hswish_tflite", "hswish_sixth", "hswish_hsigmoid"])
 def test_hard_swish_after_a_sparse_conv_is_its_epilogue(monkeypatch, act):
     """Hard swish as importers spell it (the ONNX op; TFLite's (x * relu6(x + 3)) / 6; a product with 1/6;
