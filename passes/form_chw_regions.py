@@ -145,21 +145,40 @@ class _Regions(BindingRewriter):
             return None
         plan = epilogue_chain(self, var, w.shape[0], residual=False)
         user = self.only_user(plan["last"])
-        if not isinstance(user, relax.VarBinding) or depthwise_weights(user.value) is None \
-                or not self.depthwise_goes_chw(user.var, w.shape[0]):
+        fused = isinstance(user, relax.VarBinding) and depthwise_weights(user.value) is not None \
+            and self.depthwise_goes_chw(user.var, w.shape[0])
+        if not fused and not self.read_in_chw(plan["last"]):
             return None
-        plan.update(first_conv=True, w=w, x=value.args[0], attrs=value.attrs, conv=plan["name"],
-                    out_ty=plan["last"].ty)
+        plan.update(first_conv=True, standalone=not fused, w=w, x=value.args[0], attrs=value.attrs,
+                    conv=plan["name"], out_ty=plan["last"].ty)
         if plan["last"].same_as(var):
             return self.emit_first_conv(plan)
         self.plans[plan["last"]] = plan
         return None
 
+    def read_in_chw(self, var) -> bool:
+        """Every reader of (input) var is a sparse kernel or a depthwise conv that goes CHW (a first conv whose
+        output also feeds a block's shortcut, as BlazeFace's)."""
+        users = self.users.get(var, [])
+        return bool(users) and all(
+            isinstance(u, relax.VarBinding) and (_is_sparse_call(u.value) or (
+                depthwise_weights(u.value) is not None
+                and self.depthwise_goes_chw(u.var, depthwise_weights(u.value).shape[0])))
+            for u in users)
+
     def emit_first_conv(self, plan):
-        """Nothing: the depthwise conv that reads the first conv computes it (fuse_with_first_conv); its
-        bindings stay as they are until then and are dropped as dead."""
-        self.first_convs[plan["last"]] = plan
-        return None
+        """Fused: nothing, the depthwise conv that reads the first conv computes it (fuse_with_first_conv); its
+        bindings stay as they are until then and are dropped as dead. Standalone: the conv in CHW
+        (f32_conv2d_chw), its epilogue's clip fused."""
+        if not plan["standalone"]:
+            self.first_convs[plan["last"]] = plan
+            return None
+        _, cin, h, wd = (int(d) for d in plan["x"].ty.shape.values)
+        k, stride, pads = _kxk(plan)
+        func = handwritten.build("conv2d_chw", {
+            "cin": cin, "c": plan["w"].shape[0], "h": h, "w": wd, "k": k, "stride": stride, "pads": pads,
+            "clip": plan["clip"], "lanes": self.spec.vector_lanes, "out_plane": None}, self.spec)
+        return self.call_kernel(plan, func, "first_conv_chw", [plan["x"]])
 
     def emit(self, var, plan):
         self.pad_planes(plan)

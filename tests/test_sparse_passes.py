@@ -347,6 +347,47 @@ def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     assert "f32_conv3x3s2_" not in late.script(show_meta=False)
 
 
+@pytest.mark.parametrize("k,stride,pads", [(5, 2, [1, 1, 2, 2]), (3, 1, [1, 1, 1, 1])])
+def test_first_conv_read_by_a_depthwise_and_a_shortcut_goes_chw_alone(monkeypatch, k, stride, pads):
+    """A first conv whose output a CHW depthwise conv and a sparse 1x1's residual both read (BlazeFace's stem):
+    computed alone in CHW (f32_conv{k}x{k}s{s}_chw_...), its ReLU fused, no layout transform before the first
+    sparse kernel, equal to ONNX Runtime; where a dense conv also reads it, it stays blocked."""
+    from onnx import helper, numpy_helper
+
+    from tests.conftest import onnx_model
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    rng = np.random.default_rng(k)
+    c = 16
+
+    def model(dense_reader: bool):
+        w1 = rng.standard_normal((c, 3, k, k)).astype(np.float32)
+        wdw = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+        wpw = (rng.standard_normal((c, c, 1, 1)) * (rng.random((c, c, 1, 1)) > 0.85)).astype(np.float32)
+        inits = [numpy_helper.from_array(v, n) for n, v in (("w1", w1), ("wdw", wdw), ("wpw", wpw),
+                                                              ("wd", rng.standard_normal((4, c, 1, 1)).astype(np.float32)))]
+        nodes = [helper.make_node("Conv", ["x", "w1"], ["s"], kernel_shape=[k, k], strides=[stride] * 2,
+                                  pads=[pads[0], pads[1], pads[2], pads[3]]),
+                 helper.make_node("Relu", ["s"], ["sr"]),
+                 helper.make_node("Conv", ["sr", "wdw"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=c),
+                 helper.make_node("Conv", ["d", "wpw"], ["p"]), helper.make_node("Add", ["p", "sr"], ["y"])]
+        if dense_reader:
+            nodes += [helper.make_node("Conv", ["sr", "wd"], ["e"]), helper.make_node("Concat", ["y", "e"], ["z"],
+                                                                                      axis=1)]
+        return onnx_model(nodes, [1, 3, 32, 32], inits, out="z" if dense_reader else "y")
+
+    alone = model(False)
+    mod, _ = _sparsify(_cleaned(alone))
+    with SPEC.tvm_target():
+        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+    lines = [ln for ln in lowered.script(show_meta=False).splitlines()
+             if "R.call_tir(cls." in ln or "layout_transform" in ln]
+    assert f"f32_conv{k}x{k}s{stride}_chw_" in lines[0], lines
+    assert not any("layout_transform" in ln or "relu" in ln for ln in lines), lines
+    assert_matches_ort(alone)
+    mixed, _ = _sparsify(_cleaned(model(True)))
+    assert f"f32_conv{k}x{k}s{stride}_chw_" not in mixed.script(show_meta=False)
+
+
 def test_sparse_off_leaves_convs_dense(monkeypatch):
     monkeypatch.setenv("SHRINKC_COST", "off")
     cm = driver.compile_model(single_conv_model(32, 32, 6, sparsity=0.9), sparse="off")
