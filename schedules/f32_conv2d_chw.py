@@ -22,6 +22,21 @@ def kernel_name(k: int, stride: int, tile: str, block: int) -> str:
     return f"f32_conv{k}x{k}s{stride}_chw_{tile}x{block}"
 
 
+def input_planes(x, cin: int, h: int, w: int, lanes: int, split: bool) -> list:
+    """The conv's input planes as RowConv reads them: x's own, or (split) its rows' even and odd columns in a
+    buffer filled once for all tasks (the stride-2 taps are then loads, not shuffles redone per task)."""
+    if not split:
+        return [(x, [0, i]) for i in range(cin)]
+    halves = split_planes(x, [0], cin, h, w, lanes)
+    return [(halves, [i]) for i in range(cin)]
+
+
+def channel_block(src: list, outs: list, wt, bias, c0) -> Planes:
+    """Output channels c0 .. c0 + len(outs) - 1 of the conv over every input plane, into the planes outs."""
+    return Planes(src, outs, lambda o, i, kh, kw: tirx.BufferLoad(wt, [c0 + o, i, kh, kw]),
+                  lambda o: tirx.BufferLoad(bias, [c0 + o]))
+
+
 def conv2d_chw(cin: int, c: int, h: int, w: int, k: int, stride: int, pads, *, clip=None, lanes: int = 16,
                out_block: int = OUT_BLOCK, out_plane: int | None = None) -> tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`). Knob: `out_block` (output channels per task; the
@@ -32,14 +47,9 @@ def conv2d_chw(cin: int, c: int, h: int, w: int, k: int, stride: int, pads, *, c
 
     def body(x, wt, bias, out):
         out = output_planes(out, c, conv.oh, conv.ow, out_plane)
-        src = [(x, [0, i]) for i in range(cin)]
-        if split:
-            halves = split_planes(x, [0], cin, h, w, lanes)
-            src = [(halves, [i]) for i in range(cin)]
+        src = input_planes(x, cin, h, w, lanes, split)
         with I.parallel(0, c // block) as b:
-            conv.planes(Planes(src, [(out, [0, b * block + o]) for o in range(block)],
-                               lambda o, i, kh, kw: tirx.BufferLoad(wt, [b * block + o, i, kh, kw]),
-                               lambda o: tirx.BufferLoad(bias, [b * block + o])))
+            conv.planes(channel_block(src, [(out, [0, b * block + o]) for o in range(block)], wt, bias, b * block))
 
     return scheduled_kernel(kernel_name(k, stride, conv.tile(), block),
                             [("x", (1, cin, h, w), F32), ("w", (c, cin, k, k), F32), ("bias", (c,), F32),

@@ -16,8 +16,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.tirx.script.builder import ir as I
 
-from schedules.chw_rows import F32, ROWS, Planes, RowConv, output_planes, planes_shape, scheduled_kernel, \
-    split_planes
+from schedules.chw_rows import F32, ROWS, RowConv, output_planes, planes_shape, scheduled_kernel
+from schedules.f32_conv2d_chw import channel_block, input_planes
 from schedules.f32_dwconv2d_chw import channel_planes
 
 MAX_CIN = 4       # first-conv input channels covered: every input plane's taps are reloaded per task
@@ -41,17 +41,10 @@ def conv2d_dwconv2d_chw(cin: int, c: int, h: int, w: int, k1: int, stride1: int,
 
     def body(x, w1, bias1, wt, bias, out):
         out = output_planes(out, c, dw.oh, dw.ow, out_plane)
-        src = [(x, [0, i]) for i in range(cin)]
-        if split:
-            # NOTE: the input's even and odd columns, split once for all tasks: the stride-2 taps are then
-            # loads, not two shuffles per pair of vectors in every task
-            halves = split_planes(x, [0], cin, h, w, lanes)
-            src = [(halves, [i]) for i in range(cin)]
+        src = input_planes(x, cin, h, w, lanes, split)
         with I.parallel(0, c // block) as b:
             plane = I.alloc_buffer((block, first.oh, first.ow), F32, scope="global")
-            first.planes(Planes(src, [(plane, [o]) for o in range(block)],
-                                lambda o, i, kh, kw: tirx.BufferLoad(w1, [b * block + o, i, kh, kw]),
-                                lambda o: tirx.BufferLoad(bias1, [b * block + o])))
+            first.planes(channel_block(src, [(plane, [o]) for o in range(block)], w1, bias1, b * block))
             for o in range(block):
                 dw.planes(channel_planes(plane, [o], wt, bias, out, b * block + o))
 
