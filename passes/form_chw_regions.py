@@ -28,6 +28,7 @@ from passes import changelog
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
+from schedules.f32_maxpool2d_chw import KERNELS as MAXPOOL_KERNELS
 from schedules import handwritten
 from schedules.rule import recipe
 from schedules.f32_conv2d_dwconv2d_chw import MAX_CIN
@@ -95,6 +96,8 @@ class _Regions(BindingRewriter):
             return self.read_padded_planes(var, value)
         if _is_sparse_call(value) and self.se_gate(var) is not None:
             return self.scale_by_gate(var, value)
+        if op_name(value) == "relax.nn.max_pool2d":
+            return self.max_pool(var, value)
         w = depthwise_weights(value)
         if w is None:
             return self.first_conv(var, value)
@@ -155,6 +158,26 @@ class _Regions(BindingRewriter):
             return self.emit_first_conv(plan)
         self.plans[plan["last"]] = plan
         return None
+
+    def max_pool(self, var, value):
+        """A max pool (no padding, square window of 2 or 3, stride 1 or 2) of a sparse kernel's output stays in
+        CHW (f32_maxpool2d_chw): one output row a vector of pixels at a time, not TVM's pixel at a time."""
+        src = self.bound.get(self.bound[var].args[0])
+        a = value.attrs
+        ks, strides = {int(v) for v in a.pool_size}, {int(v) for v in a.strides}
+        shape = [int(d) for d in value.args[0].ty.shape.values] if value.args[0].ty.shape is not None else []
+        if src is None or not _is_sparse_call(src) or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" \
+                or len(ks) != 1 or len(strides) != 1 or any(int(v) for v in a.padding) \
+                or any(int(v) != 1 for v in a.dilation) or bool(a.ceil_mode) or len(shape) != 4 or shape[0] != 1:
+            return None
+        k, stride = ks.pop(), strides.pop()
+        if k not in MAXPOOL_KERNELS or stride not in STRIDES or min(shape[2:]) < k:
+            return None
+        func = handwritten.build("maxpool2d_chw", {"c": shape[1], "h": shape[2], "w": shape[3], "k": k,
+                                                   "stride": stride, "lanes": self.spec.vector_lanes}, self.spec)
+        gv, func = add_kernel(self, func)
+        changelog.record(NAME, "max_pool_chw", var.name, kernel=str(func.attrs["global_symbol"]))
+        return relax.call_tir(gv, relax.Tuple([value.args[0]]), var.ty)
 
     def read_in_chw(self, var) -> bool:
         """Every reader of (input) var is a sparse kernel or a depthwise conv that goes CHW (a first conv whose

@@ -16,8 +16,8 @@ from typing import Callable
 
 from tvm import tirx
 
-from schedules import chw_rows, f32_conv2d_chw, f32_conv2d_dwconv2d_chw, f32_dwconv2d_chw, f32_spmm_chw, \
-    f32_spmm_dwconv2d_chw
+from schedules import chw_rows, f32_conv2d_chw, f32_conv2d_dwconv2d_chw, f32_dwconv2d_chw, f32_maxpool2d_chw, \
+    f32_spmm_chw, f32_spmm_dwconv2d_chw
 from schedules.rule import BUILDER_ATTR, Scheduled, ScheduleRule, recipe
 
 ROW_OPTIONS = (1, 2, 3, 4)          # output rows per step of a depthwise conv (chw_rows.RowConv)
@@ -88,6 +88,10 @@ def _conv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
                                      out_plane=a["out_plane"])
 
 
+def _maxpool2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
+    return f32_maxpool2d_chw.maxpool2d_chw(a["c"], a["h"], a["w"], a["k"], a["stride"], lanes=a["lanes"])
+
+
 def _target(kind: str, spec, knobs: dict) -> dict:
     return {**knobs, **spec.kernel_defaults.get(kind, {})}
 
@@ -113,6 +117,7 @@ BUILDERS = {
                                                               "rows": chw_rows.ROWS}),
         lambda a, spec: [{"out_block": b, "rows": r} for b in OUT_BLOCK_OPTIONS if a["c"] % b == 0
                          for r in ROW_OPTIONS]),
+    "maxpool2d_chw": Builder(_maxpool2d_chw, lambda a, spec: {}, lambda a, spec: []),     # no knobs
     "conv2d_chw": Builder(
         _conv2d_chw,
         lambda a, spec: _target("conv2d_chw", spec, {"out_block": f32_conv2d_chw.OUT_BLOCK}),

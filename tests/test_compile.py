@@ -24,7 +24,7 @@ def test_builtin_models_match_onnxruntime(name, opts):
 def test_blazeface_detector_matches_onnxruntime(sparsity, monkeypatch):
     """A MediaPipe-style detector: asymmetric pads, max-pooled and channel-padded shortcuts, two heads reshaped
     and concatenated into two outputs; at 85% zeros its block 1x1 convs run sparse in CHW around those ops, the
-    stem too (cost measurement off: the rule's choice, not a timing, decides here)."""
+    stem and the shortcuts' max pools too (cost measurement off: the rule's choice, not a timing, decides here)."""
     monkeypatch.setenv("SHRINKC_COST", "off")
     cm = assert_matches_ort(zoo.build("blazeface", sparsity=sparsity))
     assert [o["name"] for o in cm.metadata()["outputs"]] == ["scores", "boxes"]
@@ -32,6 +32,8 @@ def test_blazeface_detector_matches_onnxruntime(sparsity, monkeypatch):
     assert len(sparse) == (16 if sparsity else 0) and all(k.startswith("f32_spmm_chw") for k in sparse)
     # sparse: the stem, read by block 0's depthwise conv and its shortcut, runs in CHW alone
     assert any(k.startswith("f32_conv5x5s2_chw_") for k in cm.report["kernels"]) == bool(sparsity)
+    # and its shortcuts' max pools of sparse outputs run in CHW
+    assert sum(k.startswith("f32_maxpool2x2s2_chw_") for k in cm.report["kernels"]) == (3 if sparsity else 0)
 
 
 def test_python_api_export_load_run(tmp_path):

@@ -714,3 +714,16 @@ def test_spmm_reads_and_writes_padded_block_outputs(h, w, block, chunk):
     mid = np.clip(wt1 @ ref.reshape(cout, -1) + b1[:, None], 0, 6).reshape(1, c, h, w)
     np.testing.assert_allclose(_run(fused, [got, rp1, col1, val1, b1, wdw, b2], (1, c, h, w)),
                                _dw_ref(mid, wdw, b2, 1, [1] * 4, (0.0, 6.0)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,h,w,k,s", [(3, 64, 64, 2, 2), (2, 32, 32, 2, 2), (5, 16, 16, 2, 2), (3, 13, 11, 3, 2),
+                                       (2, 9, 20, 3, 1), (3, 7, 7, 2, 1), (2, 15, 40, 2, 2), (2, 3, 3, 3, 2)])
+@pytest.mark.parametrize("guard", ["before", "after"])
+def test_maxpool_chw_matches_numpy_inside_its_buffers(c, h, w, k, s, guard):
+    """f32_maxpool2d_chw: windows 2 and 3, strides 1 and 2, rows of whole and partial vectors (8- and 16-lane),
+    odd sizes (floor): equal to numpy to the bit, with input and output flush against an inaccessible page."""
+    from schedules.f32_maxpool2d_chw import maxpool2d_chw
+    x = np.random.default_rng(c * w + k).standard_normal((1, c, h, w)).astype(np.float32)
+    ref = np.lib.stride_tricks.sliding_window_view(x[0], (k, k), axis=(1, 2))[:, ::s, ::s].max(axis=(3, 4))[None]
+    out = _run_guarded(maxpool2d_chw(c, h, w, k, s, lanes=SPEC.vector_lanes), [x], {0}, ref.shape, guard)
+    np.testing.assert_array_equal(out, ref)
