@@ -15,7 +15,9 @@ A depthwise kernel whose only reader is a sparse 1x1 writes its planes padded to
 The network's first conv (dense, at most MAX_CIN input channels) whose only reader is such a
 depthwise conv is fused with it: call_tir(f32_conv3x3s2_dwconv3x3s1_chw_112x4x4, x, W1, bias1, W, bias)
 reads the NCHW input and writes CHW, so the region starts at the model's input, and the first conv's
-output never goes to memory.
+output never goes to memory. A first conv whose readers are all CHW kernels, but not that depthwise conv alone
+(BlazeFace's stem also feeds block 0's shortcut), runs in CHW by itself: call_tir(f32_conv5x5s2_chw_64x1x4, ...).
+A max pool (no padding) of a sparse kernel's output stays CHW: call_tir(f32_maxpool2x2s2_chw_16, x).
 NOTE: runs after SparsifyConv1x1 (it looks for its kernels).
 """
 from __future__ import annotations
