@@ -87,13 +87,15 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     that share. MobileNetV2's 7x7 project convs (576-960 input channels) ran faster chunked; 320 -> 1280
     (large partial sums) and the 14x14-56x56 layers of several tiles (chunks of 64-72) did not (the
     per-layer table of benchmarks/RESULTS-sparse.md has the 7x7 layers' figures). A target may allow layers
-    of up to `kernel_defaults["spmm_chunk_tiles"]` pixel tiles (default 1): on Zen 4 the 14x14 project convs
-    (two tiles) ran faster in chunks of 96-128 channels, the 28x28 and 56x56 ones did not."""
+    of up to `kernel_defaults["spmm_chunk_tiles"]` pixel tiles (default 1), and name the pixel tile of chunked
+    layers (`spmm_chunk_pixels`, chunked_pixel_tile): on Zen 4 the 14x14 project convs with 384-576 input
+    channels ran faster in tiles of 64 pixels and chunks of 192 channels than in tiles of 128 and chunks of
+    104, or unchunked; the 28x28 and 56x56 ones not chunked (ad-hoc interleaved single-kernel timings)."""
     budget = spec.kernel_defaults.get("spmm_chunk_bytes")
     if not budget:
         return None
     lanes = spec.vector_lanes
-    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
+    runs = pixel_runs(pixels, chunked_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
     if sum(count for _, count, _, _ in runs) > spec.kernel_defaults.get("spmm_chunk_tiles", 1):
         return None
     tile_bytes = max(nv + (ns > 0) for _, _, nv, ns in runs) * lanes * 4   # whole vectors: the lines its loads touch
@@ -101,6 +103,16 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     if chunk < 16 or cin < 2 * chunk or cout * tile_bytes > 4 * budget:
         return None
     return chunk
+
+
+def chunked_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> int:
+    """The pixel tile of a layer whose input channels are walked in chunks: the target's
+    `spmm_chunk_pixels` (no more than the plane), else default_pixel_tile's."""
+    tile = spec.kernel_defaults.get("spmm_chunk_pixels")
+    if not tile:
+        return default_pixel_tile(pixels, block, spec, cin, cout)
+    lanes = spec.vector_lanes
+    return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
 def block_fill(w: np.ndarray, block: int) -> float:

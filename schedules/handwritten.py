@@ -100,8 +100,8 @@ BUILDERS = {
     "spmm_chw": Builder(
         _spmm_chw,
         lambda a, spec: _target("spmm_chw", spec, {
-            "pixel_tile": f32_spmm_chw.default_pixel_tile(a["h"] * a["w"], a["block"], spec, a["cin"],
-                                                                  a["cout"])}),
+            "pixel_tile": (f32_spmm_chw.chunked_pixel_tile if a.get("k_chunk") else f32_spmm_chw.default_pixel_tile)(
+                a["h"] * a["w"], a["block"], spec, a["cin"], a["cout"])}),
         _spmm_chw_space),
     "dwconv2d_chw": Builder(
         _dwconv2d_chw,

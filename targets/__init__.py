@@ -118,12 +118,15 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
     defaults = {"max_oc_blocks": 1, "max_pixel_tile": 8, "padded_copy": False, "winograd_min_channels": 16}
     if mcpu == "znver4":
         # sparse 1x1 convs walk their input channels in chunks (schedules/f32_spmm_chw.default_k_chunk) on 7x7 and
-        # 14x14 planes (one or two pixel tiles): on Zen 4 chunks of 96-192 channels ran MobileNetV2's 7x7 and 14x14
-        # project convs faster alone (85% zeros), the 28x28 and 56x56 ones not; with both, the 85%-sparse model
-        # was faster at 1 thread than with 7x7 chunks only or none; a 32 KiB share and Zen 5's fused-kernel and
-        # accumulator choices were not faster there (ad-hoc interleaved A/Bs)
+        # 14x14 planes: on Zen 4 chunks of 96-192 channels ran MobileNetV2's 7x7 and 14x14 project convs faster
+        # alone (85% zeros), the 28x28 and 56x56 ones not; with both, the 85%-sparse model was faster at 1 thread
+        # than with 7x7 chunks only or none; a 32 KiB share and Zen 5's fused-kernel and accumulator choices were
+        # not faster there. Chunked layers take 64-pixel tiles (four on a 14x14 plane, chunks of 192): the 14x14
+        # project convs with 384-576 input channels faster alone than in two 128-pixel tiles with chunks of 104,
+        # the model the same at 1 thread and a little faster at 2 (ad-hoc interleaved A/Bs)
         defaults["spmm_chunk_bytes"] = 49152
-        defaults["spmm_chunk_tiles"] = 2
+        defaults["spmm_chunk_tiles"] = 4
+        defaults["spmm_chunk_pixels"] = 64
     if mcpu == "znver5":
         # Zen 5 runs 512-bit FMAs at full width, two a cycle (Zen 4 splits each in two halves). `shrinkc tune` on
         # a Zen 5 host (benchmarks/RESULTS-tune.md, its run with the Zen 4 defaults: 1.15x) picked 2 channel

@@ -14,7 +14,8 @@ import targets
 from schedules.chw_rows import HSWISH, RowConv, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
-from schedules.f32_spmm_chw import block_fill, decode_bsr, default_k_chunk, default_pixel_tile, encode_bsr, spmm_chw
+from schedules.f32_spmm_chw import block_fill, chunked_pixel_tile, decode_bsr, default_k_chunk, default_pixel_tile, \
+    encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw, split_input
 
 SPEC = targets.x86_host()
@@ -386,12 +387,20 @@ def test_k_chunk_only_where_the_target_names_an_l1_share():
     assert default_k_chunk(576, 96, 196, 1, zen5) is None         # two pixel tiles
     plain = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={})
     assert default_k_chunk(960, 320, 49, 1, plain) is None
-    zen4 = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={"spmm_chunk_bytes": 49152,
-                                                                       "spmm_chunk_tiles": 2})
-    assert default_k_chunk(960, 320, 49, 1, zen4) == 192          # 48 KiB / (64 floats x 4 bytes)
-    assert default_k_chunk(576, 96, 196, 1, zen4) == 104          # two tiles of 7 and 5 + a part vectors: 448 B
-    assert default_k_chunk(192, 64, 196, 1, zen4) is None         # one chunk and a bit
-    assert default_k_chunk(192, 32, 784, 1, zen4) is None         # seven pixel tiles
+    two = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={"spmm_chunk_bytes": 49152,
+                                                                      "spmm_chunk_tiles": 2})
+    assert default_k_chunk(960, 320, 49, 1, two) == 192           # 48 KiB / (64 floats x 4 bytes)
+    assert default_k_chunk(576, 96, 196, 1, two) == 104           # two tiles of 7 and 5 + a part vectors: 448 B
+    assert default_k_chunk(192, 64, 196, 1, two) is None          # one chunk and a bit
+    assert default_k_chunk(192, 32, 784, 1, two) is None          # seven pixel tiles
+    zen4 = dataclasses.replace(SPEC, vector_lanes=16, kernel_defaults={
+        "spmm_chunk_bytes": 49152, "spmm_chunk_tiles": 4, "spmm_chunk_pixels": 64})
+    assert default_k_chunk(576, 96, 196, 1, zen4) == 192          # four 64-pixel tiles: 256 B
+    assert default_k_chunk(960, 320, 49, 1, zen4) == 192
+    assert default_k_chunk(192, 64, 196, 1, zen4) is None
+    assert default_k_chunk(192, 32, 784, 1, zen4) is None         # 13 tiles of 64
+    assert chunked_pixel_tile(196, 1, zen4, 576, 96) == 64 and chunked_pixel_tile(9, 1, zen4, 576, 96) == 16
+    assert chunked_pixel_tile(196, 1, two, 576, 96) == default_pixel_tile(196, 1, two, 576, 96)
 
 
 def _expand_dw_case(rng, cin, c, h, w, k, block, sparsity=0.8):
