@@ -127,6 +127,7 @@ def cmd_models(args) -> None:
     import zoo
     os.makedirs(args.out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="shrinkc-bench-")
+    out = os.path.join(args.out_dir, args.out)
     results = []
     for name in args.models.split(","):
         path = name if os.path.exists(name) else os.path.join(work, f"{name}.onnx")
@@ -140,14 +141,13 @@ def cmd_models(args) -> None:
             tflite = os.path.join(work, "mobilenet_v2.tflite")
             with open(tflite, "wb") as f:
                 f.write(mobilenet_v2_tflite(width=1.0, resolution=224))
-        r = bench_model(label, path, [int(t) for t in args.threads.split(",")], args.rounds, work, args.out_dir,
-                        tflite=tflite)
+        r = bench_model(label, path, [int(t) for t in args.threads.split(",")], args.rounds, work,
+                        os.path.dirname(out), tflite=tflite)     # charts beside the page that names them
         results.append(r)
         for n, t in r["threads"].items():
             print(f"{label} x{n}: shrinkc {t['shrinkc']['median_ms']:.2f} ms, onnxruntime "
                   f"{t['onnxruntime']['median_ms']:.2f} ms, ratio {t['paired_ratio']:.2f}"
                   f", compile {r['compile_s']:.1f} s", flush=True)
-    out = os.path.join(args.out_dir, args.out)
     write_models_md(out, "python tools/bench.py " + " ".join(sys.argv[1:]), results)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1, default=str)

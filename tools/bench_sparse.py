@@ -398,7 +398,7 @@ def cmd_sparse(args) -> None:
     out = os.path.join(args.out_dir, args.out)
     write_md(out, "python tools/bench.py " + " ".join(sys.argv[1:]), layers, models, sparsities, blocks,
              time.perf_counter() - t_start, fc)
-    chart(os.path.join(args.out_dir, chart_name(args.model)), models)
+    chart(os.path.join(os.path.dirname(out), chart_name(args.model)), models)   # beside the page that names it
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"layers": layers, "classifier": fc, "models": models}, f, indent=1, default=str)
     print(f"wrote {out}")
