@@ -14,6 +14,7 @@ from tvm.tirx import compilation_pipeline
 from compiler import cuda_device_code
 from compiler.native_log import quiet_scope_warnings
 from passes.keep_tiles_on_stack import KeepTilesOnStack
+from schedules import f32_exp_lowering  # noqa: F401  (registers vector exp / sigmoid for LLVM targets)
 from targets import TargetSpec
 from targets.errors import ShrinkcError
 

@@ -36,6 +36,11 @@ def _runner(tracker: str | None, key: str | None):
                                                    session_timeout_sec=MS_RUN_TIMEOUT))
 
 
+def _builder_init() -> None:
+    """In each builder process: candidates get the exp / sigmoid lowering the final compile uses."""
+    from schedules import f32_exp_lowering  # noqa: F401
+
+
 def tune_kernel(func, spec, work_dir: str, trials: int = MS_TRIALS, tracker: str | None = None,
                 key: str | None = None, builders: int = 1, seed: int = 0):
     """MetaSchedule's best schedule of `func` after `trials` trials: (PrimFunc, trace as JSON text) or None."""
@@ -44,7 +49,8 @@ def tune_kernel(func, spec, work_dir: str, trials: int = MS_TRIALS, tracker: str
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     target = spec.tvm_target()
     export = functools.partial(_export_cross, spec.cross_compiler) if spec.cross_compiler else None
-    builder = ms.builder.LocalBuilder(max_workers=max(1, builders), timeout_sec=MS_BUILD_TIMEOUT, f_export=export)
+    builder = ms.builder.LocalBuilder(max_workers=max(1, builders), timeout_sec=MS_BUILD_TIMEOUT, f_export=export,
+                                      initializer=_builder_init)
     os.makedirs(work_dir, exist_ok=True)
     # its console log would bury the progress line; the full log stays in work_dir/logs
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import zoo
 from targets.errors import ShrinkcError
-from zoo.efficientnet_lite import efficientnet_lite
+from zoo.efficientnet_lite import efficientnet_b0, efficientnet_lite
 from zoo.mobilenet_v1 import mobilenet_v1
 from zoo.mobilenet_v2 import mobilenet_v2
 from zoo.mobilenet_v3 import mobilenet_v3
@@ -22,6 +22,7 @@ SMALL = {
     "mobilenet_v3_large": dict(width=0.5, resolution=96),
     "mobilenet_v3_small": dict(width=0.75, resolution=96),
     "efficientnet_lite0": dict(resolution=64),
+    "efficientnet_b0": dict(resolution=64),
     "blazeface": {},
 }
 BUILDERS = {
@@ -98,6 +99,23 @@ def test_blazeface_is_the_published_detector():
     pointwise = [w for name, w in convs.items() if name.endswith(".pw")]
     assert len(pointwise) == 16 and all((w == 0).sum() == round(0.8 * w.size) for w in pointwise)
     assert zero_share([w for name, w in convs.items() if not name.endswith(".pw")]) == 0.0      # heads, dw, stem
+
+
+def test_efficientnet_b0_is_lite0_with_silu_and_squeeze_excite():
+    b0, lite = efficientnet_b0(resolution=64), BUILDERS["efficientnet_lite0"]()
+    ops = [n.op_type for n in b0.graph.node]
+    # SiLU after the stem, 15 expand convs, 16 depthwise convs, the head, and inside each block's SE: one
+    # Sigmoid + Mul each; each SE's gate one Sigmoid more
+    assert ops.count("Sigmoid") == 1 + 15 + 16 + 1 + 2 * 16
+    assert ops.count("GlobalAveragePool") == 16 + 1 and "Clip" not in ops
+    se = conv_weights(b0)["se"]
+    assert len(se) == 2 * 16 and se[0].shape == (8, 32, 1, 1)          # block 0: 32 channels squeezed to 8
+    shapes = lambda m, kind: [w.shape for w in conv_weights(m)[kind]]   # noqa: E731
+    for kind in ("pointwise", "depthwise", "other"):
+        assert shapes(b0, kind) == shapes(lite, kind), kind
+    sparse = conv_weights(efficientnet_b0(resolution=64, sparsity=0.7))      # zeros in expand / project / head only
+    assert all((w == 0).sum() == round(0.7 * w.size) for w in sparse["pointwise"])
+    assert zero_share(sparse["se"] + sparse["depthwise"] + sparse["other"]) == 0.0
 
 
 def test_registry_variants_differ():

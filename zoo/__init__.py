@@ -9,7 +9,7 @@ import onnx
 
 from targets.errors import ShrinkcError
 from zoo.blazeface import blazeface
-from zoo.efficientnet_lite import efficientnet_lite
+from zoo.efficientnet_lite import efficientnet_b0, efficientnet_lite
 from zoo.mobilenet_v1 import mobilenet_v1
 from zoo.mobilenet_v2 import mobilenet_v2
 from zoo.mobilenet_v3 import mobilenet_v3
@@ -21,6 +21,7 @@ BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenet_v3_large": partial(mobilenet_v3, variant="large"),
     "mobilenet_v3_small": partial(mobilenet_v3, variant="small"),
     "efficientnet_lite0": partial(efficientnet_lite, variant=0),
+    "efficientnet_b0": efficientnet_b0,     # SiLU and squeeze-and-excite
     "blazeface": blazeface,           # a detector: two outputs (scores, boxes), no classifier
 }
 

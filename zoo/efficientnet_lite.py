@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0..4 (Google's TF-Lite variant of EfficientNet) as an ONNX graph with random weights."""
+"""EfficientNet-Lite0..4 (Google's TF-Lite variant of EfficientNet) and EfficientNet-B0 as ONNX graphs with random
+weights."""
 from __future__ import annotations
 
 import math
@@ -47,8 +48,29 @@ def efficientnet_lite(variant: int = 0, resolution: int | None = None, num_class
     check_shrink_options(f"efficientnet_lite{variant}", sparsity, linear_blocks, n_expansion)
 
     b = OnnxBuilder(f"efficientnet_lite{variant}_{resolution}", seed, explicit_pad)
+    return _network(b, width, depth, resolution, num_classes, sparsity, linear_blocks, bn, b.relu6, se=False)
+
+
+def efficientnet_b0(resolution: int = 224, num_classes: int = 1000, sparsity: float = 0.0,
+                    seed: int = 0) -> onnx.ModelProto:
+    """Build EfficientNet-B0 (Tan & Le 2019) as torchvision has it: the network of efficientnet_lite(0) with
+    SiLU (x * sigmoid(x), written as exporters write it: Sigmoid and Mul) in place of every ReLU6, and
+    squeeze-and-excite after every depthwise conv (global pool, 1x1 to a quarter of the block's input
+    channels, SiLU, 1x1 back, sigmoid gate). sparsity: share of zeros in every expand, project and head
+    weight (the squeeze-and-excite convs stay dense)."""
+    n_expansion = sum(n for t, _, _, _, n in _STAGES if t != 1)
+    check_shrink_options("efficientnet_b0", sparsity, (), n_expansion)
+    b = OnnxBuilder(f"efficientnet_b0_{resolution}", seed)
+    return _network(b, 1.0, 1.0, resolution, num_classes, sparsity, (), False, b.silu, se=True)
+
+
+def _network(b: OnnxBuilder, width: float, depth: float, resolution: int, num_classes: int, sparsity: float,
+             linear_blocks, bn: bool, act, se: bool) -> onnx.ModelProto:
+    """The MBConv network of EfficientNet-B0's stages, with activation `act` (an OnnxBuilder method) and
+    squeeze-and-excite where `se`."""
     x = b.input("input", [1, 3, resolution, resolution])
-    x = b.relu6(b.conv(x, 3, _STEM, 3, 2, name="stem", bn=bn), name="stem.relu6")
+    tag = act.__name__       # node names: "stem.relu6", "block3.dw.silu", ...
+    x = act(b.conv(x, 3, _STEM, 3, 2, name="stem", bn=bn), name=f"stem.{tag}")
     cin, block, expand_idx = _STEM, 0, 0
     for stage, (t, k, s, c, n) in enumerate(_STAGES):
         cout = make_divisible(c * width)
@@ -60,15 +82,17 @@ def efficientnet_lite(variant: int = 0, resolution: int | None = None, num_class
                 expand_idx += 1
                 y = b.conv(y, cin, hidden, 1, name=f"{name}.expand", bn=bn, sparsity=sparsity)
                 if not linear:
-                    y = b.relu6(y, name=f"{name}.expand.relu6")
+                    y = act(y, name=f"{name}.expand.{tag}")
             y = b.conv(y, hidden, hidden, k, stride, groups=hidden, name=f"{name}.dw", bn=bn)
             if not linear:
-                y = b.relu6(y, name=f"{name}.dw.relu6")
+                y = act(y, name=f"{name}.dw.{tag}")
+            if se:
+                y = b.squeeze_excite(y, hidden, max(1, cin // 4), name=f"{name}.se", efficientnet=True)
             y = b.conv(y, hidden, cout, 1, name=f"{name}.project", bn=bn, sparsity=sparsity)
             if stride == 1 and cin == cout:
                 y = b.add(y, x, name=f"{name}.add")
             x, cin, block = y, cout, block + 1
-    x = b.relu6(b.conv(x, cin, _HEAD, 1, name="head", bn=bn, sparsity=sparsity), name="head.relu6")
+    x = act(b.conv(x, cin, _HEAD, 1, name="head", bn=bn, sparsity=sparsity), name=f"head.{tag}")
     x = b.flatten_via_shape(b.global_pool(x))
     x = b.linear(x, _HEAD, num_classes, name="classifier")
     return b.finish([x])

@@ -93,11 +93,19 @@ class OnnxBuilder:
     def hardsigmoid(self, x: str, name: str = "hsigmoid") -> str:
         return self.node("HardSigmoid", [x], name=name, alpha=1.0 / 6, beta=0.5)
 
-    def squeeze_excite(self, x: str, c: int, squeeze: int, name: str = "se") -> str:
-        """x * hardsigmoid(conv(relu(conv(global_pool(x))))), MobileNetV3's squeeze-and-excitation."""
+    def silu(self, x: str, name: str = "silu") -> str:
+        """x * sigmoid(x) (SiLU / swish), as torch.onnx and the TFLite converter write it: Sigmoid and Mul."""
+        return self.mul(x, self.node("Sigmoid", [x], name=name + ".sigmoid"), name=name)
+
+    def squeeze_excite(self, x: str, c: int, squeeze: int, name: str = "se", efficientnet: bool = False) -> str:
+        """x * hardsigmoid(conv(relu(conv(global_pool(x))))), MobileNetV3's squeeze-and-excitation; efficientnet:
+        x * sigmoid(conv(silu(conv(global_pool(x))))), EfficientNet's."""
         s = self.global_pool(x, name=name + ".pool")
-        s = self.relu(self.conv(s, c, squeeze, 1, name=name + ".fc1"), name=name + ".relu")
-        s = self.hardsigmoid(self.conv(s, squeeze, c, 1, name=name + ".fc2"), name=name + ".hsigmoid")
+        s = self.conv(s, c, squeeze, 1, name=name + ".fc1")
+        s = self.silu(s, name=name + ".silu") if efficientnet else self.relu(s, name=name + ".relu")
+        s = self.conv(s, squeeze, c, 1, name=name + ".fc2")
+        s = self.node("Sigmoid", [s], name=name + ".sigmoid") if efficientnet else \
+            self.hardsigmoid(s, name=name + ".hsigmoid")
         return self.mul(x, s, name=name + ".mul")
 
     def add(self, a: str, b: str, name: str = "add") -> str:
