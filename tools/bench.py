@@ -34,7 +34,7 @@ import bench_shrink_auto  # noqa: E402
 import benchlib  # noqa: E402
 import bench_tune  # noqa: E402
 
-DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0"
+DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0,efficientnet_b0"
 
 
 def _family(kernel: str) -> str:
