@@ -34,9 +34,16 @@ def _const(v: float, like) -> tirx.PrimExpr:
 def exp_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """exp(x) for a float32 scalar or vector expression, as arithmetic on it."""
     c = lambda v: _const(v, x)     # noqa: E731
-    lanes = x.ty.dtype.lanes
+    y = _exp_in_range(tirx.Min(tirx.Max(x, c(LO)), c(HI)))
+    y = tirx.Select(x > c(HI), c(float("inf")), tirx.Select(x < c(LO), c(0.0), y))
+    return tirx.Select(tirx.isnan(x), x, y)          # NaN in, NaN out
+
+
+def _exp_in_range(xc: tirx.PrimExpr) -> tirx.PrimExpr:
+    """exp(xc) for xc in [LO, HI]."""
+    c = lambda v: _const(v, xc)     # noqa: E731
+    lanes = xc.ty.dtype.lanes
     i32 = "int32" if lanes == 1 else f"int32x{lanes}"
-    xc = tirx.Min(tirx.Max(x, c(LO)), c(HI))
     n = tirx.floor(xc * c(LOG2E) + c(0.5))
     r = xc - n * c(LN2_HI) - n * c(LN2_LO)
     p = c(P[0])
@@ -49,13 +56,10 @@ def exp_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
         return tirx.IntImm("int32", v) if lanes == 1 else tirx.Broadcast(tirx.IntImm("int32", v), lanes)
 
     def pow2(k):
-        return tirx.reinterpret(str(x.ty.dtype), tirx.shift_left(k + i32c(127), i32c(23)))
+        return tirx.reinterpret(str(xc.ty.dtype), tirx.shift_left(k + i32c(127), i32c(23)))
     ni = tirx.Cast(i32, n)
     half = tirx.shift_right(ni, i32c(1))
-    y = er * pow2(ni - half) * pow2(half)
-    inf = c(float("inf"))
-    y = tirx.Select(x > c(HI), inf, tirx.Select(x < c(LO), c(0.0), y))
-    return tirx.Select(tirx.isnan(x), x, y)          # NaN in, NaN out
+    return er * pow2(ni - half) * pow2(half)
 
 
 def _lower_exp(op):
@@ -67,7 +71,9 @@ def _lower_sigmoid(op):
     x = op.args[0]
     if not (x.ty.dtype.type_code == 2 and x.ty.dtype.bits == 32):
         return op
-    return _const(1.0, x) / (_const(1.0, x) + exp_f32(-x))
+    # exp(-x) held below 2^127 (the sigmoid is then below 1e-38 anyway), so 1 + exp(-x) stays finite
+    e = _exp_in_range(tirx.Min(tirx.Max(-x, _const(LO, x)), _const(88.0, x)))
+    return tirx.Select(tirx.isnan(x), x, _const(1.0, x) / (_const(1.0, x) + e))
 
 
 register_intrin_lowering("tirx.exp", "llvm", f=_lower_exp, level=LEVEL)
