@@ -22,7 +22,7 @@ from passes.convert_to_blocked_layout import block_const, ceil_to, channel_block
 from passes.merge_linear_chains import var_layer_name
 from passes.rewriting import BindingRewriter, channel_vector, const, const_np, is_const, op_name, rewrite_main, \
     latencies, rewriter
-from schedules.chw_rows import HSWISH, planes_shape
+from schedules.chw_rows import HSWISH, SILU, planes_shape
 from schedules import handwritten
 from schedules.f32_spmm_chw import BLOCKS, block_fill, default_k_chunk, encode_bsr
 
@@ -110,6 +110,21 @@ def hard_swish(rw: BindingRewriter, var) -> relax.Var | None:
     return None
 
 
+def silu(rw: BindingRewriter, var) -> relax.Var | None:
+    """The var of var's SiLU, x * sigmoid(x) for x = var (either order), as exporters write SiLU / swish
+    (Sigmoid and Mul), where the two steps are all that read var and the product all that reads the
+    sigmoid. None where var is not so followed."""
+    users = rw.users.get(var, [])
+    if len(users) != 2 or None in users:
+        return None
+    for first in users:
+        if op_name(first.value) == "relax.sigmoid" and first.value.args[0].same_as(var):
+            mul = rw.only_user(first.var)
+            if mul is not None and _product_of(mul.value, first.var, var):
+                return mul.var
+    return None
+
+
 def _times_and_sixth(rw: BindingRewriter, cur, x):
     """The var after the two steps that follow cur = relu6(x + 3): the scaling by 1/6 and the product with
     x, in either order; None where they do not follow."""
@@ -130,16 +145,19 @@ def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = Tr
     """What follows a conv, each step the only user of the one before: bias add, clip/relu, residual add,
     clip/relu (after the add, as in BlazeFace's blocks).
 
-    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi), HSWISH or None,
+    Returns {"last": the chain's last input var, "bias": [cout] or None, "clip": (lo, hi), HSWISH, SILU or None,
     "residual": the other operand of the residual add (an input var) or None, "clip2": (lo, hi) after the
     residual add or None, "name": the layer's name (the bias add's when the importer named that one after the
     model's node)}."""
     plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "clip2": None, "name": conv_var.name}
     var, stage = conv_var, 0
     while True:
-        swish = hard_swish(rw, var) if stage <= 1 else None
+        for kind, find in ((HSWISH, hard_swish), (SILU, silu)):
+            swish = find(rw, var) if stage <= 1 else None
+            if swish is not None:
+                plan["clip"], plan["last"], var, stage = kind, swish, swish, 2
+                break
         if swish is not None:
-            plan["clip"], plan["last"], var, stage = HSWISH, swish, swish, 2
             continue
         user = rw.only_user(var)
         if not isinstance(user, relax.VarBinding):
@@ -354,6 +372,8 @@ def _epilogue(bb, y, plan, res, bias_const):
         six = relax.const(6.0, "float32")
         gate = bb.emit(relax.op.clip(bb.emit(relax.op.add(y, relax.const(3.0, "float32"))), 0.0, 6.0))
         y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.divide(gate, six))))
+    elif plan["clip"] == SILU:
+        y = bb.emit(relax.op.multiply(y, bb.emit(relax.op.sigmoid(y))))
     elif plan["clip"] is not None:
         y = bb.emit(relax.op.clip(y, *plan["clip"]))
     if res is not None:

@@ -36,6 +36,8 @@ ROWS = 2              # output rows per step: each input row's loads serve both 
 ACCUMULATORS = 16     # output vectors in registers per step (AVX-512 and NEON have 32 vector registers)
 F32 = "float32"
 HSWISH = "hswish"     # an epilogue `clip` that is hard swish, x * clip(x + 3, 0, 6) / 6 (MobileNetV3)
+SILU = "silu"         # an epilogue `clip` that is SiLU / swish, x * sigmoid(x) (EfficientNet-B0)
+NAMED_CLIPS = (HSWISH, SILU)
 
 
 def scheduled_kernel(name: str, params: list, body) -> tirx.PrimFunc:
@@ -91,10 +93,12 @@ def planes_shape(c: int, h: int, w: int, plane: int | None) -> tuple:
 
 
 def clipped(a, clip, vec: int):
-    """The vector a clamped to clip = (lo, hi), or its hard swish where clip is HSWISH; None clamps to the
-    float32 range. vec 0: a is a scalar."""
+    """The vector a clamped to clip = (lo, hi), or its hard swish / SiLU where clip is HSWISH / SILU; None
+    clamps to the float32 range. vec 0: a is a scalar."""
     def const(v):
         return tirx.Broadcast(tirx.FloatImm(F32, v), vec) if vec else tirx.FloatImm(F32, v)
+    if clip == SILU:       # sigmoid: vector arithmetic on CPUs (schedules/f32_exp_lowering.py)
+        return a * tirx.sigmoid(a)
     if clip == HSWISH:     # the importer's order of operations: x * (clip(x + 3, 0, 6) / 6)
         return a * (tirx.Min(tirx.Max(a + const(3.0), const(0.0)), const(6.0)) / const(6.0))
     lo, hi = (-3.4e38, 3.4e38) if clip is None else clip

@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from schedules.chw_rows import HSWISH, clipped, pixel_runs, planes_shape
+from schedules.chw_rows import NAMED_CLIPS, clipped, pixel_runs, planes_shape
 from schedules.rule import SCHEDULED_ATTR
 
 KIND = "spmm_chw"
@@ -143,7 +143,7 @@ def default_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> in
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
-CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi) or HSWISH, for passes that fuse the kernel with its consumer
+CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), HSWISH or SILU, for passes that fuse the kernel with its consumer
 
 
 def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip=None, residual: bool = False,
@@ -155,7 +155,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
     (residual [1,cout,h,w]), out.
-    clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH for hard swish; None
+    clip: (lo, hi) applied after the bias, before the residual add; chw_rows.HSWISH / SILU for hard swish / SiLU; None
     for none. clip2: (lo, hi) applied after the residual add (a ReLU after a block's add), or None.
     res_channels: the residual has this many channels (< cout), the rest count as zeros: a block whose shortcut
     appends zero channels (BlazeFace) reads the shortcut as it is, not a padded copy.
@@ -338,12 +338,12 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
     if clip is None:
         return func
-    return func.with_attr(CLIP_ATTR, HSWISH if clip == HSWISH else [float(clip[0]), float(clip[1])])
+    return func.with_attr(CLIP_ATTR, clip if clip in NAMED_CLIPS else [float(clip[0]), float(clip[1])])
 
 
 def kernel_clip(func) -> list | str | None:
-    """The epilogue clip a spmm kernel was built with: [lo, hi], HSWISH or None."""
+    """The epilogue clip a spmm kernel was built with: [lo, hi], HSWISH, SILU or None."""
     if CLIP_ATTR not in func.attrs:
         return None
     v = func.attrs[CLIP_ATTR]
-    return HSWISH if str(v) == HSWISH else [float(x) for x in v]
+    return str(v) if str(v) in NAMED_CLIPS else [float(x) for x in v]

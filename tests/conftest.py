@@ -75,6 +75,10 @@ def single_conv_model(cin, cout, h, k=1, stride=1, groups=1, pad=None, residual=
         else:
             nodes += [helper.make_node("Mul", ["c", "sixth"], ["g"]), helper.make_node("Mul", ["y", "g"], ["z"])]
         out = "z"
+    elif act in ("silu", "silu_swapped"):         # y * Sigmoid(y) (torch.onnx, the TFLite converter), or swapped
+        nodes += [helper.make_node("Sigmoid", ["y"], ["g"]),
+                  helper.make_node("Mul", ["y", "g"] if act == "silu" else ["g", "y"], ["z"])]
+        out = "z"
     if residual:
         nodes.append(helper.make_node("Add", [out, "x"], ["r"]))
         out = "r"

@@ -178,6 +178,22 @@ def test_hard_swish_after_a_sparse_conv_is_its_epilogue(monkeypatch, act):
     assert_matches_ort(model)
 
 
+@pytest.mark.parametrize("act", ["silu", "silu_swapped"])
+def test_silu_after_a_sparse_conv_is_its_epilogue(monkeypatch, act):
+    """SiLU as exporters write it (x * Sigmoid(x), either order) is fused into the spmm kernel as SILU, no
+    sigmoid or product is left in the graph, and the result matches ONNX Runtime (with a residual add after)."""
+    from schedules.chw_rows import SILU
+    from schedules.f32_spmm_chw import kernel_clip
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = single_conv_model(32, 32, 6, act=act, sparsity=0.8, residual=True)
+    mod, _ = _sparsify(_cleaned(model))
+    spmm = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_spmm_chw")]
+    assert len(spmm) == 1 and kernel_clip(spmm[0]) == SILU
+    main = mod["main"].script(show_meta=False)
+    assert "R.sigmoid" not in main and "R.multiply" not in main
+    assert_matches_ort(model)
+
+
 def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
     """Sparse MobileNetV2-style network: depthwise convs between sparse 1x1s stay CHW, no transforms inside."""
     from zoo.mobilenet_v2 import mobilenet_v2
@@ -567,6 +583,22 @@ def test_kernels_fused_away_leave_the_module(monkeypatch):
     kernels = {g.name_hint for g, f in mod.functions.items() if SCHEDULED_ATTR in (f.attrs or {})}
     fused_away = {c["expand"] for c in book["FormCHWRegions"]["changes"] if c["what"] == "fused"}
     assert kernels and kernels <= called and not fused_away & kernels
+
+
+def test_sparse_efficientnet_b0_keeps_silu_and_squeeze_excite_in_chw(monkeypatch):
+    """Sparse EfficientNet-B0: SiLU fuses into the CHW kernels (first conv, expand + depthwise, depthwise)
+    as their epilogue, so every depthwise conv goes CHW, every SE product is folded into the sparse project
+    conv that reads it, every 1x1 outside the SEs is sparse, and the compiled model matches ONNX Runtime."""
+    import zoo
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    model = zoo.build("efficientnet_b0", resolution=64, num_classes=10, sparsity=0.85)
+    mod, book = _sparsify(_cleaned(model))
+    counts = book["FormCHWRegions"]["counts"]
+    assert counts.get("fused_first_conv") == 1 and counts.get("fused") == 15 and counts.get("se_gate") == 16
+    assert book["SparsifyConv1x1"]["counts"]["sparse"] == 15 + 16 + 1          # expand, project, head
+    assert not any("not next to a sparse" in s["why"] for s in book["FormCHWRegions"].get("skipped", []))
+    cm = driver.compile_model(model)
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
 
 
 def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(monkeypatch):
