@@ -33,6 +33,8 @@ DEFAULT_MODEL = "mobilenet_v2"
 TITLES = {"mobilenet_v2": "MobileNetV2 1.0 224", "mobilenet_v3_large": "MobileNetV3-Large 1.0 224 (squeeze-and-"
           "excitation and hard swish; its SE convs and classifier stay dense)",
           "efficientnet_lite0": "EfficientNet-Lite0 224 (its classifier stays dense)",
+          "efficientnet_b0": "EfficientNet-B0 224 (SiLU and squeeze-and-excitation; its SE convs and classifier "
+          "stay dense)",
           "blazeface": "BlazeFace-style face detector 128 (MediaPipe short-range front model; its heads stay dense)"}
 CLIP_LAYERS = (".expand", "head")      # 1x1 convs followed by ReLU6 in MobileNetV2 (projects are linear)
 
