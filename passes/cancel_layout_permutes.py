@@ -5,7 +5,7 @@ the ops after it (bias add, activation, residual add, mean) in NHWC:
   y = permute_dims(conv(..), [0, 2, 3, 1]); z = clip(y + b, 0, 6); x = permute_dims(z, [0, 3, 1, 2]); conv(x)
 Every such op then costs two full transposes, and the later passes (scale folding, sparse epilogues, CHW
 regions) never see a conv next to its bias and activation. This pass moves the first transpose below
-elementwise ops and spatial means whose other operands broadcast along channels only (constants of
+elementwise ops and spatial means (kept dims or not) whose other operands broadcast along channels only (constants of
 shape [C], [1, 1, 1, C] or scalars, turned into [1, C, 1, 1]; or other transposed tensors):
   y' = conv(..) + b'; z' = clip(y', 0, 6)          (NCHW)
   z = permute_dims(z', [0, 2, 3, 1])                (kept for any NHWC reader; dropped when none is left)
@@ -64,6 +64,14 @@ class _Permutes(BindingRewriter):
             elif _axes(value) == TO_NCHW and src in self.nchw:
                 return self.nchw[src]
             return None
+        if name == "relax.mean" and not value.attrs.keepdims and _rank(value.args[0]) == 4 \
+                and value.args[0] in self.nchw and value.attrs.axis is not None \
+                and sorted(int(a) % 4 for a in value.attrs.axis) == [1, 2]:
+            # a spatial mean to [N, C] (a TFLite squeeze-and-excite): the same numbers from the NCHW source,
+            # with kept dims (the blocked layout's channel-block mean) and reshaped
+            changelog.record(NAME, "nchw", var.name, op="mean")
+            kept = self.emit(relax.op.mean(self.nchw[value.args[0]], axis=[2, 3], keepdims=True), var.name)
+            return relax.op.reshape(kept, [int(d) for d in var.ty.shape.values])
         if _rank(var) != 4 or not any(isinstance(a, relax.Var) and a in self.nchw for a in value.args):
             return None
         channels = int(var.ty.shape.values[3])

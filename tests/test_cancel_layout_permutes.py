@@ -51,3 +51,29 @@ def test_tflite_models_match_litert(tmp_path, monkeypatch, model):
     assert cm.report["passes"]["CancelLayoutPermutes"]["counts"]["nchw"] >= 6
     if model != "layers":
         assert cm.report["passes"]["FormCHWRegions"]["counts"].get("fused", 0) > 0
+
+
+def test_squeeze_excite_mean_to_n_c_reads_the_nchw_tensor(tmp_path, monkeypatch):
+    """A Keras squeeze-and-excite as the TFLite converter writes it (MEAN over H, W without kept dims, RESHAPE
+    to [1, 1, 1, C], two 1x1 convs, LOGISTIC, MUL) after a depthwise conv with SiLU (LOGISTIC, MUL): the mean
+    reads the NCHW tensor (before, its transpose back to NHWC was a full copy of the depthwise output) and the
+    model matches LiteRT."""
+    from zoo.tflite_writer import TfliteBuilder
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    rng = np.random.default_rng(5)
+    b = TfliteBuilder()
+    x = b.conv2d(b.input([1, 12, 12, 3], name="image"), rng.standard_normal((16, 3, 3, 3)), rng.standard_normal(16),
+                 stride=2)
+    d = b.depthwise_conv2d(x, rng.standard_normal((1, 3, 3, 16)), rng.standard_normal(16))
+    d = b.mul(d, b.logistic(d))
+    s = b.reshape(b.mean_hw(d, keep_dims=False), [1, 1, 1, 16])
+    s = b.conv2d(s, rng.standard_normal((4, 1, 1, 16)), rng.standard_normal(4), act="RELU")
+    g = b.logistic(b.conv2d(s, rng.standard_normal((16, 1, 1, 4)), rng.standard_normal(16)))
+    b.output(b.conv2d(b.mul(d, g), rng.standard_normal((8, 1, 1, 16)), rng.standard_normal(8), name="out"))
+    path = _write(tmp_path, "se.tflite", b.finish())
+    before, after = _cleanup_script(path, without="CancelLayoutPermutes"), _cleanup_script(path)
+    assert "axis=[1, 2], keepdims=False" in before
+    assert "axis=[2, 3], keepdims=True" in after and "axis=[1, 2]" not in after
+    assert after.count("R.permute_dims(") < before.count("R.permute_dims(")
+    cm = driver.compile_model(path)
+    assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]

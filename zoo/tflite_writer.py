@@ -190,11 +190,19 @@ class TfliteBuilder:
     def add(self, a: int, b: int, act: str = "NONE", name: str = "add") -> int:
         return self._op(_Op.ADD, [a, b], self.shape(a), name, _Opt.AddOptions, FusedActivationFunction=_ACTS[act])
 
-    def mean_hw(self, x: int, name: str = "mean") -> int:
-        """Mean over H and W with keep_dims: [N, H, W, C] -> [N, 1, 1, C]."""
+    def mean_hw(self, x: int, name: str = "mean", keep_dims: bool = True) -> int:
+        """Mean over H and W: [N, H, W, C] -> [N, 1, 1, C], or [N, C] without keep_dims (as the converter writes
+        a Keras squeeze-and-excite's GlobalAveragePooling2D)."""
         n, _, _, c = self.shape(x)
         axes = self.const(np.array([1, 2]), f"{name}/axes", "int32")
-        return self._op(_Op.MEAN, [x, axes], [n, 1, 1, c], name, _Opt.ReducerOptions, KeepDims=True)
+        return self._op(_Op.MEAN, [x, axes], [n, 1, 1, c] if keep_dims else [n, c], name, _Opt.ReducerOptions,
+                        KeepDims=keep_dims)
+
+    def mul(self, a: int, b: int, name: str = "mul") -> int:
+        return self._op(_Op.MUL, [a, b], self.shape(a), name, _Opt.MulOptions, FusedActivationFunction=_ACTS["NONE"])
+
+    def logistic(self, x: int, name: str = "logistic") -> int:
+        return self._op(_Op.LOGISTIC, [x], self.shape(x), name)
 
     def fully_connected(self, x: int, weight, bias: np.ndarray, act: str = "NONE",
                         sparse: str | dict | None = None, name: str = "fc") -> int:
