@@ -4,12 +4,19 @@ the TFLite converter (random weights: the graphs are what matters), each compile
     python tools/real_exports.py export --out DIR     # needs torch, torchvision, tensorflow-cpu (not in
                                                        # shrinkc's extras: use a separate venv)
     python tools/real_exports.py export --out DIR --only keras-sparse     # tensorflow-cpu only
+    python tools/real_exports.py prune DIR            # shrinkc's venv: torch_*_pruned85.onnx from DIR's exports
     python tools/real_exports.py check DIR            # shrinkc's venv: compile --verify each model
+    python tools/real_exports.py check DIR --time 10  # ... and time each library against the exporter's runtime
 
 `keras-sparse`: Keras MobileNetV2 / MobileNetV3-Small with 85% of every 1x1 conv's and dense layer's
 weights zeroed (unstructured), converted with the converter's own sparse encoding
 (tf.lite.Optimize.EXPERIMENTAL_SPARSITY: SparsityParameters + DENSIFY), fp32 and fp16.
-`check` writes benchmarks/REAL-EXPORTS.md: model, result line, sparse layers, library size, compile seconds.
+`prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
+weights of every 1x1 conv (not depthwise) and of the classifier set to zero, stored dense, as a magnitude-pruning
+tool leaves them (its squeeze-and-excite convs included).
+`check` writes benchmarks/REAL-EXPORTS.md: model, result line, sparse layers, library size, compile seconds;
+with `--time R`, also shrinkc's and the reference runtime's median ms at 1 thread (ONNX Runtime for .onnx,
+LiteRT for .tflite; each in its own process, R rounds of bursts of 5 runs alternating, tools/benchlib.py).
 """
 from __future__ import annotations
 
@@ -105,7 +112,49 @@ def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
         _write_tflite(model, f"{out}/keras_{name}_sparse{round(zeros * 100)}", sparse=True)
 
 
-def check(folder: str, out_md: str) -> int:
+PRUNED = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0"]
+
+
+def prune(folder: str, zeros: float = 0.85, names: list[str] = PRUNED) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    for name in names:
+        model = onnx.load(os.path.join(folder, f"torch_{name}.onnx"))
+        inits = {i.name: i for i in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type not in ("Conv", "Gemm") or node.input[1] not in inits:
+                continue
+            w = numpy_helper.to_array(inits[node.input[1]]).copy()
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if node.op_type == "Conv" and (w.shape[2:] != (1, 1) or group != 1):
+                continue
+            flat = w.reshape(-1)
+            flat[np.argsort(np.abs(flat), kind="stable")[:round(zeros * flat.size)]] = 0
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+        onnx.save(model, os.path.join(folder, f"torch_{name}_pruned{round(zeros * 100)}.onnx"))
+
+
+def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:
+    """Median ms of the library and of the reference runtime on the same random input, at 1 thread."""
+    import numpy as np
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    sys.path.insert(0, ROOT)
+    import benchlib
+    from compiler import runtime
+    inputs = runtime.random_inputs(runtime.read_metadata(lib)["inputs"], seed=0)
+    if path.endswith(".tflite"):     # the same array under LiteRT's name for the input
+        from ai_edge_litert.interpreter import Interpreter
+        (only,) = inputs.values()
+        inputs.update({d["name"]: only for d in Interpreter(model_path=path).get_input_details()})
+    npz = os.path.splitext(lib)[0] + "_inputs.npz"
+    np.savez(npz, **inputs)
+    ref = "litert" if path.endswith(".tflite") else "onnxruntime"
+    times = benchlib.alternate_runtimes({"shrinkc": ("shrinkc", lib), "ref": (ref, path)}, npz, 1, rounds)
+    return tuple(benchlib.stats(times[k])["median_ms"] for k in ("shrinkc", "ref"))
+
+
+def check(folder: str, out_md: str, rounds: int = 0) -> int:
     rows, failed = [], 0
     for path in sorted(glob.glob(os.path.join(folder, "*.onnx")) + glob.glob(os.path.join(folder, "*.tflite"))):
         info = subprocess.run([sys.executable, "-m", "compiler.cli", "inspect", path], capture_output=True,
@@ -121,24 +170,33 @@ def check(folder: str, out_md: str) -> int:
                             "--report", report, "--input", f"{name}:{shape}"], capture_output=True, text=True, cwd=ROOT)
         lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith(("verify", "shrinkc:"))]
         failed += r.returncode != 0 or not any("-> ok" in x for x in lines)
-        sparse, size = "", ""
+        sparse, size, timed = "", "", ""
         if r.returncode == 0:
             with open(report) as f:
                 sparse = str(len(json.load(f)["sparse_layers"]))
             size = f"{os.path.getsize(lib) / 1e6:.2f}"
-        rows.append((os.path.basename(path), r.returncode, " / ".join(lines)[:240], sparse, size,
-                     time.perf_counter() - t0))
-        print(f"{rows[-1][0]}: rc {r.returncode} {rows[-1][2]} sparse layers {sparse}", flush=True)
+        seconds = time.perf_counter() - t0
+        if r.returncode == 0 and rounds:
+            ours, ref = _time(path, lib, rounds)
+            timed = f" | {ours:.2f} | {ref:.2f} | **{ref / ours:.2f}**"
+        rows.append((os.path.basename(path), r.returncode, " / ".join(lines)[:240], sparse, size, seconds, timed))
+        print(f"{rows[-1][0]}: rc {r.returncode} {rows[-1][2]} sparse layers {sparse}{timed}", flush=True)
     default_md = os.path.join(ROOT, "benchmarks", "REAL-EXPORTS.md")
     md_arg = "" if os.path.abspath(out_md) == default_md else f" --md {os.path.relpath(out_md, ROOT)}"
+    md_arg += f" --time {rounds}" if rounds else ""
+    head = " | shrinkc ms | reference ms | reference / shrinkc" if rounds else ""
     with open(out_md, "w") as f:
         f.write(f"# Real exporters' graphs through shrinkc compile --verify\n\n{datetime.date.today()}, command: "
                 f"`python tools/real_exports.py check {folder}{md_arg}` (models from `tools/real_exports.py export`: "
                 "torchvision via torch.onnx, Keras applications via the TFLite converter, random weights; "
-                "`*_sparse85*`: 85% of the 1x1 and dense weights zero, stored by the converter's sparse encoding)\n\n"
-                "| model | exit | result | sparse layers | .so MB | compile + verify s |\n|---|---|---|---|---|---|\n")
-        for name, rc, line, sparse, size, s in rows:
-            f.write(f"| {name} | {rc} | {line.replace('|', '/')} | {sparse} | {size} | {s:.0f} |\n")
+                "`*_sparse85*`: 85% of the 1x1 and dense weights zero, stored by the converter's sparse encoding; "
+                "`*_pruned85`: `tools/real_exports.py prune`, 85% of the 1x1 and classifier weights zero, stored dense)"
+                + ("; timed at 1 thread against ONNX Runtime (.onnx) or LiteRT (.tflite) on the same input, each in "
+                   "its own process, bursts of 5 runs alternating, medians; above 1 = shrinkc faster"
+                   if rounds else "") + f"\n\n| model | exit | result | sparse layers | .so MB | compile + verify s{head} |\n"
+                f"|---|---|---|---|---|---|{'---|---|---|' if rounds else ''}\n")
+        for name, rc, line, sparse, size, s, timed in rows:
+            f.write(f"| {name} | {rc} | {line.replace('|', '/')} | {sparse} | {size} | {s:.0f}{timed} |\n")
     return 1 if failed else 0
 
 
@@ -148,15 +206,20 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "keras", "keras-sparse"], help="one group of models")
+    sub.add_parser("prune").add_argument("folder")
     c = sub.add_parser("check")
     c.add_argument("folder")
     c.add_argument("--md", default=os.path.join(ROOT, "benchmarks", "REAL-EXPORTS.md"))
+    c.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                   help="also time each library against ONNX Runtime / LiteRT (rounds of 5-run bursts)")
     args = p.parse_args()
     if args.cmd == "export":
         export(args.out, args.only)
+    elif args.cmd == "prune":
+        prune(args.folder)
     else:
         os.makedirs(os.path.dirname(args.md), exist_ok=True)
-        sys.exit(check(args.folder, args.md))
+        sys.exit(check(args.folder, args.md, args.time))
 
 
 if __name__ == "__main__":
