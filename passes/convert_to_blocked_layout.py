@@ -166,6 +166,9 @@ class _Blocker(BindingRewriter):
         cin = int(w.ty.shape[1]) * groups
         bo = self.block_for(cout)
         depthwise = groups > 1 and groups == cin == cout
+        # a grouped conv whose groups are whole channel blocks (RegNet's group width 16): block-diagonal in NCHW{b}c
+        blockwise = groups > 1 and not depthwise and bo is not None and self.block_for(cin) == bo \
+            and (cin // groups) % bo == 0 and (cout // groups) % bo == 0
         if bo is None and self.pad and not depthwise:   # a few outputs (a detector head's scores): one padded vector
             bo = self.lanes
         why = ""
@@ -173,17 +176,17 @@ class _Blocker(BindingRewriter):
             why = "not an NCHW/OIHW conv with constant weights"
         elif bo is None:
             why = f"{cout} output channels do not fill vectors of 4"
-        elif groups > 1 and not depthwise:
-            why = "grouped conv that is not depthwise"
+        elif groups > 1 and not depthwise and not blockwise:
+            why = "grouped conv that is not depthwise, its groups not whole channel blocks"
         if why:
             changelog.skip(NAME, var.name, f"kept NCHW: {why}")
             return relax.Call(value.op, [self.to_nchw(x), w], value.attrs)
         bi = bo if depthwise else self.block_for(cin) if cin >= 8 else None
         data = self.to_block(x, bi, cin) if bi else self.to_nchw(x)
-        in_channels = 1 if depthwise else (ceil_to(cin, bi) if bi else cin)
+        in_channels = 1 if depthwise else cin // groups if blockwise else (ceil_to(cin, bi) if bi else cin)
         call = relax.op.nn.conv2d(data, const(pack_kernel(const_np(w), bo, in_channels)), strides=a.strides,
                                   padding=a.padding, dilation=a.dilation,
-                                  groups=ceil_to(cout, bo) if depthwise else 1,
+                                  groups=ceil_to(cout, bo) if depthwise else groups,
                                   data_layout=f"NCHW{bi}c" if bi else "NCHW", kernel_layout=f"OHWI{bo}o",
                                   out_layout=f"NCHW{bo}c")
         return self.finish(var, call, bo, cout)

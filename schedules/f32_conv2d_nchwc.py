@@ -40,13 +40,16 @@ def padded(data: te.Tensor, pads: list[int], h_axis: int = 2) -> te.Tensor:
     return te.compute(shape, value, name="pad")
 
 
-def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation) -> te.Tensor:
-    """out[n, ob, y, x, o] = sum_{kh, kw, ci} in[n, ci, y*s+kh*d, x*s+kw*d] * k[ob, kh, kw, ci, o]."""
+def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation, groups: int = 1) -> te.Tensor:
+    """out[n, ob, y, x, o] = sum_{kh, kw, ci} in[n, g * cin + ci, y*s+kh*d, x*s+kw*d] * k[ob, kh, kw, ci, o], with
+    g = 0, or (groups > 1, each a whole number of output blocks) the group of output block ob and cin its input
+    channels."""
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     blocked_in = len(data.shape) == 5
     n, _, h, w = (int(v) for v in data.shape[:4])
     cob, kh_, kw_, cin, bo = (int(v) for v in kernel.shape)
+    blocks_per_group = cob // groups
     bi = int(data.shape[4]) if blocked_in else 1
     top, left, bottom, right = (int(v) for v in padding)
     oh = (h + top + bottom - dh * (kh_ - 1) - 1) // sh + 1
@@ -63,7 +66,8 @@ def conv2d_nchwc(data: te.Tensor, kernel: te.Tensor, strides, padding, dilation)
 
     return te.compute(
         (n, cob, oh, ow, bo),
-        lambda b, ob, y, x, o: te.sum(load(b, ci, y * sh + kh * dh, x * sw + kw * dw) * kernel[ob, kh, kw, ci, o],
+        lambda b, ob, y, x, o: te.sum(load(b, ci if groups == 1 else ob // blocks_per_group * cin + ci,
+                                           y * sh + kh * dh, x * sw + kw * dw) * kernel[ob, kh, kw, ci, o],
                                       axis=[kh, kw, ci]),
         name="conv",
         attrs={KERNEL_ATTR: KIND, "kh": kh_, "kw": kw_, "stride": sh, "pad": [top, left, bottom, right],

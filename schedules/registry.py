@@ -26,8 +26,9 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int
         if groups == 1 and _winograd_applies(call, winograd_min):
             u = relax.const(transform_weights(call.args[1].value.numpy()))
             return bb.call_te(conv2d_winograd_nchwc, call.args[0], u, padding=a.padding, primfunc_name_hint="conv2d")
-        if groups == 1:
-            return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="conv2d")
+        if groups == 1 or int(call.args[1].ty.shape.values[3]) > 1:    # dense, or groups of whole channel blocks
+            return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, groups=groups,
+                              primfunc_name_hint="conv2d")
         if str(a.data_layout) == str(a.out_layout):
             return bb.call_te(dwconv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="dwconv2d")
     return None

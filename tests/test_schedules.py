@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import compiler
-from conftest import single_conv_model
+from conftest import assert_matches_ort, single_conv_model
 
 
 def _check(model, kernel_prefix: str, tiles: str = "target"):
@@ -324,3 +324,17 @@ def test_blocked_pool_vectorises_its_lanes_inside_the_window():
     padded = np.pad(src, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     want = np.max([padded[:, :, i:i + 7:2, j:j + 7:2] for i in range(3) for j in range(3)], axis=0)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("cin,cout,groups,stride", [(64, 64, 4, 1), (64, 128, 4, 2), (48, 96, 3, 1)])
+def test_grouped_conv_of_whole_channel_blocks_runs_the_blocked_kernel(cin, cout, groups, stride):
+    """A grouped conv whose groups are whole channel blocks (RegNet's group width 16) is block-diagonal in
+    NCHW16c: it runs our direct conv kernel (each output block reads its group's input blocks), not TVM's
+    generic grouped conv, and matches ONNX Runtime."""
+    cm = assert_matches_ort(single_conv_model(cin, cout, 14, k=3, stride=stride, groups=groups, act="relu"))
+    assert cm.report["kernels"] == ["f32_conv3x3_nchw16c_7x16"], cm.report["kernels"]
+
+
+def test_grouped_conv_of_partial_blocks_stays_nchw_and_matches():
+    cm = assert_matches_ort(single_conv_model(64, 64, 14, k=3, groups=8, act="relu"))       # groups of 8 channels
+    assert not any(k.startswith("f32_conv3x3_nchw16c") for k in cm.report["kernels"])
