@@ -120,6 +120,16 @@ class _Blocker(BindingRewriter):
         self.layout[v] = (b, channels)
         return self.to_nchw(v)
 
+    def whole_blocks_concat(self, var, value) -> bool:
+        """A channel concat of 4-D tensors held in one block size, each a whole number of blocks."""
+        fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
+        if not fields or len(var.ty.shape.values) != 4 or int(value.attrs.axis) % 4 != 1:
+            return False
+        if not all(isinstance(f, relax.Var) and f in self.layout for f in fields):
+            return False
+        blocks = {self.layout[f][0] for f in fields}
+        return len(blocks) == 1 and all(self.layout[f][1] % self.layout[f][0] == 0 for f in fields)
+
     # --- rules ------------------------------------------------------------------------------
     def rewrite(self, var, value):
         self.pending = None
@@ -150,6 +160,11 @@ class _Blocker(BindingRewriter):
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
             # NOTE: axes spelled positively: -1/-2 of the 5-D blocked tensor are its lanes and W
             return self.finish(var, REDUCE[name](args[0], axis=[2, 3], keepdims=True), *self.layout[args[0]])
+        if name == "relax.concat" and self.whole_blocks_concat(var, value):
+            # channels of whole blocks one after another (SqueezeNet's fire modules): blocks one after another
+            fields = value.args[0].fields
+            b = self.layout[fields[0]][0]
+            return self.finish(var, relax.op.concat(list(fields), axis=1), b, int(var.ty.shape.values[1]))
         # NOTE: a Tuple argument (concat, call_tir) may hold blocked tensors too: they go back to NCHW
         in_tuples = [f for a in args if isinstance(a, relax.Tuple) for f in a.fields
                      if isinstance(f, relax.Var) and f in self.layout]

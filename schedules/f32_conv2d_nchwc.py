@@ -104,7 +104,9 @@ def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 
                   max_pixels: int | None = None) -> tuple[int, int]:
     """(pixels P, channel blocks OB) of the register tile: at most `budget` accumulators, fewest
     loads per FMA ((P + OB) / (P * OB): P broadcasts and OB weight vectors feed P*OB FMAs), OB and P
-    capped where a target says so (1 pixel always fits)."""
+    capped where a target says so (1 pixel always fits). Where the pixel cap leaves only 1-pixel tiles (rows
+    of a prime width above it, as SqueezeNet's 13x13 maps), the cap is dropped: a tile of one pixel loads a
+    weight vector per FMA."""
     best = None
     for p in row_tile_options(oh, ow):
         for ob in range(1, max_oc_blocks + 1):
@@ -113,6 +115,10 @@ def register_tile(oh: int, ow: int, cob: int, budget: int, max_oc_blocks: int = 
             key = ((p + ob) / (p * ob), -p * ob)
             if best is None or key < best[0]:
                 best = (key, p, ob)
+    if max_pixels and best is not None and best[1] == 1 and ow > 1:
+        uncapped = register_tile(oh, ow, cob, budget, max_oc_blocks)
+        if uncapped[0] > 1:
+            return uncapped
     return (best[1], best[2]) if best else (1, 1)
 
 

@@ -153,3 +153,35 @@ def test_channel_pad_of_a_blocked_tensor_zeroes_the_pad_lanes(cin, cout, extra):
     assert names.count("relax.layout_transform") == 2                  # the input's and the output's only
     assert ("relax.where" in names) == (cout % 16 != 0)                # pad lanes in the last block: zeroed
     assert_matches_ort(model)
+
+
+def test_channel_concat_of_whole_blocks_stays_blocked():
+    """A fire module (SqueezeNet): 1x1 squeeze, then 1x1 and 3x3 expands of 32 channels each concatenated
+    along channels, then a conv: the concat joins the two blocked tensors block after block, with no layout
+    transform to NCHW and back around it; the model matches ONNX Runtime. A concat of 24 + 24 channels (not
+    whole blocks of 16) goes through NCHW and matches too."""
+    rng = np.random.default_rng(0)
+
+    def fire(e):
+        inits = {"sq": (16, 32, 1, 1), "e1": (e, 16, 1, 1), "e3": (e, 16, 3, 3), "out": (16, 2 * e, 1, 1)}
+        nodes = [helper.make_node("Conv", ["x", "sq"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+                 helper.make_node("Conv", ["r", "e1"], ["a"]),
+                 helper.make_node("Conv", ["r", "e3"], ["b"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Concat", ["a", "b"], ["c"], axis=1), helper.make_node("Relu", ["c"], ["cr"]),
+                 helper.make_node("Conv", ["cr", "out"], ["y"])]
+        graph = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", 1, [1, 32, 13, 13])],
+                                  [helper.make_tensor_value_info("y", 1, None)],
+                                  [numpy_helper.from_array(rng.standard_normal(v).astype(np.float32), k)
+                                   for k, v in inits.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    def transforms(model):
+        from compiler import driver
+        mod, _ = driver.import_model(model, None)
+        mod, _, _ = pipeline.run(mod, targets.x86_host(), pipeline.Options(sparse="off"))
+        return mod["main"].script(show_meta=False).count("layout_transform")
+
+    assert_matches_ort(fire(32))
+    assert_matches_ort(fire(24))
+    assert transforms(fire(32)) == 2                 # the input's to blocks, the output's back
+    assert transforms(fire(24)) > 2

@@ -129,7 +129,10 @@ def test_register_tile_caps_from_the_target():
     assert register_tile(7, 7, 9, 21, max_oc_blocks=1) == (7, 1)
     assert register_tile(56, 56, 2, 21, max_oc_blocks=1, max_pixels=8) == (8, 1)
     assert register_tile(56, 56, 2, 21, max_oc_blocks=1) == (14, 1)
-    assert register_tile(5, 5, 2, 21, max_oc_blocks=1, max_pixels=4) == (1, 1)   # 5 and 25: too wide
+    # rows of a prime width above the cap: 1-pixel tiles only under it, so the cap is dropped (SqueezeNet's 13x13)
+    assert register_tile(5, 5, 2, 21, max_oc_blocks=1, max_pixels=4) == (5, 1)
+    assert register_tile(13, 13, 64, 21, max_pixels=8) == (13, 1)
+    assert register_tile(13, 13, 64, 12, max_pixels=8) == (1, 4)                # 13 pixels over the budget
 
 
 def test_avx512_default_tile_is_one_channel_block():
