@@ -35,6 +35,12 @@ def _rank(expr) -> int:
     return -1 if shape is None or not hasattr(shape, "values") else len(shape.values)
 
 
+def _hw_mean(value) -> bool:
+    """A mean over a 4-D NHWC tensor's H and W (axes 1 and 2), dims kept or not."""
+    return op_name(value) == "relax.mean" and value.attrs.axis is not None and _rank(value.args[0]) == 4 \
+        and sorted(int(a) % 4 for a in value.attrs.axis) == [1, 2]
+
+
 def _channel_const(expr, channels: int) -> np.ndarray | None:
     """An NHWC constant that broadcasts along channels only, as [1, C, 1, 1] (or [1, 1, 1, 1])."""
     if not is_const(expr):
@@ -64,9 +70,7 @@ class _Permutes(BindingRewriter):
             elif _axes(value) == TO_NCHW and src in self.nchw:
                 return self.nchw[src]
             return None
-        if name == "relax.mean" and not value.attrs.keepdims and _rank(value.args[0]) == 4 \
-                and value.args[0] in self.nchw and value.attrs.axis is not None \
-                and sorted(int(a) % 4 for a in value.attrs.axis) == [1, 2]:
+        if _hw_mean(value) and not value.attrs.keepdims and value.args[0] in self.nchw:
             # a spatial mean to [N, C] (a TFLite squeeze-and-excite): the same numbers from the NCHW source,
             # with kept dims (the blocked layout's channel-block mean) and reshaped
             changelog.record(NAME, "nchw", var.name, op="mean")
@@ -87,8 +91,7 @@ class _Permutes(BindingRewriter):
                 else:
                     return None
             out = self.emit(relax.Call(value.op, args, value.attrs), var.name)
-        elif name == "relax.mean" and value.attrs.keepdims and value.attrs.axis is not None \
-                and sorted(int(a) % 4 for a in value.attrs.axis) == [1, 2]:
+        elif _hw_mean(value) and value.attrs.keepdims:
             out = self.emit(relax.op.mean(self.nchw[value.args[0]], axis=[2, 3], keepdims=True), var.name)
         else:
             return None

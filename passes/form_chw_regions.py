@@ -184,12 +184,14 @@ class _Regions(BindingRewriter):
     def read_in_chw(self, var) -> bool:
         """Every reader of (input) var is a sparse kernel or a depthwise conv that goes CHW (a first conv whose
         output also feeds a block's shortcut, as BlazeFace's)."""
+        def goes_chw(u) -> bool:
+            if not isinstance(u, relax.VarBinding):
+                return False
+            w = depthwise_weights(u.value)
+            return _is_sparse_call(u.value) or (w is not None and self.depthwise_goes_chw(u.var, w.shape[0]))
+
         users = self.users.get(var, [])
-        return bool(users) and all(
-            isinstance(u, relax.VarBinding) and (_is_sparse_call(u.value) or (
-                depthwise_weights(u.value) is not None
-                and self.depthwise_goes_chw(u.var, depthwise_weights(u.value).shape[0])))
-            for u in users)
+        return bool(users) and all(goes_chw(u) for u in users)
 
     def emit_first_conv(self, plan):
         """Fused: nothing, the depthwise conv that reads the first conv computes it (fuse_with_first_conv); its

@@ -152,12 +152,10 @@ def epilogue_chain(rw: BindingRewriter, conv_var, cout: int, residual: bool = Tr
     plan = {"last": conv_var, "bias": None, "clip": None, "residual": None, "clip2": None, "name": conv_var.name}
     var, stage = conv_var, 0
     while True:
-        for kind, find in ((HSWISH, hard_swish), (SILU, silu)):
-            swish = find(rw, var) if stage <= 1 else None
-            if swish is not None:
-                plan["clip"], plan["last"], var, stage = kind, swish, swish, 2
-                break
+        swish = next(((kind, out) for kind, find in ((HSWISH, hard_swish), (SILU, silu))
+                      if (out := find(rw, var)) is not None), None) if stage <= 1 else None
         if swish is not None:
+            (plan["clip"], plan["last"]), var, stage = swish, swish[1], 2
             continue
         user = rw.only_user(var)
         if not isinstance(user, relax.VarBinding):

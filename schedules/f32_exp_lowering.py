@@ -62,14 +62,19 @@ def _exp_in_range(xc: tirx.PrimExpr) -> tirx.PrimExpr:
     return er * pow2(ni - half) * pow2(half)
 
 
+def _is_f32(x) -> bool:
+    """float32, scalar or vector (other types keep TVM's own lowering)."""
+    return x.ty.dtype.type_code == 2 and x.ty.dtype.bits == 32
+
+
 def _lower_exp(op):
     x = op.args[0]
-    return exp_f32(x) if x.ty.dtype.type_code == 2 and x.ty.dtype.bits == 32 else op   # float32 only
+    return exp_f32(x) if _is_f32(x) else op
 
 
 def _lower_sigmoid(op):
     x = op.args[0]
-    if not (x.ty.dtype.type_code == 2 and x.ty.dtype.bits == 32):
+    if not _is_f32(x):
         return op
     # exp(-x) held below 2^127 (the sigmoid is then below 1e-38 anyway), so 1 + exp(-x) stays finite
     e = _exp_in_range(tirx.Min(tirx.Max(-x, _const(LO, x)), _const(88.0, x)))
