@@ -5,14 +5,23 @@ An elementwise nest walks its output in memory order (its loops reordered by the
 written buffer), so a layout transform or transpose writes whole vectors and gathers its reads, instead
 of reading in order and scattering every lane to another plane (a blocked -> NCHW transform at a CHW
 region's border ran several times slower that way).
+
+Blocks that only move data into a buffer of the function's own (the slices, concat, reshapes and transpose
+of a fused channel shuffle, a pad before a pool) are inlined into their readers first, so such a chain is one
+pass over memory instead of one per op; what is left is copied row by row (copy_rows), the choice between
+sources made once per row (selects_to_branches). A torch.onnx ShuffleNetV2's shuffles ran many times faster so
+than as one materialised intermediate per op (ad-hoc single-kernel timings).
 """
 from __future__ import annotations
 
 import math
 
+import tvm
 from tvm import s_tir, sym, tirx
 
-from schedules.rule import MIN_PARALLEL, Scheduled, ScheduleRule, schedule_injective, top_blocks
+from schedules.rule import MIN_PARALLEL, Scheduled, ScheduleRule, schedule_injective, top_blocks, writes_output
+
+IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
 
 
 class Fallback(ScheduleRule):
@@ -20,11 +29,13 @@ class Fallback(ScheduleRule):
 
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
+        inline_data_movement(sch)
         for block in top_blocks(sch):
             iters = sch.get(block).iter_vars
             try:
                 if all(int(iv.iter_type) == 0 for iv in iters):  # all data-parallel
-                    if not in_write_order(sch, block, spec.vector_lanes):
+                    if not in_write_order(sch, block, spec.vector_lanes) \
+                            and not copy_rows(sch, block, spec.vector_lanes):
                         schedule_injective(sch, block, spec.vector_lanes)
                 else:
                     loops = sch.get_loops(block)
@@ -34,36 +45,168 @@ class Fallback(ScheduleRule):
                         sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
             except Exception:  # leave a nest we cannot transform as it is: correct, just slower
                 continue
-        return Scheduled(sch.mod["main"], "", {})
+        func = sch.mod["main"]
+        return Scheduled(func.with_body(selects_to_branches(func.body)), "", {})
+
+
+def picked_loads(value) -> list | None:
+    """The loads a stored value picks from where it only picks elements (loads, constants, casts and selects
+    between them), else None."""
+    if isinstance(value, tvm.ir.TensorLoad):
+        return [value]
+    if isinstance(value, (tirx.IntImm, tirx.FloatImm)):
+        return []
+    if isinstance(value, tirx.Cast):
+        return picked_loads(value.value)
+    if isinstance(value, tirx.Select):
+        options = (value.true_value, value.false_value)
+    elif isinstance(value, tvm.ir.Call) and value.op.same_as(IF_THEN_ELSE):
+        options = (value.args[1], value.args[2])
+    else:
+        return None
+    a, b = (picked_loads(v) for v in options)
+    return None if a is None or b is None else a + b
+
+
+def moves_data(value) -> bool:
+    return picked_loads(value) is not None
+
+
+def inline_data_movement(sch: s_tir.Schedule) -> None:
+    """compute_inline every block that writes one of the function's own buffers and only moves data
+    (moves_data): its readers then read the source directly. Cheap to recompute, so inlined even where a
+    reader reads an element more than once (a pool over a padded input)."""
+    for block in top_blocks(sch):
+        b = sch.get(block)
+        if len(b.writes) != 1 or writes_output(sch, block):
+            continue
+        if not isinstance(b.body, tirx.BufferStore) or not moves_data(b.body.value):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # a block that cannot be inlined stays a loop nest of its own
+            continue
+
+
+def copy_rows(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """An elementwise nest that only moves data and reads and writes along its innermost loop contiguously
+    (a slice, concat or channel permutation of NCHW planes): the innermost loops along which every buffer
+    stays contiguous (none of the two outermost where it has three or more) fused into one inner loop, a plain
+    copy, vectorised where it fills whole vectors (else left to LLVM), the outer ones fused and parallel;
+    True when scheduled."""
+    b = sch.get(block)
+    loops = sch.get_loops(block)
+    if len(loops) < 2 or not isinstance(b.body, tirx.BufferStore) or not moves_data(b.body.value):
+        return False
+    strides, reads = write_strides(sch, block), read_strides(sch, block)
+    if strides is None or reads is None or any(r[-1] != 1 for r in [strides, *reads]):
+        return False
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    k, span = len(loops) - 1, extents[-1]
+    while k > 0 and all(r[k - 1] == span for r in [strides, *reads]):
+        k -= 1
+        span *= extents[k]
+    k = max(k, min(2, len(loops) - 1))
+    inner = sch.fuse(*loops[k:]) if len(loops) - k > 1 else loops[k]
+    outer = sch.fuse(*loops[:k]) if k > 1 else loops[0]
+    if math.prod(extents[k:]) % lanes == 0:
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
+    if math.prod(extents) >= MIN_PARALLEL:
+        sch.parallel(outer)
+    return True
+
+
+def selects_to_branches(stmt):
+    """Each data-moving store of a choice between sources (`out = if_then_else(c, a, b)`, a concat) as a branch
+    between two stores: where c does not change along the inner loop, lowering hoists the branch out of it
+    (HoistIfThenElse) and the loop is a plain copy."""
+    if isinstance(stmt, tirx.For):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, selects_to_branches(stmt.body),
+                        stmt.thread_binding, stmt.annotations)
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([selects_to_branches(s) for s in stmt.seq])
+    if isinstance(stmt, s_tir.SBlockRealize):
+        return s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, selects_to_branches(stmt.block))
+    if isinstance(stmt, s_tir.SBlock):
+        body = stmt.body
+        if stmt.init is None and isinstance(body, tirx.BufferStore) and moves_data(body.value):
+            body = _branch(body)
+        elif not isinstance(body, tirx.BufferStore):
+            body = selects_to_branches(body)
+        return s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init,
+                            stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+    return stmt
+
+
+def _branch(store):
+    v = store.value
+    if isinstance(v, tvm.ir.Call) and v.op.same_as(IF_THEN_ELSE):
+        return tirx.IfThenElse(v.args[0], _branch(tirx.BufferStore(store.buffer, v.args[1], store.indices)),
+                               _branch(tirx.BufferStore(store.buffer, v.args[2], store.indices)))
+    return store
+
+
+def loop_vars(sch: s_tir.Schedule, block) -> list | None:
+    """The block variable each loop of a perfect nest binds (one each), or None."""
+    loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body if loops else None
+    if not isinstance(realize, s_tir.SBlockRealize):
+        return None
+    lvars = [sch.get(lp).loop_var for lp in loops]
+    bound = {}
+    for iv, value in zip(sch.get(block).iter_vars, realize.iter_values):
+        for i, lv in enumerate(lvars):
+            if isinstance(value, tirx.Var) and value.same_as(lv):
+                bound[i] = iv.var
+    return [bound[i] for i in range(len(loops))] if len(bound) == len(loops) else None
+
+
+def _strides(flat, bvars, analyzer=None) -> list[int | None]:
+    """Each variable's stride in a flat index, None where the index is not linear in it."""
+    if analyzer is not None:
+        flat = analyzer.simplify(flat)
+    strides = []
+    for v in bvars:
+        coef = sym.detect_linear_equation(flat, [v])
+        strides.append(int(coef[0]) if len(coef) == 2 and isinstance(coef[0], tirx.IntImm) else None)
+    return strides
+
+
+def _flat(indices, shape):
+    flat = None
+    for i, dim in zip(indices, shape):
+        flat = i if flat is None else flat * dim + i
+    return flat
 
 
 def write_strides(sch: s_tir.Schedule, block) -> list[int] | None:
     """For each loop of a perfect nest whose loops each bind one block variable: that variable's stride in
     the block's (single) written buffer; None where that is not known."""
     b = sch.get(block)
-    loops = sch.get_loops(block)
-    realize = sch.get(loops[-1]).body if loops else None
-    if len(b.writes) != 1 or not isinstance(realize, s_tir.SBlockRealize):
+    bvars = loop_vars(sch, block)
+    if len(b.writes) != 1 or bvars is None:
         return None
     region, buf = b.writes[0].region, b.writes[0].source
-    flat = None
-    for r, dim in zip(region, buf.shape):
-        flat = r.min if flat is None else flat * dim + r.min
-    loop_vars = [sch.get(lp).loop_var for lp in loops]
-    bound = {}
-    for iv, value in zip(b.iter_vars, realize.iter_values):
-        for i, lv in enumerate(loop_vars):
-            if isinstance(value, tirx.Var) and value.same_as(lv):
-                bound[i] = iv.var
-    if len(bound) != len(loops):
+    strides = _strides(_flat([r.min for r in region], buf.shape), bvars)
+    return None if None in strides else strides
+
+
+def read_strides(sch: s_tir.Schedule, block) -> list[list[int | None]] | None:
+    """For a data-moving block (moves_data): per load of its value, each loop's stride in the buffer it reads
+    (the index simplified over the block variables' ranges, so a reshape's div / mod of a row index that
+    cannot leave the row drops out), None for a loop it is not linear in (a channel shuffle's channel)."""
+    b = sch.get(block)
+    bvars = loop_vars(sch, block)
+    if bvars is None or not isinstance(b.body, tirx.BufferStore):
         return None
-    strides = []
-    for i in range(len(loops)):
-        coef = sym.detect_linear_equation(flat, [bound[i]])
-        if len(coef) != 2 or not isinstance(coef[0], tirx.IntImm):
-            return None
-        strides.append(int(coef[0]))
-    return strides
+    loads = picked_loads(b.body.value)
+    if loads is None:
+        return None
+    analyzer = sym.Analyzer()
+    for iv in b.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+    return [_strides(_flat(ld.indices, ld.source.shape), bvars, analyzer) for ld in loads]
 
 
 def in_write_order(sch: s_tir.Schedule, block, lanes: int) -> bool:

@@ -113,7 +113,7 @@ def inline_producers(sch: s_tir.Schedule, block) -> None:
             pass
 
 
-def _writes_output(sch: s_tir.Schedule, block) -> bool:
+def writes_output(sch: s_tir.Schedule, block) -> bool:
     """Whether the block writes one of the function's parameters (its outputs)."""
     params = list(sch.mod["main"].params)
     return any(any(region.source.same_as(p) for p in params) for region in sch.get(block).writes)
@@ -132,7 +132,7 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
     (it reads the tile more than once, say) is computed inside `tile_loop`, still in cache.
     Returns the consumers that stay loop nests of their own."""
     for blk in list(top_blocks(sch)):
-        if sch.get(blk).same_as(sch.get(block)) or _writes_output(sch, blk):
+        if sch.get(blk).same_as(sch.get(block)) or writes_output(sch, blk):
             continue
         if block_is_after(sch, blk, block):
             try:

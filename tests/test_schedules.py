@@ -311,6 +311,57 @@ def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
     np.testing.assert_array_equal(back, src)
 
 
+@pytest.mark.parametrize("hw", [14, 16])
+def test_channel_shuffle_is_one_copy_per_plane(hw):
+    """ShuffleNetV2's shuffle as torch.onnx writes it (two channel slices, concat, reshape, transpose, reshape),
+    fused into one PrimFunc: the fallback inlines the intermediates (one loop nest, not one per op), copies
+    each output plane in one inner loop (vectorised where the plane is whole vectors, 16x16; 14x14 left to
+    LLVM) with the choice of source a branch per plane, channels in parallel; same result as numpy."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    from schedules.f32_fallback import Fallback
+    from schedules.rule import top_blocks
+    spec = targets.resolve(None)
+    c = 48
+    a = relax.Var("a", relax.TensorType([1, c, hw, hw], "float32"))
+    b = relax.Var("b", relax.TensorType([1, 32, hw, hw], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            cat = bb.emit(relax.op.concat([relax.op.strided_slice(a, [1], [0], [c // 2]),
+                                           relax.op.strided_slice(b, [1], [0], [c // 2])], axis=1))
+            perm = relax.op.permute_dims(relax.op.reshape(cat, [1, 2, c // 2, hw, hw]), [0, 2, 1, 3, 4])
+            out = bb.emit_output(relax.op.reshape(perm, [1, c, hw, hw]))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    assert len(top_blocks(s_tir.Schedule(func))) == 6       # two slices, concat, reshape, transpose, reshape
+    scheduled = Fallback().apply(func, spec).func
+    sch = s_tir.Schedule(scheduled)
+    assert len(top_blocks(sch)) == 1
+    loops = [sch.get(lp) for lp in sch.get_loops(top_blocks(sch)[0])]
+    kinds = [{0: "SERIAL", 1: "PARALLEL", 2: "VECTORIZED"}[int(lp.kind)] for lp in loops]
+    lanes = spec.vector_lanes
+    if hw * hw % lanes:
+        assert kinds == ["PARALLEL", "SERIAL"] and [int(lp.extent) for lp in loops] == [c, hw * hw]
+    else:
+        assert kinds == ["PARALLEL", "SERIAL", "VECTORIZED"]
+        assert [int(lp.extent) for lp in loops] == [c, hw * hw // lanes, lanes]
+    assert "if " in scheduled.script()        # the concat's choice of source is a branch, not a select
+    rng = np.random.default_rng(0)
+    xa = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    xb = rng.standard_normal((1, 32, hw, hw)).astype(np.float32)
+    with spec.tvm_target():
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
+    dst = tvm.runtime.tensor(np.zeros((1, c, hw, hw), np.float32))
+    lib["main"](tvm.runtime.tensor(xa), tvm.runtime.tensor(xb), dst)
+    ref = np.concatenate([xa[:, :c // 2], xb[:, :c // 2]], 1).reshape(1, 2, c // 2, hw, hw)
+    np.testing.assert_array_equal(dst.numpy(), ref.transpose(0, 2, 1, 3, 4).reshape(1, c, hw, hw))
+
+
 def test_blocked_pool_vectorises_its_lanes_inside_the_window():
     """A max pool over a channel-blocked tensor (no rule of its own): the fallback puts the 16 lanes inside
     the window loops, vectorised, and the output pixels in parallel; same result as numpy."""
