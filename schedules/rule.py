@@ -1,6 +1,8 @@
 """What a schedule rule is, and the steps CPU rules share: find the kernel block, fuse epilogues, pick tiles."""
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -128,21 +130,29 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
     """Fuse the elementwise consumers of `block` (bias, activation, residual add) into it.
 
     Intermediate elementwise blocks are inlined into their readers first (so x * relu6(x + 3)
-    becomes one block), then what is left is inlined into `block`; a consumer that cannot be
-    (it reads the tile more than once, say) is computed inside `tile_loop`, still in cache.
-    Returns the consumers that stay loop nests of their own."""
+    becomes one block), except into a reader that broadcasts them over a larger output (a
+    squeeze-and-excitation gate, sigmoid(conv + bias) on [1, C, 1, 1], times the feature map: inlined there,
+    the sigmoid would run once per pixel instead of once per channel); then what is left is inlined into
+    `block`; a consumer that cannot be (it reads the tile more than once, say) is computed inside `tile_loop`,
+    still in cache. Returns the consumers that stay loop nests of their own."""
     for blk in list(top_blocks(sch)):
         if sch.get(blk).same_as(sch.get(block)) or writes_output(sch, blk):
             continue
-        if block_is_after(sch, blk, block):
+        if block_is_after(sch, blk, block) and not _broadcast_by_reader(sch, blk):
             try:
                 sch.compute_inline(blk)
             except Exception:
                 pass
-    left = []
-    for c in list(sch.get_consumers(block)):
+    left, done = [], set()
+    todo = list(sch.get_consumers(block))
+    while todo:
+        c = todo.pop(0)
+        done.add(sch.get(c).name_hint)
         try:
             sch.reverse_compute_inline(c)
+            # its readers now read `block`
+            todo += [x for x in sch.get_consumers(block) if sch.get(x).name_hint not in done
+                     and not any(sch.get(x).same_as(sch.get(y)) for y in todo)]
         except Exception:
             if tile_loop is None or not _same_shape_out(sch, c, block):
                 # NOTE: computed at the tile, a consumer that writes more than the tile (a pad appending
@@ -155,6 +165,13 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
             except Exception:
                 left.append(c)
     return left
+
+
+def _broadcast_by_reader(sch: s_tir.Schedule, blk) -> bool:
+    """Whether a reader of `blk` writes more elements than `blk` does (reads it broadcast)."""
+    size = math.prod(int(d) for d in sch.get(blk).writes[0].source.shape)
+    return any(math.prod(int(d) for d in sch.get(c).writes[0].source.shape) > size
+               for c in sch.get_consumers(blk))
 
 
 def block_is_after(sch: s_tir.Schedule, blk, block) -> bool:
