@@ -94,11 +94,10 @@ def copy_rows(sch: s_tir.Schedule, block, lanes: int) -> bool:
     stays contiguous (none of the two outermost where it has three or more) fused into one inner loop, a plain
     copy, vectorised where it fills whole vectors (else left to LLVM), the outer ones fused and parallel;
     True when scheduled."""
-    b = sch.get(block)
     loops = sch.get_loops(block)
-    if len(loops) < 2 or not isinstance(b.body, tirx.BufferStore) or not moves_data(b.body.value):
+    if len(loops) < 2:
         return False
-    strides, reads = write_strides(sch, block), read_strides(sch, block)
+    strides, reads = write_strides(sch, block), read_strides(sch, block)   # reads: None unless it moves data
     if strides is None or reads is None or any(r[-1] != 1 for r in [strides, *reads]):
         return False
     extents = [int(sch.get(lp).extent) for lp in loops]
@@ -195,7 +194,8 @@ def write_strides(sch: s_tir.Schedule, block) -> list[int] | None:
 def read_strides(sch: s_tir.Schedule, block) -> list[list[int | None]] | None:
     """For a data-moving block (moves_data): per load of its value, each loop's stride in the buffer it reads
     (the index simplified over the block variables' ranges, so a reshape's div / mod of a row index that
-    cannot leave the row drops out), None for a loop it is not linear in (a channel shuffle's channel)."""
+    cannot leave the row drops out), None for a loop it is not linear in (a channel shuffle's channel); None
+    for a block that does more than move data."""
     b = sch.get(block)
     bvars = loop_vars(sch, block)
     if bvars is None or not isinstance(b.body, tirx.BufferStore):

@@ -1,10 +1,9 @@
 """What a schedule rule is, and the steps CPU rules share: find the kernel block, fuse epilogues, pick tiles."""
 from __future__ import annotations
 
-import math
-
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import tvm_ffi
@@ -143,16 +142,17 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
                 sch.compute_inline(blk)
             except Exception:
                 pass
-    left, done = [], set()
+    left = []
     todo = list(sch.get_consumers(block))
+    seen = {sch.get(c).name_hint for c in todo}
     while todo:
         c = todo.pop(0)
-        done.add(sch.get(c).name_hint)
         try:
             sch.reverse_compute_inline(c)
             # its readers now read `block`
-            todo += [x for x in sch.get_consumers(block) if sch.get(x).name_hint not in done
-                     and not any(sch.get(x).same_as(sch.get(y)) for y in todo)]
+            fresh = [x for x in sch.get_consumers(block) if sch.get(x).name_hint not in seen]
+            seen.update(sch.get(x).name_hint for x in fresh)
+            todo += fresh
         except Exception:
             if tile_loop is None or not _same_shape_out(sch, c, block):
                 # NOTE: computed at the tile, a consumer that writes more than the tile (a pad appending
