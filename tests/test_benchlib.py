@@ -79,3 +79,12 @@ def test_layer_bench_times_bursts_and_says_so(tmp_path):
     page = tmp_path / "page.md"
     bench_sparse.write_md(str(page), "cmd", [r], [], [0.9], [1], 1.0)
     assert "3 run(s) of a kernel back to back in each round" in page.read_text()
+
+
+def test_a_partial_sparse_page_names_its_own_chart():
+    """bench.py sparse --out PAGE: a model's usual page keeps the chart the README links; any other page gets a
+    chart of its own name, so a partial run does not overwrite the full sweep's chart."""
+    import bench_sparse
+    assert bench_sparse.chart_name("mobilenet_v2", "benchmarks/RESULTS-sparse.md") == "sparse_vs_onnxruntime.png"
+    assert bench_sparse.chart_name("blazeface", "RESULTS-sparse-blazeface.md") == "sparse_vs_onnxruntime_blazeface.png"
+    assert bench_sparse.chart_name("mobilenet_v2", "benchmarks/RESULTS-sparse-85.md") == "RESULTS-sparse-85.png"

@@ -29,6 +29,7 @@ import benchlib
 
 LAYER_SEED = 0
 CHART = "sparse_vs_onnxruntime.png"
+DEFAULT_PAGE = "RESULTS-sparse.md"
 DEFAULT_MODEL = "mobilenet_v2"
 TITLES = {"mobilenet_v2": "MobileNetV2 1.0 224", "mobilenet_v3_large": "MobileNetV3-Large 1.0 224 (squeeze-and-"
           "excitation and hard swish; its SE convs and classifier stay dense)",
@@ -320,7 +321,7 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
                  "dense compile from 70% up." if name == DEFAULT_MODEL else
                  "Issue 5 sets its goals on MobileNetV2 (RESULTS-sparse.md); this is the same measurement on "
                  "another model.")
-        lines += ["", goals, "", f"![speed-up over ONNX Runtime]({chart_name(name)})", "",
+        lines += ["", goals, "", f"![speed-up over ONNX Runtime]({chart_name(name, path)})", "",
                   "## (c) library size: `--sparse auto` / `--sparse off`", "",
                   "Two models per row, with the same zeros in every 1x1 weight: '1x1 only' keeps a dense classifier, "
                   "'1x1 + fc' is the model of (b) with the classifier pruned too. The dense library is the same size "
@@ -347,7 +348,11 @@ def write_md(path: str, command: str, layers: list[dict], models: list[dict], sp
         f.write("\n".join(lines) + "\n")
 
 
-def chart_name(model: str) -> str:
+def chart_name(model: str, page: str) -> str:
+    """The chart beside a page: sparse_vs_onnxruntime[_MODEL].png for a model's usual page (RESULTS-sparse.md,
+    RESULTS-sparse-MODEL.md), else the page's own stem, so a partial run does not overwrite a sweep's chart."""
+    if os.path.basename(page) != (DEFAULT_PAGE if model == DEFAULT_MODEL else f"RESULTS-sparse-{model}.md"):
+        return os.path.splitext(os.path.basename(page))[0] + ".png"
     return CHART if model == DEFAULT_MODEL else f"sparse_vs_onnxruntime_{model}.png"
 
 
@@ -400,7 +405,7 @@ def cmd_sparse(args) -> None:
     out = os.path.join(args.out_dir, args.out)
     write_md(out, "python tools/bench.py " + " ".join(sys.argv[1:]), layers, models, sparsities, blocks,
              time.perf_counter() - t_start, fc)
-    chart(os.path.join(os.path.dirname(out), chart_name(args.model)), models)   # beside the page that names it
+    chart(os.path.join(os.path.dirname(out), chart_name(args.model, out)), models)   # beside the page that names it
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"layers": layers, "classifier": fc, "models": models}, f, indent=1, default=str)
     print(f"wrote {out}")
@@ -421,5 +426,5 @@ def add_parser(sub, default_out_dir: str) -> None:
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--out-dir", default=default_out_dir)
-    p.add_argument("--out", default="RESULTS-sparse.md")
+    p.add_argument("--out", default=DEFAULT_PAGE)
     p.set_defaults(func=cmd_sparse)
