@@ -15,6 +15,7 @@ from passes.cancel_layout_permutes import CancelLayoutPermutes
 from passes.convert_convs_to_nchw import ConvertConvsToNCHW
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
+from passes.fold_gate_into_conv_weights import FoldGateIntoConvWeights
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
 from passes.form_chw_regions import FormCHWRegions
@@ -108,6 +109,7 @@ def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
         ConvertToBlockedLayout(spec.kernel_defaults.get("block_lanes", spec.vector_lanes),
                                pad=spec.kernel_defaults.get("pad_channels", spec.isa == "avx512")),
         relax.transform.FoldConstant(),
+        FoldGateIntoConvWeights(),   # NOTE: needs the blocked constant weights ConvertToBlockedLayout wrote
         relax.transform.LegalizeOps(registry.cpu_legalize_map(spec.vector_lanes,
                                                              spec.kernel_defaults.get("winograd_min_channels"))),
         relax.transform.AnnotateTIROpPattern(),
