@@ -82,3 +82,43 @@ def test_verify_compares_tiny_outputs_to_their_own_magnitude():
     (bad,) = verify.compare(["y"], [-ref], [ref])
     (zero,) = verify.compare(["y"], [np.zeros((1, 3))], [np.zeros((1, 3))])
     assert good.ok and not bad.ok and zero.ok
+
+
+def _float16_model(model):
+    """The model in float16 as a half-precision export stores it: float weights, inputs and outputs float16."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, t in enumerate(m.graph.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*m.graph.input, *m.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del m.graph.value_info[:]
+    return m
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.85])
+def test_float16_model_runs_in_float32_with_its_float16_signature(sparsity, tmp_path):
+    """A half-precision export (MobileNetV3: hard swish, squeeze-and-excitation) failed inside the pipeline
+    (float16 activations met float32 blocked weights). Now it is computed in float32 and the library still takes
+    and returns float16; it matches ONNX Runtime on the float16 model, dense and with sparse 1x1 weights."""
+    from compiler import runtime
+    from compiler.frontend.onnx_float16 import widen_float16
+    model = _float16_model(zoo.build("mobilenet_v3_large", width=0.5, resolution=64, sparsity=sparsity))
+    wide = widen_float16(model)
+    assert not any(t.data_type == 10 for t in wide.graph.initializer)
+    casts = [(n.op_type, n.attribute[0].i) for n in wide.graph.node if n.op_type == "Cast"]
+    assert casts == [("Cast", 1), ("Cast", 10)]          # in: to float32; out: to float16
+    cm = compiler.compile_model(model)
+    results = cm.verify()
+    assert all(r.ok for r in results), [r.line() for r in results]
+    assert any("float16 model" in n for n in cm.info.notes)
+    if sparsity:
+        assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+    so, _ = cm.export(str(tmp_path / "m.so"))
+    m = runtime.load(so)
+    assert [t["dtype"] for t in m.metadata["inputs"] + m.metadata["outputs"]] == ["float16", "float16"]
+    out = m.run(runtime.random_inputs(m.metadata["inputs"], seed=0))[0]
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))

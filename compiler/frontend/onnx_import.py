@@ -15,6 +15,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from compiler.errors import ShrinkcError
 from compiler.frontend.model_info import ModelInfo, TensorInfo, batch_one
+from compiler.frontend.onnx_float16 import has_float16, widen_float16
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
@@ -202,6 +203,9 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     model, _ = fold_shape_subgraphs(folded, {t.name: t.shape for t in inputs})
+    if has_float16(model):
+        model = widen_float16(model)
+        notes.append("a float16 model: computed in float32, its float16 inputs and outputs kept")
     _check_ops(model)
     shape_dict = {t.name: t.shape for t in inputs}
     dtype_dict = {t.name: t.dtype for t in inputs}
