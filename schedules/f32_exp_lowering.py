@@ -56,7 +56,8 @@ def _exp_in_range(xc: tirx.PrimExpr) -> tirx.PrimExpr:
     i32 = "int32" if lanes == 1 else f"int32x{lanes}"
     # n rounded by adding 1.5 * 2^23, whose float has ulp 1 (|n| < 2^22): t's low mantissa bits are the integer
     # n, read by reinterpreting t, with no float-to-int conversion (LLVM leaves that undefined for NaN, which
-    # the clamp lets through)
+    # the clamp lets through). NOTE: needs IEEE arithmetic: a target with LLVM's fast-math may fold t - ROUNDER
+    # to the unrounded product
     t = xc * c(LOG2E) + c(ROUNDER)
     n = t - c(ROUNDER)
     r = xc - n * c(LN2_HI) - n * c(LN2_LO)
