@@ -11,6 +11,8 @@ the TFLite converter (random weights: the graphs are what matters), each compile
 `keras-sparse`: Keras MobileNetV2 / MobileNetV3-Small with 85% of every 1x1 conv's and dense layer's
 weights zeroed (unstructured), converted with the converter's own sparse encoding
 (tf.lite.Optimize.EXPERIMENTAL_SPARSITY: SparsityParameters + DENSIFY), fp32 and fp16.
+`torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
+input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
 weights of every 1x1 conv (not depthwise) and of the classifier set to zero, stored dense, as a magnitude-pruning
 tool leaves them (its squeeze-and-excite convs included).
@@ -44,6 +46,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_keras(out)
     if only in (None, "keras-sparse"):
         _export_keras_sparse(out)
+    if only in (None, "torch-fp16"):
+        _export_torch_fp16(out)
 
 
 def _export_torch(out: str) -> None:
@@ -51,16 +55,36 @@ def _export_torch(out: str) -> None:
     import torchvision
     torch.manual_seed(0)
     for name in TORCHVISION:
-        m = getattr(torchvision.models, name)(weights=None).eval()
-        for mod in m.modules():   # BN statistics that are not the identity, so folding is exercised
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.1, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
+        m = _torchvision_model(name)
         torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/torch_{name}.onnx", opset_version=13,
                           dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     m = torchvision.models.mobilenet_v2(weights=None).eval()
     torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), f"{out}/torchdynamo_mobilenet_v2.onnx", dynamo=True)
+
+
+def _torchvision_model(name: str):
+    import torch
+    import torchvision
+    m = getattr(torchvision.models, name)(weights=None).eval()
+    for mod in m.modules():   # BN statistics that are not the identity, so folding is exercised
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+FP16 = ["mobilenet_v2", "efficientnet_b0"]
+
+
+def _export_torch_fp16(out: str) -> None:
+    """torch_NAME_fp16.onnx: the model in half precision (`.half()`), float16 weights, input and output."""
+    import torch
+    torch.manual_seed(0)
+    for name in FP16:
+        m = _torchvision_model(name).half()
+        torch.onnx.export(m, torch.randn(1, 3, 224, 224).half(), f"{out}/torch_{name}_fp16.onnx", opset_version=13,
+                          dynamo=False, input_names=["input"], output_names=["logits"])
 
 
 def _keras_model(name: str):
@@ -205,7 +229,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
-    e.add_argument("--only", choices=["torch", "keras", "keras-sparse"], help="one group of models")
+    e.add_argument("--only", choices=["torch", "keras", "keras-sparse", "torch-fp16"], help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     c = sub.add_parser("check")
     c.add_argument("folder")
