@@ -13,11 +13,14 @@ NOTE: runs after ConvertToBlockedLayout (the weights are blocked constants) and 
 """
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, shape_of
+from passes.rewriting import BindingRewriter, is_const, op_name, per_channel_factors, rewrite_main, rewriter, \
+    shape_of, static_shape
 from passes.sparsify_conv1x1 import add_kernel
 from schedules.f32_scale_weights import scale_weights
 
@@ -25,24 +28,11 @@ NAME = "FoldGateIntoConvWeights"
 MAX_WEIGHT_SHARE = 0.5     # fold where the weights' size is at most this share of the gated map's
 
 
-def static_shape(expr) -> list[int] | None:
-    """The tensor's shape where every dimension is a number, else None."""
-    shape = getattr(expr.ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return shape_of(expr)
-
-
 def gated_input(multiply) -> tuple | None:
-    """(x, g) where `multiply` is x * g (either order) with g a per-channel vector of x's blocked shape."""
-    if op_name(multiply) != "relax.multiply":
-        return None
-    for x, g in (multiply.args, multiply.args[::-1]):
-        xs, gs = static_shape(x), static_shape(g)
-        if xs and gs and len(xs) == 5 and xs[2] * xs[3] > 1 and gs == [1, xs[1], 1, 1, xs[4]] and not is_const(g) \
-                and x.ty.dtype == g.ty.dtype == "float32":
-            return x, g
-    return None
+    """(x, g) where `multiply` is x * g with g a runtime per-channel vector of x's blocked shape over a plane."""
+    return next(((x, g) for x, g in per_channel_factors(multiply)
+                 if len(shape_of(x)) == 5 and math.prod(shape_of(x)[2:4]) > 1 and not is_const(g)
+                 and x.ty.dtype == g.ty.dtype == "float32"), None)
 
 
 def layer_name(conv, x) -> str:

@@ -27,7 +27,8 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, per_channel_factors, \
+    rewrite_main, rewriter, shape_of
 from passes.sparsify_conv1x1 import add_kernel, epilogue_chain
 from schedules.chw_rows import STRIDES, aligned_plane, planes_shape
 from schedules.f32_maxpool2d_chw import KERNELS as MAXPOOL_KERNELS
@@ -247,11 +248,8 @@ class _Regions(BindingRewriter):
         if op_name(product) != "relax.multiply" or self.only_user(x_in) is None:
             return None
         full = [int(d) for d in x_in.ty.shape.values]
-        shapes = [[int(d) for d in a.ty.shape.values] for a in product.args]
-        for x, gate, xs, gs in ((*product.args, *shapes), (*product.args[::-1], *shapes[::-1])):
-            if xs == full and gs == [1, full[1], 1, 1] and isinstance(gate, relax.Var):
-                return x, gate
-        return None
+        return next(((x, gate) for x, gate in per_channel_factors(product)
+                     if shape_of(x) == full and len(full) == 4 and isinstance(gate, relax.Var)), None)
 
     def scale_by_gate(self, var, value):
         """The sparse 1x1 bound to var, rebuilt to read x and the gate of its input x * gate and scale each

@@ -34,6 +34,27 @@ def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape.values]
 
 
+def static_shape(expr) -> list[int] | None:
+    """The tensor's shape where every dimension is a number, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return shape_of(expr)
+
+
+def per_channel_factors(product) -> list[tuple]:
+    """The (x, gate) readings, either order, of a relax.multiply whose gate is a per-channel vector of x (a
+    squeeze-and-excitation product): the gate's shape is x's with batch, H and W at 1, in NCHW or NCHW{b}c."""
+    if op_name(product) != "relax.multiply":
+        return []
+    found = []
+    for x, gate in (product.args, product.args[::-1]):
+        xs, gs = static_shape(x), static_shape(gate)
+        if xs and gs and len(xs) >= 4 and gs == [1, xs[1], 1, 1, *xs[4:]]:
+            found.append((x, gate))
+    return found
+
+
 def channel_vector(expr, channels: int, axis: int = 1, ndim: int = 4) -> np.ndarray | None:
     """A constant that broadcasts along one channel axis only (bias, BN scale), as a [C] vector."""
     if not is_const(expr):
