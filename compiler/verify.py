@@ -35,19 +35,27 @@ def reference_outputs(source: str, path: str, inputs: dict[str, np.ndarray], thr
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         return sess.run(None, inputs)
     if source == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
-        interp = Interpreter(model_path=path, num_threads=threads)
-        interp.allocate_tensors()
-        by_name = {d["name"]: d for d in interp.get_input_details()}
-        for name, value in inputs.items():
-            d = by_name[name]
-            if list(d["shape"]) != list(value.shape):
-                interp.resize_tensor_input(d["index"], list(value.shape))
-                interp.allocate_tensors()
-            interp.set_tensor(d["index"], value)
-        interp.invoke()
-        return [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        try:
+            return _litert_outputs(Interpreter(model_path=path, num_threads=threads), inputs)
+        except RuntimeError:   # NOTE: the XNNPACK delegate fails on some valid models ("failed to delegate":
+            pass               # sparse-stored int8 weights of dynamic-range quantization); LiteRT's kernels run them
+        return _litert_outputs(Interpreter(model_path=path, num_threads=threads, experimental_op_resolver_type=
+                                           OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES), inputs)
     raise ShrinkcError(f"cannot verify a model from '{source}'", "verify supports ONNX and TFLite models")
+
+
+def _litert_outputs(interp, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    interp.allocate_tensors()
+    by_name = {d["name"]: d for d in interp.get_input_details()}
+    for name, value in inputs.items():
+        d = by_name[name]
+        if list(d["shape"]) != list(value.shape):
+            interp.resize_tensor_input(d["index"], list(value.shape))
+            interp.allocate_tensors()
+        interp.set_tensor(d["index"], value)
+    interp.invoke()
+    return [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
 
 
 def compare(names: list[str], ours: list[np.ndarray], refs: list[np.ndarray],

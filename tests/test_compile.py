@@ -84,6 +84,20 @@ def test_verify_compares_tiny_outputs_to_their_own_magnitude():
     assert good.ok and not bad.ok and zero.ok
 
 
+def test_dynamic_range_quantized_sparse_tflite_verifies_against_litert(tmp_path, monkeypatch):
+    """int8 weights stored sparse (TFLite's sparsity + dynamic-range optimizations together) run as spmm kernels on
+    their dequantized values; --verify's reference falls back to LiteRT's own kernels where the XNNPACK delegate
+    fails on the model, and allows the difference of LiteRT quantizing the ops' inputs (cost measurement off)."""
+    monkeypatch.setenv("SHRINKC_COST", "off")
+    from zoo.tflite_writer import mobilenet_v2_tflite
+    path = tmp_path / "int8_sparse.tflite"
+    path.write_bytes(mobilenet_v2_tflite(num_blocks=4, resolution=32, num_classes=16, weights="int8", sparsity=0.85))
+    cm = compiler.compile_model(str(path))
+    results = cm.verify()
+    assert all(r.ok for r in results) and 0 < results[0].rel_err, [r.line() for r in results]
+    assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
+
+
 def _float16_model(model):
     """The model in float16 as a half-precision export stores it: float weights, inputs and outputs float16."""
     import onnx

@@ -10,7 +10,7 @@ import tvm
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.tflite_import import HINTS_ATTR, import_tflite, sparse_hints
+from compiler.frontend.tflite_import import HINTS_ATTR, HYBRID_VERIFY_TOLERANCE, import_tflite, sparse_hints
 from tests.conftest import tflite_layers_model
 from zoo.tflite_writer import TfliteBuilder, custom_op_tflite, mobilenet_v2_tflite
 
@@ -109,6 +109,31 @@ def test_sparse_hints(models):
     assert fp16["consumers"][0]["op"] == "FULLY_CONNECTED" and fp16["block"] == [4, 1]
     plain, _ = import_tflite(models["plain"])
     assert plain.attrs is None or HINTS_ATTR not in plain.attrs
+
+
+@pytest.mark.parametrize("sparse", [None, "csr", "block4x1"])
+def test_dynamic_range_quantized_weights(tmp_path, sparse):
+    """TFLite's default optimization without a representative dataset stores conv and fully connected weights
+    int8 per channel, read by the ops on float input (TVM's importer refused such models). They are dequantized:
+    the import computes exactly the float32 model of the same values, and stays within the verify tolerance of
+    LiteRT's hybrid kernels, which quantize those ops' inputs at run time (stored sparse, the XNNPACK delegate
+    fails on them: LiteRT's own kernels)."""
+    kw = dict(SMALL, weights="int8", sparsity=0.8 if sparse else 0.0, sparse_format=sparse or "csr")
+    path = write(tmp_path, "int8.tflite", mobilenet_v2_tflite(**kw))
+    ref = write(tmp_path, "as_fp32.tflite", mobilenet_v2_tflite(**kw, store_int8=False, store_sparse=False))
+    mod, info = import_tflite(path)
+    assert info.verify_tolerance == HYBRID_VERIFY_TOLERANCE and "14 int8 weight(s) dequantized" in info.notes[-1]
+    ref_mod, ref_info = import_tflite(ref)
+    assert ref_info.verify_tolerance == 0.0
+    assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(weights(mod), weights(ref_mod)))
+    x = np.random.default_rng(0).standard_normal(info.inputs[0].shape).astype(np.float32)
+    ours = run_tvm(mod, x)
+    np.testing.assert_allclose(ours, run_litert(ref, x), rtol=1e-4, atol=1e-4)
+    hybrid = run_litert(path, x, delegates=sparse is None)
+    assert 0 < np.abs(ours - hybrid).max() <= HYBRID_VERIFY_TOLERANCE * np.abs(hybrid).max()
+    if sparse:
+        hints = {k: json.loads(v) for k, v in mod.attrs[HINTS_ATTR].items()}
+        assert len(hints) == 9 and all(h["dtype"] == "int8" for h in hints.values())
 
 
 @pytest.mark.parametrize("enc", [dict(order=[1, 0], formats=["SPARSE_CSR", "SPARSE_CSR"]),

@@ -1,4 +1,5 @@
-"""Write .tflite files from code (no TensorFlow): plain fp32, fp16 + DEQUANTIZE and sparse + DENSIFY weights."""
+"""Write .tflite files from code (no TensorFlow): plain fp32, fp16 + DEQUANTIZE, int8 (dynamic-range quantized) and
+sparse + DENSIFY weights."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,9 @@ from zoo.mobilenet_v2 import _BLOCKS, make_divisible
 
 _ACTS = {"NONE": 0, "RELU": 1, "RELU6": 3}
 _PADS = {"SAME": 0, "VALID": 1}
-_TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32": TensorType.INT32}
+_TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32": TensorType.INT32,
+          "int8": TensorType.INT8}
+_WEIGHTS = ("fp32", "fp16", "int8")
 _SPARSE_BLOCKS = {"csr": None, "block4x1": 4}  # block4x1: blocks of 4 output channels x 1
 _OPTION_NAMES = {v: k for k, v in vars(_Opt).items() if not k.startswith("_")}
 
@@ -74,6 +77,7 @@ class _Tensor:
     data: bytes | None = None
     sparsity: dict | None = None
     signature: list[int] | None = None
+    quant: dict | None = None          # int8: {"scale": per-channel scales, "axis": their axis}, zero points 0
 
 
 @dataclass
@@ -90,10 +94,10 @@ class _Operator:
 class TfliteBuilder:
     """Collects tensors and ops of one subgraph and serialises them as a TFLite flatbuffer."""
 
-    def __init__(self, weights: str = "fp32", seed: int = 0):
-        if weights not in ("fp32", "fp16"):
-            raise ValueError(f"weights must be 'fp32' or 'fp16', not {weights!r}")
-        self.weights = weights
+    def __init__(self, weights: str = "fp32", seed: int = 0, store_int8: bool = True):
+        if weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {_WEIGHTS}, not {weights!r}")
+        self.weights, self.store_int8 = weights, store_int8   # int8 with store_int8 False: float32 of the same values
         self.rng = np.random.default_rng(seed)
         self.tensors: list[_Tensor] = []
         self.ops: list[_Operator] = []
@@ -128,20 +132,31 @@ class TfliteBuilder:
         return self._tensor(name, value.shape, dtype, data=value.tobytes())
 
     def weight(self, value: np.ndarray, name: str, sparse: str | dict | None = None, block_axis: int = 0,
-               densify: bool = True) -> int:
+               densify: bool = True, quantize: bool = True) -> int:
         """A float32 weight as the model will see it, stored as this builder's `weights` say.
 
-        fp16: stored float16 and a DEQUANTIZE makes the float32 tensor. sparse ("csr" or
+        fp16: stored float16 and a DEQUANTIZE makes the float32 tensor. int8 (with quantize; biases are not):
+        TFLite's dynamic-range quantization, symmetric per channel along `block_axis` (the output channels),
+        read by the op itself as int8 (int8_values() gives the values it stands for). sparse ("csr" or
         "block4x1", blocks of 4 along `block_axis`, or a dict of encode_sparse keywords): stored
         with SparsityParameters and a DENSIFY makes the dense tensor (sparse fp16: DENSIFY, DEQUANTIZE);
         densify=False hands the sparse tensor to the op itself, as TFLite does for sparse FC kernels.
         """
         value = np.asarray(value, np.float32)
-        fp16 = self.weights == "fp16"
+        fp16, quant = self.weights == "fp16", None
         dtype, stored_name = ("float16", name + "_fp16") if fp16 else ("float32", name)
         stored = value.astype(dtype)
+        if self.weights == "int8" and quantize:
+            scale = int8_scales(value, block_axis)
+            stored = int8_values(value, block_axis)
+            if self.store_int8:
+                dtype, quant = "int8", {"scale": scale, "axis": block_axis}
+            else:
+                shape = [1] * value.ndim
+                shape[block_axis] = -1
+                stored = stored.astype(np.float32) * scale.reshape(shape)
         if sparse is None:
-            t = self._tensor(stored_name, value.shape, dtype, data=stored.tobytes())
+            t = self._tensor(stored_name, value.shape, dtype, data=stored.tobytes(), quant=quant)
         else:
             if not isinstance(sparse, dict) and sparse not in _SPARSE_BLOCKS:
                 raise ValueError(f"sparse must be one of {sorted(_SPARSE_BLOCKS)} or a dict, not {sparse!r}")
@@ -149,9 +164,11 @@ class TfliteBuilder:
             if not isinstance(sparse, dict):
                 block[block_axis] = _SPARSE_BLOCKS[sparse] or 1
             values, sparsity = encode_sparse(stored, **(sparse if isinstance(sparse, dict) else {"block": block}))
-            t = self._tensor(stored_name + "_sparse", value.shape, dtype, data=values.tobytes(), sparsity=sparsity)
+            t = self._tensor(stored_name + "_sparse", value.shape, dtype, data=values.tobytes(), sparsity=sparsity,
+                             quant=quant)
             if densify:
                 t = self._op(_Op.DENSIFY, [t], value.shape, stored_name, _Opt.DensifyOptions, dtype=dtype)
+                self.tensors[t].quant = quant
         if fp16:
             t = self._op(_Op.DEQUANTIZE, [t], value.shape, name, _Opt.DequantizeOptions)
         return t
@@ -164,7 +181,7 @@ class TfliteBuilder:
     # ---- layers (weights: an ndarray, or a tensor made with weight()) -------------------------------
     def _weights(self, weight, bias, name: str, sparse, axis: int) -> tuple[int, int, list[int]]:
         wt = weight if isinstance(weight, int) else self.weight(weight, f"{name}/weights", sparse, block_axis=axis)
-        return wt, self.weight(bias, f"{name}/bias"), self.shape(wt)
+        return wt, self.weight(bias, f"{name}/bias", quantize=False), self.shape(wt)
 
     def conv2d(self, x: int, weight, bias: np.ndarray, stride: int = 1, padding: str = "SAME",
                act: str = "NONE", sparse: str | dict | None = None, name: str = "conv") -> int:
@@ -256,8 +273,15 @@ class TfliteBuilder:
                 buf = len(buffers) - 1
             sparsity = _sparsity(b, t.sparsity) if t.sparsity else None
             sig = _ints(b, t.signature) if t.signature else None
+            quant = None
+            if t.quant:
+                scale = b.CreateNumpyVector(np.asarray(t.quant["scale"], np.float32))
+                zero = _ints(b, np.zeros(len(t.quant["scale"])), np.int64)
+                quant = _table(b, "QuantizationParameters", Scale=scale, ZeroPoint=zero,
+                               QuantizedDimension=t.quant["axis"])
             tensors.append(_table(b, "Tensor", Shape=_ints(b, t.shape), Type=_TYPES[t.dtype], Buffer=buf,
-                                  Name=b.CreateString(t.name), Sparsity=sparsity, ShapeSignature=sig))
+                                  Name=b.CreateString(t.name), Sparsity=sparsity, ShapeSignature=sig,
+                                  Quantization=quant))
         codes: list[int | str] = []
         ops = []
         for op in self.ops:
@@ -341,6 +365,19 @@ def _sparsity(b: flatbuffers.Builder, sp: dict) -> int:
                   DimMetadata=_offsets(b, "SparsityParameters", "DimMetadata", dims))
 
 
+def int8_scales(w: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric per-channel int8 scales along `axis`: the channel's largest magnitude maps to 127."""
+    peak = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1)
+    return (np.maximum(peak, 1e-12) / 127.0).astype(np.float32)
+
+
+def int8_values(w: np.ndarray, axis: int) -> np.ndarray:
+    """w quantized with int8_scales (an int8 array); int8_values(w) * scale is what the model computes with."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return np.clip(np.round(w / int8_scales(w, axis).reshape(shape)), -127, 127).astype(np.int8)
+
+
 # ---- models --------------------------------------------------------------------------------------
 def _prune(w: np.ndarray, sparsity: float, block: int, axis: int = 0) -> np.ndarray:
     """Zero the `sparsity` share of weights (or of `block`-long runs along `axis`) with the smallest
@@ -361,20 +398,21 @@ def _prune(w: np.ndarray, sparsity: float, block: int, axis: int = 0) -> np.ndar
 def mobilenet_v2_tflite(width: float = 0.35, resolution: int = 96, sparsity: float = 0.0,
                         weights: str = "fp32", sparse_format: str = "csr", seed: int = 0,
                         num_classes: int = 1000, num_blocks: int | None = None,
-                        store_sparse: bool = True) -> bytes:
+                        store_sparse: bool = True, store_int8: bool = True) -> bytes:
     """MobileNetV2 (NHWC, folded BN, random weights) as TFLite bytes.
 
     sparsity: share of zeros in every 1x1 conv and the classifier, pruned by magnitude per element
     ("csr") or per 4 output channels ("block4x1"); such weights are stored sparse + DENSIFY unless
     store_sparse is False (same numbers, stored dense: the reference for the sparse model).
-    weights: "fp32" or "fp16" (float16 storage + DEQUANTIZE). The same seed gives the same weights
-    whatever the storage. num_blocks: keep only the first inverted residual blocks (for small tests).
+    weights: "fp32", "fp16" (float16 storage + DEQUANTIZE) or "int8" (dynamic-range quantized conv and fully
+    connected weights; with store_int8 False stored as the float32 values they stand for, the reference). The same
+    seed gives the same weights whatever the storage. num_blocks: keep only the first inverted residual blocks (for small tests).
     """
     if sparse_format not in _SPARSE_BLOCKS:
         raise ValueError(f"sparse_format must be one of {sorted(_SPARSE_BLOCKS)}")
     block = _SPARSE_BLOCKS[sparse_format] or 1
     sparse = sparse_format if sparsity > 0 and store_sparse else None
-    b = TfliteBuilder(weights, seed)
+    b = TfliteBuilder(weights, seed, store_int8)
     rng = b.rng
 
     def params(o, kh, kw, i, prune=False):

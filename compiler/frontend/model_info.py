@@ -20,6 +20,7 @@ class ModelInfo:
     inputs: list[TensorInfo] = field(default_factory=list)
     outputs: list[TensorInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)    # what the import decided for the user (batch 1)
+    verify_tolerance: float = 0.0   # --verify allows at least this relative difference from the source runtime
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -28,7 +29,8 @@ class ModelInfo:
     def from_json(d: dict) -> "ModelInfo":
         return ModelInfo(source=d["source"], path=d["path"],
                          inputs=[TensorInfo(**t) for t in d["inputs"]],
-                         outputs=[TensorInfo(**t) for t in d["outputs"]], notes=d.get("notes", []))
+                         outputs=[TensorInfo(**t) for t in d["outputs"]], notes=d.get("notes", []),
+                         verify_tolerance=d.get("verify_tolerance", 0.0))
 
 
 def batch_one(name: str, dims: list) -> tuple[list, str | None]:
