@@ -10,7 +10,8 @@ import tvm
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.tflite_import import HINTS_ATTR, HYBRID_VERIFY_TOLERANCE, import_tflite, sparse_hints
+from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE
+from compiler.frontend.tflite_import import HINTS_ATTR, import_tflite, sparse_hints
 from tests.conftest import tflite_layers_model
 from zoo.tflite_writer import TfliteBuilder, custom_op_tflite, mobilenet_v2_tflite
 
@@ -122,18 +123,33 @@ def test_dynamic_range_quantized_weights(tmp_path, sparse):
     path = write(tmp_path, "int8.tflite", mobilenet_v2_tflite(**kw))
     ref = write(tmp_path, "as_fp32.tflite", mobilenet_v2_tflite(**kw, store_int8=False, store_sparse=False))
     mod, info = import_tflite(path)
-    assert info.verify_tolerance == HYBRID_VERIFY_TOLERANCE and "14 int8 weight(s) dequantized" in info.notes[-1]
+    assert info.verify_tolerance == QUANTIZED_VERIFY_TOLERANCE and "14 int8 weight(s) dequantized" in info.notes[-1]
     ref_mod, ref_info = import_tflite(ref)
-    assert ref_info.verify_tolerance == 0.0
+    assert ref_info.verify_tolerance == 0.0 and not any("quantized activations" in n for n in info.notes)
     assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(weights(mod), weights(ref_mod)))
     x = np.random.default_rng(0).standard_normal(info.inputs[0].shape).astype(np.float32)
     ours = run_tvm(mod, x)
     np.testing.assert_allclose(ours, run_litert(ref, x), rtol=1e-4, atol=1e-4)
     hybrid = run_litert(path, x, delegates=sparse is None)
-    assert 0 < np.abs(ours - hybrid).max() <= HYBRID_VERIFY_TOLERANCE * np.abs(hybrid).max()
+    assert 0 < np.abs(ours - hybrid).max() <= QUANTIZED_VERIFY_TOLERANCE * np.abs(hybrid).max()
     if sparse:
         hints = {k: json.loads(v) for k, v in mod.attrs[HINTS_ATTR].items()}
         assert len(hints) == 9 and all(h["dtype"] == "int8" for h in hints.values())
+
+
+def test_quantized_activations_loosen_verify(tmp_path):
+    """An int8 activation (QUANTIZE -> DEQUANTIZE, as integer-quantized models have around every op) is computed with
+    its quantize step; the model then says that --verify allows the quantized tolerance, and a note says why."""
+    from tflite.BuiltinOperator import BuiltinOperator
+    from tflite.BuiltinOptions import BuiltinOptions
+    b = TfliteBuilder()
+    x = b.input([1, 4, 4, 8])
+    q = b._op(BuiltinOperator.QUANTIZE, [x], [1, 4, 4, 8], "q", BuiltinOptions.QuantizeOptions, dtype="int8")
+    b.tensors[q].quant = {"scale": np.array([0.05], np.float32), "axis": 0}
+    b.output(b.hard_swish(b._op(BuiltinOperator.DEQUANTIZE, [q], [1, 4, 4, 8], "dq", BuiltinOptions.DequantizeOptions)))
+    mod, info = check_against_litert(write(tmp_path, "int8_act.tflite", b.finish()))
+    assert info.verify_tolerance == QUANTIZED_VERIFY_TOLERANCE
+    assert info.notes[-1].startswith("quantized activations: 1 int8 tensor(s)")
 
 
 @pytest.mark.parametrize("enc", [dict(order=[1, 0], formats=["SPARSE_CSR", "SPARSE_CSR"]),

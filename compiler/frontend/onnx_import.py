@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.model_info import ModelInfo, TensorInfo, batch_one
+from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
 from compiler.frontend.onnx_float16 import has_float16, widen_float16
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 
@@ -207,6 +207,12 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
         model = widen_float16(model)
         notes.append("a float16 model: computed in float32, its float16 inputs and outputs kept")
     _check_ops(model)
+    inits = {t.name for t in model.graph.initializer}
+    quantized = sum(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
+    if quantized:
+        notes.append(f"quantized activations: {quantized} QuantizeLinear step(s), computed in float32 (a different "
+                     "float summation order moves single values by one int8 step, so --verify allows a relative "
+                     f"difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     shape_dict = {t.name: t.shape for t in inputs}
     dtype_dict = {t.name: t.dtype for t in inputs}
     with _patched_importer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -222,4 +228,5 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
             raise ShrinkcError(f"output '{vi.name}' has a shape that depends on the data",
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(vi.name, [int(d) for d in ty.shape.values], str(ty.dtype)))
-    return mod, ModelInfo("onnx", path, inputs, outputs, notes)
+    return mod, ModelInfo("onnx", path, inputs, outputs, notes,
+                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if quantized else 0.0)

@@ -20,7 +20,7 @@ from tvm import relax
 from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 
 from compiler.errors import ShrinkcError
-from compiler.frontend.model_info import ModelInfo, TensorInfo, batch_one
+from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
 
 HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
 _DTYPES = {TensorType.FLOAT32: "float32", TensorType.FLOAT16: "float16", TensorType.INT8: "int8",
@@ -280,9 +280,6 @@ def _sparse_hints(model: tflite.Model, raw: bytes) -> dict[str, dict]:
 
 # ---- dynamic-range quantized weights --------------------------------------------------------------
 _HYBRID_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-# LiteRT runs these ops on int8 weights with their float input quantized to int8 at run time, shrinkc on the
-# dequantized weights in float32: on MobileNetV2 the outputs differed by about 0.6% of their peak
-HYBRID_VERIFY_TOLERANCE = 0.05
 
 
 def _dequantized(model: tflite.Model, raw: bytes, tensor) -> np.ndarray:
@@ -329,6 +326,19 @@ def hybrid_weights(model: tflite.Model, raw: bytes) -> dict[int, np.ndarray]:
                 found[src] = _dequantized(model, raw, tensor)
             found[idx] = found[src]
     return found
+
+
+def quantized_activations(model: tflite.Model) -> int:
+    """How many op outputs are int8 / uint8 tensors with a quantization scale (an integer-quantized model)."""
+    sg = model.Subgraphs(0)
+    count = 0
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        for idx in (op.OutputsAsNumpy() if op.OutputsLength() else []):
+            t = sg.Tensors(int(idx))
+            count += t.Type() in (TensorType.INT8, TensorType.UINT8) and t.Quantization() is not None \
+                and bool(t.Quantization().ScaleLength()) and op_name(model, op) != "DENSIFY"
+    return count
 
 
 class _FloatView:
@@ -466,11 +476,15 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
     notes: list[str] = []
     inputs = graph_inputs(model, pins or {}, notes)
     hints = _sparse_hints(model, raw)
-    hybrid = hybrid_weights(model, raw)
+    hybrid, quantized = hybrid_weights(model, raw), quantized_activations(model)
     if hybrid:
         notes.append(f"dynamic-range quantized: {len({id(v) for v in hybrid.values()})} int8 weight(s) dequantized "
                      "and computed in float32 (LiteRT quantizes those ops' inputs to int8 at run time, so "
-                     f"--verify allows a relative difference of {HYBRID_VERIFY_TOLERANCE:g})")
+                     f"--verify allows a relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
+    if quantized:
+        notes.append(f"quantized activations: {quantized} int8 tensor(s), computed in float32 with their quantize "
+                     "steps (a different float summation order moves single values by one int8 step, so --verify "
+                     f"allows a relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     converter = type("_FileConverter", (_Converter,), {"raw": raw, "hybrid": hybrid})
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -496,4 +510,4 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(name, [int(d) for d in ty.shape.values], str(ty.dtype)))
     return mod, ModelInfo("tflite", path, inputs, outputs, notes,
-                          verify_tolerance=HYBRID_VERIFY_TOLERANCE if hybrid else 0.0)
+                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if hybrid or quantized else 0.0)
