@@ -23,6 +23,7 @@ from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
 from passes.pad_channel_planes import PadChannelPlanes
 from passes.prune_activations import PruneActivations
+from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
 from schedules import registry
@@ -61,6 +62,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.CanonicalizeBindings(),
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
+            QuantizeStepsInFloat(),  # NOTE: after weights' dequantize is folded; activations' steps go float
             CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW
             FoldPadIntoConv(),
             FoldScaleIntoConv(),

@@ -100,8 +100,9 @@ def test_dynamic_range_quantized_sparse_tflite_verifies_against_litert(tmp_path,
 
 def test_qdq_quantized_onnx_model_verifies_with_the_quantized_tolerance(tmp_path):
     """ONNX Runtime's static QDQ quantization (int8 weights and activations as QuantizeLinear / DequantizeLinear
-    pairs) compiles to float32 with the quantize steps kept; single values can land one int8 step apart from ONNX
-    Runtime's (float summation order), so the model says which tolerance --verify applies, and a note says why."""
+    pairs) compiles to float32 with the quantize steps kept, as float ops in the conv kernels; single values can land
+    one int8 step apart from ONNX Runtime's (float summation order), so the model says which tolerance --verify
+    applies, and a note says why."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE
@@ -124,6 +125,10 @@ def test_qdq_quantized_onnx_model_verifies_with_the_quantized_tolerance(tmp_path
     results = cm.verify()
     assert all(r.ok for r in results), [r.line() for r in results]
     assert compiler.compile_model(str(src)).info.verify_tolerance == 0.0
+    # the activations' quantize steps run as float ops fused into the convs (QuantizeStepsInFloat): no int8 tensor
+    # and no layout transform for one is left
+    assert cm.report["passes"]["QuantizeStepsInFloat"]["counts"]["in_float"] > 10
+    assert not [k for k in cm.report["kernels"] if "quantize" in k or "layout_transform" in k]
 
 
 def _float16_model(model):

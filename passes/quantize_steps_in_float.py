@@ -1,0 +1,82 @@
+"""QuantizeStepsInFloat: an activation's quantize -> (int clips) -> dequantize becomes float ops of the same values.
+
+A quantized model (QDQ ONNX, integer TFLite as TVM imports it) rounds each activation to an int8 step and
+reads it back as float: dequantize(clip(quantize(x, s, z), lo, hi), s2, z2). The int8 tensor between them
+has no layout-free elementwise ops, so blocked-layout kernels converted every conv output back to NCHW for it
+(MobileNetV2 QDQ: most of the run in layout transforms). With a scalar scale and zero point the same values are
+
+    y = (clip(round(x / s), lo - z, hi - z) + (z - z2)) * s2
+
+(lo, hi: the int range of the quantized type, narrowed by the clips between; integers are exact in float32, so
+the shift by z moves into the clip bounds), four elementwise float ops that stay in any layout and fuse into the
+conv before them. round is ties-to-even, as ONNX's QuantizeLinear and TVM's own quantize lowering round.
+Per-channel activation scales (none seen in real models) are left as they are.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.rewriting import BindingRewriter, const_np, is_const, op_name, rewrite_main, rewriter
+
+NAME = "QuantizeStepsInFloat"
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
+
+
+def _scalar(expr) -> float | None:
+    """The value of a constant with one element, else None."""
+    if not is_const(expr):
+        return None
+    value = const_np(expr)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+@rewriter
+class _InFloat(BindingRewriter):
+    # dequantize(clip*(quantize(x, s, z)), s2, z2)  =>  multiply(add?(clip(round(divide(x, s)), lo - z, hi - z)), s2)
+    def quantize_step(self, value):
+        """(x, s, z, lo, hi) of the quantize and int clips under a dequantize's input, or None."""
+        lo, hi = -np.inf, np.inf
+        cur = value.args[0]
+        while True:
+            src = self.producer(cur)
+            if src is None or not isinstance(src, relax.Call):
+                return None
+            if op_name(src) == "relax.clip":
+                lo, hi = max(lo, float(src.args[1].value)), min(hi, float(src.args[2].value))
+                cur = src.args[0]
+                continue
+            if op_name(src) != "relax.quantize" or str(src.attrs.out_dtype) not in _RANGES:
+                return None
+            s, z = _scalar(src.args[1]), _scalar(src.args[2])
+            if s is None or z is None or is_const(src.args[0]):
+                return None
+            qlo, qhi = _RANGES[str(src.attrs.out_dtype)]
+            return src.args[0], s, z, max(lo, qlo), min(hi, qhi)
+
+    def rewrite(self, var, value):
+        if op_name(value) != "relax.dequantize" or str(value.attrs.out_dtype) != "float32":
+            return None
+        step = self.quantize_step(value)
+        s2, z2 = _scalar(value.args[1]), _scalar(value.args[2])
+        if step is None or s2 is None or z2 is None:
+            return None
+        x, s, z, lo, hi = step
+        if x.ty.dtype != "float32":
+            return None
+        q = self.emit(relax.op.round(self.emit(relax.op.divide(x, relax.const(s, "float32")))))
+        q = self.emit(relax.op.clip(q, lo - z, hi - z))
+        if z != z2:
+            q = self.emit(relax.op.add(q, relax.const(z - z2, "float32")))
+        changelog.record(NAME, "in_float", var.name)
+        return relax.op.multiply(q, relax.const(s2, "float32"))
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class QuantizeStepsInFloat:
+    """An activation's quantize -> (int clips) -> dequantize becomes float ops of the same values."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return rewrite_main(mod, _InFloat)[0]
