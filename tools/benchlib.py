@@ -94,10 +94,15 @@ def _worker_main(kind: str, path: str, inputs_npz: str, threads: int) -> None:
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         call = lambda: sess.run(None, inputs)  # noqa: E731
-    else:  # litert
-        from ai_edge_litert.interpreter import Interpreter
-        interp = Interpreter(model_path=path, num_threads=threads)
-        interp.allocate_tensors()
+    else:  # litert, with its default XNNPACK delegate, or its own kernels where the delegate fails on the model
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        try:
+            interp = Interpreter(model_path=path, num_threads=threads)
+            interp.allocate_tensors()
+        except RuntimeError:
+            interp = Interpreter(model_path=path, num_threads=threads,
+                                 experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interp.allocate_tensors()
         for d in interp.get_input_details():
             interp.set_tensor(d["index"], inputs[d["name"]])
         call = interp.invoke

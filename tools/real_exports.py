@@ -5,12 +5,18 @@ the TFLite converter (random weights: the graphs are what matters), each compile
                                                        # shrinkc's extras: use a separate venv)
     python tools/real_exports.py export --out DIR --only keras-sparse     # tensorflow-cpu only
     python tools/real_exports.py prune DIR            # shrinkc's venv: torch_*_pruned85.onnx from DIR's exports
+    python tools/real_exports.py quantize DIR         # shrinkc's venv: torch_*_qdq.onnx from DIR's exports
     python tools/real_exports.py check DIR            # shrinkc's venv: compile --verify each model
     python tools/real_exports.py check DIR --time 10  # ... and time each library against the exporter's runtime
 
 `keras-sparse`: Keras MobileNetV2 / MobileNetV3-Small with 85% of every 1x1 conv's and dense layer's
 weights zeroed (unstructured), converted with the converter's own sparse encoding
-(tf.lite.Optimize.EXPERIMENTAL_SPARSITY: SparsityParameters + DENSIFY), fp32 and fp16.
+(tf.lite.Optimize.EXPERIMENTAL_SPARSITY: SparsityParameters + DENSIFY), fp32, fp16 and dynamic-range (`_dr`).
+`keras-quantized`: Keras MobileNetV2 / MobileNetV3-Small / EfficientNet-B0 through the converter's quantization:
+dynamic-range (`_dr`: tf.lite.Optimize.DEFAULT alone, int8 weights, float activations) and integer (`_int8`:
+with a representative dataset of random images, int8 weights and activations, float input and output).
+`quantize`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 exports through ONNX Runtime's static
+quantization (QDQ, int8 per-channel weights, int8 activations calibrated on random images).
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -48,6 +54,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_keras_sparse(out)
     if only in (None, "torch-fp16"):
         _export_torch_fp16(out)
+    if only in (None, "keras-quantized"):
+        _export_keras_quantized(out)
 
 
 def _export_torch(out: str) -> None:
@@ -93,17 +101,27 @@ def _keras_model(name: str):
                                                         classifier_activation=None)
 
 
-def _write_tflite(model, stem: str, sparse: bool = False) -> None:
-    """STEM.tflite (fp32) and STEM_fp16.tflite through the TFLite converter; with sparse, its own sparse
-    encoding of mostly-zero weights (EXPERIMENTAL_SPARSITY)."""
+def _write_tflite(model, stem: str, sparse: bool = False, variants: tuple = ("", "_fp16")) -> None:
+    """STEM.tflite (fp32), STEM_fp16.tflite, STEM_dr.tflite (dynamic-range) and STEM_int8.tflite (integer, calibrated
+    on random images) through the TFLite converter, those `variants` named; with sparse, its own sparse encoding of
+    mostly-zero weights (EXPERIMENTAL_SPARSITY)."""
+    import numpy as np
     import tensorflow as tf
-    for suffix, fp16 in (("", False), ("_fp16", True)):
+    rng = np.random.default_rng(0)
+
+    def images():
+        for _ in range(8):
+            yield [rng.uniform(-1, 1, (1, *model.input_shape[1:])).astype(np.float32)]
+
+    for suffix in variants:
         conv = tf.lite.TFLiteConverter.from_keras_model(model)
-        optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] * sparse + [tf.lite.Optimize.DEFAULT] * fp16
+        optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] * sparse + [tf.lite.Optimize.DEFAULT] * bool(suffix)
         if optimizations:
             conv.optimizations = optimizations
-        if fp16:
+        if suffix == "_fp16":
             conv.target_spec.supported_types = [tf.float16]
+        if suffix == "_int8":
+            conv.representative_dataset = images
         with open(f"{stem}{suffix}.tflite", "wb") as f:
             f.write(conv.convert())
 
@@ -115,25 +133,46 @@ def _export_keras(out: str) -> None:
         _write_tflite(_keras_model(name), f"{out}/keras_{name}")
 
 
+def _randomised(model, rng, zeros: float = 0.0):
+    """The model with BN statistics that fold to something, and with `zeros` of every 1x1 conv's and dense layer's
+    weights zero (unstructured)."""
+    import numpy as np
+    import tensorflow as tf
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            weights[2] = rng.uniform(-0.1, 0.1, weights[2].shape).astype(np.float32)
+            weights[3] = rng.uniform(0.5, 1.5, weights[3].shape).astype(np.float32)
+        elif zeros and (isinstance(layer, tf.keras.layers.Dense) or (type(layer) is tf.keras.layers.Conv2D
+                                                                   and tuple(layer.kernel_size) == (1, 1))):
+            weights[0] = weights[0] * (rng.random(weights[0].shape) >= zeros)
+        else:
+            continue
+        layer.set_weights(weights)
+    return model
+
+
 def _export_keras_sparse(out: str, zeros: float = 0.85) -> None:
     import numpy as np
     import tensorflow as tf
     tf.random.set_seed(0)
     rng = np.random.default_rng(0)
     for name in ("mobilenet_v2", "mobilenet_v3_small"):
-        model = _keras_model(name)
-        for layer in model.layers:
-            weights = layer.get_weights()
-            if isinstance(layer, tf.keras.layers.BatchNormalization):   # statistics that fold to something
-                weights[2] = rng.uniform(-0.1, 0.1, weights[2].shape).astype(np.float32)
-                weights[3] = rng.uniform(0.5, 1.5, weights[3].shape).astype(np.float32)
-            elif isinstance(layer, tf.keras.layers.Dense) or (type(layer) is tf.keras.layers.Conv2D
-                                                              and tuple(layer.kernel_size) == (1, 1)):
-                weights[0] = weights[0] * (rng.random(weights[0].shape) >= zeros)
-            else:
-                continue
-            layer.set_weights(weights)
-        _write_tflite(model, f"{out}/keras_{name}_sparse{round(zeros * 100)}", sparse=True)
+        model = _randomised(_keras_model(name), rng, zeros)
+        _write_tflite(model, f"{out}/keras_{name}_sparse{round(zeros * 100)}", sparse=True,
+                      variants=("", "_fp16", "_dr"))
+
+
+QUANTIZED = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"]
+
+
+def _export_keras_quantized(out: str) -> None:
+    import numpy as np
+    import tensorflow as tf
+    tf.random.set_seed(0)
+    rng = np.random.default_rng(0)
+    for name in QUANTIZED:
+        _write_tflite(_randomised(_keras_model(name), rng), f"{out}/keras_{name}", variants=("_dr", "_int8"))
 
 
 PRUNED = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0"]
@@ -157,6 +196,29 @@ def prune(folder: str, zeros: float = 0.85, names: list[str] = PRUNED) -> None:
             flat[np.argsort(np.abs(flat), kind="stable")[:round(zeros * flat.size)]] = 0
             inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
         onnx.save(model, os.path.join(folder, f"torch_{name}_pruned{round(zeros * 100)}.onnx"))
+
+
+QDQ = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
+
+
+def quantize(folder: str, names: list[str] = QDQ) -> None:
+    """torch_NAME_qdq.onnx: ONNX Runtime's static quantization of DIR's torch_NAME.onnx (QDQ, int8 per-channel
+    weights, int8 activations calibrated on 8 random images)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    rng = np.random.default_rng(0)
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    for name in names:
+        quantize_static(os.path.join(folder, f"torch_{name}.onnx"), os.path.join(folder, f"torch_{name}_qdq.onnx"),
+                        Images(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8, per_channel=True)
 
 
 def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:
@@ -214,7 +276,9 @@ def check(folder: str, out_md: str, rounds: int = 0) -> int:
                 f"`python tools/real_exports.py check {folder}{md_arg}` (models from `tools/real_exports.py export`: "
                 "torchvision via torch.onnx, Keras applications via the TFLite converter, random weights; "
                 "`*_sparse85*`: 85% of the 1x1 and dense weights zero, stored by the converter's sparse encoding; "
-                "`*_pruned85`: `tools/real_exports.py prune`, 85% of the 1x1 and classifier weights zero, stored dense)"
+                "`*_pruned85`: `tools/real_exports.py prune`, 85% of the 1x1 and classifier weights zero, stored dense; "
+                "`*_dr` / `*_int8`: the converter's dynamic-range / integer quantization; `*_qdq`: `tools/real_exports.py "
+                "quantize`, ONNX Runtime's static QDQ quantization)"
                 + ("; timed at 1 thread against ONNX Runtime (.onnx) or LiteRT (.tflite) on the same input, each in "
                    "its own process, bursts of 5 runs alternating, medians; above 1 = shrinkc faster"
                    if rounds else "") + f"\n\n| model | exit | result | sparse layers | .so MB | compile + verify s{head} |\n"
@@ -229,8 +293,10 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
-    e.add_argument("--only", choices=["torch", "keras", "keras-sparse", "torch-fp16"], help="one group of models")
+    e.add_argument("--only", choices=["torch", "keras", "keras-sparse", "torch-fp16", "keras-quantized"],
+                   help="one group of models")
     sub.add_parser("prune").add_argument("folder")
+    sub.add_parser("quantize").add_argument("folder")
     c = sub.add_parser("check")
     c.add_argument("folder")
     c.add_argument("--md", default=os.path.join(ROOT, "benchmarks", "REAL-EXPORTS.md"))
@@ -241,6 +307,8 @@ def main() -> None:
         export(args.out, args.only)
     elif args.cmd == "prune":
         prune(args.folder)
+    elif args.cmd == "quantize":
+        quantize(args.folder)
     else:
         os.makedirs(os.path.dirname(args.md), exist_ok=True)
         sys.exit(check(args.folder, args.md, args.time))
