@@ -290,13 +290,15 @@ def _dequantized(model: tflite.Model, raw: bytes, tensor) -> np.ndarray:
     else:
         values = np.frombuffer(buffer_bytes(model, raw, tensor), _np_dtype(tensor)).reshape(
             [int(d) for d in tensor.ShapeAsNumpy()])
-    scale = np.asarray(q.ScaleAsNumpy(), np.float32).reshape(-1)
-    zero = np.asarray(q.ZeroPointAsNumpy() if q.ZeroPointLength() else 0, np.float32).reshape(-1)
-    shape = [1] * values.ndim
-    if scale.size > 1:
-        shape[int(q.QuantizedDimension())] = scale.size
-    return ((values.astype(np.float32) - zero.reshape(shape if zero.size > 1 else [1] * values.ndim))
-            * scale.reshape(shape)).astype(np.float32)
+    def along_axis(v) -> np.ndarray:   # one value, or one per index of the quantized dimension
+        v = np.asarray(v, np.float32).reshape(-1)
+        shape = [1] * values.ndim
+        if v.size > 1:
+            shape[int(q.QuantizedDimension())] = v.size
+        return v.reshape(shape)
+
+    zero = along_axis(q.ZeroPointAsNumpy() if q.ZeroPointLength() else 0)
+    return ((values.astype(np.float32) - zero) * along_axis(q.ScaleAsNumpy())).astype(np.float32)
 
 
 def hybrid_weights(model: tflite.Model, raw: bytes) -> dict[int, np.ndarray]:
