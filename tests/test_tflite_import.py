@@ -140,13 +140,8 @@ def test_dynamic_range_quantized_weights(tmp_path, sparse):
 def test_quantized_activations_loosen_verify(tmp_path):
     """An int8 activation (QUANTIZE -> DEQUANTIZE, as integer-quantized models have around every op) is computed with
     its quantize step; the model then says that --verify allows the quantized tolerance, and a note says why."""
-    from tflite.BuiltinOperator import BuiltinOperator
-    from tflite.BuiltinOptions import BuiltinOptions
     b = TfliteBuilder()
-    x = b.input([1, 4, 4, 8])
-    q = b._op(BuiltinOperator.QUANTIZE, [x], [1, 4, 4, 8], "q", BuiltinOptions.QuantizeOptions, dtype="int8")
-    b.tensors[q].quant = {"scale": np.array([0.05], np.float32), "axis": 0}
-    b.output(b.hard_swish(b._op(BuiltinOperator.DEQUANTIZE, [q], [1, 4, 4, 8], "dq", BuiltinOptions.DequantizeOptions)))
+    b.output(b.hard_swish(b.dequantize(b.quantize(b.input([1, 4, 4, 8]), 0.05))))
     mod, info = check_against_litert(write(tmp_path, "int8_act.tflite", b.finish()))
     assert info.verify_tolerance == QUANTIZED_VERIFY_TOLERANCE
     assert info.notes[-1].startswith("quantized activations: 1 int8 tensor(s)")
@@ -226,6 +221,18 @@ def test_a_dynamic_batch_alone_is_imported_as_1(tmp_path):
     assert info.inputs[0].shape == [1, 8, 8, 3] and info.outputs[0].shape == [1, 8, 8, 3]
     assert info.notes == ["input 'input': its dynamic batch axis is compiled as 1 (another size: --input "
                           "input:8x8x8x3)"]
+
+
+def test_reshape_of_a_quantized_tensor_whose_shape_is_computed_from_a_dynamic_batch(tmp_path):
+    """Integer-quantized Keras models (MobileNetV3, EfficientNet) reshape an int8 tensor to SHAPE -> STRIDED_SLICE
+    -> PACK; TVM's importer refused SHAPE of a quantized tensor, though it reads only the shape."""
+    b = TfliteBuilder()
+    x = b.quantize(b.input([1, 2, 2, 8], signature=[-1, 2, 2, 8]), 0.05)
+    b.output(b.dequantize(b.reshape_keep_batch(x, [32])))
+    mod, info = import_tflite(write(tmp_path, "int8_reshape.tflite", b.finish()), {"input": [1, 2, 2, 8]})
+    assert info.outputs[0].shape == [1, 32]
+    v = np.linspace(-3, 3, 32, dtype=np.float32).reshape(1, 2, 2, 8)
+    np.testing.assert_array_equal(run_tvm(mod, v), run_litert(write(tmp_path, "again.tflite", b.finish()), v))
 
 
 def test_reshape_whose_shape_is_computed_from_a_dynamic_batch(tmp_path):

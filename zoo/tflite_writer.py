@@ -245,9 +245,20 @@ class TfliteBuilder:
         dims = [self._tensor(f"{name}/dim{i}", [], "int32", data=np.int32(d).tobytes()) for i, d in enumerate(rest)]
         new_shape = self._op(_Op.PACK, [batch, *dims], [1 + len(rest)], f"{name}/new_shape", _Opt.PackOptions,
                              "int32", ValuesCount=1 + len(rest), Axis=0)
-        out = self._op(_Op.RESHAPE, [x, new_shape], [self.shape(x)[0], *rest], name, _Opt.ReshapeOptions)
+        out = self._op(_Op.RESHAPE, [x, new_shape], [self.shape(x)[0], *rest], name, _Opt.ReshapeOptions,
+                       self.tensors[x].dtype)
         self.tensors[out].signature = [-1, *rest]
+        self.tensors[out].quant = self.tensors[x].quant
         return out
+
+    def quantize(self, x: int, scale: float, name: str = "quantize") -> int:
+        """x as int8 with one scale (zero point 0), as an integer-quantized model holds its activations."""
+        q = self._op(_Op.QUANTIZE, [x], self.shape(x), name, _Opt.QuantizeOptions, "int8")
+        self.tensors[q].quant = {"scale": np.array([scale], np.float32), "axis": 0}
+        return q
+
+    def dequantize(self, q: int, name: str = "dequantize") -> int:
+        return self._op(_Op.DEQUANTIZE, [q], self.shape(q), name, _Opt.DequantizeOptions)
 
     def softmax(self, x: int, beta: float = 1.0, name: str = "softmax") -> int:
         return self._op(_Op.SOFTMAX, [x], self.shape(x), name, _Opt.SoftmaxOptions, Beta=beta)

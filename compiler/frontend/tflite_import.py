@@ -372,6 +372,9 @@ class _Converter(_tvm_tflite.OperatorConverter):
 
     raw: bytes = b""
     hybrid: dict = {}    # dynamic-range quantized weights by tensor index, dequantized (hybrid_weights)
+    # SHAPE reads only the shape of its (quantized) input: Keras models with a dynamic batch reshape through
+    # SHAPE -> STRIDED_SLICE -> PACK, and integer-quantized ones were refused for it
+    _SUPPORTED_QUANTIZED_OPS = _tvm_tflite.OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"SHAPE"}
 
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
