@@ -131,13 +131,16 @@ def inline_epilogue(sch: s_tir.Schedule, block, tile_loop=None) -> list:
     Intermediate elementwise blocks are inlined into their readers first (so x * relu6(x + 3)
     becomes one block), except into a reader that broadcasts them over a larger output (a
     squeeze-and-excitation gate, sigmoid(conv + bias) on [1, C, 1, 1], times the feature map: inlined there,
-    the sigmoid would run once per pixel instead of once per channel); then what is left is inlined into
-    `block`; a consumer that cannot be (it reads the tile more than once, say) is computed inside `tile_loop`,
-    still in cache. Returns the consumers that stay loop nests of their own."""
+    the sigmoid would run once per pixel instead of once per channel); so are the blocks of another input's
+    chain into the epilogue, neither before nor after `block` (a quantized model's gated map, quantize steps
+    on it: left alone they were serial loop nests through buffers of their own); then what is left is inlined
+    into `block`; a consumer that cannot be (it reads the tile more than once, say) is computed inside
+    `tile_loop`, still in cache. Returns the consumers that stay loop nests of their own."""
     for blk in list(top_blocks(sch)):
         if sch.get(blk).same_as(sch.get(block)) or writes_output(sch, blk):
             continue
-        if block_is_after(sch, blk, block) and not _broadcast_by_reader(sch, blk):
+        upstream = block_is_after(sch, block, blk)   # a producer of `block` (a pad): the caller's to place
+        if not upstream and not _broadcast_by_reader(sch, blk):
             try:
                 sch.compute_inline(blk)
             except Exception:
