@@ -131,6 +131,27 @@ def test_qdq_quantized_onnx_model_verifies_with_the_quantized_tolerance(tmp_path
     assert not [k for k in cm.report["kernels"] if "quantize" in k or "layout_transform" in k]
 
 
+def test_float16_weights_behind_float32_borders_say_so(tmp_path):
+    """A float16 converter's keep_io_types output: float32 input and output cast to float16 inside, float16
+    weights; widened like any float16 model, and the note does not claim float16 inputs."""
+    import onnx
+    from onnx import TensorProto, helper
+    model = _float16_model(zoo.build("mobilenet_v3_large", width=0.35, resolution=32, num_classes=5))
+    g = model.graph
+    (inp,), (out,) = g.input, g.output
+    for n in g.node:
+        n.input[:] = [inp.name + "_h" if x == inp.name else x for x in n.input]
+        n.output[:] = [out.name + "_h" if x == out.name else x for x in n.output]
+    g.node.insert(0, helper.make_node("Cast", [inp.name], [inp.name + "_h"], to=TensorProto.FLOAT16))
+    g.node.append(helper.make_node("Cast", [out.name + "_h"], [out.name], to=TensorProto.FLOAT))
+    inp.type.tensor_type.elem_type = out.type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.checker.check_model(model)
+    cm = compiler.compile_model(model, sparse="off")
+    assert "a float16 model: computed in float32 (its inputs and outputs are float32)" in cm.info.notes
+    results = cm.verify()
+    assert all(r.ok for r in results), [r.line() for r in results]
+
+
 def _float16_model(model):
     """The model in float16 as a half-precision export stores it: float weights, inputs and outputs float16."""
     import onnx
@@ -163,7 +184,7 @@ def test_float16_model_runs_in_float32_with_its_float16_signature(sparsity, tmp_
     cm = compiler.compile_model(model)
     results = cm.verify()
     assert all(r.ok for r in results), [r.line() for r in results]
-    assert any("float16 model" in n for n in cm.info.notes)
+    assert any(n.endswith("its float16 inputs and outputs kept") for n in cm.info.notes)
     if sparsity:
         assert any(k.startswith("f32_spmm_chw") for k in cm.report["kernels"])
     so, _ = cm.export(str(tmp_path / "m.so"))

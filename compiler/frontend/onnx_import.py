@@ -204,8 +204,11 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
     folded.CopyFrom(model)
     model, _ = fold_shape_subgraphs(folded, {t.name: t.shape for t in inputs})
     if has_float16(model):
+        borders = any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+                      for v in [*model.graph.input, *model.graph.output])
         model = widen_float16(model)
-        notes.append("a float16 model: computed in float32, its float16 inputs and outputs kept")
+        notes.append("a float16 model: computed in float32" + (", its float16 inputs and outputs kept" if borders
+                                                               else " (its inputs and outputs are float32)"))
     _check_ops(model)
     inits = {t.name for t in model.graph.initializer}
     quantized = sum(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
