@@ -103,22 +103,11 @@ def test_qdq_quantized_onnx_model_verifies_with_the_quantized_tolerance(tmp_path
     pairs) compiles to float32 with the quantize steps kept, as float ops in the conv kernels; single values can land
     one int8 step apart from ONNX Runtime's (float summation order), so the model says which tolerance --verify
     applies, and a note says why."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE
+    from zoo.quantize_qdq import quantize_qdq
     src, qdq = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
     src.write_bytes(zoo.build("mobilenet_v2", width=0.35, resolution=64, num_classes=10).SerializeToString())
-    rng = np.random.default_rng(0)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"input": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    quantize_static(str(src), str(qdq), Reader(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    quantize_qdq(str(src), str(qdq), (1, 3, 64, 64), 4, np.random.default_rng(0))
     cm = compiler.compile_model(str(qdq))
     assert cm.info.verify_tolerance == QUANTIZED_VERIFY_TOLERANCE
     assert any(n.startswith("quantized activations:") and "QuantizeLinear" in n for n in cm.info.notes)

@@ -205,20 +205,12 @@ def quantize(folder: str, names: list[str] = QDQ) -> None:
     """torch_NAME_qdq.onnx: ONNX Runtime's static quantization of DIR's torch_NAME.onnx (QDQ, int8 per-channel
     weights, int8 activations calibrated on 8 random images)."""
     import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    sys.path.insert(0, ROOT)
+    from zoo.quantize_qdq import quantize_qdq
     rng = np.random.default_rng(0)
-
-    class Images(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(8)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
     for name in names:
-        quantize_static(os.path.join(folder, f"torch_{name}.onnx"), os.path.join(folder, f"torch_{name}_qdq.onnx"),
-                        Images(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QInt8, per_channel=True)
+        quantize_qdq(os.path.join(folder, f"torch_{name}.onnx"), os.path.join(folder, f"torch_{name}_qdq.onnx"),
+                     (1, 3, 224, 224), 8, rng)
 
 
 def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:
