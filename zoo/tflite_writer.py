@@ -137,7 +137,7 @@ class TfliteBuilder:
 
         fp16: stored float16 and a DEQUANTIZE makes the float32 tensor. int8 (with quantize; biases are not):
         TFLite's dynamic-range quantization, symmetric per channel along `block_axis` (the output channels),
-        read by the op itself as int8 (int8_values() gives the values it stands for). sparse ("csr" or
+        read by the op itself as int8 (int8_per_channel gives the values it stands for). sparse ("csr" or
         "block4x1", blocks of 4 along `block_axis`, or a dict of encode_sparse keywords): stored
         with SparsityParameters and a DENSIFY makes the dense tensor (sparse fp16: DENSIFY, DEQUANTIZE);
         densify=False hands the sparse tensor to the op itself, as TFLite does for sparse FC kernels.
@@ -147,14 +147,11 @@ class TfliteBuilder:
         dtype, stored_name = ("float16", name + "_fp16") if fp16 else ("float32", name)
         stored = value.astype(dtype)
         if self.weights == "int8" and quantize:
-            scale = int8_scales(value, block_axis)
-            stored = int8_values(value, block_axis)
+            stored, scale, along = int8_per_channel(value, block_axis)
             if self.store_int8:
                 dtype, quant = "int8", {"scale": scale, "axis": block_axis}
             else:
-                shape = [1] * value.ndim
-                shape[block_axis] = -1
-                stored = stored.astype(np.float32) * scale.reshape(shape)
+                stored = stored.astype(np.float32) * along
         if sparse is None:
             t = self._tensor(stored_name, value.shape, dtype, data=stored.tobytes(), quant=quant)
         else:
@@ -376,17 +373,16 @@ def _sparsity(b: flatbuffers.Builder, sp: dict) -> int:
                   DimMetadata=_offsets(b, "SparsityParameters", "DimMetadata", dims))
 
 
-def int8_scales(w: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric per-channel int8 scales along `axis`: the channel's largest magnitude maps to 127."""
+def int8_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w quantized symmetric per channel along `axis` (the channel's largest magnitude maps to 127): the int8
+    values, the [C] scales, and the scales shaped to broadcast along `axis`; values * that is what the model
+    computes with."""
     peak = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1)
-    return (np.maximum(peak, 1e-12) / 127.0).astype(np.float32)
-
-
-def int8_values(w: np.ndarray, axis: int) -> np.ndarray:
-    """w quantized with int8_scales (an int8 array); int8_values(w) * scale is what the model computes with."""
+    scale = (np.maximum(peak, 1e-12) / 127.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    return np.clip(np.round(w / int8_scales(w, axis).reshape(shape)), -127, 127).astype(np.int8)
+    along = scale.reshape(shape)
+    return np.clip(np.round(w / along), -127, 127).astype(np.int8), scale, along
 
 
 # ---- models --------------------------------------------------------------------------------------
