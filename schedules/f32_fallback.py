@@ -30,9 +30,12 @@ class Fallback(ScheduleRule):
     def apply(self, func, spec, knobs=None):
         sch = s_tir.Schedule(func)
         inline_data_movement(sch)
+        inline_arithmetic(sch)
         for block in top_blocks(sch):
             iters = sch.get(block).iter_vars
             try:
+                if whole_reduction(sch, block, spec.vector_lanes):
+                    continue
                 if all(int(iv.iter_type) == 0 for iv in iters):  # all data-parallel
                     if not in_write_order(sch, block, spec.vector_lanes) \
                             and not copy_rows(sch, block, spec.vector_lanes):
@@ -86,6 +89,57 @@ def inline_data_movement(sch: s_tir.Schedule) -> None:
             sch.compute_inline(block)
         except Exception:  # a block that cannot be inlined stays a loop nest of its own
             continue
+
+
+CHEAP_CALLS = {"tirx.nearbyint", "tirx.round", "tirx.floor", "tirx.ceil", "tirx.trunc", "tirx.fabs"}
+
+
+def op_names(value) -> set[str]:
+    """The names of the calls in an expression (if_then_else, exp, nearbyint, ...)."""
+    if isinstance(value, tvm.ir.Call):
+        return {str(value.op.name)}.union(*(op_names(a) for a in value.args))
+    parts = [getattr(value, f, None) for f in ("a", "b", "value", "condition", "true_value", "false_value")]
+    return set().union(*(op_names(p) for p in parts if isinstance(p, tvm.ir.Expr)))
+
+
+def inline_arithmetic(sch: s_tir.Schedule) -> None:
+    """compute_inline every elementwise block of the function's own buffers whose value is plain arithmetic
+    (no call but rounding), so a chain of them is one pass over memory. A fused quantize step (divide,
+    round, add, clip, subtract around a scale and zero point computed in 0-d blocks) ran as one loop nest and
+    one intermediate per op. Blocks with other calls (exp, sigmoid) are left, as a per-channel value a reader
+    broadcasts would be recomputed for every pixel."""
+    for block in top_blocks(sch):
+        b = sch.get(block)
+        if len(b.writes) != 1 or writes_output(sch, block) or any(int(iv.iter_type) != 0 for iv in b.iter_vars):
+            continue
+        if not isinstance(b.body, tirx.BufferStore) or not op_names(b.body.value) <= CHEAP_CALLS:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # a block that cannot be inlined stays a loop nest of its own
+            continue
+
+
+def whole_reduction(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """A reduction of a whole tensor to one value (max / min / sum of every element) whose innermost axis is a
+    whole number of vectors (a channel-blocked tensor): one partial result per position along that axis
+    (rfactor), the tensor walked once in order a vector at a time, the partials reduced at the end; True
+    when scheduled. (A plain nest is one scalar dependency chain over the tensor; fusing all axes first left
+    index arithmetic per lane, and LLVM loaded element by element.)"""
+    b = sch.get(block)
+    if len(b.writes) != 1 or len(b.writes[0].source.shape) != 0 or not b.iter_vars \
+            or any(int(iv.iter_type) != 2 for iv in b.iter_vars):
+        return False
+    loops = sch.get_loops(block)
+    if len(loops) < 2 or int(sch.get(loops[-1]).extent) % lanes:
+        return False
+    if len(loops) > 2:
+        sch.fuse(*loops[:-1])
+    partial = sch.rfactor(sch.get_loops(block)[-1], 0)     # partial[j]: the innermost axis kept, the rest reduced
+    sch.vectorize(sch.get_loops(partial)[-1])
+    init = sch.decompose_reduction(partial, sch.get_loops(partial)[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return True
 
 
 def copy_rows(sch: s_tir.Schedule, block, lanes: int) -> bool:

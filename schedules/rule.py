@@ -236,6 +236,14 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, min_parallel: int
     total = 1
     for e in extents:
         total *= e
+    if len(loops) > 1 and extents[-1] % lanes == 0:
+        # the innermost loop split into whole vectors, the others fused: a vector's lanes differ in the innermost
+        # index only (across one fused loop the index arithmetic was left per lane: gathers and scatters)
+        fused = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.vectorize(loops[-1] if extents[-1] == lanes else sch.split(loops[-1], [None, lanes])[1])
+        if total >= min_parallel:
+            sch.parallel(fused)
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     vec = lanes if extents[-1] % lanes == 0 else 1
     if vec > 1:

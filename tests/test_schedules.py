@@ -299,8 +299,9 @@ def test_layout_transforms_walk_their_output_in_memory_order(to_blocked):
     sch, back = _fallback_op(shape, lambda x: relax.op.layout_transform(x, index_map=index_map), out_shape, src)
     loops = [sch.get(lp) for lp in sch.get_loops(top_blocks(sch)[0])]      # outermost first
     kinds = [{0: "SERIAL", 1: "PARALLEL", 2: "VECTORIZED"}[int(lp.kind)] for lp in loops]
-    if to_blocked:                            # the general schedule: everything fused, split by the lanes
-        assert kinds == ["PARALLEL", "VECTORIZED"] and int(loops[1].extent) == lanes
+    if to_blocked:             # the general schedule: the outer loops fused, the innermost (w) split by the lanes
+        assert kinds == ["PARALLEL", "SERIAL", "VECTORIZED"]
+        assert [int(lp.extent) for lp in loops] == [32 * 8, 32 // lanes, lanes]
     else:                                     # (n, cb, lane, h) fused and parallel, w split by the lanes
         assert kinds == ["PARALLEL", "SERIAL", "VECTORIZED"]
         assert [int(lp.extent) for lp in loops] == [32 * 8, 32 // lanes, lanes]
@@ -429,3 +430,86 @@ def test_squeeze_excite_gate_is_computed_once_per_channel():
     for kernel, buf, shape in sigmoid_stores:
         dims = [int(d) for d in re.findall(r"int64\((\d+)", shape)]
         assert dims[2:4] == [1, 1], (kernel, buf, shape)     # [1, C/16, 1, 1, 16]: one per channel
+
+
+def test_rounding_vectorises_with_ties_to_even():
+    """relax.round lowers to TIR's nearbyint, which TVM 0.27 registers without TVectorizable: VectorizeLoop turned
+    every vector loop holding one (a quantize step) back into a scalar loop, which LLVM then vectorised across the
+    outer loop with gathers and scatters. The fallback's loop is a vector nearbyint after VectorizeLoop, and rounds
+    halves to even as ONNX Round does."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    lanes = targets.resolve(None).vector_lanes
+    shape = [1, 2, 4, 4, lanes]
+    src = (np.arange(np.prod(shape)) - 64).reshape(shape).astype(np.float32) / 2    # ..., -0.5, 0, 0.5, 1, 1.5
+    sch, out = _fallback_op(shape, lambda x: relax.op.round(x), shape, src)
+    np.testing.assert_array_equal(out, np.round(src))     # numpy rounds halves to even
+    lower = tvm.transform.Sequential([s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
+                                      s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+                                      tirx.transform.VectorizeLoop()])
+    text = lower(tvm.IRModule({"main": sch.mod["main"]}))["main"].script()
+    assert f"T.nearbyint(x_1[T.Ramp(" in text and f"T.int64({lanes})):" not in text, text
+
+
+def test_quantize_step_with_a_runtime_scale_is_one_loop_nest():
+    """A fused quantize step whose scale and zero point arrive at run time (a DynamicQuantizeLinear as float ops:
+    0-d blocks for the zero point, elementwise blocks for divide, round, add, clip, subtract): the fallback
+    inlines the arithmetic into one vectorised loop nest instead of one nest and one intermediate per op."""
+    import tvm
+    from tvm import relax, s_tir, tirx
+
+    import targets
+    from schedules.f32_fallback import Fallback
+    from schedules.rule import top_blocks
+    spec = targets.resolve(None)
+    shape = [1, 3, 8, 8, spec.vector_lanes]
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    s = relax.Var("s", relax.TensorType([], "float32"))
+    lo = relax.Var("lo", relax.TensorType([], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, s, lo]):
+        with bb.dataflow():
+            z = relax.op.round(relax.op.clip(relax.op.divide(relax.op.negative(lo), s), 0, 255))
+            q = relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(x, s)), z), 0, 255)
+            out = bb.emit_output(relax.op.subtract(q, z))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
+    func = next(f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+    assert len(top_blocks(s_tir.Schedule(func))) > 5
+    scheduled = Fallback().apply(func, spec).func
+    sch = s_tir.Schedule(scheduled)
+    assert len(top_blocks(sch)) == 1
+    inner = sch.get(sch.get_loops(top_blocks(sch)[0])[-1])
+    assert int(inner.kind) == 2 and int(inner.extent) == spec.vector_lanes      # vectorised over the lanes
+    rng = np.random.default_rng(0)
+    xv = (rng.standard_normal(shape) * 3).astype(np.float32)
+    sv, lov = np.float32(6 / 255), np.float32(-2.5)
+    with spec.tvm_target():
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})).jit()
+    dst = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    lib["main"](*[tvm.runtime.tensor(np.asarray(v)) for v in (xv, sv, lov)], dst)
+    zv = np.round(np.clip(-lov / sv, 0, 255))
+    np.testing.assert_array_equal(dst.numpy(), np.clip(np.round(xv / sv) + zv, 0, 255) - zv)
+
+
+@pytest.mark.parametrize("op", ["max", "min", "sum"])
+def test_whole_tensor_reduction_walks_whole_vectors(op):
+    """max / min / sum of every element of a channel-blocked tensor (a dynamic quantize step's range): one partial
+    result per lane, updated a vector at a time over the tensor (the plain nest was one scalar chain)."""
+    from tvm import relax
+
+    import targets
+    from schedules.rule import top_blocks
+    lanes = targets.resolve(None).vector_lanes
+    shape = [1, 3, 5, 5, lanes]
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    sch, out = _fallback_op(shape, lambda x: getattr(relax.op, op)(x), [], src)
+    blocks = top_blocks(sch)
+    assert len(blocks) == 3                        # partials' init, partials' update, final reduction
+    loops = [sch.get(lp) for lp in sch.get_loops(blocks[1])]
+    assert int(loops[-1].kind) == 2 and int(loops[-1].extent) == lanes
+    want = getattr(np, op)(src.astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=1e-5)
