@@ -22,7 +22,7 @@ NAME = "ConvertToBlockedLayout"
 UNARY = {"relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
          "relax.exp", "relax.negative", "relax.abs", "relax.nn.leakyrelu", "relax.round"}
 BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}
-REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max}
+REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max, "relax.min": relax.op.min}
 POOLS = {"relax.nn.max_pool2d": relax.op.nn.max_pool2d, "relax.nn.avg_pool2d": relax.op.nn.avg_pool2d}
 
 
@@ -88,6 +88,8 @@ class _Blocker(BindingRewriter):
             v = const_np(x)
             return const(block_const(v.reshape((1,) * (4 - v.ndim) + v.shape), b, channels, fill)) if v.ndim else x
         if self.layout.get(x, (0,))[0] == b:
+            return x
+        if self.nchw_shape(x) in ([], [1], [1, 1, 1, 1]):   # a scalar broadcasts in any layout
             return x
         if (x, b) not in self.cache:
             src = self.to_nchw(x)
@@ -160,6 +162,9 @@ class _Blocker(BindingRewriter):
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
             # NOTE: axes spelled positively: -1/-2 of the 5-D blocked tensor are its lanes and W
             return self.finish(var, REDUCE[name](args[0], axis=[2, 3], keepdims=True), *self.layout[args[0]])
+        if blocked and name in REDUCE and len(tensors) == 1 and self.whole_tensor(value, args[0]):
+            # every element of a tensor without padding channels: the same value in any layout
+            return relax.Call(value.op, args, value.attrs)
         if name == "relax.concat" and self.whole_blocks_concat(var, value):
             # channels of whole blocks one after another (SqueezeNet's fire modules): blocks one after another
             fields = value.args[0].fields
@@ -249,6 +254,11 @@ class _Blocker(BindingRewriter):
         small = all(self.nchw_shape(a)[2:] == [1, 1] for a in value.args
                     if isinstance(a, relax.Var) and a in self.layout)
         return bool(big) and small
+
+    def whole_tensor(self, value, x) -> bool:
+        """A reduction over all axes, without keepdims, of a blocked tensor with no padding channels."""
+        b, channels = self.layout[x]
+        return value.attrs.axis is None and not bool(value.attrs.keepdims) and ceil_to(channels, b) == channels
 
     @staticmethod
     def spatial_keepdims(var, value) -> bool:

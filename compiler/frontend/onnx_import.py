@@ -17,6 +17,7 @@ from compiler.errors import ShrinkcError
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
 from compiler.frontend.onnx_float16 import has_float16, widen_float16
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
+from compiler.frontend.onnx_integer_ops import has_integer_ops, integer_ops_in_float
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 
@@ -209,6 +210,14 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
         model = widen_float16(model)
         notes.append("a float16 model: computed in float32" + (", its float16 inputs and outputs kept" if borders
                                                                else " (its inputs and outputs are float32)"))
+    integer_ops = 0
+    if has_integer_ops(model):
+        model, integer_ops = integer_ops_in_float(model)
+        if integer_ops:
+            notes.append(f"dynamically quantized: {integer_ops} ConvInteger / MatMulInteger op(s) and the "
+                         "DynamicQuantizeLinear steps before them computed as float32 ops of the same values (a "
+                         "different float summation order can move a rounding by one step, so --verify allows a "
+                         f"relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     _check_ops(model)
     inits = {t.name for t in model.graph.initializer}
     quantized = sum(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
@@ -232,4 +241,4 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(vi.name, [int(d) for d in ty.shape.values], str(ty.dtype)))
     return mod, ModelInfo("onnx", path, inputs, outputs, notes,
-                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if quantized else 0.0)
+                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if quantized or integer_ops else 0.0)
