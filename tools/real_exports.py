@@ -203,14 +203,17 @@ QDQ = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
 
 def quantize(folder: str, names: list[str] = QDQ) -> None:
     """torch_NAME_qdq.onnx: ONNX Runtime's static quantization of DIR's torch_NAME.onnx (QDQ, int8 per-channel
-    weights, int8 activations calibrated on 8 random images)."""
+    weights, int8 activations calibrated on 8 random images); torch_NAME_dyn.onnx: its dynamic quantization
+    (quantize_dynamic's defaults: int8 weights, uint8 activations quantized at run time, ConvInteger)."""
     import numpy as np
+    from onnxruntime.quantization import quantize_dynamic
     sys.path.insert(0, ROOT)
     from zoo.quantize_qdq import quantize_qdq
     rng = np.random.default_rng(0)
     for name in names:
-        quantize_qdq(os.path.join(folder, f"torch_{name}.onnx"), os.path.join(folder, f"torch_{name}_qdq.onnx"),
-                     (1, 3, 224, 224), 8, rng)
+        src = os.path.join(folder, f"torch_{name}.onnx")
+        quantize_qdq(src, os.path.join(folder, f"torch_{name}_qdq.onnx"), (1, 3, 224, 224), 8, rng)
+        quantize_dynamic(src, os.path.join(folder, f"torch_{name}_dyn.onnx"))
 
 
 def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:
@@ -269,8 +272,8 @@ def check(folder: str, out_md: str, rounds: int = 0) -> int:
                 "torchvision via torch.onnx, Keras applications via the TFLite converter, random weights; "
                 "`*_sparse85*`: 85% of the 1x1 and dense weights zero, stored by the converter's sparse encoding; "
                 "`*_pruned85`: `tools/real_exports.py prune`, 85% of the 1x1 and classifier weights zero, stored dense; "
-                "`*_dr` / `*_int8`: the converter's dynamic-range / integer quantization; `*_qdq`: `tools/real_exports.py "
-                "quantize`, ONNX Runtime's static QDQ quantization)"
+                "`*_dr` / `*_int8`: the converter's dynamic-range / integer quantization; `*_qdq` / `*_dyn`: "
+                "`tools/real_exports.py quantize`, ONNX Runtime's static QDQ / dynamic quantization)"
                 + ("; timed at 1 thread against ONNX Runtime (.onnx) or LiteRT (.tflite) on the same input, each in "
                    "its own process, bursts of 5 runs alternating, medians; above 1 = shrinkc faster"
                    if rounds else "") + f"\n\n| model | exit | result | sparse layers | .so MB | compile + verify s{head} |\n"
