@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from compiler.frontend.onnx_rewriting import NodeBuilder, constants, drop_unread_initializers
 
 INTEGER_OPS = ("ConvInteger", "MatMulInteger")
 
@@ -33,40 +35,7 @@ def has_integer_ops(model: onnx.ModelProto) -> bool:
     return any(n.op_type in INTEGER_OPS for n in model.graph.node)
 
 
-def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return consts
-
-
-class _Builder:
-    def __init__(self, g: onnx.GraphProto):
-        self.g, self.nodes, self.inits = g, [], []
-        self.taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | \
-            {v.name for v in g.input}
-
-    def name(self, base: str) -> str:
-        k, out = 0, base
-        while out in self.taken:
-            k += 1
-            out = f"{base}_{k}"
-        self.taken.add(out)
-        return out
-
-    def const(self, base: str, value) -> str:
-        name = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], base: str, output: str | None = None, **attrs) -> str:
-        out = output or self.name(base)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out + "__float", **attrs))
-        return out
-
-
-def _dynamic_quantize(b: _Builder, node) -> dict:
+def _dynamic_quantize(b: NodeBuilder, node) -> dict:
     """Float ops for one DynamicQuantizeLinear: its scale under the original name, q - z (float) for the
     integer ops that read q and z, and uint8 casts under the original names for any other reader."""
     x, (q, s, z) = node.input[0], node.output
@@ -84,7 +53,7 @@ def _dynamic_quantize(b: _Builder, node) -> dict:
     return {"z": z, "qf": qf, "centred": centred}
 
 
-def _centred_input(b: _Builder, x: str, zp: str | None, quantized: dict, consts: dict) -> str:
+def _centred_input(b: NodeBuilder, x: str, zp: str | None, quantized: dict, consts: dict) -> str:
     """float(x - zp) for an integer op's input: the DynamicQuantizeLinear's q - z where it made both."""
     src = quantized.get(x)
     if src is not None and (zp is None or zp == src["z"]):
@@ -113,12 +82,12 @@ def integer_ops_in_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    consts = _constants(g)
+    consts = constants(g)
     readers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    b = _Builder(g)
+    b = NodeBuilder(g, "float")
     quantized: dict[str, dict] = {}     # q output of a rewritten DynamicQuantizeLinear -> its float parts
     converted, rewritten = {}, 0         # integer op output -> its float twin
     kept = []
@@ -154,10 +123,7 @@ def integer_ops_in_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     g.node.extend(_topological(nodes, {t.name for t in g.initializer} | {v.name for v in g.input} |
                                {t.name for t in b.inits}))
     g.initializer.extend(b.inits)
-    read = {i for n in g.node for i in n.input} | {v.name for v in g.output}
-    unread = [t for t in g.initializer if t.name not in read]    # the integer weights and zero points now folded
-    for t in unread:
-        g.initializer.remove(t)
+    drop_unread_initializers(g)        # the integer weights and zero points now folded
     return out, rewritten
 
 
