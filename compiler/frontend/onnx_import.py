@@ -18,6 +18,7 @@ from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, 
 from compiler.frontend.onnx_float16 import has_float16, widen_float16
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 from compiler.frontend.onnx_integer_ops import has_integer_ops, integer_ops_in_float
+from compiler.frontend.onnx_qoperators import has_qoperators, qoperators_to_qdq
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 
@@ -210,6 +211,11 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
         model = widen_float16(model)
         notes.append("a float16 model: computed in float32" + (", its float16 inputs and outputs kept" if borders
                                                                else " (its inputs and outputs are float32)"))
+    if has_qoperators(model):
+        model, rewritten = qoperators_to_qdq(model)
+        if rewritten:
+            notes.append(f"QOperator format: {rewritten} QLinearConv / QLinear* op(s) read as their float op between "
+                         "DequantizeLinear and QuantizeLinear (QDQ form)")
     integer_ops = 0
     if has_integer_ops(model):
         model, integer_ops = integer_ops_in_float(model)
