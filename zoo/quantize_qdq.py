@@ -5,9 +5,10 @@ import numpy as np
 
 
 def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.Generator,
-                 input_name: str = "input") -> None:
+                 input_name: str = "input", quant_format=None, activation_type=None) -> None:
     """dst: src with int8 per-channel weights and int8 activations as QuantizeLinear / DequantizeLinear pairs,
-    calibrated on `images` standard-normal inputs of `shape` drawn from rng."""
+    calibrated on `images` standard-normal inputs of `shape` drawn from rng. quant_format / activation_type:
+    another of ONNX Runtime's formats (QuantFormat.QOperator: QLinearConv, ...) or activation type."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
@@ -17,5 +18,5 @@ def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.G
         def get_next(self):
             return next(self.feeds, None)
 
-    quantize_static(src, dst, Images(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QInt8, per_channel=True)
+    quantize_static(src, dst, Images(), quant_format=quant_format or QuantFormat.QDQ, weight_type=QuantType.QInt8,
+                    activation_type=activation_type or QuantType.QInt8, per_channel=True)
