@@ -40,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "mnasnet1_0",
                "shufflenet_v2_x1_0", "resnet18", "squeezenet1_1", "regnet_x_400mf"]
+TORCHVISION_MORE = ["regnet_y_400mf", "efficientnet_v2_s", "mnasnet0_5", "densenet121", "googlenet"]   # --only torch-more
 KERAS = {"mobilenet_v1": "MobileNet", "mobilenet_v2": "MobileNetV2", "mobilenet_v3_small": "MobileNetV3Small",
          "mobilenet_v3_large": "MobileNetV3Large", "efficientnet_b0": "EfficientNetB0"}
 
@@ -48,6 +49,8 @@ def export(out: str, only: str | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     if only in (None, "torch"):
         _export_torch(out)
+    if only in (None, "torch-more"):
+        _export_torch(out, TORCHVISION_MORE, dynamo=False)
     if only in (None, "keras"):
         _export_keras(out)
     if only in (None, "keras-sparse"):
@@ -58,15 +61,18 @@ def export(out: str, only: str | None = None) -> None:
         _export_keras_quantized(out)
 
 
-def _export_torch(out: str) -> None:
+def _export_torch(out: str, names: list[str] = TORCHVISION, dynamo: bool = True) -> None:
+    """torch_NAME.onnx through torch.onnx (batch axis dynamic); with dynamo, also the dynamo exporter's MobileNetV2."""
     import torch
     import torchvision
     torch.manual_seed(0)
-    for name in TORCHVISION:
+    for name in names:
         m = _torchvision_model(name)
         torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/torch_{name}.onnx", opset_version=13,
                           dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    if not dynamo:
+        return
     m = torchvision.models.mobilenet_v2(weights=None).eval()
     torch.onnx.export(m, (torch.randn(1, 3, 224, 224),), f"{out}/torchdynamo_mobilenet_v2.onnx", dynamo=True)
 
@@ -295,7 +301,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
-    e.add_argument("--only", choices=["torch", "keras", "keras-sparse", "torch-fp16", "keras-quantized"],
+    e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
