@@ -58,6 +58,18 @@ def pack_kernel(w: np.ndarray, block: int, in_channels: int) -> np.ndarray:
     return np.ascontiguousarray(full.reshape(-1, block, in_channels, kh, kw).transpose(0, 3, 4, 2, 1))
 
 
+def merge_groups(w: np.ndarray, groups: int, block: int) -> np.ndarray:
+    """OIHW weights of a grouped conv (C channels in `groups` groups of width g, g dividing `block`) -> the
+    weights of the same conv as ceil(C / block) groups of `block` channels: [ceil_to(C, block), block, KH, KW],
+    each group's g x g weights on the diagonal of its block, zeros elsewhere (and for padding channels)."""
+    c, g, kh, kw = w.shape
+    full = np.zeros((ceil_to(c, block), block, kh, kw), np.float32)
+    for o in range(c):
+        first = (o // g) * g - (o // block) * block      # the group's first input channel, within its block
+        full[o, first:first + g] = w[o]
+    return full
+
+
 def block_const(v: np.ndarray, block: int, channels: int, fill: float = 0.0) -> np.ndarray:
     """A [1,C,1,1]-broadcastable or [1,C,H,W] constant in NCHW{block}c, channels padded with `fill`."""
     n, c, h, w = v.shape
@@ -189,6 +201,11 @@ class _Blocker(BindingRewriter):
         # a grouped conv whose groups are whole channel blocks (RegNet's group width 16): block-diagonal in NCHW{b}c
         blockwise = groups > 1 and not depthwise and bo is not None and self.block_for(cin) == bo \
             and (cin // groups) % bo == 0 and (cout // groups) % bo == 0
+        # groups of half a block (RegNetY's group width 8 in blocks of 16): the two groups of a block merged into
+        # one block-diagonal group, zeros between them (twice the multiply-adds, in the blocked kernel); narrower
+        # groups would multiply them more and stay NCHW
+        narrow = groups > 1 and not depthwise and not blockwise and bo is not None and cin == cout \
+            and self.block_for(cin) == bo and 2 * (cin // groups) == bo
         if bo is None and self.pad and not depthwise:   # a few outputs (a detector head's scores): one padded vector
             bo = self.lanes
         why = ""
@@ -196,14 +213,17 @@ class _Blocker(BindingRewriter):
             why = "not an NCHW/OIHW conv with constant weights"
         elif bo is None:
             why = f"{cout} output channels do not fill vectors of 4"
-        elif groups > 1 and not depthwise and not blockwise:
+        elif groups > 1 and not depthwise and not blockwise and not narrow:
             why = "grouped conv that is not depthwise, its groups not whole channel blocks"
         if why:
             changelog.skip(NAME, var.name, f"kept NCHW: {why}")
             return relax.Call(value.op, [self.to_nchw(x), w], value.attrs)
+        if narrow:
+            w, groups, blockwise = const(merge_groups(const_np(w), groups, bo)), ceil_to(cin, bo) // bo, True
+            changelog.record(NAME, "merged_narrow_groups", var.name)
         bi = bo if depthwise else self.block_for(cin) if cin >= 8 else None
         data = self.to_block(x, bi, cin) if bi else self.to_nchw(x)
-        in_channels = 1 if depthwise else cin // groups if blockwise else (ceil_to(cin, bi) if bi else cin)
+        in_channels = 1 if depthwise else const_np(w).shape[1] if blockwise else (ceil_to(cin, bi) if bi else cin)
         call = relax.op.nn.conv2d(data, const(pack_kernel(const_np(w), bo, in_channels)), strides=a.strides,
                                   padding=a.padding, dilation=a.dilation,
                                   groups=ceil_to(cout, bo) if depthwise else groups,
