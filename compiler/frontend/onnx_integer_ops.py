@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from compiler.frontend.dequantize import dequantize
 from compiler.frontend.onnx_rewriting import NodeBuilder, constants, drop_unread_initializers
 
 INTEGER_OPS = ("ConvInteger", "MatMulInteger")
@@ -66,16 +67,6 @@ def _centred_input(b: NodeBuilder, x: str, zp: str | None, quantized: dict, cons
     return b.op("Sub", [xf, b.op("Cast", [zp], zp + "__as_float", to=TensorProto.FLOAT)], x + "__centred")
 
 
-def _centred_weight(w: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
-    """float32(W - zp) with a scalar zero point or one per output channel (`axis`)."""
-    wf = w.astype(np.float32)
-    if zp is None or zp.size == 1:
-        return wf - (0.0 if zp is None else np.float32(zp.reshape(-1)[0]))
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return wf - zp.astype(np.float32).reshape(shape)
-
-
 def integer_ops_in_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of the model with ConvInteger / MatMulInteger (constant weights) and the DynamicQuantizeLinear
     nodes feeding them as float32 ops; and how many integer ops were rewritten."""
@@ -104,7 +95,7 @@ def integer_ops_in_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 kept.append(node)
                 continue
             conv = node.op_type == "ConvInteger"
-            w = b.const(inputs[1] + "__float", _centred_weight(consts[inputs[1]], wzp, 0 if conv else 1))
+            w = b.const(inputs[1] + "__float", dequantize(consts[inputs[1]], 1.0, wzp, 0 if conv else 1))   # W - Wz
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             res = b.op("Conv" if conv else "MatMul", [x, w], node.output[0] + "__float", **(attrs if conv else {}))
             converted[node.output[0]] = res

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from compiler.frontend.dequantize import dequantize
 from compiler.frontend.onnx_rewriting import NodeBuilder, constants, drop_unread_initializers
 
 STANDARD = {"QLinearConv", "QLinearMatMul"}
@@ -33,15 +34,6 @@ MICROSOFT = {"QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearSig
 def has_qoperators(model: onnx.ModelProto) -> bool:
     return any(n.op_type in STANDARD and n.domain in ("", "ai.onnx")
                or n.op_type in MICROSOFT and n.domain == "com.microsoft" for n in model.graph.node)
-
-
-def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
-    """float32 (q - zero) * scale, scale / zero scalar or one per index of `axis`."""
-    shape = [1] * q.ndim
-    shape[axis] = -1
-    s = scale.astype(np.float32).reshape(shape if scale.size > 1 else [])
-    z = 0 if zero is None else zero.astype(np.float32).reshape(shape if zero.size > 1 else [])
-    return ((q.astype(np.float32) - z) * s).astype(np.float32)
 
 
 class _Rewriter(NodeBuilder):
@@ -58,8 +50,18 @@ class _Rewriter(NodeBuilder):
     def weight(self, w: str, s: str, z: str, axis: int) -> str | None:
         if w not in self.consts or s not in self.consts or (z and z not in self.consts):
             return None
-        return self.const(w + "__float", _dequantized(self.consts[w], self.consts[s],
-                                                      self.consts.get(z) if z else None, axis))
+        return self.const(w + "__float", dequantize(self.consts[w], self.consts[s],
+                                                    self.consts.get(z) if z else None, axis))
+
+    def bias(self, b: str, x_scale: str, w_scale: str) -> list[str] | None:
+        """[the float bias] of an int32 bias `b` (scale x_scale * w_scale, zero point 0); [] without one; None where
+        the bias or the input scale is not constant."""
+        if not b:
+            return []
+        if b not in self.consts or x_scale not in self.consts:
+            return None
+        per_channel = self.consts[w_scale].astype(np.float32).reshape(-1)
+        return [self.const(b + "__float", dequantize(self.consts[b], self.consts[x_scale], None, 0) * per_channel)]
 
     def rewrite(self, node) -> bool:
         """Append the QDQ form of a QOperator node; False (nothing appended) where it cannot be rewritten."""
@@ -72,13 +74,9 @@ class _Rewriter(NodeBuilder):
             w = self.weight(ins[3], ins[4], ins[5], 0 if conv else 1)
             if w is None:
                 return False
-            extra = []
-            if conv and ins[8]:
-                if ins[8] not in self.consts or ins[1] not in self.consts:
-                    return False
-                ws = self.consts[ins[4]].astype(np.float32).reshape(-1)
-                bias = self.consts[ins[8]].astype(np.float32) * np.float32(self.consts[ins[1]].reshape(-1)[0]) * ws
-                extra = [self.const(ins[8] + "__float", bias.astype(np.float32))]
+            extra = self.bias(ins[8], ins[1], ins[4]) if conv else []
+            if extra is None:
+                return False
             y = self.op("Conv" if conv else "MatMul", [self.dq(*ins[0:3]), w] + extra, out + "__float",
                         **(attrs if conv else {}))
             self.q(y, ins[6], ins[7], out)
@@ -109,13 +107,9 @@ class _Rewriter(NodeBuilder):
             w = self.weight(ins[3], ins[4], ins[5], 0 if attrs.get("transB", 0) else 1)
             if w is None:
                 return False
-            extra = []
-            if ins[6]:
-                if ins[6] not in self.consts or ins[1] not in self.consts:
-                    return False
-                bias = self.consts[ins[6]].astype(np.float32) * np.float32(self.consts[ins[1]].reshape(-1)[0]) \
-                    * self.consts[ins[4]].astype(np.float32).reshape(-1)
-                extra = [self.const(ins[6] + "__float", bias.astype(np.float32))]
+            extra = self.bias(ins[6], ins[1], ins[4])
+            if extra is None:
+                return False
             quantized_out = bool(ins[7])
             y = self.op("Gemm", [self.dq(*ins[0:3]), w] + extra,
                         out + "__float", output=None if quantized_out else out, transB=attrs.get("transB", 0))

@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 
 from compiler.errors import ShrinkcError
+from compiler.frontend.dequantize import dequantize
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
 
 HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
@@ -290,15 +291,8 @@ def _dequantized(model: tflite.Model, raw: bytes, tensor) -> np.ndarray:
     else:
         values = np.frombuffer(buffer_bytes(model, raw, tensor), _np_dtype(tensor)).reshape(
             [int(d) for d in tensor.ShapeAsNumpy()])
-    def along_axis(v) -> np.ndarray:   # one value, or one per index of the quantized dimension
-        v = np.asarray(v, np.float32).reshape(-1)
-        shape = [1] * values.ndim
-        if v.size > 1:
-            shape[int(q.QuantizedDimension())] = v.size
-        return v.reshape(shape)
-
-    zero = along_axis(q.ZeroPointAsNumpy() if q.ZeroPointLength() else 0)
-    return ((values.astype(np.float32) - zero) * along_axis(q.ScaleAsNumpy())).astype(np.float32)
+    return dequantize(values, q.ScaleAsNumpy(), q.ZeroPointAsNumpy() if q.ZeroPointLength() else None,
+                      int(q.QuantizedDimension()))
 
 
 def hybrid_weights(model: tflite.Model, raw: bytes) -> dict[int, np.ndarray]:
