@@ -241,13 +241,10 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, min_parallel: int
         # index only (across one fused loop the index arithmetic was left per lane: gathers and scatters)
         fused = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.vectorize(loops[-1] if extents[-1] == lanes else sch.split(loops[-1], [None, lanes])[1])
-        if total >= min_parallel:
-            sch.parallel(fused)
-        return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    vec = lanes if extents[-1] % lanes == 0 else 1
-    if vec > 1:
-        fused, vi = sch.split(fused, [None, vec])
-        sch.vectorize(vi)
+    else:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        if extents[-1] % lanes == 0:      # one loop of whole vectors
+            fused, vi = sch.split(fused, [None, lanes])
+            sch.vectorize(vi)
     if total >= min_parallel:
         sch.parallel(fused)
