@@ -223,7 +223,8 @@ class _Blocker(BindingRewriter):
             changelog.record(NAME, "merged_narrow_groups", var.name)
         bi = bo if depthwise else self.block_for(cin) if cin >= 8 else None
         data = self.to_block(x, bi, cin) if bi else self.to_nchw(x)
-        in_channels = 1 if depthwise else const_np(w).shape[1] if blockwise else (ceil_to(cin, bi) if bi else cin)
+        in_channels = 1 if depthwise else (bo if narrow else cin // groups) if blockwise else \
+            (ceil_to(cin, bi) if bi else cin)
         call = relax.op.nn.conv2d(data, const(pack_kernel(const_np(w), bo, in_channels)), strides=a.strides,
                                   padding=a.padding, dilation=a.dilation,
                                   groups=ceil_to(cout, bo) if depthwise else groups,
