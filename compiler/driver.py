@@ -151,7 +151,7 @@ def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | N
         raise ShrinkcError(f"building for '{spec.name}' failed: {first}",
                            "run with --debug and report the model and target") from None
     timings["build"] = round(time.perf_counter() - t0, 3)
-    kernels = sorted({gv.name_hint for gv, f in mod.functions.items() if gv.name_hint.startswith("f32_")})
+    kernels = sorted({gv.name_hint for gv, f in mod.functions.items() if gv.name_hint.startswith(("f32_", "u8i8_"))})
     source_bytes = model.SerializeToString() if isinstance(model, onnx.ModelProto) else None
     return CompiledModel(executable, info, spec, {"passes": passes, "timings_s": timings, "kernels": kernels,
                                                   "vm": artifact.vm_mode(spec, profiling)}, source_bytes)

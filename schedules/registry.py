@@ -11,14 +11,19 @@ from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
 from schedules.f32_pool_nchwc import MeanHW, mean_hw
 from schedules.meta_schedule_trace import MetaScheduleTrace
+from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack_vnni
 
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
 # MetaScheduleTrace applies only to kernels a tuning database has a MetaSchedule trace for.
-CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), Conv2dWinogradNCHWc(), DwConv2dNCHWc(), MeanHW(), Dense(), Fallback()]
+CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), U8I8Conv2dNCHWc(), Conv2dWinogradNCHWc(), DwConv2dNCHWc(), MeanHW(),
+             Dense(), Fallback()]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int | None) -> relax.Expr | None:
     a = call.attrs
+    if call.args[0].ty.dtype == "uint8" and call.ty.dtype == "int32":   # passes/compute_quantized_convs_in_int8.py
+        u = relax.const(pack_vnni(call.args[1].value.numpy()))
+        return bb.call_te(conv2d_u8i8_nchwc, call.args[0], u, strides=a.strides, primfunc_name_hint="conv2d")
     if str(a.kernel_layout).startswith("OHWI") and str(a.out_layout).startswith("NCHW") \
             and len(str(a.out_layout)) > 4 and call.ty.dtype == "float32":
         groups = int(a.groups)

@@ -30,6 +30,7 @@ class TargetSpec:
     notes: str = ""
     kernel_defaults: dict = field(default_factory=dict)  # knob overrides for the schedules
     warning: str = ""               # said once at compile time (a fallback was taken)
+    int8_dot: str = ""              # "avx512_vnni": quantized 1x1 convs sum uint8 x int8 in int32 (vpdpbusd)
 
     @property
     def is_cpu(self) -> bool:
@@ -162,6 +163,8 @@ def x86_host() -> TargetSpec:
     isa = "avx512" if avx512 else "avx2" if "avx2" in flags else "sse"
     threads = os.cpu_count() or 1
     mcpu = _host_mcpu()
+    # NOTE: LLVM emits vpdpbusd only for a named CPU that has it (the generic fallback mcpu has no AVX-512)
+    vnni = avx512 and "avx512_vnni" in flags and mcpu != "x86-64-v3"
     return TargetSpec(
         name="x86",
         tvm={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": threads},
@@ -172,6 +175,7 @@ def x86_host() -> TargetSpec:
         threads=threads,
         notes="builds for this CPU's exact features; run it on the same kind of CPU",
         kernel_defaults=x86_kernel_defaults(isa, mcpu),
+        int8_dot="avx512_vnni" if vnni else "",
     )
 
 
@@ -237,8 +241,10 @@ NAMED = {"x86": x86_host, "rpi4": rpi4, "pixel": pixel, "cuda": cuda}
 
 
 def resolve(target: str | dict | None, cc: str | None = None) -> TargetSpec:
-    """A name from `shrinkc targets` (or cuda:sm_XX), a TVM target JSON dict / string, or None (host)."""
-    if target is None or target == "":
+    """A name from `shrinkc targets` (or cuda:sm_XX), a TVM target JSON dict / string, a TargetSpec, or None (host)."""
+    if isinstance(target, TargetSpec):
+        spec = target
+    elif target is None or target == "":
         spec = x86_host()
     elif isinstance(target, dict) or (isinstance(target, str) and target.strip().startswith("{")):
         spec = _from_json(target)
@@ -288,9 +294,11 @@ def _x86_from_target(d: dict) -> TargetSpec:
     avx2 = bool(codegen.target_has_features("avx2", target))
     threads = int(d.get("num-cores", os.cpu_count() or 1))
     isa = "avx512" if avx512 else "avx2" if avx2 else "sse"
+    vnni = avx512 and bool(codegen.target_has_features("avx512vnni", target))
     return TargetSpec(name="custom-x86", tvm=d, description="custom x86 target", isa=isa,
                       vector_lanes=16 if avx512 else 8 if avx2 else 4, vector_registers=32 if avx512 else 16,
-                      threads=threads, kernel_defaults=x86_kernel_defaults(isa, str(d.get("mcpu", ""))))
+                      threads=threads, kernel_defaults=x86_kernel_defaults(isa, str(d.get("mcpu", ""))),
+                      int8_dot="avx512_vnni" if vnni else "")
 
 
 def describe_all() -> list[dict]:

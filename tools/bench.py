@@ -38,7 +38,7 @@ DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0,efficientne
 
 
 def _family(kernel: str) -> str:
-    return kernel.split("_")[1] if kernel.startswith("f32_") else kernel
+    return kernel.split("_")[1] if kernel.startswith(("f32_", "u8i8_")) else kernel
 
 
 def bench_model(name: str, model_path: str, threads: list[int], rounds: int, work: str, charts: str,

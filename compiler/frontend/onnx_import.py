@@ -228,8 +228,9 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
     inits = {t.name for t in model.graph.initializer}
     quantized = sum(n.op_type == "QuantizeLinear" and n.input[0] not in inits for n in model.graph.node)
     if quantized:
-        notes.append(f"quantized activations: {quantized} QuantizeLinear step(s), computed in float32 (a different "
-                     "float summation order moves single values by one int8 step, so --verify allows a relative "
+        notes.append(f"quantized activations: {quantized} QuantizeLinear step(s), computed in float32, "
+                     "1x1 convs reading them in int32 where the CPU has AVX-512 VNNI (a different summation order "
+                     "moves single values by one int8 step, so --verify allows a relative "
                      f"difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     shape_dict = {t.name: t.shape for t in inputs}
     dtype_dict = {t.name: t.dtype for t in inputs}

@@ -482,7 +482,8 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
                      f"--verify allows a relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     if quantized:
         notes.append(f"quantized activations: {quantized} int8 tensor(s), computed in float32 with their quantize "
-                     "steps (a different float summation order moves single values by one int8 step, so --verify "
+                     "steps, 1x1 convs reading them in int32 where the CPU has AVX-512 VNNI (a different summation "
+                     "order moves single values by one int8 step, so --verify "
                      f"allows a relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     converter = type("_FileConverter", (_Converter,), {"raw": raw, "hybrid": hybrid})
     try:

@@ -1,0 +1,164 @@
+"""ComputeQuantizedConvsInInt8: a 1x1 conv reading a quantize step, its weights on an int8 grid, sums in int32.
+
+A fully connected layer at batch 1 (matmul of [1, K] by constant [K, N]) is the same conv on one pixel.
+
+QuantizeStepsInFloat leaves a quantized model's activations as float steps, A * s2 with A a whole number in
+[lo, hi] (hi - lo <= 255), and folding leaves each conv's dequantized weights as a per-output-channel step
+times an integer in [-127, 127]. Such a conv is the same sum in integers:
+
+    conv(A * s2, W)  =>  (float(conv_int32(uint8(A - lo), Wq) + lo * sum_ci Wq) * (s2 * step))
+
+where conv_int32 runs on AVX-512 VNNI (schedules/u8i8_conv2d_nchwc.py: four times the multiply-adds of an fp32
+FMA an instruction); the int32 sums are exact, so the only rounding is the final float scale's. The uint8
+input is one more elementwise step fused into the producer of A; other readers of A * s2 keep the float copy.
+Skipped, with a log line: weights not on an integer grid (a float model), kxk / strided-padded / grouped
+convs (1x1 only so far), inputs not from a quantize step.
+NOTE: runs after ConvertToBlockedLayout (NCHW16c tensors, OHWI16o weights) and only on targets with
+`int8_dot == "avx512_vnni"`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes import changelog
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
+
+NAME = "ComputeQuantizedConvsInInt8"
+GRID_TOLERANCE = 1e-3   # |w / step - round(w / step)| allowed (float32 rounding of a folded scale: ~1e-5)
+WEIGHT_MAX = 127        # int8 weights (symmetric, as TFLite and ONNX Runtime quantize them)
+LANES = 16
+
+
+def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(q int8 [O, I], step float64 [O]) with w == q * step[:, None] for every row of w [O, I], each row's step its
+    largest |w| / m for the largest m <= 127 that puts the row on the grid; None if some row is on none."""
+    w = w.astype(np.float64)
+    vmax = np.abs(w).max(axis=1)
+    step = np.zeros(len(w))
+    todo = vmax > 0
+    for m in range(WEIGHT_MAX, 0, -1):
+        if not todo.any():
+            break
+        rows = np.flatnonzero(todo)
+        r = w[rows] * (m / vmax[rows, None])
+        fit = np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE
+        step[rows[fit]] = vmax[rows[fit]] / m
+        todo[rows[fit]] = False
+    if todo.any():
+        return None
+    q = np.rint(np.divide(w, step[:, None], out=np.zeros_like(w), where=step[:, None] > 0))
+    return q.astype(np.int8), step
+
+
+def _scalar(expr) -> float | None:
+    if not is_const(expr):
+        return None
+    v = const_np(expr)
+    return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+
+def _lanes_const(v: np.ndarray, dtype: str) -> relax.Expr:
+    """A per-output-channel vector of a blocked conv's padded channels as [1, O/16, 1, 1, 16]."""
+    return const(np.ascontiguousarray(v.astype(dtype).reshape(1, -1, 1, 1, LANES)))
+
+
+@rewriter
+class _Int8(BindingRewriter):
+    # conv2d(multiply(A, s2), W)  =>  multiply(astype(add(conv2d_int32(astype(add(A, -lo), u8), Wq), corr)), scale)
+    def __init__(self, mod, func):
+        super().__init__(mod, func)
+        self.u8: dict = {}      # (A, lo) -> its uint8 copy
+
+    def whole_steps(self, x):
+        """(A, s2, lo) when x = A * s2 and A a whole number in [lo, lo + 255] (clip(round(.)) [+ c]), else None."""
+        mul = self.producer(x)
+        if op_name(mul) != "relax.multiply":
+            return None
+        a, s2 = mul.args
+        if _scalar(s2) is None:
+            a, s2 = s2, a
+        if _scalar(s2) is None or is_const(a):
+            return None
+        shift, clip = 0.0, self.producer(a)
+        if op_name(clip) == "relax.add" and _scalar(clip.args[1]) is not None:
+            shift, clip = _scalar(clip.args[1]), self.producer(clip.args[0])
+        if op_name(clip) != "relax.clip" or op_name(self.producer(clip.args[0])) != "relax.round":
+            return None
+        lo, hi = float(clip.args[1].value) + shift, float(clip.args[2].value) + shift
+        if lo != np.rint(lo) or hi != np.rint(hi) or not 0 <= hi - lo <= 255:
+            return None
+        return a, _scalar(s2), int(lo)
+
+    def rewrite(self, var, value):
+        if op_name(value) == "relax.matmul" and var.ty.dtype == "float32":
+            return self.matmul(var, value)
+        if op_name(value) != "relax.nn.conv2d" or var.ty.dtype != "float32":
+            return None
+        a, (x, w) = value.attrs, value.args
+        if not (str(a.data_layout) == f"NCHW{LANES}c" and str(a.kernel_layout) == f"OHWI{LANES}o"
+                and str(a.out_layout) == f"NCHW{LANES}c" and is_const(w)):
+            return None
+        step = self.whole_steps(x)
+        if step is None:
+            return None
+        wv = const_np(w)
+        if wv.shape[1:3] != (1, 1) or int(a.groups) != 1 or any(int(p) for p in a.padding) \
+                or any(int(d) != 1 for d in a.dilation):
+            changelog.skip(NAME, var.name, "kept float: int8 convs are 1x1, ungrouped, unpadded so far")
+            return None
+        ob, _, _, cin, _ = wv.shape
+        grid = integer_grid(wv[:, 0, 0].transpose(0, 2, 1).reshape(ob * LANES, cin))
+        if grid is None:
+            changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
+            return None
+        changelog.record(NAME, "int8", var.name)
+        return self.int8_conv(self.uint8(step[0], step[2]), grid, step[1], step[2], a.strides)
+
+    def int8_conv(self, u, grid, s2: float, lo: int, strides):
+        """The float result of a 1x1 conv of u (uint8 NCHW16c, A - lo) with the weights grid (q [O, I], step)."""
+        q, wstep = grid
+        cout, cin = q.shape
+        corr = lo * q.astype(np.int64).sum(axis=1)
+        qk = np.ascontiguousarray(q.reshape(cout // LANES, LANES, cin).transpose(0, 2, 1)[:, None, None])
+        acc = self.emit(relax.op.nn.conv2d(u, const(qk), strides=strides, data_layout=f"NCHW{LANES}c",
+                                           kernel_layout=f"OHWI{LANES}o", out_layout=f"NCHW{LANES}c",
+                                           out_dtype="int32"), "conv_int8")
+        acc = self.emit(relax.op.add(acc, _lanes_const(corr, "int32")))
+        return relax.op.multiply(self.emit(relax.op.astype(acc, "float32")), _lanes_const(s2 * wstep, "float32"))
+
+    def matmul(self, var, value):
+        # matmul(multiply(A, s2), W [K, N])  =>  the same 1x1 int8 conv on one pixel: [1, K] as [1, K/16, 1, 1, 16]
+        x, w = value.args
+        shape = [int(d) for d in var.ty.shape.values]
+        if not is_const(w) or len(shape) != 2 or shape[0] != 1 or const_np(w).ndim != 2:
+            return None
+        wv = const_np(w)
+        k, n = wv.shape
+        step = self.whole_steps(x)
+        if step is None or k % LANES:
+            return None
+        npad = -(-n // LANES) * LANES
+        grid = integer_grid(np.pad(wv.T, ((0, npad - n), (0, 0))))
+        if grid is None:
+            changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
+            return None
+        u = self.emit(relax.op.reshape(self.uint8(step[0], step[2]), [1, k // LANES, 1, 1, LANES]))
+        y = self.emit(relax.op.reshape(self.emit(self.int8_conv(u, grid, step[1], step[2], [1, 1])), [1, npad]))
+        changelog.record(NAME, "int8_matmul", var.name)
+        return relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]) if npad != n else y
+
+    def uint8(self, steps, lo: int):
+        if (steps, lo) not in self.u8:
+            shifted = self.emit(relax.op.add(steps, relax.const(float(-lo), "float32")))
+            self.u8[(steps, lo)] = self.emit(relax.op.astype(shifted, "uint8"), "to_uint8")
+        return self.u8[(steps, lo)]
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name=NAME)
+class ComputeQuantizedConvsInInt8:
+    """A 1x1 conv reading a quantize step, its weights on an int8 grid, sums in int32."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return rewrite_main(mod, _Int8)[0]

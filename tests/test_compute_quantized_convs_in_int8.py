@@ -1,0 +1,188 @@
+"""ComputeQuantizedConvsInInt8 and the u8i8 VNNI 1x1 kernel: quantized 1x1 convs summed in int32."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te
+
+import compiler
+import targets
+import zoo
+from passes import changelog
+from passes.compute_quantized_convs_in_int8 import ComputeQuantizedConvsInInt8, integer_grid
+from passes.convert_to_blocked_layout import pack_kernel
+
+HOST = targets.resolve(None)
+needs_vnni = pytest.mark.skipif(HOST.int8_dot != "avx512_vnni", reason="this CPU has no AVX-512 VNNI")
+
+
+def test_integer_grid_recovers_folded_int8_weights():
+    """Per-channel int8 weights times a folded float32 scale (BN and the next step's 1 / scale): the integers and
+    each channel's step come back; a per-tensor row whose largest integer is below 127 too; a float row does not."""
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (24, 40))
+    q[:, 0] = 127                            # symmetric per-channel quantization reaches 127 in every row
+    q[3] = rng.integers(-50, 51, 40)         # per-tensor: a row of small integers, its largest 50
+    q[3, 0] = 50
+    q[5] = 0                                 # an all-zero channel (pad channels too)
+    step = rng.uniform(1e-4, 1e-2, 24)
+    w = (q * step[:, None]).astype(np.float32)
+    got, s = integer_grid(w)
+    full = [r for r in range(24) if r not in (3, 5)]
+    np.testing.assert_array_equal(got[full], q[full])
+    np.testing.assert_array_equal(got[3], 2 * q[3])          # any finer grid is as exact: 100 / 2 steps
+    np.testing.assert_allclose((got * s[:, None]).astype(np.float32), w, rtol=1e-6)
+    assert got.dtype == np.int8 and s[5] == 0 and not got[5].any()
+    w[7, 3] += 0.37 * step[7]                # one weight off the grid: not an int8 conv
+    assert integer_grid(w) is None
+    assert integer_grid(rng.standard_normal((4, 8)).astype(np.float32)) is None
+
+
+def blocked_module(w: np.ndarray, h: int = 6, width: int = 5, lo: float = -128.0, hi: float = 127.0,
+                   stride: int = 1) -> tvm.IRModule:
+    """x (NCHW16c) -> round -> clip(lo, hi) -> * s2 -> 1x1 conv (OHWI16o) -> + bias: a quantize step and a conv as
+    ConvertToBlockedLayout leaves them."""
+    cout, cin = w.shape
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, -(-cin // 16), h, width, 16], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), lo, hi))
+            xs = bb.emit(relax.op.multiply(a, relax.const(0.02, "float32")))
+            k = relax.const(pack_kernel(w[:, :, None, None], 16, -(-cin // 16) * 16))
+            y = bb.emit(relax.op.nn.conv2d(xs, k, strides=[stride, stride], data_layout="NCHW16c",
+                                           kernel_layout="OHWI16o", out_layout="NCHW16c"))
+            bias = relax.const(np.linspace(-1, 1, -(-cout // 16) * 16, dtype=np.float32).reshape(1, -1, 1, 1, 16))
+            out = bb.emit_output(relax.op.add(y, bias))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def conv_calls(mod) -> list[relax.Call]:
+    return [b.value for blk in mod["main"].body.blocks for b in blk.bindings
+            if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
+
+
+@needs_vnni
+@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride", [
+    (16, 16, 1, 1, -128, 127, 1),     # one pixel, one block
+    (24, 40, 7, 7, 0, 255, 1),        # padded channels in and out (uint8 range)
+    (48, 96, 6, 5, -125, 130, 1),     # odd rows, a shifted range (an ONNX zero point folded into the clip)
+    (32, 20, 9, 9, -3, 127, 2),       # strided, a TFLite ReLU as the clip
+], ids=["1px", "pad", "shifted", "stride2"])
+def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride):
+    """Structural: the conv reads uint8 and sums in int32. Numerical: the same outputs as the float conv (up to
+    float rounding of the float sums), the steps' extremes included."""
+    rng = np.random.default_rng(cin + cout)
+    q = rng.integers(-127, 128, (cout, cin))
+    wts = (q * rng.uniform(1e-3, 1e-2, (cout, 1))).astype(np.float32)
+    mod = blocked_module(wts, h, w, lo, hi, stride)
+    with changelog.collecting() as book:
+        after = ComputeQuantizedConvsInInt8()(mod)
+    (conv,) = conv_calls(after)
+    assert conv.args[0].ty.dtype == "uint8" and conv.ty.dtype == "int32" and conv.args[1].value.numpy().dtype == np.int8
+    assert book.summary()["ComputeQuantizedConvsInInt8"]["counts"]["int8"] == 1
+    x = rng.uniform(lo - 20, hi + 20, [int(d) for d in mod["main"].params[0].ty.shape.values]).astype(np.float32)
+    x.reshape(-1)[:4] = [lo, hi, lo - 50, hi + 50]
+    want, got = compile_run(mod, x), compile_run(after, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def compile_run(mod, x):
+    from compiler import artifact, pipeline
+    plain = dataclasses.replace(HOST, int8_dot="")   # NOTE: lowering alone; the module is blocked already
+    with plain.tvm_target():
+        lowered = tvm.transform.Sequential(pipeline._lower_cpu(plain, pipeline.Options())[1:])(mod)
+    vm = relax.VirtualMachine(artifact.build(lowered, plain), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,n", [(32, 20), (64, 48)])
+def test_int8_fully_connected_equals_float(k, n):
+    """A classifier [1, K] x [K, N] reading a quantize step: the int8 conv on one pixel (N padded to whole blocks,
+    sliced back), the float result's values."""
+    rng = np.random.default_rng(k + n)
+    wts = (rng.integers(-127, 128, (k, n)) * rng.uniform(1e-3, 1e-2, (1, n))).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, k], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), 0.0, 255.0))
+            xs = bb.emit(relax.op.multiply(a, relax.const(0.05, "float32")))
+            out = bb.emit_output(relax.op.matmul(xs, relax.const(wts)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    with changelog.collecting() as book:
+        after = ComputeQuantizedConvsInInt8()(mod)
+    assert book.summary()["ComputeQuantizedConvsInInt8"]["counts"]["int8_matmul"] == 1
+    (conv,) = conv_calls(after)
+    assert conv.args[0].ty.dtype == "uint8"
+    xv = rng.uniform(-10, 270, (1, k)).astype(np.float32)
+    want, got = compile_run(mod, xv), compile_run(after, xv)
+    assert got.shape == (1, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_not_fired_without_a_quantize_step_or_an_integer_grid():
+    """A float conv input (no clip(round)), float weights, a kxk conv, a range wider than 255: left as they were."""
+    rng = np.random.default_rng(1)
+    grid_w = (rng.integers(-127, 128, (16, 16)) * 0.01).astype(np.float32)
+    for mod in (blocked_module(rng.standard_normal((16, 16)).astype(np.float32)),    # float weights
+                blocked_module(grid_w, lo=-200, hi=200)):                           # 401 steps
+        assert conv_calls(ComputeQuantizedConvsInInt8()(mod))[0].args[0].ty.dtype == "float32"
+
+
+@needs_vnni
+def test_qdq_model_int8_against_float_and_onnxruntime(tmp_path):
+    """A static-QDQ MobileNetV2: every 1x1 conv sums in int32 (u8i8 kernels, int8 weights inside), verifies
+    against ONNX Runtime; without VNNI (a target without it) the same model stays float and verifies too."""
+    from zoo.quantize_qdq import quantize_qdq
+    src, qdq = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    src.write_bytes(zoo.build("mobilenet_v2", width=0.35, resolution=64, num_classes=10).SerializeToString())
+    quantize_qdq(str(src), str(qdq), (1, 3, 64, 64), 4, np.random.default_rng(0))
+    cm = compiler.compile_model(str(qdq), sparse="off")
+    assert cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"]["int8"] == 34
+    assert any(k.startswith("u8i8_conv1x1_nchw16c") for k in cm.report["kernels"])
+    assert all(r.ok for r in cm.verify())
+    plain = compiler.compile_model(str(qdq), target=dataclasses.replace(HOST, int8_dot=""), sparse="off")
+    assert "ComputeQuantizedConvsInInt8" not in plain.report["passes"]
+    assert not any(k.startswith("u8i8") for k in plain.report["kernels"])
+    assert all(r.ok for r in plain.verify())
+    from compiler import runtime
+    x = runtime.random_inputs(cm.metadata()["inputs"], seed=3)
+    a, b = cm.run(x)[0], plain.run(x)[0]
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+
+
+@needs_vnni
+@pytest.mark.parametrize("cin,cout,oh,ow,stride,tile", [
+    (16, 16, 1, 1, 1, None), (64, 48, 7, 7, 1, None), (32, 32, 14, 14, 1, (14, 2)), (16, 32, 5, 3, 1, (1, 1)),
+    (48, 16, 8, 8, 2, None), (32, 64, 6, 6, 1, (6, 4)),
+])
+def test_u8i8_kernel_shape_sweep(cin, cout, oh, ow, stride, tile):
+    """The kernel alone against numpy int64 sums: tiles below, at and above the row, odd rows, strides, extremes."""
+    from compiler import artifact
+    from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack_vnni
+    h, w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+    data = te.placeholder((1, cin // 16, h, w, 16), "uint8", name="data")
+    kern = te.placeholder((cout // 16, cin // 4, 16, 4), "int8", name="kern")
+    out = conv2d_u8i8_nchwc(data, kern, (stride, stride))
+    knobs = {"pixel_tile": tile[0], "oc_blocks": tile[1]} if tile else None
+    done = U8I8Conv2dNCHWc().apply(te.create_prim_func([data, kern, out]), HOST, knobs)
+    assert done.name.startswith("u8i8_conv1x1_nchw16c_")
+    f = artifact.build_kernel(done.func, HOST).jit()["main"]
+    rng = np.random.default_rng(cin * cout)
+    x = rng.integers(0, 256, (1, cin // 16, h, w, 16)).astype(np.uint8)
+    q = rng.integers(-128, 128, (cout, cin)).astype(np.int8)
+    x.reshape(-1)[:32] = 255
+    q[0, :] = -128                                            # the largest sums the int32 lanes see
+    args = [tvm.runtime.tensor(a) for a in (x, pack_vnni(pack_kernel(q[:, :, None, None], 16, cin).astype(np.int8)),
+                                            np.zeros((1, cout // 16, oh, ow, 16), np.int32))]
+    f(*args)
+    xin = x.transpose(0, 1, 4, 2, 3).reshape(cin, h, w)[:, ::stride, ::stride].reshape(cin, -1).astype(np.int64)
+    want = (q.astype(np.int64) @ xin).reshape(cout // 16, 16, oh, ow).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(args[2].numpy()[0], want)
