@@ -25,7 +25,9 @@ KIND = "conv2d_u8i8_nchwc"
 LANES = 16            # int32 lanes of one vpdpbusd
 DOT = 4               # input channels one lane sums
 INTRIN = "shrinkc_u8i8i32_dot_16x4_avx512vnni"
-MAX_PIXELS, MAX_OC_BLOCKS = 14, 2   # default tile caps: on MobileNetV2's 1x1 shapes 7 x 2 and 14 x 1 timed alike
+# default tile caps: one channel block x up to 14 pixels timed as fast as or faster than 7-8 pixels x 2 blocks and
+# the other tiles of knob_space on every MobileNetV2 1x1 shape (Zen 4, ad-hoc interleaved timings of the kernel)
+MAX_PIXELS, MAX_OC_BLOCKS = 14, 1
 
 
 # NOTE: TVM 0.27's own dot_16x4_vnni passes int32x16 operands, and its LLVM's vpdpbusd takes <64 x i8>: the
