@@ -27,23 +27,24 @@ from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name
 
 NAME = "ComputeQuantizedConvsInInt8"
 GRID_TOLERANCE = 1e-3   # |w / step - round(w / step)| allowed (float32 rounding of a folded scale: ~1e-5)
-WEIGHT_MAX = 127        # int8 weights (symmetric, as TFLite and ONNX Runtime quantize them)
+WEIGHT_MAX = 127        # int8 weights: [-128, 127]
 LANES = 16
 
 
 def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(q int8 [O, I], step float64 [O]) with w == q * step[:, None] for every row of w [O, I], each row's step its
-    largest |w| / m for the largest m <= 127 that puts the row on the grid; None if some row is on none."""
+    largest |w| / m for the largest m <= 128 that puts the row on the grid within [-128, 127]; None if some row is
+    on none."""
     w = w.astype(np.float64)
     vmax = np.abs(w).max(axis=1)
     step = np.zeros(len(w))
     todo = vmax > 0
-    for m in range(WEIGHT_MAX, 0, -1):
+    for m in range(WEIGHT_MAX + 1, 0, -1):
         if not todo.any():
             break
         rows = np.flatnonzero(todo)
         r = w[rows] * (m / vmax[rows, None])
-        fit = np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE
+        fit = (np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE) & (np.rint(r).max(axis=1) <= WEIGHT_MAX)
         step[rows[fit]] = vmax[rows[fit]] / m
         todo[rows[fit]] = False
     if todo.any():
@@ -53,10 +54,15 @@ def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _scalar(expr) -> float | None:
+    """The value of a constant with one element, or of one ConvertToBlockedLayout broadcast to a blocked tensor's
+    channels (a TFLite scale of shape [1]: every channel the same value, padding channels 0), else None."""
     if not is_const(expr):
         return None
     v = const_np(expr)
-    return float(v.reshape(-1)[0]) if v.size == 1 else None
+    if v.size == 1:
+        return float(v.reshape(-1)[0])
+    real = v[v != 0]
+    return float(real[0]) if v.ndim == 5 and real.size and np.all(real == real[0]) else None
 
 
 def _lanes_const(v: np.ndarray, dtype: str) -> relax.Expr:
@@ -67,29 +73,53 @@ def _lanes_const(v: np.ndarray, dtype: str) -> relax.Expr:
 @rewriter
 class _Int8(BindingRewriter):
     # conv2d(multiply(A, s2), W)  =>  multiply(astype(add(conv2d_int32(astype(add(A, -lo), u8), Wq), corr)), scale)
+    # conv2d(subtract(A, z), W)   =>  the same with s2 = 1, + multiply(z, -scale * sum Wq)
     def __init__(self, mod, func):
         super().__init__(mod, func)
         self.u8: dict = {}      # (A, lo) -> its uint8 copy
 
     def whole_steps(self, x):
-        """(A, s2, lo) when x = A * s2 and A a whole number in [lo, lo + 255] (clip(round(.)) [+ c]), else None."""
-        mul = self.producer(x)
-        if op_name(mul) != "relax.multiply":
+        """(A, s2, lo, z) when x = (A - z) * s2, A a whole number in [lo, lo + 255], else None. Static steps:
+        x = A * s2, A = clip(round(.)) [+ c], z None; dynamic ones (compiler/frontend/onnx_integer_ops.py):
+        x = A - z, A = clip(round(.) + z, 0, 255), z = round(.) a scalar computed at run time, s2 = 1."""
+        found = self.producer(x)
+        if op_name(found) == "relax.subtract":
+            a, z = found.args
+            if is_const(z) or [int(d) for d in z.ty.shape.values] not in ([], [1]) \
+                    or op_name(self.producer(z)) != "relax.round":
+                return None
+            bounds = self.whole_range(a)
+            return (a, 1.0, bounds[0], z) if bounds else None
+        if op_name(found) != "relax.multiply":
             return None
-        a, s2 = mul.args
+        a, s2 = found.args
         if _scalar(s2) is None:
             a, s2 = s2, a
         if _scalar(s2) is None or is_const(a):
             return None
-        shift, clip = 0.0, self.producer(a)
-        if op_name(clip) == "relax.add" and _scalar(clip.args[1]) is not None:
-            shift, clip = _scalar(clip.args[1]), self.producer(clip.args[0])
-        if op_name(clip) != "relax.clip" or op_name(self.producer(clip.args[0])) != "relax.round":
+        shift, clip = 0.0, a
+        if op_name(self.producer(a)) == "relax.add" and _scalar(self.producer(a).args[1]) is not None:
+            shift, clip = _scalar(self.producer(a).args[1]), self.producer(a).args[0]
+        bounds = self.whole_range(clip)
+        return (a, _scalar(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
+
+    def whole_range(self, a) -> tuple[int, int] | None:
+        """(lo, hi) of a = clip(round(.) [+ whole scalar], lo, hi) with whole bounds at most 255 apart, else None."""
+        clip = self.producer(a)
+        if op_name(clip) != "relax.clip":
             return None
-        lo, hi = float(clip.args[1].value) + shift, float(clip.args[2].value) + shift
+        inner = self.producer(clip.args[0])
+        if op_name(inner) == "relax.add":
+            rest = [self.producer(v) for v in inner.args]
+            if not all(op_name(r) == "relax.round" for r in rest) \
+                    or any([int(d) for d in v.ty.shape.values] not in ([], [1]) for v in inner.args[1:]):
+                return None
+        elif op_name(inner) != "relax.round":
+            return None
+        lo, hi = float(clip.args[1].value), float(clip.args[2].value)
         if lo != np.rint(lo) or hi != np.rint(hi) or not 0 <= hi - lo <= 255:
             return None
-        return a, _scalar(s2), int(lo)
+        return int(lo), int(hi)
 
     def rewrite(self, var, value):
         if op_name(value) == "relax.matmul" and var.ty.dtype == "float32":
@@ -114,10 +144,14 @@ class _Int8(BindingRewriter):
             changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
             return None
         changelog.record(NAME, "int8", var.name)
-        return self.int8_conv(self.uint8(step[0], step[2]), grid, step[1], step[2], a.strides)
+        return self.int8_conv(grid, *step, a.strides)
 
-    def int8_conv(self, u, grid, s2: float, lo: int, strides):
-        """The float result of a 1x1 conv of u (uint8 NCHW16c, A - lo) with the weights grid (q [O, I], step)."""
+    def int8_conv(self, grid, a, s2: float, lo: int, z, strides):
+        """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c or [1, K]) with the weights grid
+        (q [O, I], step): conv_int32(uint8(A - lo), q), + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
+        u = self.uint8(a, lo)
+        if len(u.ty.shape.values) == 2:
+            u = self.emit(relax.op.reshape(u, [1, int(u.ty.shape.values[1]) // LANES, 1, 1, LANES]))
         q, wstep = grid
         cout, cin = q.shape
         corr = lo * q.astype(np.int64).sum(axis=1)
@@ -126,7 +160,11 @@ class _Int8(BindingRewriter):
                                            kernel_layout=f"OHWI{LANES}o", out_layout=f"NCHW{LANES}c",
                                            out_dtype="int32"), "conv_int8")
         acc = self.emit(relax.op.add(acc, _lanes_const(corr, "int32")))
-        return relax.op.multiply(self.emit(relax.op.astype(acc, "float32")), _lanes_const(s2 * wstep, "float32"))
+        y = relax.op.multiply(self.emit(relax.op.astype(acc, "float32")), _lanes_const(s2 * wstep, "float32"))
+        if z is None:
+            return y
+        sums = _lanes_const(-s2 * wstep * q.astype(np.int64).sum(axis=1), "float32")
+        return relax.op.add(self.emit(y), self.emit(relax.op.multiply(z, sums)))
 
     def matmul(self, var, value):
         # matmul(multiply(A, s2), W [K, N])  =>  the same 1x1 int8 conv on one pixel: [1, K] as [1, K/16, 1, 1, 16]
@@ -144,14 +182,15 @@ class _Int8(BindingRewriter):
         if grid is None:
             changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
             return None
-        u = self.emit(relax.op.reshape(self.uint8(step[0], step[2]), [1, k // LANES, 1, 1, LANES]))
-        y = self.emit(relax.op.reshape(self.emit(self.int8_conv(u, grid, step[1], step[2], [1, 1])), [1, npad]))
+        y = self.emit(relax.op.reshape(self.emit(self.int8_conv(grid, *step, [1, 1])), [1, npad]))
         changelog.record(NAME, "int8_matmul", var.name)
         return relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]) if npad != n else y
 
     def uint8(self, steps, lo: int):
         if (steps, lo) not in self.u8:
-            shifted = self.emit(relax.op.add(steps, relax.const(float(-lo), "float32")))
+            # NOTE: the clip keeps padding channels' lanes (another shift there, or junk) inside uint8
+            shifted = self.emit(relax.op.clip(self.emit(relax.op.add(steps, relax.const(float(-lo), "float32"))),
+                                              0, 255))
             self.u8[(steps, lo)] = self.emit(relax.op.astype(shifted, "uint8"), "to_uint8")
         return self.u8[(steps, lo)]
 

@@ -42,16 +42,20 @@ def test_integer_grid_recovers_folded_int8_weights():
 
 
 def blocked_module(w: np.ndarray, h: int = 6, width: int = 5, lo: float = -128.0, hi: float = 127.0,
-                   stride: int = 1) -> tvm.IRModule:
+                   stride: int = 1, blocked_scale: bool = False) -> tvm.IRModule:
     """x (NCHW16c) -> round -> clip(lo, hi) -> * s2 -> 1x1 conv (OHWI16o) -> + bias: a quantize step and a conv as
-    ConvertToBlockedLayout leaves them."""
+    ConvertToBlockedLayout leaves them; blocked_scale: s2 as it leaves a TFLite scale of shape [1] (broadcast to
+    the blocked channels, padding channels 0)."""
     cout, cin = w.shape
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, -(-cin // 16), h, width, 16], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), lo, hi))
-            xs = bb.emit(relax.op.multiply(a, relax.const(0.02, "float32")))
+            s2 = np.float32(0.02)
+            if blocked_scale:
+                s2 = (np.arange(-(-cin // 16) * 16) < cin).astype(np.float32).reshape(1, -1, 1, 1, 16) * s2
+            xs = bb.emit(relax.op.multiply(a, relax.const(s2)))
             k = relax.const(pack_kernel(w[:, :, None, None], 16, -(-cin // 16) * 16))
             y = bb.emit(relax.op.nn.conv2d(xs, k, strides=[stride, stride], data_layout="NCHW16c",
                                            kernel_layout="OHWI16o", out_layout="NCHW16c"))
@@ -67,19 +71,22 @@ def conv_calls(mod) -> list[relax.Call]:
 
 
 @needs_vnni
-@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride", [
-    (16, 16, 1, 1, -128, 127, 1),     # one pixel, one block
-    (24, 40, 7, 7, 0, 255, 1),        # padded channels in and out (uint8 range)
-    (48, 96, 6, 5, -125, 130, 1),     # odd rows, a shifted range (an ONNX zero point folded into the clip)
-    (32, 20, 9, 9, -3, 127, 2),       # strided, a TFLite ReLU as the clip
-], ids=["1px", "pad", "shifted", "stride2"])
-def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride):
+@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride,blocked_scale", [
+    (16, 16, 1, 1, -128, 127, 1, False),     # one pixel, one block
+    (24, 40, 7, 7, 0, 255, 1, False),        # padded channels in and out (uint8 range)
+    (48, 96, 6, 5, -125, 130, 1, False),     # odd rows, a shifted range (an ONNX zero point folded into the clip)
+    (32, 20, 9, 9, -3, 127, 2, False),       # strided, a TFLite ReLU as the clip
+    # a TFLite scale of shape [1] is a blocked per-channel constant after ConvertToBlockedLayout: it was not read as
+    # one step, so no conv of an integer .tflite ran in int8
+    (24, 32, 5, 5, -149, 106, 1, True),
+], ids=["1px", "pad", "shifted", "stride2", "tflite_scale"])
+def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride, blocked_scale):
     """Structural: the conv reads uint8 and sums in int32. Numerical: the same outputs as the float conv (up to
     float rounding of the float sums), the steps' extremes included."""
     rng = np.random.default_rng(cin + cout)
     q = rng.integers(-127, 128, (cout, cin))
     wts = (q * rng.uniform(1e-3, 1e-2, (cout, 1))).astype(np.float32)
-    mod = blocked_module(wts, h, w, lo, hi, stride)
+    mod = blocked_module(wts, h, w, lo, hi, stride, blocked_scale)
     with changelog.collecting() as book:
         after = ComputeQuantizedConvsInInt8()(mod)
     (conv,) = conv_calls(after)
@@ -145,7 +152,7 @@ def test_qdq_model_int8_against_float_and_onnxruntime(tmp_path):
     src.write_bytes(zoo.build("mobilenet_v2", width=0.35, resolution=64, num_classes=10).SerializeToString())
     quantize_qdq(str(src), str(qdq), (1, 3, 64, 64), 4, np.random.default_rng(0))
     cm = compiler.compile_model(str(qdq), sparse="off")
-    assert cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"]["int8"] == 34
+    assert cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"] == {"int8": 34, "int8_matmul": 1}
     assert any(k.startswith("u8i8_conv1x1_nchw16c") for k in cm.report["kernels"])
     assert all(r.ok for r in cm.verify())
     plain = compiler.compile_model(str(qdq), target=dataclasses.replace(HOST, int8_dot=""), sparse="off")
@@ -156,6 +163,20 @@ def test_qdq_model_int8_against_float_and_onnxruntime(tmp_path):
     x = runtime.random_inputs(cm.metadata()["inputs"], seed=3)
     a, b = cm.run(x)[0], plain.run(x)[0]
     assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+
+
+@needs_vnni
+def test_dynamically_quantized_model_int8(tmp_path):
+    """ONNX Runtime's quantize_dynamic: each conv reads q - z with z computed at run time (onnx_integer_ops); the
+    1x1 convs sum uint8 q in int32 and subtract z * sum Wq after, and the model verifies against ONNX Runtime."""
+    from onnxruntime.quantization import quantize_dynamic
+    src, dyn = tmp_path / "float.onnx", tmp_path / "dynamic.onnx"
+    src.write_bytes(zoo.build("mobilenet_v2", width=0.35, resolution=64, num_classes=10).SerializeToString())
+    quantize_dynamic(str(src), str(dyn), per_channel=True)
+    cm = compiler.compile_model(str(dyn), sparse="off")
+    counts = cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"]
+    assert counts["int8"] == 34 and counts["int8_matmul"] == 1
+    assert all(r.ok for r in cm.verify())
 
 
 @needs_vnni
