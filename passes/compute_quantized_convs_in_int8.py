@@ -4,9 +4,12 @@ A fully connected layer at batch 1 (matmul of [1, K] by constant [K, N]) is the 
 
 QuantizeStepsInFloat leaves a quantized model's activations as float steps, A * s2 with A a whole number in
 [lo, hi] (hi - lo <= 255), and folding leaves each conv's dequantized weights as a per-output-channel step
-times an integer in [-127, 127]. Such a conv is the same sum in integers:
+times an integer in [-128, 127]. Such a conv is the same sum in integers:
 
     conv(A * s2, W)  =>  (float(conv_int32(uint8(A - lo), Wq) + lo * sum_ci Wq) * (s2 * step))
+
+A dynamically quantized model's conv reads A - z instead (compiler/frontend/onnx_integer_ops.py: z a whole
+number computed at run time, s2 = 1): the same, minus z * step * sum_ci Wq after.
 
 where conv_int32 runs on AVX-512 VNNI (schedules/u8i8_conv2d_nchwc.py: four times the multiply-adds of an fp32
 FMA an instruction); the int32 sums are exact, so the only rounding is the final float scale's. The uint8
