@@ -26,7 +26,8 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter, \
+    scalar_value, shape_of
 
 NAME = "ComputeQuantizedConvsInInt8"
 GRID_TOLERANCE = 1e-3   # |w / step - round(w / step)| allowed (float32 rounding of a folded scale: ~1e-5)
@@ -59,11 +60,10 @@ def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def _scalar(expr) -> float | None:
     """The value of a constant with one element, or of one ConvertToBlockedLayout broadcast to a blocked tensor's
     channels (a TFLite scale of shape [1]: every channel the same value, padding channels 0), else None."""
-    if not is_const(expr):
-        return None
+    one = scalar_value(expr)
+    if one is not None or not is_const(expr):
+        return one
     v = const_np(expr)
-    if v.size == 1:
-        return float(v.reshape(-1)[0])
     real = v[v != 0]
     return float(real[0]) if v.ndim == 5 and real.size and np.all(real == real[0]) else None
 
@@ -88,7 +88,7 @@ class _Int8(BindingRewriter):
         found = self.producer(x)
         if op_name(found) == "relax.subtract":
             a, z = found.args
-            if is_const(z) or [int(d) for d in z.ty.shape.values] not in ([], [1]) \
+            if is_const(z) or shape_of(z) not in ([], [1]) \
                     or op_name(self.producer(z)) != "relax.round":
                 return None
             bounds = self.whole_range(a)
@@ -100,9 +100,9 @@ class _Int8(BindingRewriter):
             a, s2 = s2, a
         if _scalar(s2) is None or is_const(a):
             return None
-        shift, clip = 0.0, a
-        if op_name(self.producer(a)) == "relax.add" and _scalar(self.producer(a).args[1]) is not None:
-            shift, clip = _scalar(self.producer(a).args[1]), self.producer(a).args[0]
+        shift, clip, made = 0.0, a, self.producer(a)
+        if op_name(made) == "relax.add" and _scalar(made.args[1]) is not None:
+            shift, clip = _scalar(made.args[1]), made.args[0]
         bounds = self.whole_range(clip)
         return (a, _scalar(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
 
@@ -115,7 +115,7 @@ class _Int8(BindingRewriter):
         if op_name(inner) == "relax.add":
             rest = [self.producer(v) for v in inner.args]
             if not all(op_name(r) == "relax.round" for r in rest) \
-                    or any([int(d) for d in v.ty.shape.values] not in ([], [1]) for v in inner.args[1:]):
+                    or any(shape_of(v) not in ([], [1]) for v in inner.args[1:]):
                 return None
         elif op_name(inner) != "relax.round":
             return None
@@ -153,29 +153,31 @@ class _Int8(BindingRewriter):
         """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c or [1, K]) with the weights grid
         (q [O, I], step): conv_int32(uint8(A - lo), q), + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
         u = self.uint8(a, lo)
-        if len(u.ty.shape.values) == 2:
-            u = self.emit(relax.op.reshape(u, [1, int(u.ty.shape.values[1]) // LANES, 1, 1, LANES]))
+        if len(shape_of(u)) == 2:
+            u = self.emit(relax.op.reshape(u, [1, shape_of(u)[1] // LANES, 1, 1, LANES]))
         q, wstep = grid
         cout, cin = q.shape
-        corr = lo * q.astype(np.int64).sum(axis=1)
+        sum_q = q.astype(np.int64).sum(axis=1)
         qk = np.ascontiguousarray(q.reshape(cout // LANES, LANES, cin).transpose(0, 2, 1)[:, None, None])
         acc = self.emit(relax.op.nn.conv2d(u, const(qk), strides=strides, data_layout=f"NCHW{LANES}c",
                                            kernel_layout=f"OHWI{LANES}o", out_layout=f"NCHW{LANES}c",
                                            out_dtype="int32"), "conv_int8")
-        acc = self.emit(relax.op.add(acc, _lanes_const(corr, "int32")))
+        acc = self.emit(relax.op.add(acc, _lanes_const(lo * sum_q, "int32")))
         y = relax.op.multiply(self.emit(relax.op.astype(acc, "float32")), _lanes_const(s2 * wstep, "float32"))
         if z is None:
             return y
-        sums = _lanes_const(-s2 * wstep * q.astype(np.int64).sum(axis=1), "float32")
+        sums = _lanes_const(-s2 * wstep * sum_q, "float32")
         return relax.op.add(self.emit(y), self.emit(relax.op.multiply(z, sums)))
 
     def matmul(self, var, value):
         # matmul(multiply(A, s2), W [K, N])  =>  the same 1x1 int8 conv on one pixel: [1, K] as [1, K/16, 1, 1, 16]
         x, w = value.args
-        shape = [int(d) for d in var.ty.shape.values]
-        if not is_const(w) or len(shape) != 2 or shape[0] != 1 or const_np(w).ndim != 2:
+        shape = shape_of(var)
+        if not is_const(w) or len(shape) != 2 or shape[0] != 1:
             return None
         wv = const_np(w)
+        if wv.ndim != 2:
+            return None
         k, n = wv.shape
         step = self.whole_steps(x)
         if step is None or k % LANES:

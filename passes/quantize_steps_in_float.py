@@ -19,18 +19,10 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, const_np, is_const, op_name, rewrite_main, rewriter
+from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, scalar_value
 
 NAME = "QuantizeStepsInFloat"
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
-
-
-def _scalar(expr) -> float | None:
-    """The value of a constant with one element, else None."""
-    if not is_const(expr):
-        return None
-    value = const_np(expr)
-    return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
 @rewriter
@@ -50,7 +42,7 @@ class _InFloat(BindingRewriter):
                 continue
             if op_name(src) != "relax.quantize" or str(src.attrs.out_dtype) not in _RANGES:
                 return None
-            s, z = _scalar(src.args[1]), _scalar(src.args[2])
+            s, z = scalar_value(src.args[1]), scalar_value(src.args[2])
             if s is None or z is None or is_const(src.args[0]):
                 return None
             qlo, qhi = _RANGES[str(src.attrs.out_dtype)]
@@ -60,7 +52,7 @@ class _InFloat(BindingRewriter):
         if op_name(value) != "relax.dequantize" or str(value.attrs.out_dtype) != "float32":
             return None
         step = self.quantize_step(value)
-        s2, z2 = _scalar(value.args[1]), _scalar(value.args[2])
+        s2, z2 = scalar_value(value.args[1]), scalar_value(value.args[2])
         if step is None or s2 is None or z2 is None:
             return None
         x, s, z, lo, hi = step

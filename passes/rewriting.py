@@ -26,6 +26,14 @@ def const_np(expr) -> np.ndarray:
     return expr.value.numpy()
 
 
+def scalar_value(expr) -> float | None:
+    """The value of a constant with one element, else None."""
+    if not is_const(expr):
+        return None
+    value = const_np(expr)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
 def const(array: np.ndarray) -> relax.Expr:
     return relax.const(np.ascontiguousarray(array))
 
