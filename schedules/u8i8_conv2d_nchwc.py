@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, te
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 
 from schedules.f32_conv2d_nchwc import pixel_tile_loops, register_tile, row_tile_options
@@ -28,6 +27,22 @@ INTRIN = "shrinkc_u8i8i32_dot_16x4_avx512vnni"
 # default tile caps: one channel block x up to 14 pixels timed as fast as or faster than 7-8 pixels x 2 blocks and
 # the other tiles of knob_space on every MobileNetV2 1x1 shape (Zen 4, ad-hoc interleaved timings of the kernel)
 MAX_PIXELS, MAX_OC_BLOCKS = 14, 1
+
+
+# What one vpdpbusd computes, as the block it replaces reads: 16 int32 lanes, each plus the sum of 4 uint8 x int8
+# products. NOTE: written here, not imported from tvm.s_tir.tensor_intrin.x86: importing that package registers
+# every target's intrinsics (CUDA's alone took over a minute), on every `import compiler`.
+@T.prim_func(s_tir=True)
+def _dot_16x4(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for lane in T.serial(16):
+            for byte in T.serial(4):
+                with T.sblock("update"):
+                    vl, vb = T.axis.remap("SR", [lane, byte])
+                    C[vl] = C[vl] + T.cast(A[vb], "int32") * T.cast(B[vl, vb], "int32")
 
 
 # NOTE: TVM 0.27's own dot_16x4_vnni passes int32x16 operands, and its LLVM's vpdpbusd takes <64 x i8>: the
@@ -45,7 +60,7 @@ def _vnni_16x4(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4),
             dtype="int32x16")
 
 
-TensorIntrin.register(INTRIN, dot_product_16x4_u8i8i32_desc, _vnni_16x4)
+TensorIntrin.register(INTRIN, _dot_16x4, _vnni_16x4)
 
 
 def pack_vnni(w: np.ndarray) -> np.ndarray:

@@ -524,3 +524,14 @@ def test_whole_tensor_reduction_walks_whole_vectors(op):
     assert int(loops[-1].kind) == 2 and int(loops[-1].extent) == lanes
     want = getattr(np, op)(src.astype(np.float64))
     np.testing.assert_allclose(out, want, rtol=1e-5)
+
+
+def test_importing_the_compiler_leaves_tvms_tensor_intrinsic_package_alone():
+    """`import compiler` must not import tvm.s_tir.tensor_intrin: that package registers every target's tensor
+    intrinsics on import (CUDA's alone took over a minute here), which every `shrinkc` command then paid
+    (the int8 kernel imported one description from it, 9c29af8 to now)."""
+    import subprocess
+    import sys
+    code = "import sys, compiler; print(sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
