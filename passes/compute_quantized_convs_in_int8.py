@@ -57,17 +57,6 @@ def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return q.astype(np.int8), step
 
 
-def _scalar(expr) -> float | None:
-    """The value of a constant with one element, or of one ConvertToBlockedLayout broadcast to a blocked tensor's
-    channels (a TFLite scale of shape [1]: every channel the same value, padding channels 0), else None."""
-    one = scalar_value(expr)
-    if one is not None or not is_const(expr):
-        return one
-    v = const_np(expr)
-    real = v[v != 0]
-    return float(real[0]) if v.ndim == 5 and real.size and np.all(real == real[0]) else None
-
-
 def _lanes_const(v: np.ndarray, dtype: str) -> relax.Expr:
     """A per-output-channel vector of a blocked conv's padded channels as [1, O/16, 1, 1, 16]."""
     return const(np.ascontiguousarray(v.astype(dtype).reshape(1, -1, 1, 1, LANES)))
@@ -96,15 +85,15 @@ class _Int8(BindingRewriter):
         if op_name(found) != "relax.multiply":
             return None
         a, s2 = found.args
-        if _scalar(s2) is None:
+        if scalar_value(s2) is None:
             a, s2 = s2, a
-        if _scalar(s2) is None or is_const(a):
+        if scalar_value(s2) is None or is_const(a):
             return None
         shift, clip, made = 0.0, a, self.producer(a)
-        if op_name(made) == "relax.add" and _scalar(made.args[1]) is not None:
-            shift, clip = _scalar(made.args[1]), made.args[0]
+        if op_name(made) == "relax.add" and scalar_value(made.args[1]) is not None:
+            shift, clip = scalar_value(made.args[1]), made.args[0]
         bounds = self.whole_range(clip)
-        return (a, _scalar(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
+        return (a, scalar_value(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
 
     def whole_range(self, a) -> tuple[int, int] | None:
         """(lo, hi) of a = clip(round(.) [+ whole scalar], lo, hi) with whole bounds at most 255 apart, else None."""

@@ -98,7 +98,9 @@ class _Blocker(BindingRewriter):
     def to_block(self, x, b: int, channels: int, fill: float = 0.0):
         if is_const(x):
             v = const_np(x)
-            return const(block_const(v.reshape((1,) * (4 - v.ndim) + v.shape), b, channels, fill)) if v.ndim else x
+            if v.size == 1:     # one value (a TFLite scale of shape [1]) broadcasts in any layout, as a scalar does
+                return x
+            return const(block_const(v.reshape((1,) * (4 - v.ndim) + v.shape), b, channels, fill))
         if self.layout.get(x, (0,))[0] == b:
             return x
         if self.nchw_shape(x) in ([], [1], [1, 1, 1, 1]):   # a scalar broadcasts in any layout

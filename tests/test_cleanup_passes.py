@@ -18,6 +18,7 @@ from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
 from passes.fold_pad_into_conv import FoldPadIntoConv
 from passes.fold_scale_into_conv import FoldScaleIntoConv
+from passes.rewriting import const_np
 
 
 def ops(mod) -> list[str]:
@@ -152,6 +153,28 @@ def test_channel_pad_of_a_blocked_tensor_zeroes_the_pad_lanes(cin, cout, extra):
     names = ops(out)
     assert names.count("relax.layout_transform") == 2                  # the input's and the output's only
     assert ("relax.where" in names) == (cout % 16 != 0)                # pad lanes in the last block: zeroed
+    assert_matches_ort(model)
+
+
+def test_one_element_constants_stay_scalars_in_blocked_layout():
+    """conv (24 channels: a padded block) -> * c -> + d -> / e -> conv, c, d, e of shape [1] as TFLite writes its
+    scales: each stays one value (before: a per-channel blocked constant, 0 or 1 in the pad lanes, which readers
+    of one step could not read as one), and the outputs are ONNX Runtime's."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((24, 8, 1, 1)).astype(np.float32)
+    w2 = rng.standard_normal((16, 24, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Mul", ["a", "c"], ["b"]),
+             helper.make_node("Add", ["b", "d"], ["e1"]), helper.make_node("Div", ["e1", "e"], ["f"]),
+             helper.make_node("Conv", ["f", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "c"),
+             numpy_helper.from_array(np.array([0.25], np.float32), "d"),
+             numpy_helper.from_array(np.array([3.0], np.float32), "e")]
+    model = onnx_model(nodes, [1, 8, 6, 6], inits)
+    out = ConvertToBlockedLayout(16, pad=True)(cleanup(import_onnx(model)[0]))
+    steps = [c for name in ("relax.multiply", "relax.add", "relax.divide") for c in _calls(out, name)]
+    assert len(steps) == 3 and all(const_np(c.args[1]).size == 1 for c in steps)
+    assert all(len(c.args[0].ty.shape.values) == 5 for c in steps)     # blocked, between blocked convs
     assert_matches_ort(model)
 
 

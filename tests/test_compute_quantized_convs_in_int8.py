@@ -42,10 +42,10 @@ def test_integer_grid_recovers_folded_int8_weights():
 
 
 def blocked_module(w: np.ndarray, h: int = 6, width: int = 5, lo: float = -128.0, hi: float = 127.0,
-                   stride: int = 1, blocked_scale: bool = False) -> tvm.IRModule:
+                   stride: int = 1, tflite_scale: bool = False) -> tvm.IRModule:
     """x (NCHW16c) -> round -> clip(lo, hi) -> * s2 -> 1x1 conv (OHWI16o) -> + bias: a quantize step and a conv as
-    ConvertToBlockedLayout leaves them; blocked_scale: s2 as it leaves a TFLite scale of shape [1] (broadcast to
-    the blocked channels, padding channels 0)."""
+    ConvertToBlockedLayout leaves them; tflite_scale: s2 of shape [1], as TFLite stores a scale (ConvertToBlockedLayout
+    keeps one-element constants as they are)."""
     cout, cin = w.shape
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, -(-cin // 16), h, width, 16], "float32"))
@@ -53,8 +53,8 @@ def blocked_module(w: np.ndarray, h: int = 6, width: int = 5, lo: float = -128.0
         with bb.dataflow():
             a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), lo, hi))
             s2 = np.float32(0.02)
-            if blocked_scale:
-                s2 = (np.arange(-(-cin // 16) * 16) < cin).astype(np.float32).reshape(1, -1, 1, 1, 16) * s2
+            if tflite_scale:
+                s2 = np.full([1], s2, np.float32)
             xs = bb.emit(relax.op.multiply(a, relax.const(s2)))
             k = relax.const(pack_kernel(w[:, :, None, None], 16, -(-cin // 16) * 16))
             y = bb.emit(relax.op.nn.conv2d(xs, k, strides=[stride, stride], data_layout="NCHW16c",
@@ -71,22 +71,22 @@ def conv_calls(mod) -> list[relax.Call]:
 
 
 @needs_vnni
-@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride,blocked_scale", [
+@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride,tflite_scale", [
     (16, 16, 1, 1, -128, 127, 1, False),     # one pixel, one block
     (24, 40, 7, 7, 0, 255, 1, False),        # padded channels in and out (uint8 range)
     (48, 96, 6, 5, -125, 130, 1, False),     # odd rows, a shifted range (an ONNX zero point folded into the clip)
     (32, 20, 9, 9, -3, 127, 2, False),       # strided, a TFLite ReLU as the clip
-    # a TFLite scale of shape [1] is a blocked per-channel constant after ConvertToBlockedLayout: it was not read as
-    # one step, so no conv of an integer .tflite ran in int8
+    # a TFLite scale of shape [1]: before 854b798 it was not read as one step, so no conv of an integer .tflite ran
+    # in int8 (ConvertToBlockedLayout made it a blocked per-channel constant then; it keeps it as it is now)
     (24, 32, 5, 5, -149, 106, 1, True),
 ], ids=["1px", "pad", "shifted", "stride2", "tflite_scale"])
-def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride, blocked_scale):
+def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride, tflite_scale):
     """Structural: the conv reads uint8 and sums in int32. Numerical: the same outputs as the float conv (up to
     float rounding of the float sums), the steps' extremes included."""
     rng = np.random.default_rng(cin + cout)
     q = rng.integers(-127, 128, (cout, cin))
     wts = (q * rng.uniform(1e-3, 1e-2, (cout, 1))).astype(np.float32)
-    mod = blocked_module(wts, h, w, lo, hi, stride, blocked_scale)
+    mod = blocked_module(wts, h, w, lo, hi, stride, tflite_scale)
     with changelog.collecting() as book:
         after = ComputeQuantizedConvsInInt8()(mod)
     (conv,) = conv_calls(after)
