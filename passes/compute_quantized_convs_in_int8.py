@@ -73,8 +73,12 @@ class _Int8(BindingRewriter):
     def whole_steps(self, x):
         """(A, s2, lo, z) when x = (A - z) * s2, A a whole number in [lo, lo + 255], else None. Static steps:
         x = A * s2, A = clip(round(.)) [+ c], z None; dynamic ones (compiler/frontend/onnx_integer_ops.py):
-        x = A - z, A = clip(round(.) + z, 0, 255), z = round(.) a scalar computed at run time, s2 = 1."""
+        x = A - z, A = clip(round(.) + z, 0, 255), z = round(.) a scalar computed at run time, s2 = 1.
+        A classifier's input [1, K] may be such a step flattened (a reshape, after the layout transform of a
+        blocked [1, K/16, 1, 1, 16] back to NCHW): A is then the step before them, whose channel order is K's."""
         found = self.producer(x)
+        if op_name(found) == "relax.reshape" and len(shape_of(x)) == 2:
+            return self.whole_steps(self.unflattened(found.args[0]))
         if op_name(found) == "relax.subtract":
             a, z = found.args
             if is_const(z) or shape_of(z) not in ([], [1]) \
@@ -94,6 +98,20 @@ class _Int8(BindingRewriter):
             shift, clip = scalar_value(made.args[1]), made.args[0]
         bounds = self.whole_range(clip)
         return (a, scalar_value(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
+
+    def unflattened(self, x):
+        """x's blocked source where x = to_nchw(blocked) of a 1 x 1 plane without padding channels (the same values
+        in the same order), else x."""
+        made = self.producer(x)
+        if op_name(made) != "relax.layout_transform" or shape_of(x)[2:] != [1, 1]:
+            return x
+        src = made.args[0]
+        shape = shape_of(src)
+        if len(shape) != 5 or shape[2:4] != [1, 1] or shape[1] * shape[4] != shape_of(x)[1]:
+            return x
+        block = min(1, shape[1] - 1)                          # lane 2 of block 1 is channel 18 (16 lanes a block)
+        mapped = [int(v) for v in made.attrs.index_map.map_indices([0, block, 0, 0, 2])]
+        return src if mapped == [0, block * shape[4] + 2, 0, 0] else x
 
     def whole_range(self, a) -> tuple[int, int] | None:
         """(lo, hi) of a = clip(round(.) [+ whole scalar], lo, hi) with whole bounds at most 255 apart, else None."""
@@ -142,8 +160,8 @@ class _Int8(BindingRewriter):
         """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c or [1, K]) with the weights grid
         (q [O, I], step): conv_int32(uint8(A - lo), q), + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
         u = self.uint8(a, lo)
-        if len(shape_of(u)) == 2:
-            u = self.emit(relax.op.reshape(u, [1, shape_of(u)[1] // LANES, 1, 1, LANES]))
+        if len(shape_of(u)) != 5:       # a classifier's [1, K] (or its [1, K, 1, 1] before a flatten)
+            u = self.emit(relax.op.reshape(u, [1, int(np.prod(shape_of(u))) // LANES, 1, 1, LANES]))
         q, wstep = grid
         cout, cin = q.shape
         sum_q = q.astype(np.int64).sum(axis=1)

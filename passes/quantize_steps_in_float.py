@@ -10,6 +10,8 @@ has no layout-free elementwise ops, so blocked-layout kernels converted every co
 (lo, hi: the int range of the quantized type, narrowed by the clips between; integers are exact in float32, so
 the shift by z moves into the clip bounds), four elementwise float ops that stay in any layout and fuse into the
 conv before them. round is ties-to-even, as ONNX's QuantizeLinear and TVM's own quantize lowering round.
+Reshapes of the int tensor (ONNX Runtime's QOperator models flatten it before the classifier) are walked
+through: the float step is computed before them and reshaped after.
 Per-channel activation scales (none seen in real models) are left as they are.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, scalar_value
+from passes.rewriting import BindingRewriter, is_const, op_name, rewrite_main, rewriter, scalar_value, static_shape
 
 NAME = "QuantizeStepsInFloat"
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
@@ -29,8 +31,10 @@ _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "ui
 class _InFloat(BindingRewriter):
     # dequantize(clip*(quantize(x, s, z)), s2, z2)  =>  multiply(add?(clip(round(divide(x, s)), lo - z, hi - z)), s2)
     def quantize_step(self, value):
-        """(x, s, z, lo, hi) of the quantize and int clips under a dequantize's input, or None."""
-        lo, hi = -np.inf, np.inf
+        """(x, s, z, lo, hi, reshaped) of the quantize and the int clips and reshapes under a dequantize's input,
+        or None; reshaped: a reshape is among them (the float step then ends with one to the dequantize's input
+        shape: elementwise steps commute with it)."""
+        lo, hi, reshaped = -np.inf, np.inf, False
         cur = value.args[0]
         while True:
             src = self.producer(cur)
@@ -40,13 +44,16 @@ class _InFloat(BindingRewriter):
                 lo, hi = max(lo, float(src.args[1].value)), min(hi, float(src.args[2].value))
                 cur = src.args[0]
                 continue
+            if op_name(src) == "relax.reshape":     # ONNX Runtime's QOperator models flatten the int8 tensor
+                reshaped, cur = True, src.args[0]
+                continue
             if op_name(src) != "relax.quantize" or str(src.attrs.out_dtype) not in _RANGES:
                 return None
             s, z = scalar_value(src.args[1]), scalar_value(src.args[2])
             if s is None or z is None or is_const(src.args[0]):
                 return None
             qlo, qhi = _RANGES[str(src.attrs.out_dtype)]
-            return src.args[0], s, z, max(lo, qlo), min(hi, qhi)
+            return src.args[0], s, z, max(lo, qlo), min(hi, qhi), reshaped
 
     def rewrite(self, var, value):
         if op_name(value) != "relax.dequantize" or str(value.attrs.out_dtype) != "float32":
@@ -55,15 +62,19 @@ class _InFloat(BindingRewriter):
         s2, z2 = scalar_value(value.args[1]), scalar_value(value.args[2])
         if step is None or s2 is None or z2 is None:
             return None
-        x, s, z, lo, hi = step
+        x, s, z, lo, hi, reshaped = step
         if x.ty.dtype != "float32":
+            return None
+        shape = static_shape(value.args[0]) if reshaped else None
+        if reshaped and shape is None:
             return None
         q = self.emit(relax.op.round(self.emit(relax.op.divide(x, relax.const(s, "float32")))))
         q = self.emit(relax.op.clip(q, lo - z, hi - z))
         if z != z2:
             q = self.emit(relax.op.add(q, relax.const(z - z2, "float32")))
         changelog.record(NAME, "in_float", var.name)
-        return relax.op.multiply(q, relax.const(s2, "float32"))
+        y = relax.op.multiply(q, relax.const(s2, "float32"))
+        return relax.op.reshape(self.emit(y), shape) if reshaped else y
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)

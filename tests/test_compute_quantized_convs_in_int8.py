@@ -108,18 +108,24 @@ def compile_run(mod, x):
 
 
 @needs_vnni
-@pytest.mark.parametrize("k,n", [(32, 20), (64, 48)])
-def test_int8_fully_connected_equals_float(k, n):
+@pytest.mark.parametrize("k,n,flattened", [(32, 20, False), (64, 48, False), (64, 48, True)],
+                         ids=["32x20", "64x48", "64x48_flattened"])
+def test_int8_fully_connected_equals_float(k, n, flattened):
     """A classifier [1, K] x [K, N] reading a quantize step: the int8 conv on one pixel (N padded to whole blocks,
-    sliced back), the float result's values."""
+    sliced back), the float result's values. flattened: the step is a blocked [1, K/16, 1, 1, 16] tensor, back to
+    NCHW and flattened before the classifier (ONNX Runtime's QOperator MobileNetV2: its classifier stayed float)."""
     rng = np.random.default_rng(k + n)
     wts = (rng.integers(-127, 128, (k, n)) * rng.uniform(1e-3, 1e-2, (1, n))).astype(np.float32)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, k], "float32"))
+    shape = [1, k // 16, 1, 1, 16] if flattened else [1, k]
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), 0.0, 255.0))
             xs = bb.emit(relax.op.multiply(a, relax.const(0.05, "float32")))
+            if flattened:
+                xs = bb.emit(relax.op.layout_transform(xs, index_map=lambda b, cb, h, w, c: (b, cb * 16 + c, h, w)))
+                xs = bb.emit(relax.op.reshape(xs, [1, k]))
             out = bb.emit_output(relax.op.matmul(xs, relax.const(wts)))
         bb.emit_func_output(out)
     mod = bb.get()
@@ -128,7 +134,7 @@ def test_int8_fully_connected_equals_float(k, n):
     assert book.summary()["ComputeQuantizedConvsInInt8"]["counts"]["int8_matmul"] == 1
     (conv,) = conv_calls(after)
     assert conv.args[0].ty.dtype == "uint8"
-    xv = rng.uniform(-10, 270, (1, k)).astype(np.float32)
+    xv = rng.uniform(-10, 270, shape).astype(np.float32)
     want, got = compile_run(mod, xv), compile_run(after, xv)
     assert got.shape == (1, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -141,6 +147,22 @@ def test_not_fired_without_a_quantize_step_or_an_integer_grid():
     for mod in (blocked_module(rng.standard_normal((16, 16)).astype(np.float32)),    # float weights
                 blocked_module(grid_w, lo=-200, hi=200)):                           # 401 steps
         assert conv_calls(ComputeQuantizedConvsInInt8()(mod))[0].args[0].ty.dtype == "float32"
+
+
+def test_flattened_step_in_another_channel_order_stays_float():
+    """A blocked step flattened through a layout transform that is not ConvertToBlockedLayout's (channel c * 4 + cb,
+    not cb * 16 + c): the classifier's weights would meet the wrong inputs, so it stays a float matmul."""
+    wts = (np.random.default_rng(0).integers(-127, 128, (64, 16)) * 0.01).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 4, 1, 1, 16], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), 0.0, 255.0))
+            xs = bb.emit(relax.op.multiply(a, relax.const(0.05, "float32")))
+            xs = bb.emit(relax.op.layout_transform(xs, index_map=lambda b, cb, h, w, c: (b, c * 4 + cb, h, w)))
+            out = bb.emit_output(relax.op.matmul(bb.emit(relax.op.reshape(xs, [1, 64])), relax.const(wts)))
+        bb.emit_func_output(out)
+    assert not conv_calls(ComputeQuantizedConvsInInt8()(bb.get()))
 
 
 @needs_vnni

@@ -11,8 +11,8 @@ from passes.quantize_steps_in_float import QuantizeStepsInFloat
 C, S, Z = 8, 0.05, -3
 
 
-def qdq_module(scale=S, zero=Z, deq_scale=S, deq_zero=Z, int_clip=None, dtype="int8"):
-    """x -> quantize -> (clip in the int domain) -> dequantize, one per-tensor or per-channel step."""
+def qdq_module(scale=S, zero=Z, deq_scale=S, deq_zero=Z, int_clip=None, dtype="int8", flatten=False):
+    """x -> quantize -> (clip in the int domain) -> (flatten) -> dequantize, one per-tensor or per-channel step."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, C, 4, 4], "float32"))
     as_const = lambda v, t: relax.const(np.asarray(v, t))   # noqa: E731
@@ -22,6 +22,8 @@ def qdq_module(scale=S, zero=Z, deq_scale=S, deq_zero=Z, int_clip=None, dtype="i
                                           out_dtype=dtype))
             if int_clip:
                 q = bb.emit(relax.op.clip(q, *int_clip))
+            if flatten:     # as ONNX Runtime's QOperator models flatten the int tensor before their classifier
+                q = bb.emit(relax.op.reshape(q, [1, C * 16]))
             y = bb.emit_output(relax.op.dequantize(q, as_const(deq_scale, "float32"), as_const(deq_zero, dtype),
                                                    axis=1, out_dtype="float32"))
         bb.emit_func_output(y)
@@ -52,13 +54,14 @@ def inputs() -> np.ndarray:
     dict(int_clip=(-3, 127)),                                   # TFLite: the fused ReLU as an int clip
     dict(int_clip=(-20, 40), deq_scale=0.1, deq_zero=2),        # another scale and zero point reading it back
     dict(zero=7, deq_zero=7, dtype="uint8"),
-], ids=["qdq", "int_relu", "rescaled", "uint8"])
+    dict(zero=7, deq_zero=7, dtype="uint8", int_clip=(7, 255), flatten=True),
+], ids=["qdq", "int_relu", "rescaled", "uint8", "flattened"])
 def test_same_values_in_float(case):
     mod = qdq_module(**case)
     after = QuantizeStepsInFloat()(mod)
     steps = ["relax.divide", "relax.round", "relax.clip"] + (["relax.add"] if "deq_zero" in case and
                                                              case["deq_zero"] != case.get("zero", Z) else [])
-    assert ops(after) == steps + ["relax.multiply"]
+    assert ops(after) == steps + ["relax.multiply"] + (["relax.reshape"] if case.get("flatten") else [])
     x = inputs()
     want, got = run(mod, x), run(after, x)
     np.testing.assert_array_equal(got, want)   # bit for bit, ties (to even) and saturation included
@@ -69,7 +72,7 @@ def test_same_values_in_float(case):
         lo, hi = max(lo, case["int_clip"][0]), min(hi, case["int_clip"][1])
     q = np.clip(np.round(x / np.float32(scale)) + zero, lo, hi)
     spec = ((q - case.get("deq_zero", zero)) * np.float32(case.get("deq_scale", scale))).astype(np.float32)
-    np.testing.assert_array_equal(got, spec)
+    np.testing.assert_array_equal(got, spec.reshape(got.shape))
 
 
 def test_per_channel_and_constant_steps_stay():
