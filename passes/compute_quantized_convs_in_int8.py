@@ -157,8 +157,9 @@ class _Int8(BindingRewriter):
         return self.int8_conv(grid, *step, a.strides)
 
     def int8_conv(self, grid, a, s2: float, lo: int, z, strides):
-        """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c or [1, K]) with the weights grid
-        (q [O, I], step): conv_int32(uint8(A - lo), q), + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
+        """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c, or a classifier's [1, K] or [1, K, 1, 1]
+        read as [1, K/16, 1, 1, 16]) with the weights grid (q [O, I], step): conv_int32(uint8(A - lo), q),
+        + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
         u = self.uint8(a, lo)
         if len(shape_of(u)) != 5:       # a classifier's [1, K] (or its [1, K, 1, 1] before a flatten)
             u = self.emit(relax.op.reshape(u, [1, int(np.prod(shape_of(u))) // LANES, 1, 1, LANES]))
