@@ -224,3 +224,17 @@ def test_emulated_aarch64_board_matches_x86(tracker, tmp_path):
     assert not farm._group_members(rec["pid"])
     assert not emu_board.processes_inside(root)
     assert not emu_board.mounts_under(root)
+
+
+def test_board_prerequisites_name_the_binfmt_tool(monkeypatch, tmp_path):
+    """Without binfmt-support's update-binfmts the board registers qemu from qemu-user-static's own rule file; where
+    neither is there, missing_prerequisites names update-binfmts (before, the build stopped on a FileNotFoundError
+    after its checks had passed)."""
+    which = emu_board.shutil.which
+    monkeypatch.setattr(emu_board.shutil, "which", lambda tool: None if tool == "update-binfmts" else which(tool))
+    monkeypatch.setattr(emu_board, "QEMU_BINFMT_LINE", tmp_path / "absent.conf")
+    assert "update-binfmts" in emu_board.missing_prerequisites()
+    rule = tmp_path / "qemu-aarch64.conf"
+    rule.write_text(":qemu-aarch64:M::\\x7fELF:\\xff\\xff\\xff\\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OPF\n")
+    monkeypatch.setattr(emu_board, "QEMU_BINFMT_LINE", rule)
+    assert "update-binfmts" not in emu_board.missing_prerequisites()

@@ -50,6 +50,9 @@ def rootfs() -> Path:
     return cache_dir() / f"rootfs-{TAG}"
 
 
+QEMU_BINFMT_LINE = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")   # qemu-user-static's rule, where binfmt-support is absent
+
+
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to build or run the board (empty when it can)."""
     missing = []
@@ -58,6 +61,8 @@ def missing_prerequisites() -> list[str]:
     for tool in ("debootstrap", "qemu-aarch64-static", "chroot", "zstd", "tar"):
         if not shutil.which(tool):
             missing.append(tool)
+    if not shutil.which("update-binfmts") and not QEMU_BINFMT_LINE.is_file():
+        missing.append("update-binfmts")
     if not Path("/proc/sys/fs/binfmt_misc").is_dir():
         missing.append("binfmt_misc in the kernel")
     return missing
@@ -86,8 +91,16 @@ def ensure_binfmt(log=print) -> None:
     if not (bm / "register").exists():
         _run(["mount", "binfmt_misc", "-t", "binfmt_misc", str(bm)], "mount binfmt_misc", log)
     entry = bm / "qemu-aarch64"
-    if not entry.exists() or not entry.read_text().startswith("enabled"):
+    if entry.exists() and entry.read_text().startswith("enabled"):
+        return
+    if shutil.which("update-binfmts"):
         _run(["update-binfmts", "--enable", "qemu-aarch64"], "enable qemu-aarch64", log)
+    elif entry.exists():
+        log("[board] enable qemu-aarch64: echo 1 > " + str(entry))
+        entry.write_text("1")
+    else:   # no binfmt-support: the rule qemu-user-static ships for systemd-binfmt is the kernel's register format
+        log(f"[board] register qemu-aarch64 from {QEMU_BINFMT_LINE}")
+        (bm / "register").write_text(QEMU_BINFMT_LINE.read_text().strip())
 
 
 def mounts_under(path: Path) -> list[str]:
