@@ -89,15 +89,17 @@ class _Int8(BindingRewriter):
         if op_name(found) != "relax.multiply":
             return None
         a, s2 = found.args
-        if scalar_value(s2) is None:
-            a, s2 = s2, a
-        if scalar_value(s2) is None or is_const(a):
+        scale = scalar_value(s2)
+        if scale is None:
+            a, scale = s2, scalar_value(a)
+        if scale is None or is_const(a):
             return None
-        shift, clip, made = 0.0, a, self.producer(a)
-        if op_name(made) == "relax.add" and scalar_value(made.args[1]) is not None:
-            shift, clip = scalar_value(made.args[1]), made.args[0]
+        made = self.producer(a)
+        shift = scalar_value(made.args[1]) if op_name(made) == "relax.add" else None
+        clip = a if shift is None else made.args[0]
+        shift = shift or 0.0
         bounds = self.whole_range(clip)
-        return (a, scalar_value(s2), bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
+        return (a, scale, bounds[0] + int(shift), None) if bounds and shift == np.rint(shift) else None
 
     def unflattened(self, x):
         """x's blocked source where x = to_nchw(blocked) of a 1 x 1 plane without padding channels (the same values

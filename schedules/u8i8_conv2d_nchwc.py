@@ -32,9 +32,13 @@ MAX_PIXELS, MAX_OC_BLOCKS = 14, 1
 # What one vpdpbusd computes, as the block it replaces reads: 16 int32 lanes, each plus the sum of 4 uint8 x int8
 # products. NOTE: written here, not imported from tvm.s_tir.tensor_intrin.x86: importing that package registers
 # every target's intrinsics (CUDA's alone took over a minute), on every `import compiler`.
+# The description and its implementation take the same buffers (a TensorIntrin pair must):
+_A, _B, _C = (T.Buffer((4,), "uint8", offset_factor=1), T.Buffer((16, 4), "int8", offset_factor=1),
+              T.Buffer((16,), "int32", offset_factor=1))
+
+
 @T.prim_func(s_tir=True)
-def _dot_16x4(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-              C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+def _dot_16x4(A: _A, B: _B, C: _C) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
@@ -48,8 +52,7 @@ def _dot_16x4(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), 
 # NOTE: TVM 0.27's own dot_16x4_vnni passes int32x16 operands, and its LLVM's vpdpbusd takes <64 x i8>: the
 # module fails LLVM's verifier. Same description, operands as bytes.
 @T.prim_func(s_tir=True)
-def _vnni_16x4(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+def _vnni_16x4(A: _A, B: _B, C: _C) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
