@@ -144,6 +144,22 @@ def pixel_tile_loops(sch, y, x, ow: int, tile: int):
     return [y_o], sch.fuse(y_i, x)
 
 
+def register_tiled(sch, conv, n, ob, y, x, ow: int, knobs: dict, reduce: list, inner: list):
+    """The P x OB register tile of a conv block: output channel blocks split by `oc_blocks`, (y, x) by
+    `pixel_tile`, loops ordered (n, ob_o, pixel tiles, *reduce, ob_i, pixels, *inner), the accumulators kept in
+    registers (tile_in_registers), the outer loops fused and parallel, ob_i and the pixels unrolled.
+    Returns what finish_tile takes: (the accumulator write-back block, the loops left of it)."""
+    ob_o, ob_i = sch.split(ob, [None, knobs["oc_blocks"]])
+    outer, pix = pixel_tile_loops(sch, y, x, ow, knobs["pixel_tile"])
+    sch.reorder(n, ob_o, *outer, *reduce, ob_i, pix, *inner)
+    outer = [n, ob_o, *outer]
+    wb, left = tile_in_registers(sch, conv, outer[-1])
+    sch.parallel(sch.fuse(*outer))
+    sch.unroll(ob_i)
+    sch.unroll(pix)
+    return wb, left
+
+
 class Conv2dNCHWc(ScheduleRule):
     """Dense kxk and 1x1 convolutions in NCHW{c}c with a P x OB register tile."""
 
@@ -187,20 +203,13 @@ class Conv2dNCHWc(ScheduleRule):
         else:
             for pad in sch.get_producers(conv):
                 schedule_injective(sch, pad, spec.vector_lanes)
-        ob_o, ob_i = sch.split(ob, [None, k["oc_blocks"]])
-        outer, pix = pixel_tile_loops(sch, y, x, ow, k["pixel_tile"])
         reduce = [kh, kw, ci]
         if ann["in_block"] > 1:   # (c // b, c % b) become plain loop indices
             ci_o, ci_i = sch.split(ci, [None, ann["in_block"]])
             reduce = [kh, kw, ci_o, ci_i]
             if k["unroll_ci"]:
                 sch.unroll(ci_i)
-        sch.reorder(n, ob_o, *outer, *reduce, ob_i, pix, o)
-        outer = [n, ob_o, *outer]
-        wb, left = tile_in_registers(sch, conv, outer[-1])
-        sch.parallel(sch.fuse(*outer))
-        sch.unroll(ob_i)
-        sch.unroll(pix)
+        wb, left = register_tiled(sch, conv, n, ob, y, x, ow, k, reduce, [o])
         sch.vectorize(o)
         if ann["kh"] * ann["kw"] <= 25:
             sch.unroll(kh)

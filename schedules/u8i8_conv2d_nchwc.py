@@ -16,9 +16,8 @@ from tvm import s_tir, te
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from schedules.f32_conv2d_nchwc import pixel_tile_loops, register_tile, row_tile_options
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, finish_tile, kernel_block, kernel_extents, \
-    tile_in_registers
+from schedules.f32_conv2d_nchwc import register_tile, register_tiled, row_tile_options
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, finish_tile, kernel_block, kernel_extents
 
 KIND = "conv2d_u8i8_nchwc"
 LANES = 16            # int32 lanes of one vpdpbusd
@@ -117,15 +116,8 @@ class U8I8Conv2dNCHWc(ScheduleRule):
         _, cob, oh, ow = (int(sch.get(lp).extent) for lp in (n, ob, y, x))
         p, obs = default_tile(oh, ow, cob)
         kn = {"pixel_tile": p, "oc_blocks": obs, **(knobs or {})}
-        ob_o, ob_i = sch.split(ob, [None, kn["oc_blocks"]])
-        outer, pix = pixel_tile_loops(sch, y, x, ow, kn["pixel_tile"])
-        sch.reorder(n, ob_o, *outer, c, g, ob_i, pix, o, k)
-        outer = [n, ob_o, *outer]
-        wb, left = tile_in_registers(sch, conv, outer[-1])
-        sch.parallel(sch.fuse(*outer))
+        wb, left = register_tiled(sch, conv, n, ob, y, x, ow, kn, [c, g], [o, k])
         sch.unroll(g)
-        sch.unroll(ob_i)
-        sch.unroll(pix)
         finish_tile(sch, conv, wb, c, left, LANES)
         sch.tensorize(o, INTRIN)
         name = f"u8i8_conv1x1_nchw16c_{kn['pixel_tile']}x{kn['oc_blocks'] * LANES}"
