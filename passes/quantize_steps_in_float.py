@@ -10,14 +10,14 @@ has no layout-free elementwise ops, so blocked-layout kernels converted every co
 (lo, hi: the int range of the quantized type, narrowed by the clips between; integers are exact in float32, so
 the shift by z moves into the clip bounds), four elementwise float ops that stay in any layout and fuse into the
 conv before them. round is ties-to-even, as ONNX's QuantizeLinear and TVM's own quantize lowering round.
-x / s is computed as x times the float32 reciprocal of s: a vector division costs several multiplies (on Zen 4
-the divisions took about a third of the time of EfficientNet-B0's quantized depthwise convs, whose steps follow
-a SiLU and do not fold into a conv; per-kernel profile). The two agree bit for bit where s is a power of two and
+x / s is computed as x times the float32 reciprocal of s: a vector division costs several multiplies (on Zen 4 the
+divisions were a large part of the time of EfficientNet-B0's quantized depthwise convs, whose steps follow a SiLU
+and do not fold into a conv; an ad-hoc per-kernel profile). The two agree bit for bit where s is a power of two and
 otherwise differ by at most one float32 ulp, so only where x / s lies within about an ulp of a half step can the
-step differ by one (in numpy, 0.2 to 23 in a million normal values of standard deviation 3 at scales 0.1 to
-0.002: the larger x / s, the coarser its ulp). A step right after a conv already differs by as much, since
-FoldScaleIntoConv folds its 1 / s into the conv's weights, and the reference runtimes' integer kernels
-requantize with a multiplier too.
+step differ by one (in numpy, 0.2 to 23 in a million normal values of standard deviation 3 at scales 0.1 to 0.002:
+the larger x / s, the coarser its ulp). A step right after a conv already differs by as much, since
+FoldScaleIntoConv folds its 1 / s into the conv's weights, and the reference runtimes' integer kernels requantize
+with a multiplier too.
 Reshapes of the int tensor (ONNX Runtime's QOperator models flatten it before the classifier) are walked
 through: the float step is computed before them and reshaped after.
 Per-channel activation scales (none seen in real models) are left as they are.
