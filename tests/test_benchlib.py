@@ -88,3 +88,48 @@ def test_a_partial_sparse_page_names_its_own_chart():
     assert bench_sparse.chart_name("mobilenet_v2", "benchmarks/RESULTS-sparse.md") == "sparse_vs_onnxruntime.png"
     assert bench_sparse.chart_name("blazeface", "RESULTS-sparse-blazeface.md") == "sparse_vs_onnxruntime_blazeface.png"
     assert bench_sparse.chart_name("mobilenet_v2", "benchmarks/RESULTS-sparse-85.md") == "RESULTS-sparse-85.png"
+
+
+def test_bound_counts_multiply_adds_of_the_imported_model():
+    """tools/bench_bound.model_macs: a strided 3x3 conv, a grouped 1x1 conv and a classifier, counted by hand."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import bench_bound
+    from compiler import driver
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(8, 4, 1, 1)).astype(np.float32), "w2")
+    fc = numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "fc")
+    graph = helper.make_graph([
+        helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], group=2),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["y"])],
+        "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], [w1, w2, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod, _ = driver.import_model(model, None)
+    macs = bench_bound.model_macs(mod)
+    assert macs == {"conv2d": 8 * 8 * 8 * 27 + 8 * 8 * 8 * 4, "matmul": 8 * 5}
+
+
+def test_bound_peak_kernel_computes_its_chains():
+    """The FMA-peak kernel does what its FLOP count says: acc <- acc * c + d, `steps` times per lane."""
+    import numpy as np
+    import tvm
+
+    import bench_bound
+    import targets
+    from compiler import artifact  # noqa: F401
+    spec = targets.resolve(None, None)
+    lanes, acc, steps = spec.vector_lanes, 2, 10
+    lib = tvm.compile(tvm.IRModule({"main": bench_bound.peak_kernel(lanes, acc, steps)}), target=spec.tvm_target())
+    a = np.linspace(-1, 1, acc * lanes).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros_like(a), tvm.cpu())
+    lib["main"](tvm.runtime.tensor(a, tvm.cpu()), out)
+    want = a.astype(np.float64)
+    for _ in range(steps):
+        want = want * 0.999999 + 1e-7
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-7)

@@ -5,6 +5,7 @@
   python tools/bench.py tune     [--minutes 30] [--variant-minutes 10] [--variants dense,sparse,merged]
   python tools/bench.py shrink   [--cases mobilenet_v2_1.4-dsf,...] [--threads 1,2] [--rounds 30] [--resolution R]
   python tools/bench.py shrink-auto [--epochs 15] [--max-drop 0.01] [--threads 1,2] [--rounds 50]
+  python tools/bench.py bound    [--model F.onnx] [--rounds 50]  (tools/bench_bound.py: the FMA-peak floor)
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each
 runtime in a process of its own, bursts alternating (two thread pools in one process fight over
@@ -28,6 +29,7 @@ sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
 
+import bench_bound  # noqa: E402
 import bench_sparse  # noqa: E402
 import bench_shrink  # noqa: E402
 import bench_shrink_auto  # noqa: E402
@@ -173,6 +175,7 @@ def main() -> None:
     p.set_defaults(func=bench_tune.cmd_tune)
     bench_shrink.add_parser(sub, ROOT)
     bench_shrink_auto.add_parser(sub, ROOT)
+    bench_bound.add_parser(sub, ROOT)
     args = parser.parse_args()
     args.func(args)
 
