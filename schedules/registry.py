@@ -10,13 +10,14 @@ from schedules.f32_dense import Dense, dense, pack_weights
 from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
 from schedules.f32_pool_nchwc import MeanHW, mean_hw
+from schedules import f32_resize2d_nchw as resize
 from schedules.meta_schedule_trace import MetaScheduleTrace
 from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack_vnni
 
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
 # MetaScheduleTrace applies only to kernels a tuning database has a MetaSchedule trace for.
 CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), U8I8Conv2dNCHWc(), Conv2dWinogradNCHWc(), DwConv2dNCHWc(), MeanHW(),
-             Dense(), Fallback()]
+             Dense(), resize.Resize2dNCHW(), Fallback()]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int | None) -> relax.Expr | None:
@@ -72,6 +73,20 @@ def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> re
     return None
 
 
+def _legalize_resize2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    """Bilinear resize of a static float32 NCHW tensor: schedules/f32_resize2d_nchw.py (separable)."""
+    a, x = call.attrs, call.args[0]
+    shapes = [getattr(t.ty, "shape", None) for t in (x, call)]
+    if str(a.layout) != "NCHW" or str(a.method) != "linear" or x.ty.dtype != "float32" \
+            or call.ty.dtype != "float32" or str(a.coordinate_transformation_mode) not in resize.MODES \
+            or not all(isinstance(s, relax.ShapeExpr) and len(s.values) == 4
+                       and all(isinstance(d, tvm.tirx.IntImm) for d in s.values) for s in shapes):
+        return None
+    (_, _, ih, iw), (_, _, oh, ow) = ([int(d) for d in s.values] for s in shapes)
+    consts = [relax.const(t) for t in resize.tables((ih, iw), (oh, ow), str(a.coordinate_transformation_mode))]
+    return bb.call_te(resize.resize2d_linear_nchw, x, *consts, primfunc_name_hint="resize2d")
+
+
 def _with_default(ours, op_name):
     """Use our kernel where it applies, else TVM's own legalization."""
     default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
@@ -90,4 +105,5 @@ def cpu_legalize_map(lanes: int, winograd_min_channels: int | None = None) -> di
                                          "relax.nn.conv2d"),
         "relax.mean": _with_default(_legalize_mean, "relax.mean"),
         "relax.matmul": _with_default(lambda bb, call: _legalize_matmul(bb, call, lanes), "relax.matmul"),
+        "relax.image.resize2d": _with_default(_legalize_resize2d, "relax.image.resize2d"),
     }

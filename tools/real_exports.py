@@ -17,6 +17,8 @@ dynamic-range (`_dr`: tf.lite.Optimize.DEFAULT alone, int8 weights, float activa
 with a representative dataset of random images, int8 weights and activations, float input and output).
 `quantize`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 exports through ONNX Runtime's static
 quantization (QDQ, int8 per-channel weights, int8 activations calibrated on random images).
+`torch-seg`: torchvision's segmentation models on MobileNetV3-Large (LR-ASPP, DeepLabV3: dilated convs, bilinear
+Resize to the input size, 21 classes), their `out` map as the output.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -57,6 +59,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_keras_sparse(out)
     if only in (None, "torch-fp16"):
         _export_torch_fp16(out)
+    if only in (None, "torch-seg"):
+        _export_torch_seg(out)
     if only in (None, "keras-quantized"):
         _export_keras_quantized(out)
 
@@ -86,6 +90,28 @@ def _torchvision_model(name: str):
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
     return m
+
+
+SEGMENTATION = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"]   # --only torch-seg
+
+
+def _export_torch_seg(out: str) -> None:
+    """torch_NAME.onnx for torchvision's segmentation models: the `out` map of their output dict."""
+    import torch
+    import torchvision
+
+    class OutMap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)["out"]
+    torch.manual_seed(0)
+    for name in SEGMENTATION:
+        m = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=21)
+        torch.onnx.export(OutMap(m.eval()), torch.randn(1, 3, 224, 224), f"{out}/torch_{name}.onnx", opset_version=13,
+                          dynamo=False, input_names=["input"], output_names=["out"])
 
 
 FP16 = ["mobilenet_v2", "efficientnet_b0"]
@@ -301,7 +327,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
-    e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized"],
+    e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
+                                           "torch-seg"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")

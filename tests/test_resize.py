@@ -1,0 +1,59 @@
+"""schedules/f32_resize2d_nchw.py: bilinear resize computed separably, against ONNX Runtime, and where it applies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import assert_matches_ort
+
+KERNEL = "f32_resize2d_linear_nchw"
+
+
+def _model(in_hw, out_hw, mode="linear", ctm="half_pixel", channels=6):
+    """conv -> Resize(sizes) -> conv, so the resize sits between blocked-layout kernels as in a segmentation head."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((5, channels, 1, 1)) * 0.3).astype(np.float32)
+    sizes = np.array([1, channels, *out_hw], np.int64)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Resize", ["a", "", "", "sizes"], ["r"], mode=mode,
+                              coordinate_transformation_mode=ctm),
+             helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, *in_hw])],
+                          [helper.make_tensor_value_info("y", 1, None)],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                           numpy_helper.from_array(sizes, "sizes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+SIZES = [((14, 14), (28, 28)), ((7, 9), (56, 72)), ((12, 10), (31, 17)), ((20, 24), (9, 10))]
+
+
+# NOTE: align_corners to one pixel is left out: TVM's own constant folding (cleanup phase) divides by out - 1 there
+@pytest.mark.parametrize("ctm,in_hw,out_hw",
+                         [(c, i, o) for c in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
+                          for i, o in SIZES] + [("half_pixel", (5, 6), (1, 1)), ("pytorch_half_pixel", (5, 6), (1, 1))])
+def test_bilinear_resize_matches_onnxruntime(ctm, in_hw, out_hw):
+    """Up by 2 and 8 (rows of 28 and 72: vectors of 4 and 8 lanes), by odd factors, down, to one pixel."""
+    cm = assert_matches_ort(_model(in_hw, out_hw, ctm=ctm), tol=1e-5)
+    assert any(k.startswith(KERNEL) for k in cm.report["kernels"]), cm.report["kernels"]
+
+
+def test_other_resizes_keep_tvms_kernel():
+    """Nearest and cubic are not this kernel's; they still compile and match."""
+    for mode in ("nearest", "cubic"):
+        cm = assert_matches_ort(_model((6, 6), (12, 12), mode=mode), tol=1e-4)
+        assert not any(k.startswith(KERNEL) for k in cm.report["kernels"])
+
+
+def test_tables_give_topis_coordinates():
+    """Half-pixel up by 2: output column 0 reads input 0 only (-0.25 clamped), column 1 reads 0 and 1 at 1/4."""
+    from schedules.f32_resize2d_nchw import axis_table
+    lo, hi, f = axis_table(4, 8, "half_pixel")
+    assert lo.tolist() == [0, 0, 0, 1, 1, 2, 2, 3] and hi.tolist() == [0, 1, 1, 2, 2, 3, 3, 3]
+    np.testing.assert_allclose(f, [0.75, 0.25, 0.75, 0.25, 0.75, 0.25, 0.75, 0.25])
+    lo, hi, f = axis_table(4, 7, "align_corners")
+    assert lo[-1] == 3 and f[0] == 0 and abs(float(f[1]) - 0.5) < 1e-7
