@@ -171,6 +171,16 @@ class _Blocker(BindingRewriter):
             call = POOLS[name](args[0], a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
                                a.count_include_pad, layout=f"NCHW{b}c", out_layout=f"NCHW{b}c")
             return self.finish(var, call, b, channels)
+        if blocked and name == "relax.image.resize2d" and str(value.attrs.layout) == "NCHW" \
+                and isinstance(var, relax.DataflowVar):
+            # per pixel the same weights for every channel: blocked, it reads and writes whole channel vectors.
+            # NOTE: a model's output stays NCHW (its input is converted, the smaller tensor when upsampling)
+            b, channels = self.layout[args[0]]
+            a = value.attrs
+            call = relax.op.image.resize2d(args[0], args[1], tuple(float(r) for r in a.roi), f"NCHW{b}c", a.method,
+                                           a.coordinate_transformation_mode, a.rounding_method, a.cubic_alpha,
+                                           a.cubic_exclude, a.extrapolation_value, a.out_dtype)
+            return self.finish(var, call, b, channels)
         if blocked and name == "relax.nn.pad" and channel_pad(value) is not None:
             return self.finish(var, *self.pad_channels(args[0], channel_pad(value)))
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):

@@ -1,4 +1,5 @@
-"""Bilinear 2-D resize in NCHW, separable: every input row interpolated along W, then two such rows per output row.
+"""Bilinear 2-D resize in NCHW or NCHW{b}c, separable: every input row interpolated along W, then two such rows per
+output row.
 
 TVM's own resize (topi) computes each output pixel from four input pixels whose indices and weights it
 works out per lane, so every load is a gather: in a torch.onnx LRASPP MobileNetV3-Large the two resizes
@@ -10,6 +11,9 @@ operations on the same values. Its inner loop reads two rows of t contiguously (
 fixed for the loop); only `resize_w` gathers, over the input's IH rows (when upsampling, OH / IH times
 fewer than the output has). The source columns, rows and weights are constants computed here the way
 topi computes its coordinates (half_pixel, pytorch_half_pixel, align_corners, asymmetric).
+Blocked (NCHW{b}c: ConvertToBlockedLayout keeps a resize between convs blocked, so no layout transforms
+sit around it), every pixel's b channels share their source pixels and weights: each load is a whole vector,
+none gathers.
 """
 from __future__ import annotations
 
@@ -48,14 +52,16 @@ def axis_table(in_size: int, out_size: int, mode: str) -> tuple[np.ndarray, np.n
 
 def resize2d_linear_nchw(data: te.Tensor, lo_w: te.Tensor, hi_w: te.Tensor, fw: te.Tensor, lo_h: te.Tensor,
                          hi_h: te.Tensor, fh: te.Tensor) -> te.Tensor:
-    """data [N, C, IH, IW] -> [N, C, OH, OW]; the tables as axis_table gives them (OW and OH entries)."""
-    n, c, ih, _ = (int(d) for d in data.shape)
+    """data [N, C, IH, IW] or blocked [N, C/b, IH, IW, b] -> [N, C, OH, OW] (or blocked); the tables as axis_table
+    gives them (OW and OH entries)."""
+    shape = [int(d) for d in data.shape]
     ow, oh = int(lo_w.shape[0]), int(lo_h.shape[0])
     one = te.const(1.0, "float32")
-    rows = te.compute((n, c, ih, ow), lambda b, k, y, x: data[b, k, y, lo_w[x]] * (one - fw[x])
-                      + data[b, k, y, hi_w[x]] * fw[x], name="resize_w")
-    return te.compute((n, c, oh, ow), lambda b, k, y, x: rows[b, k, lo_h[y], x] * (one - fh[y])
-                      + rows[b, k, hi_h[y], x] * fh[y], name="resize_h", attrs={KERNEL_ATTR: KIND})
+    rows = te.compute((*shape[:3], ow, *shape[4:]), lambda b, k, y, x, *lane: data[(b, k, y, lo_w[x], *lane)]
+                      * (one - fw[x]) + data[(b, k, y, hi_w[x], *lane)] * fw[x], name="resize_w")
+    return te.compute((*shape[:2], oh, ow, *shape[4:]), lambda b, k, y, x, *lane: rows[(b, k, lo_h[y], x, *lane)]
+                      * (one - fh[y]) + rows[(b, k, hi_h[y], x, *lane)] * fh[y], name="resize_h",
+                      attrs={KERNEL_ATTR: KIND})
 
 
 def tables(in_hw: tuple[int, int], out_hw: tuple[int, int], mode: str) -> list[np.ndarray]:
@@ -78,12 +84,15 @@ class Resize2dNCHW(ScheduleRule):
         inline_producers(sch, rows)
         for b in (rows, block):
             _rows_in_vectors(sch, b, spec.vector_lanes)
-        return Scheduled(sch.mod["main"], "f32_resize2d_linear_nchw", {})
+        out = sch.get(block).writes[0].source.shape
+        layout = "nchw" if len(out) == 4 else f"nchw{int(out[4])}c"
+        return Scheduled(sch.mod["main"], f"f32_resize2d_linear_{layout}", {})
 
 
 def _rows_in_vectors(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """(N, C, H) fused and parallel; each row in vectors of the widest power of two up to `lanes` that
-    divides its width (a vector never spans two rows, whose row index and weight differ)."""
+    """NCHW: (N, C, H) fused and parallel, each row in vectors of the widest power of two up to `lanes` that
+    divides its width (a vector never spans two rows, whose row index and weight differ). NCHW{b}c: the
+    pixels fused and parallel, each pixel's b channels one vector (b <= lanes)."""
     *outer, x = sch.get_loops(block)
     width, v = int(sch.get(x).extent), lanes
     while width % v:

@@ -1,6 +1,8 @@
 """Which kernel computes each op (legalization) and which rules schedule kernels, in the order tried."""
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax
 
@@ -74,15 +76,17 @@ def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> re
 
 
 def _legalize_resize2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
-    """Bilinear resize of a static float32 NCHW tensor: schedules/f32_resize2d_nchw.py (separable)."""
+    """Bilinear resize of a static float32 NCHW or NCHW{b}c tensor: schedules/f32_resize2d_nchw.py (separable)."""
     a, x = call.attrs, call.args[0]
     shapes = [getattr(t.ty, "shape", None) for t in (x, call)]
-    if str(a.layout) != "NCHW" or str(a.method) != "linear" or x.ty.dtype != "float32" \
+    layout = str(a.layout)
+    rank = 4 if layout == "NCHW" else 5 if re.fullmatch(r"NCHW\d+c", layout) else 0
+    if not rank or str(a.method) != "linear" or x.ty.dtype != "float32" \
             or call.ty.dtype != "float32" or str(a.coordinate_transformation_mode) not in resize.MODES \
-            or not all(isinstance(s, relax.ShapeExpr) and len(s.values) == 4
+            or not all(isinstance(s, relax.ShapeExpr) and len(s.values) == rank
                        and all(isinstance(d, tvm.tirx.IntImm) for d in s.values) for s in shapes):
         return None
-    (_, _, ih, iw), (_, _, oh, ow) = ([int(d) for d in s.values] for s in shapes)
+    (ih, iw), (oh, ow) = ([int(d) for d in s.values[2:4]] for s in shapes)
     consts = [relax.const(t) for t in resize.tables((ih, iw), (oh, ow), str(a.coordinate_transformation_mode))]
     return bb.call_te(resize.resize2d_linear_nchw, x, *consts, primfunc_name_hint="resize2d")
 

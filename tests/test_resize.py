@@ -10,8 +10,9 @@ from conftest import assert_matches_ort
 KERNEL = "f32_resize2d_linear_nchw"
 
 
-def _model(in_hw, out_hw, mode="linear", ctm="half_pixel", channels=6):
-    """conv -> Resize(sizes) -> conv, so the resize sits between blocked-layout kernels as in a segmentation head."""
+def _model(in_hw, out_hw, mode="linear", ctm="half_pixel", channels=6, last=False):
+    """conv -> Resize(sizes) -> conv, the resize between blocked-layout kernels as in a segmentation head; last:
+    conv -> Resize, the resize the model's output (in NCHW) as a segmentation model's upsampled map is."""
     rng = np.random.default_rng(0)
     w1 = (rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32)
     w2 = (rng.standard_normal((5, channels, 1, 1)) * 0.3).astype(np.float32)
@@ -26,6 +27,9 @@ def _model(in_hw, out_hw, mode="linear", ctm="half_pixel", channels=6):
                            numpy_helper.from_array(sizes, "sizes")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
+    if last:
+        m.graph.node.pop()
+        m.graph.output[0].name = "r"
     return m
 
 
@@ -36,10 +40,13 @@ SIZES = [((14, 14), (28, 28)), ((7, 9), (56, 72)), ((12, 10), (31, 17)), ((20, 2
 @pytest.mark.parametrize("ctm,in_hw,out_hw",
                          [(c, i, o) for c in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
                           for i, o in SIZES] + [("half_pixel", (5, 6), (1, 1)), ("pytorch_half_pixel", (5, 6), (1, 1))])
-def test_bilinear_resize_matches_onnxruntime(ctm, in_hw, out_hw):
-    """Up by 2 and 8 (rows of 28 and 72: vectors of 4 and 8 lanes), by odd factors, down, to one pixel."""
-    cm = assert_matches_ort(_model(in_hw, out_hw, ctm=ctm), tol=1e-5)
-    assert any(k.startswith(KERNEL) for k in cm.report["kernels"]), cm.report["kernels"]
+@pytest.mark.parametrize("last", [False, True], ids=["blocked", "nchw"])
+def test_bilinear_resize_matches_onnxruntime(ctm, in_hw, out_hw, last):
+    """Up by 2 and 8 (NCHW rows of 28 and 72: vectors of 4 and 8 lanes), by odd factors, down, to one pixel;
+    between convs (blocked) and as the output (NCHW)."""
+    cm = assert_matches_ort(_model(in_hw, out_hw, ctm=ctm, last=last), tol=1e-5)
+    kernel = KERNEL if last else KERNEL + "16c"
+    assert any(k == kernel or k.startswith(kernel + "_") for k in cm.report["kernels"]), cm.report["kernels"]
 
 
 def test_other_resizes_keep_tvms_kernel():
@@ -57,3 +64,16 @@ def test_tables_give_topis_coordinates():
     np.testing.assert_allclose(f, [0.75, 0.25, 0.75, 0.25, 0.75, 0.25, 0.75, 0.25])
     lo, hi, f = axis_table(4, 7, "align_corners")
     assert lo[-1] == 3 and f[0] == 0 and abs(float(f[1]) - 0.5) < 1e-7
+
+
+def test_resize_between_convs_runs_blocked(tmp_path):
+    """Between two convs the resize keeps their channel-blocked layout: the only layout transforms left are the
+    model's input into blocks and its output out of them (two more around an NCHW resize)."""
+    import re
+
+    import compiler
+    cm = compiler.compile_model(_model((14, 14), (28, 28)), dump_dir=str(tmp_path))
+    assert any(k.startswith(KERNEL + "16c") for k in cm.report["kernels"]), cm.report["kernels"]
+    lowered = (tmp_path / "4_lower.py").read_text()
+    calls = re.findall(r"R\.call_tir\(cls\.(\w+)", lowered)
+    assert sum("layout_transform" in c for c in calls) == 2, calls
