@@ -26,6 +26,7 @@ from passes.pad_channel_planes import PadChannelPlanes
 from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.sparsify_conv1x1 import SparsifyConv1x1
+from passes.skip_padding_taps import SkipPaddingTaps
 from passes.sparsify_dense import SparsifyDense
 from schedules import registry
 from targets import TargetSpec, errors
@@ -109,6 +110,7 @@ def _cost(spec: TargetSpec, opts: Options):
 
 def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
     return [
+        SkipPaddingTaps(),   # NOTE: before ConvertToBlockedLayout, which keeps its slices and concats blocked
         ConvertToBlockedLayout(spec.kernel_defaults.get("block_lanes", spec.vector_lanes),
                                pad=spec.kernel_defaults.get("pad_channels", spec.isa == "avx512")),
         relax.transform.FoldConstant(),

@@ -136,6 +136,22 @@ class _Blocker(BindingRewriter):
         self.layout[v] = (b, channels)
         return self.to_nchw(v)
 
+    @staticmethod
+    def spatial_axes(axes) -> list[int] | None:
+        """The axes (a Tuple of PrimValues) of a 4-D op as 2 / 3 where they are all H or W, else None."""
+        if not isinstance(axes, relax.Tuple):
+            return None
+        out = [int(v.value) % 4 for v in axes.fields]
+        return out if out and all(a in (2, 3) for a in out) else None
+
+    def spatial_concat(self, var, value) -> bool:
+        """A concat along H or W of 4-D tensors held in the same blocks."""
+        fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
+        if not fields or len(var.ty.shape.values) != 4 or int(value.attrs.axis) % 4 not in (2, 3):
+            return False
+        return all(isinstance(f, relax.Var) and f in self.layout for f in fields) \
+            and len({self.layout[f] for f in fields}) == 1
+
     def whole_blocks_concat(self, var, value) -> bool:
         """A channel concat of 4-D tensors held in one block size, each a whole number of blocks."""
         fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
@@ -189,6 +205,16 @@ class _Blocker(BindingRewriter):
         if blocked and name in REDUCE and len(tensors) == 1 and self.whole_tensor(value, args[0]):
             # every element of a tensor without padding channels: the same value in any layout
             return relax.Call(value.op, args, value.attrs)
+        if blocked and name == "relax.strided_slice" and len(var.ty.shape.values) == 4 \
+                and self.spatial_axes(args[1]) is not None:
+            # H / W are the same axes of a blocked tensor (SkipPaddingTaps' slices)
+            ints = [[int(v.value) for v in t.fields] for t in args[2:]]
+            call = relax.op.strided_slice(args[0], self.spatial_axes(args[1]), *ints)
+            return self.finish(var, call, *self.layout[args[0]])
+        if name == "relax.concat" and self.spatial_concat(var, value):
+            fields = value.args[0].fields
+            return self.finish(var, relax.op.concat(list(fields), axis=int(value.attrs.axis) % 4),
+                               *self.layout[fields[0]])
         if name == "relax.concat" and self.whole_blocks_concat(var, value):
             # channels of whole blocks one after another (SqueezeNet's fire modules): blocks one after another
             fields = value.args[0].fields
