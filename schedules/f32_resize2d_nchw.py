@@ -7,7 +7,8 @@ took about a quarter of the time (ad-hoc per-kernel profile). Bilinear interpola
 topi's order of operations already is: top = a (1 - fx) + b fx, bottom = c (1 - fx) + d fx,
 out = top (1 - fy) + bottom fy. So `resize_w` computes t = the W-interpolation of every input row
 ([N, C, IH, OW]) and `resize_h` blends the rows lo[oy] and hi[oy] of t with weight fy[oy]: the same
-operations on the same values. Its inner loop reads two rows of t contiguously (whole vectors, the row
+operations in the same order (the weights computed here in numpy, as topi computes them, may differ from its in
+the last bit). Its inner loop reads two rows of t contiguously (whole vectors, the row
 fixed for the loop); only `resize_w` gathers, over the input's IH rows (when upsampling, OH / IH times
 fewer than the output has). The source columns, rows and weights are constants computed here the way
 topi computes its coordinates (half_pixel, pytorch_half_pixel, align_corners, asymmetric).
