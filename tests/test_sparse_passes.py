@@ -31,6 +31,12 @@ class _FixedCost:
         return self.sparse if "f32_spmm_chw" in calls else self.dense
 
 
+def _to_blocked():
+    """The pipeline's ConvertToBlockedLayout (phase 4), as the compile runs it."""
+    return next(p for p in dict(pipeline.phases(SPEC, pipeline.Options()))["lower"]
+                if type(p).__name__ == "ConvertToBlockedLayout")
+
+
 def _cleaned(model):
     mod, _ = driver.import_model(model, None)
     with SPEC.tvm_target():
@@ -206,7 +212,7 @@ def test_sparse_mobilenet_v2_region_matches_onnxruntime(monkeypatch):
     mod, _ = _sparsify(_cleaned(model))
     lowered = mod
     with SPEC.tvm_target():
-        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](lowered)   # ConvertToBlockedLayout
+        lowered = _to_blocked()(lowered)
     text = lowered.script(show_meta=False)
     # inside the sparse part (blocks 3..) no layout_transform sits between two CHW kernels
     lines = [ln for ln in text.splitlines() if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
@@ -232,7 +238,7 @@ def test_sparse_mobilenet_v1_is_one_chw_region_that_matches_onnxruntime(monkeypa
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
     mod, _ = _sparsify(_cleaned(model))
     with SPEC.tvm_target():
-        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+        lowered = _to_blocked()(mod)
     text = lowered.script(show_meta=False)
     assert "layout_transform" not in text and text.count("R.call_tir(cls.f32_spmm") == 13
 
@@ -352,7 +358,7 @@ def test_first_conv_goes_chw_when_the_region_starts_at_the_input(monkeypatch):
     assert all(r.ok for r in cm.verify()), [r.line() for r in cm.verify()]
     mod, _ = _sparsify(_cleaned(model))
     with SPEC.tvm_target():
-        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+        lowered = _to_blocked()(mod)
     lines = [ln for ln in lowered.script(show_meta=False).splitlines()
              if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
     first_sparse = next(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
@@ -394,7 +400,7 @@ def test_first_conv_read_by_a_depthwise_and_a_shortcut_goes_chw_alone(monkeypatc
     alone = model(False)
     mod, _ = _sparsify(_cleaned(alone))
     with SPEC.tvm_target():
-        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+        lowered = _to_blocked()(mod)
     lines = [ln for ln in lowered.script(show_meta=False).splitlines()
              if "R.call_tir(cls." in ln or "layout_transform" in ln]
     assert f"f32_conv{k}x{k}s{stride}_chw_" in lines[0], lines
@@ -621,7 +627,7 @@ def test_sparse_mobilenet_v3_region_keeps_hard_swish_and_squeeze_excite_in_chw(m
     assert not [ln for ln in mod.script(show_meta=False).splitlines() if "R.multiply(" in ln and "se_mul" in ln]
     assert not any("not next to a sparse" in s["why"] for s in book["FormCHWRegions"].get("skipped", []))
     with SPEC.tvm_target():
-        lowered = dict(pipeline.phases(SPEC, pipeline.Options()))["lower"][0](mod)   # ConvertToBlockedLayout
+        lowered = _to_blocked()(mod)
     lines = [ln for ln in lowered.script(show_meta=False).splitlines()
              if "R.call_tir(cls.f32_" in ln or "layout_transform" in ln]
     first = next(i for i, ln in enumerate(lines) if "f32_spmm" in ln)
