@@ -3,7 +3,7 @@ output row.
 
 TVM's own resize (topi) computes each output pixel from four input pixels whose indices and weights it
 works out per lane, so every load is a gather: in a torch.onnx LRASPP MobileNetV3-Large the two resizes
-took about a quarter of the time (ad-hoc per-kernel profile). Bilinear interpolation is separable, and
+took a large part of the time (ad-hoc per-kernel profile). Bilinear interpolation is separable, and
 topi's order of operations already is: top = a (1 - fx) + b fx, bottom = c (1 - fx) + d fx,
 out = top (1 - fy) + bottom fy. So `resize_w` computes t = the W-interpolation of every input row
 ([N, C, IH, OW]) and `resize_h` blends the rows lo[oy] and hi[oy] of t with weight fy[oy]: the same
