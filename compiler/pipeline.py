@@ -25,8 +25,8 @@ from passes.merge_linear_chains import MergeLinearChains
 from passes.pad_channel_planes import PadChannelPlanes
 from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
-from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.skip_padding_taps import SkipPaddingTaps
+from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
 from schedules import registry
 from targets import TargetSpec, errors

@@ -206,10 +206,10 @@ class _Blocker(BindingRewriter):
             # every element of a tensor without padding channels: the same value in any layout
             return relax.Call(value.op, args, value.attrs)
         if blocked and name == "relax.strided_slice" and len(var.ty.shape.values) == 4 \
-                and self.spatial_axes(args[1]) is not None:
+                and (axes := self.spatial_axes(args[1])) is not None:
             # H / W are the same axes of a blocked tensor (SkipPaddingTaps' slices)
             ints = [[int(v.value) for v in t.fields] for t in args[2:]]
-            call = relax.op.strided_slice(args[0], self.spatial_axes(args[1]), *ints)
+            call = relax.op.strided_slice(args[0], axes, *ints)
             return self.finish(var, call, *self.layout[args[0]])
         if name == "relax.concat" and self.spatial_concat(var, value):
             fields = value.args[0].fields

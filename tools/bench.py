@@ -39,10 +39,6 @@ import bench_tune  # noqa: E402
 DEFAULT_MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_lite0,efficientnet_b0"
 
 
-def _family(kernel: str) -> str:
-    return kernel.split("_")[1] if kernel.startswith(("f32_", "u8i8_")) else kernel
-
-
 def bench_model(name: str, model_path: str, threads: list[int], rounds: int, work: str, charts: str,
                 compile_options: dict | None = None, tflite: str | None = None) -> dict:
     import onnxruntime as ort
@@ -87,7 +83,8 @@ def bench_model(name: str, model_path: str, threads: list[int], rounds: int, wor
     layers = profiled.runner().profile(inputs, repeat=10)
     families: dict[str, float] = {}
     for row in layers:
-        families[_family(row["kernel"])] = families.get(_family(row["kernel"]), 0.0) + row["ms"]
+        family = benchlib.kernel_family(row["kernel"])
+        families[family] = families.get(family, 0.0) + row["ms"]
     result["families"] = sorted(families.items(), key=lambda kv: -kv[1])
     result["layers"] = layers
     chart = os.path.join(charts, f"{name}_layers.png")

@@ -115,11 +115,6 @@ def kernel_macs(mod) -> dict[str, float]:
     return out
 
 
-def family(kernel: str) -> str:
-    """f32_conv1x1_nchw16c_7x16_3 -> conv1x1; VM builtins as they are."""
-    return kernel.split("_")[1] if kernel.startswith(("f32_", "u8i8_")) else kernel
-
-
 def measure(model, rounds: int, work: str) -> dict:
     """The default compile of `model` (an ONNX ModelProto): the multiply-adds of the imported model, its
     median at 1 thread, a per-family profile."""
@@ -143,7 +138,7 @@ def measure(model, rounds: int, work: str) -> dict:
     rows = profiled.runner().profile(inputs, repeat=max(5, rounds // 2))
     families: dict[str, dict] = {}
     for r in rows:
-        f = families.setdefault(family(r["kernel"]), {"ms": 0.0, "macs": 0.0, "estimated": True})
+        f = families.setdefault(benchlib.kernel_family(r["kernel"]), {"ms": 0.0, "macs": 0.0, "estimated": True})
         f["ms"] += r["ms"]
         if r["kernel"] in macs_by_kernel:      # a kernel (VM builtins are not)
             if macs_by_kernel[r["kernel"]] is None:

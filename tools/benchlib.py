@@ -73,6 +73,11 @@ def paired_ratio(a: list[float], b: list[float], group: int = 1) -> float:
     return float(np.median(ratios))
 
 
+def kernel_family(kernel: str) -> str:
+    """A profile row's kernel family: f32_conv1x1_nchw16c_7x16_3 -> conv1x1; VM builtins as they are."""
+    return kernel.split("_")[1] if kernel.startswith(("f32_", "u8i8_")) else kernel
+
+
 def stats(times: list[float]) -> dict:
     return {"min_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times)), "runs": len(times)}
 
