@@ -28,6 +28,7 @@ from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.skip_padding_taps import SkipPaddingTaps
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
+from passes.split_transposed_convs import SplitTransposedConvs
 from schedules import registry
 from targets import TargetSpec, errors
 
@@ -68,6 +69,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW
             FoldPadIntoConv(),
             FoldScaleIntoConv(),
+            SplitTransposedConvs(),  # NOTE: after FoldScaleIntoConv: its convs are ordinary convs from here on
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ]),

@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter, static_shape
 
 NAME = "ConvertToBlockedLayout"
 
@@ -88,6 +88,8 @@ class _Blocker(BindingRewriter):
         self.lanes, self.pad = lanes, pad
         self.layout: dict = {}      # new var -> (block, true channels) of its NCHW{b}c layout
         self.cache: dict = {}       # (var, block or 0) -> converted var
+        self.stacked: dict = {}     # new var -> (block, true channels): blocked tensors stacked by spatial_interleave
+        self.pending_stack = None
 
     def block_for(self, channels: int) -> int | None:
         if self.pad and channels >= self.lanes // 2:
@@ -151,6 +153,20 @@ class _Blocker(BindingRewriter):
             return False
         return all(isinstance(f, relax.Var) and f in self.layout for f in fields) \
             and len({self.layout[f] for f in fields}) == 1
+
+    def spatial_interleave(self, var, value) -> bool:
+        """A stack of 4-D tensors held in the same blocks on a new axis after H or W, read only by a reshape that
+        merges the new axis into that one: their pixels interleaved along H or W."""
+        fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
+        shape = [int(d) for d in var.ty.shape.values]
+        axis = int(value.attrs.axis) % 5 if len(shape) == 5 else None
+        if not fields or axis not in (3, 4) or not all(isinstance(f, relax.Var) and f in self.layout for f in fields) \
+                or len({self.layout[f] for f in fields}) != 1:
+            return False
+        user = self.only_user(var)
+        if user is None or op_name(user.value) != "relax.reshape":
+            return False
+        return static_shape(user.var) == shape[:axis - 1] + [shape[axis - 1] * shape[axis]] + shape[axis + 1:]
 
     def whole_blocks_concat(self, var, value) -> bool:
         """A channel concat of 4-D tensors held in one block size, each a whole number of blocks."""
@@ -220,6 +236,15 @@ class _Blocker(BindingRewriter):
             fields = value.args[0].fields
             b = self.layout[fields[0]][0]
             return self.finish(var, relax.op.concat(list(fields), axis=1), b, int(var.ty.shape.values[1]))
+        if name == "relax.stack" and self.spatial_interleave(var, value):
+            # pixels interleaved along H / W (SplitTransposedConvs' phases): the same axes of the blocked tensors
+            fields = value.args[0].fields
+            self.pending_stack = self.layout[fields[0]]
+            return relax.op.stack(list(fields), axis=int(value.attrs.axis) % 5)
+        if name == "relax.reshape" and isinstance(args[0], relax.Var) and args[0] in self.stacked:
+            b, channels = self.stacked[args[0]]
+            n, _, h, w = (int(d) for d in var.ty.shape.values)
+            return self.finish(var, relax.op.reshape(args[0], (n, ceil_to(channels, b) // b, h, w, b)), b, channels)
         # NOTE: a Tuple argument (concat, call_tir) may hold blocked tensors too: they go back to NCHW
         in_tuples = [f for a in args if isinstance(a, relax.Tuple) for f in a.fields
                      if isinstance(f, relax.Var) and f in self.layout]
@@ -329,6 +354,9 @@ class _Blocker(BindingRewriter):
         if self.pending:
             self.layout[self.get_var_remap(binding.var)] = self.pending
             self.pending = None
+        if self.pending_stack:
+            self.stacked[self.get_var_remap(binding.var)] = self.pending_stack
+            self.pending_stack = None
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)

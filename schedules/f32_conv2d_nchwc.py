@@ -176,6 +176,12 @@ class Conv2dNCHWc(ScheduleRule):
         # the stem and 7x7 maps did not. A target may turn the copy off (`padded_copy`).
         copy = (info.get("stride", 1) == 1 and info.get("kh", 1) > 1 and info["oh"] * info["ow"] > 49
                 and spec.kernel_defaults.get("padded_copy", True))
+        # NOTE: a stride-1 conv padded more on one side than the other (a transposed conv's phases,
+        # SplitTransposedConvs) always reads a padded copy: with guarded loads TVM's loop partitioning split the
+        # unrolled pixel loop at a point known only at run time and the build failed ("Cannot unroll non-constant
+        # loop": 1x2 and 2x1 kernels padded on one side)
+        top, left, bottom, right = info.get("pad", (0, 0, 0, 0))
+        copy = copy or (info.get("stride", 1) == 1 and (top, left) != (bottom, right))
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": True,
                 **d.get(KIND, {})}
 
@@ -196,7 +202,7 @@ class Conv2dNCHWc(ScheduleRule):
             return None
         n, ob, y, x, o, kh, kw, ci = sch.get_loops(conv)
         _, cob, oh, ow, bo = (int(sch.get(lp).extent) for lp in (n, ob, y, x, o))
-        info = {"bo": bo, "cob": cob, "oh": oh, "ow": ow, "kh": ann["kh"], "stride": ann["stride"]}
+        info = {"bo": bo, "cob": cob, "oh": oh, "ow": ow, "kh": ann["kh"], "stride": ann["stride"], "pad": ann["pad"]}
         k = {**self.default_knobs(info, spec), **(knobs or {})}
         if k["inline_pad"]:
             inline_producers(sch, conv)
