@@ -127,3 +127,22 @@ def test_convs_padded_on_one_side_build(k, pads):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     assert_matches_ort(m, tol=1e-5)
+
+
+def test_tflite_transpose_convs_match_litert(tmp_path):
+    """TFLite's TRANSPOSE_CONV (NHWC, OHWI weights; SAME with k 4 and 3, VALID with k 2): converted to NCHW and
+    split like ONNX's, the same outputs as LiteRT (TVM's NHWC kernel failed to build)."""
+    from zoo.tflite_writer import TfliteBuilder
+    b = TfliteBuilder(seed=3)
+    rng = b.rng
+    x = b.input([1, 12, 12, 3])
+    x = b.conv2d(x, (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), np.zeros(16, np.float32),
+                 act="RELU", name="c0")
+    for i, (k, s, pad) in enumerate([(4, 2, "SAME"), (3, 2, "SAME"), (2, 2, "VALID")]):
+        x = b.transpose_conv(x, (rng.standard_normal((16, k, k, 16)) * 0.2).astype(np.float32),
+                             (rng.standard_normal(16) * 0.1).astype(np.float32), s, pad, name=f"up{i}")
+    b.output(x)
+    path = tmp_path / "up.tflite"
+    path.write_bytes(b.finish())
+    cm = assert_matches_ort(str(path), tol=1e-5)
+    assert [c["taps"] for c in _splits(cm)] == [[[2, 2], [2, 2]], [[2, 1], [2, 1]], [[1, 1], [1, 1]]]

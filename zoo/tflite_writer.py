@@ -201,6 +201,18 @@ class TfliteBuilder:
                         StrideW=stride, StrideH=stride, FusedActivationFunction=_ACTS[act],
                         DilationWFactor=1, DilationHFactor=1, **extra)
 
+    def transpose_conv(self, x: int, weight: np.ndarray, bias: np.ndarray, stride: int = 2, padding: str = "SAME",
+                       name: str = "upconv") -> int:
+        """NHWC transposed conv with OHWI weights ([Cout, kh, kw, Cin]) and a bias: out = in x stride (SAME) or
+        (in - 1) x stride + k (VALID), as TRANSPOSE_CONV takes them (output shape, weights, input, bias)."""
+        n, h, w, _ = self.shape(x)
+        cout, kh, kw, _ = weight.shape
+        oh, ow = (h * stride, w * stride) if padding == "SAME" else ((h - 1) * stride + kh, (w - 1) * stride + kw)
+        shape = self.const(np.array([n, oh, ow, cout]), f"{name}/output_shape", "int32")
+        wt, bt = self.weight(weight, f"{name}/weights"), self.weight(bias, f"{name}/bias", quantize=False)
+        return self._op(_Op.TRANSPOSE_CONV, [shape, wt, x, bt], [n, oh, ow, cout], name, _Opt.TransposeConvOptions,
+                        Padding=_PADS[padding], StrideW=stride, StrideH=stride)
+
     def add(self, a: int, b: int, act: str = "NONE", name: str = "add") -> int:
         return self._op(_Op.ADD, [a, b], self.shape(a), name, _Opt.AddOptions, FusedActivationFunction=_ACTS[act])
 
