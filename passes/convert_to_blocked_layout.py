@@ -122,10 +122,17 @@ class _Blocker(BindingRewriter):
             return x
         b, channels = self.layout[x]
         if (x, 0) not in self.cache:
-            y = self.emit(relax.op.layout_transform(x, index_map=lambda n, cb, h, w, c: (n, cb * b + c, h, w)),
-                          "to_nchw")
-            if ceil_to(channels, b) != channels:
-                y = self.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[channels]), "unpad")
+            if channels < b:
+                # a few channels in one padded block (a head's scores, a mask): only their lanes are read, so the
+                # transform moves those, not the whole padded block
+                lanes = self.emit(relax.op.strided_slice(x, axes=[4], begin=[0], end=[channels]), "unpad")
+                y = self.emit(relax.op.layout_transform(lanes, index_map=lambda n, cb, h, w, c: (n, c, h, w)),
+                              "to_nchw")
+            else:
+                y = self.emit(relax.op.layout_transform(x, index_map=lambda n, cb, h, w, c: (n, cb * b + c, h, w)),
+                              "to_nchw")
+                if ceil_to(channels, b) != channels:
+                    y = self.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[channels]), "unpad")
             self.cache[(x, 0)] = y
         return self.cache[(x, 0)]
 

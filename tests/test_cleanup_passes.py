@@ -208,3 +208,20 @@ def test_channel_concat_of_whole_blocks_stays_blocked():
     assert_matches_ort(fire(24))
     assert transforms(fire(32)) == 2                 # the input's to blocks, the output's back
     assert transforms(fire(24)) > 2
+
+
+@pytest.mark.parametrize("cout", [2, 6])
+def test_few_output_channels_go_back_to_nchw_from_their_lanes(cout):
+    """conv -> conv with a few outputs (a mask, a head's scores: one padded block): the transform back to NCHW reads
+    only their lanes (a slice of the blocked tensor's last axis first), not the 16 of the padded block."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((cout, 16, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"])]
+    model = onnx_model(nodes, [1, 3, 12, 12], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    out = ConvertToBlockedLayout(16, pad=True)(cleanup(import_onnx(model)[0]))
+    (back,) = [c for c in _calls(out, "relax.layout_transform") if len(c.args[0].ty.shape.values) == 5]
+    assert [int(d) for d in back.args[0].ty.shape.values] == [1, 1, 12, 12, cout]
+    assert [int(d) for d in back.ty.shape.values] == [1, cout, 12, 12]
+    assert_matches_ort(model)
