@@ -19,6 +19,9 @@ with a representative dataset of random images, int8 weights and activations, fl
 quantization (QDQ, int8 per-channel weights, int8 activations calibrated on random images).
 `torch-seg`: torchvision's segmentation models on MobileNetV3-Large (LR-ASPP, DeepLabV3: dilated convs, bilinear
 Resize to the input size, 21 classes), their `out` map as the output.
+`torch-unet`: a U-Net-style segmentation network (random weights) whose decoder upsamples with ConvTranspose2d
+(k4 s2 p1 three times, then k2 s2 twice: 7x7 to 224x224) and concatenates the skips of torchvision's MobileNetV2
+features (strides 4, 8, 16), as segmentation and matting models on phones are built.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -61,6 +64,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_torch_fp16(out)
     if only in (None, "torch-seg"):
         _export_torch_seg(out)
+    if only in (None, "torch-unet"):
+        _export_torch_unet(out)
     if only in (None, "keras-quantized"):
         _export_keras_quantized(out)
 
@@ -112,6 +117,44 @@ def _export_torch_seg(out: str) -> None:
         m = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=21)
         torch.onnx.export(OutMap(m.eval()), torch.randn(1, 3, 224, 224), f"{out}/torch_{name}.onnx", opset_version=13,
                           dynamo=False, input_names=["input"], output_names=["out"])
+
+
+def _export_torch_unet(out: str) -> None:
+    """torch_unet_mobilenet_v2.onnx: MobileNetV2 features, a ConvTranspose2d decoder with skips, 2 classes."""
+    import torch
+    from torch import nn
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            f = _torchvision_model("mobilenet_v2").features
+            self.enc = nn.ModuleList([f[:4], f[4:7], f[7:14], f[14:18]])      # 24 @56, 32 @28, 96 @14, 320 @7
+            self.up = nn.ModuleList([nn.ConvTranspose2d(320, 96, 4, 2, 1), nn.ConvTranspose2d(96, 32, 4, 2, 1),
+                                     nn.ConvTranspose2d(32, 24, 4, 2, 1)])
+            self.dec = nn.ModuleList([block(192, 96), block(64, 32), block(48, 24)])
+            self.head = nn.Sequential(nn.ConvTranspose2d(24, 16, 2, 2), nn.ReLU(inplace=True),
+                                      nn.ConvTranspose2d(16, 2, 2, 2))
+
+        def forward(self, x):
+            skips = []
+            for stage in self.enc:
+                x = stage(x)
+                skips.append(x)
+            x = skips.pop()
+            for up, dec in zip(self.up, self.dec):
+                x = dec(torch.cat([up(x), skips.pop()], 1))
+            return self.head(x)
+    torch.manual_seed(0)
+    m = UNet().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/torch_unet_mobilenet_v2.onnx", opset_version=13,
+                      dynamo=False, input_names=["input"], output_names=["mask"])
 
 
 FP16 = ["mobilenet_v2", "efficientnet_b0"]
@@ -328,7 +371,7 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
-                                           "torch-seg"],
+                                           "torch-seg", "torch-unet"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
