@@ -175,6 +175,21 @@ class _Blocker(BindingRewriter):
             return False
         return static_shape(user.var) == shape[:axis - 1] + [shape[axis - 1] * shape[axis]] + shape[axis + 1:]
 
+    def whole_block_slice(self, var, args) -> tuple[int, int] | None:
+        """(first block, end block) of a strided_slice of a 4-D blocked tensor along channels alone, step 1,
+        from a block boundary to a block boundary or to the last channel; else None."""
+        if len(var.ty.shape.values) != 4 or not isinstance(args[1], relax.Tuple):
+            return None
+        axes = [int(v.value) % 4 for v in args[1].fields]
+        begin, end, *step = ([int(v.value) for v in t.fields] for t in args[2:])
+        b, channels = self.layout[args[0]]
+        if axes != [1] or (step and step[0] != [1]):
+            return None
+        lo, hi = (min(max(v + channels if v < 0 else v, 0), channels) for v in (begin[0], end[0]))
+        if lo % b or (hi % b and hi != channels) or hi <= lo:
+            return None
+        return lo // b, -(-hi // b)
+
     def whole_blocks_concat(self, var, value) -> bool:
         """A channel concat of 4-D tensors held in one block size, each a whole number of blocks."""
         fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else []
@@ -234,6 +249,11 @@ class _Blocker(BindingRewriter):
             ints = [[int(v.value) for v in t.fields] for t in args[2:]]
             call = relax.op.strided_slice(args[0], axes, *ints)
             return self.finish(var, call, *self.layout[args[0]])
+        if blocked and name == "relax.strided_slice" and (blocks := self.whole_block_slice(var, args)) is not None:
+            # channels from a block boundary to one (or to the last channel): those blocks (C2f / CSP splits)
+            b, channels = self.layout[args[0]]
+            call = relax.op.strided_slice(args[0], [1], [blocks[0]], [blocks[1]])
+            return self.finish(var, call, b, int(var.ty.shape.values[1]))
         if name == "relax.concat" and self.spatial_concat(var, value):
             fields = value.args[0].fields
             return self.finish(var, relax.op.concat(list(fields), axis=int(value.attrs.axis) % 4),

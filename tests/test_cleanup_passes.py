@@ -225,3 +225,31 @@ def test_few_output_channels_go_back_to_nchw_from_their_lanes(cout):
     assert [int(d) for d in back.args[0].ty.shape.values] == [1, 1, 12, 12, cout]
     assert [int(d) for d in back.ty.shape.values] == [1, cout, 12, 12]
     assert_matches_ort(model)
+
+
+@pytest.mark.parametrize("cout,cuts,blocked", [
+    (32, [(0, 16), (16, 32)], True),             # a C2f / CSP split in halves of whole blocks
+    (48, [(-32, 2 ** 63 - 1), (0, 16)], True),    # negative start, end past the last channel (as exporters write)
+    (24, [(0, 16), (16, 24)], True),             # to the last channel of a padded block
+    (32, [(0, 8), (8, 32)], False),              # inside a block: NCHW
+])
+def test_channel_slices_of_whole_blocks_stay_blocked(cout, cuts, blocked):
+    """conv -> channel slices -> a conv on each -> add: slices from block boundaries stay blocked (no layout
+    transform but the input's and output's), others go through NCHW; ONNX Runtime's outputs either way."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((cout, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4)]
+    inits = [numpy_helper.from_array(w1, "w1")]
+    for i, (lo, hi) in enumerate(cuts):
+        width = len(range(cout)[lo:hi])
+        inits += [numpy_helper.from_array(np.array([lo], np.int64), f"lo{i}"),
+                  numpy_helper.from_array(np.array([hi], np.int64), f"hi{i}"),
+                  numpy_helper.from_array(np.array([1], np.int64), f"ax{i}"),
+                  numpy_helper.from_array(rng.standard_normal((16, width, 1, 1)).astype(np.float32), f"ws{i}")]
+        nodes += [helper.make_node("Slice", ["a", f"lo{i}", f"hi{i}", f"ax{i}"], [f"s{i}"]),
+                  helper.make_node("Conv", [f"s{i}", f"ws{i}"], [f"c{i}"])]
+    nodes.append(helper.make_node("Add", ["c0", "c1"], ["y"]))
+    model = onnx_model(nodes, [1, 3, 10, 10], inits)
+    out = ConvertToBlockedLayout(16, pad=True)(cleanup(import_onnx(model)[0]))
+    assert (ops(out).count("relax.layout_transform") == 1) == blocked    # the output's (the stem reads NCHW)
+    assert_matches_ort(model)
