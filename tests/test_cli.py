@@ -78,6 +78,7 @@ def _dynamic(tmp_path, axis=2, name="height"):
     ("unknown_target", ["--target", "vax"], "unknown target 'vax'"),
     ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
     ("bad_pin", ["--input", "x=1x8x8x8"], "cannot read --input"),
+    ("static_pin", ["--input", "input:1x3x96x96"], "sets axis 2 to 96, but the model fixes it at 64"),
 ])
 def test_errors_are_one_line(case, extra, needle, small_mv2, tmp_path, capsys):
     model = {"missing": tmp_path / "nope.onnx", "not_a_model": _not_a_model(tmp_path),

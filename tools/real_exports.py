@@ -322,15 +322,17 @@ def check(folder: str, out_md: str, rounds: int = 0) -> int:
     for path in sorted(glob.glob(os.path.join(folder, "*.onnx")) + glob.glob(os.path.join(folder, "*.tflite"))):
         info = subprocess.run([sys.executable, "-m", "compiler.cli", "inspect", path], capture_output=True,
                               text=True, cwd=ROOT).stdout
-        name = next(line.split()[1].rstrip(":") for line in info.splitlines() if line.startswith("  input"))
+        name, dims = next(line.split()[1:3] for line in info.splitlines() if line.startswith("  input"))
+        # a dynamic input (a batch axis) is pinned at 224x224; a static one is served as the model fixes it
         shape = "1x224x224x3" if path.endswith(".tflite") else "1x3x224x224"
+        pin = ["--input", f"{name.rstrip(':')}:{shape}"] if not all(d.isdigit() for d in dims.split("x")) else []
         t0 = time.perf_counter()
         lib, report = os.path.join(folder, "out.so"), os.path.join(folder, "out.json")
         for stale in (lib, report):
             if os.path.exists(stale):
                 os.remove(stale)
         r = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", path, "-o", lib, "--verify",
-                            "--report", report, "--input", f"{name}:{shape}"], capture_output=True, text=True, cwd=ROOT)
+                            "--report", report, *pin], capture_output=True, text=True, cwd=ROOT)
         lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith(("verify", "shrinkc:"))]
         failed += r.returncode != 0 or not any("-> ok" in x for x in lines)
         sparse, size, timed = "", "", ""

@@ -76,6 +76,10 @@ def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list
                 raise ShrinkcError(f"--input {vi.name} has {len(pinned)} dimensions but the model's input "
                                    f"has {len(dims)} ({'x'.join(map(str, dims))})",
                                    f"pin all {len(dims)} dimensions")
+            for axis, (d, p) in enumerate(zip(dims, pinned)):
+                if isinstance(d, int) and d != p:
+                    raise ShrinkcError(f"--input {vi.name} sets axis {axis} to {p}, but the model fixes it at {d}",
+                                       f"pin {vi.name} as {'x'.join(str(x) if isinstance(x, int) else '1' for x in dims)}")
             dims = pinned
         dims, note = batch_one(vi.name, dims)
         if note:
