@@ -22,6 +22,9 @@ Resize to the input size, 21 classes), their `out` map as the output.
 `torch-unet`: a U-Net-style segmentation network (random weights) whose decoder upsamples with ConvTranspose2d
 (k4 s2 p1 three times, then k2 s2 twice: 7x7 to 224x224) and concatenates the skips of torchvision's MobileNetV2
 features (strides 4, 8, 16), as segmentation and matting models on phones are built.
+`torch-yolo`: a YOLOv8n-style detector (random weights, 320x320 static input): C2f blocks that split their
+channels in halves, SPPF's chained 5x5 max pools, a nearest-upsampling FPN / PAN neck and three 1x1 heads whose
+flattened maps are concatenated, SiLU throughout.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -66,6 +69,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_torch_seg(out)
     if only in (None, "torch-unet"):
         _export_torch_unet(out)
+    if only in (None, "torch-yolo"):
+        _export_torch_yolo(out)
     if only in (None, "keras-quantized"):
         _export_keras_quantized(out)
 
@@ -155,6 +160,71 @@ def _export_torch_unet(out: str) -> None:
             mod.running_var.uniform_(0.5, 1.5)
     torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/torch_unet_mobilenet_v2.onnx", opset_version=13,
                       dynamo=False, input_names=["input"], output_names=["mask"])
+
+
+def _export_torch_yolo(out: str) -> None:
+    """torch_yolo_c2f.onnx: a YOLOv8n-style backbone, neck and heads at 320x320 (84 = 4 box + 80 class maps)."""
+    import torch
+    from torch import nn
+
+    def cbs(ci, co, k=1, s=1):
+        return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.SiLU())
+
+    class C2f(nn.Module):
+        def __init__(self, ci, co, n=1):
+            super().__init__()
+            c = co // 2
+            self.cv1, self.cv2 = cbs(ci, 2 * c), cbs((2 + n) * c, co)
+            self.m = nn.ModuleList(nn.Sequential(cbs(c, c, 3), cbs(c, c, 3)) for _ in range(n))
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            for m in self.m:
+                y.append(y[-1] + m(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, ci, co):
+            super().__init__()
+            self.cv1, self.cv2, self.m = cbs(ci, ci // 2), cbs(ci * 2, co), nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x):
+            x = self.cv1(x)
+            y1 = self.m(x)
+            y2 = self.m(y1)
+            return self.cv2(torch.cat([x, y1, y2, self.m(y2)], 1))
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.ModuleList([cbs(3, 16, 3, 2), cbs(16, 32, 3, 2), C2f(32, 32), cbs(32, 64, 3, 2),
+                                           C2f(64, 64, 2), cbs(64, 128, 3, 2), C2f(128, 128, 2), cbs(128, 256, 3, 2),
+                                           C2f(256, 256), SPPF(256, 256)])
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.top_down = nn.ModuleList([C2f(384, 128), C2f(192, 64)])
+            self.down = nn.ModuleList([cbs(64, 64, 3, 2), cbs(128, 128, 3, 2)])
+            self.bottom_up = nn.ModuleList([C2f(192, 128), C2f(384, 256)])
+            self.heads = nn.ModuleList([nn.Conv2d(c, 84, 1) for c in (64, 128, 256)])
+
+        def forward(self, x):
+            taps = []
+            for i, m in enumerate(self.backbone):
+                x = m(x)
+                if i in (4, 6):
+                    taps.append(x)
+            p4 = self.top_down[0](torch.cat([self.up(x), taps[1]], 1))
+            p3 = self.top_down[1](torch.cat([self.up(p4), taps[0]], 1))
+            n4 = self.bottom_up[0](torch.cat([self.down[0](p3), p4], 1))
+            n5 = self.bottom_up[1](torch.cat([self.down[1](n4), x], 1))
+            return torch.cat([h(t).flatten(2) for h, t in zip(self.heads, (p3, n4, n5))], 2)
+    torch.manual_seed(0)
+    m = Detector().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    torch.onnx.export(m, torch.randn(1, 3, 320, 320), f"{out}/torch_yolo_c2f.onnx", opset_version=13, dynamo=False,
+                      input_names=["images"], output_names=["boxes_and_scores"])
 
 
 FP16 = ["mobilenet_v2", "efficientnet_b0"]
@@ -373,7 +443,7 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
-                                           "torch-seg", "torch-unet"],
+                                           "torch-seg", "torch-unet", "torch-yolo"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
