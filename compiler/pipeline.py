@@ -23,6 +23,7 @@ from passes.form_chw_regions import FormCHWRegions
 from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
 from passes.pad_channel_planes import PadChannelPlanes
+from passes.pointwise_matmuls_to_convs import PointwiseMatmulsToConvs
 from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.skip_padding_taps import SkipPaddingTaps
@@ -66,6 +67,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             QuantizeStepsInFloat(),  # NOTE: after weights' dequantize is folded; activations' steps go float
+            PointwiseMatmulsToConvs(),   # NOTE: before CancelLayoutPermutes, which cancels the transposes it adds
             CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW
             FoldPadIntoConv(),
             FoldScaleIntoConv(),

@@ -20,7 +20,7 @@ from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name
 NAME = "ConvertToBlockedLayout"
 
 UNARY = {"relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
-         "relax.exp", "relax.negative", "relax.abs", "relax.nn.leakyrelu", "relax.round"}
+         "relax.exp", "relax.erf", "relax.negative", "relax.abs", "relax.nn.leakyrelu", "relax.round"}
 BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}
 REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max, "relax.min": relax.op.min}
 POOLS = {"relax.nn.max_pool2d": relax.op.nn.max_pool2d, "relax.nn.avg_pool2d": relax.op.nn.avg_pool2d}
