@@ -68,7 +68,8 @@ def _model(cin, cout, h, w, k, stride, pads, out_pad=(0, 0), groups=1, dilation=
     """1x1 conv -> ConvTranspose (bias) -> ReLU -> 1x1 conv: the transposed conv reads and feeds convs, as in a
     decoder."""
     rng = np.random.default_rng(seed)
-    inits = {"w0": rng.standard_normal((cin, 3, 1, 1)) * 0.5, "wt": rng.standard_normal((cin, cout // groups, *k)) * 0.3,
+    inits = {"w0": rng.standard_normal((cin, 3, 1, 1)) * 0.5,
+             "wt": rng.standard_normal((cin, cout // groups, *k)) * 0.3,
              "bt": rng.standard_normal(cout) * 0.1, "w1": rng.standard_normal((8, cout, 1, 1)) * 0.3}
     nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=[1, 1]),
              helper.make_node("ConvTranspose", ["a", "wt", "bt"], ["t"], kernel_shape=list(k), strides=list(stride),

@@ -130,7 +130,8 @@ def _export_torch_unet(out: str) -> None:
     from torch import nn
 
     def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
 
     class UNet(nn.Module):
         def __init__(self):

@@ -78,8 +78,9 @@ def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list
                                    f"pin all {len(dims)} dimensions")
             for axis, (d, p) in enumerate(zip(dims, pinned)):
                 if isinstance(d, int) and d != p:
+                    example = "x".join(str(x) if isinstance(x, int) else "1" for x in dims)
                     raise ShrinkcError(f"--input {vi.name} sets axis {axis} to {p}, but the model fixes it at {d}",
-                                       f"pin {vi.name} as {'x'.join(str(x) if isinstance(x, int) else '1' for x in dims)}")
+                                       f"pin {vi.name} as {example}")
             dims = pinned
         dims, note = batch_one(vi.name, dims)
         if note:
