@@ -25,6 +25,8 @@ features (strides 4, 8, 16), as segmentation and matting models on phones are bu
 `torch-yolo`: a YOLOv8n-style detector (random weights, 320x320 static input): C2f blocks that split their
 channels in halves, SPPF's chained 5x5 max pools, a nearest-upsampling FPN / PAN neck and three 1x1 heads whose
 flattened maps are concatenated, SiLU throughout.
+`torch-convnext`: torchvision's ConvNeXt-T (7x7 depthwise convs, then LayerNorm and two Linear layers with a GELU
+on channel-last tensors).
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -49,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "mnasnet1_0",
                "shufflenet_v2_x1_0", "resnet18", "squeezenet1_1", "regnet_x_400mf"]
 TORCHVISION_MORE = ["regnet_y_400mf", "efficientnet_v2_s", "mnasnet0_5", "densenet121", "googlenet"]   # --only torch-more
+CONVNEXT = ["convnext_tiny"]   # --only torch-convnext: LayerNorm and Linear layers on channel-last tensors, GELU
 KERAS = {"mobilenet_v1": "MobileNet", "mobilenet_v2": "MobileNetV2", "mobilenet_v3_small": "MobileNetV3Small",
          "mobilenet_v3_large": "MobileNetV3Large", "efficientnet_b0": "EfficientNetB0"}
 
@@ -59,6 +62,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_torch(out)
     if only in (None, "torch-more"):
         _export_torch(out, TORCHVISION_MORE, dynamo=False)
+    if only in (None, "torch-convnext"):
+        _export_torch(out, CONVNEXT, dynamo=False)
     if only in (None, "keras"):
         _export_keras(out)
     if only in (None, "keras-sparse"):
@@ -444,7 +449,7 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
-                                           "torch-seg", "torch-unet", "torch-yolo"],
+                                           "torch-seg", "torch-unet", "torch-yolo", "torch-convnext"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
