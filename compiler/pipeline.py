@@ -24,6 +24,7 @@ from passes.keep_if_faster import KeepIfFaster
 from passes.merge_linear_chains import MergeLinearChains
 from passes.pad_channel_planes import PadChannelPlanes
 from passes.pointwise_matmuls_to_convs import PointwiseMatmulsToConvs
+from passes.prelu_as_min_max import PReluAsMinMax
 from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.skip_padding_taps import SkipPaddingTaps
@@ -68,6 +69,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             relax.transform.FoldConstant(),
             QuantizeStepsInFloat(),  # NOTE: after weights' dequantize is folded; activations' steps go float
             PointwiseMatmulsToConvs(),   # NOTE: before CancelLayoutPermutes, which cancels the transposes it adds
+            PReluAsMinMax(),         # NOTE: before CancelLayoutPermutes, which moves a TFLite PReLU's ops to NCHW
             CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW
             FoldPadIntoConv(),
             FoldScaleIntoConv(),

@@ -213,6 +213,11 @@ class TfliteBuilder:
         return self._op(_Op.TRANSPOSE_CONV, [shape, wt, x, bt], [n, oh, ow, cout], name, _Opt.TransposeConvOptions,
                         Padding=_PADS[padding], StrideW=stride, StrideH=stride)
 
+    def prelu(self, x: int, slope: np.ndarray, name: str = "prelu") -> int:
+        """PRELU with a constant slope broadcast against x (Keras: [1, 1, C], shared over H and W)."""
+        st = self.const(slope.astype(np.float32), f"{name}/alpha")
+        return self._op(_Op.PRELU, [x, st], self.shape(x), name)
+
     def add(self, a: int, b: int, act: str = "NONE", name: str = "add") -> int:
         return self._op(_Op.ADD, [a, b], self.shape(a), name, _Opt.AddOptions, FusedActivationFunction=_ACTS[act])
 
