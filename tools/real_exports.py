@@ -27,6 +27,8 @@ channels in halves, SPPF's chained 5x5 max pools, a nearest-upsampling FPN / PAN
 flattened maps are concatenated, SiLU throughout.
 `torch-convnext`: torchvision's ConvNeXt-T (7x7 depthwise convs, then LayerNorm and two Linear layers with a GELU
 on channel-last tensors).
+`torch-face`: a MobileFaceNet-style face embedder (random weights, 112x112): depthwise-separable bottlenecks with
+PReLU after every conv but the projections, a 7x7 global depthwise conv and a 128-wide embedding.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -76,6 +78,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_torch_unet(out)
     if only in (None, "torch-yolo"):
         _export_torch_yolo(out)
+    if only in (None, "torch-face"):
+        _export_torch_face(out)
     if only in (None, "keras-quantized"):
         _export_keras_quantized(out)
 
@@ -231,6 +235,37 @@ def _export_torch_yolo(out: str) -> None:
             mod.running_var.uniform_(0.5, 1.5)
     torch.onnx.export(m, torch.randn(1, 3, 320, 320), f"{out}/torch_yolo_c2f.onnx", opset_version=13, dynamo=False,
                       input_names=["images"], output_names=["boxes_and_scores"])
+
+
+def _export_torch_face(out: str) -> None:
+    """torch_mobilefacenet_prelu.onnx: MobileFaceNet-style bottlenecks with PReLU, 112x112 -> 128 floats."""
+    import torch
+    from torch import nn
+
+    def cbp(ci, co, s=1, g=1, k=3):
+        return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(co), nn.PReLU(co))
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c, e=2):
+            super().__init__()
+            self.b = nn.Sequential(cbp(c, c * e, k=1), cbp(c * e, c * e, g=c * e), nn.Conv2d(c * e, c, 1, bias=False),
+                                   nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return x + self.b(x)
+    torch.manual_seed(0)
+    m = nn.Sequential(cbp(3, 64, 2), cbp(64, 64, g=64), cbp(64, 128, 2, k=1), Bottleneck(128), Bottleneck(128),
+                      cbp(128, 128, 2, g=128), cbp(128, 128, k=1), Bottleneck(128), Bottleneck(128),
+                      cbp(128, 256, 2, k=1), Bottleneck(256), cbp(256, 512, k=1),
+                      nn.Conv2d(512, 512, 7, groups=512, bias=False), nn.Flatten(), nn.Linear(512, 128)).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+        if isinstance(mod, nn.PReLU):
+            mod.weight.data.uniform_(0.05, 0.4)
+    torch.onnx.export(m, torch.randn(1, 3, 112, 112), f"{out}/torch_mobilefacenet_prelu.onnx", opset_version=13,
+                      dynamo=False, input_names=["input"], output_names=["embedding"])
 
 
 FP16 = ["mobilenet_v2", "efficientnet_b0"]
@@ -449,7 +484,8 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
-                                           "torch-seg", "torch-unet", "torch-yolo", "torch-convnext"],
+                                           "torch-seg", "torch-unet", "torch-yolo", "torch-convnext",
+                                           "torch-face"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
