@@ -6,6 +6,7 @@ import re
 import tvm
 from tvm import relax, topi
 
+from schedules import f32_batch_matmul as batch
 from schedules.f32_conv2d_nchwc import Conv2dNCHWc, conv2d_nchwc
 from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc, conv2d_winograd_nchwc, transform_weights
 from schedules.f32_dense import Dense, dense, pack_weights
@@ -19,7 +20,7 @@ from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
 # MetaScheduleTrace applies only to kernels a tuning database has a MetaSchedule trace for.
 CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), U8I8Conv2dNCHWc(), Conv2dWinogradNCHWc(), DwConv2dNCHWc(), MeanHW(),
-             Dense(), resize.Resize2dNCHW(), Fallback()]
+             Dense(), batch.BatchMatmul(), resize.Resize2dNCHW(), Fallback()]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int | None) -> relax.Expr | None:
@@ -72,7 +73,18 @@ def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> re
         if int(wp.ty.shape.values[0]) * int(wp.ty.shape.values[2]) != n:
             out = bb.normalize(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         return out
+    shapes = [_static_shape(t) for t in (x, w)]
+    if not isinstance(w, tvm.ir.Constant) and None not in shapes and batch.applies(*shapes) \
+            and x.ty.dtype == w.ty.dtype == call.ty.dtype == "float32":
+        return bb.call_te(batch.batch_matmul, x, w, primfunc_name_hint="batch_matmul")
     return None
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return [int(d) for d in shape.values]
 
 
 def _legalize_resize2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:

@@ -32,10 +32,10 @@ def _mlp_model(shape, k=32, n=64, seed=0):
     return m
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 10, 32), (1, 50, 32)])
+@pytest.mark.parametrize("shape", [(1, 12, 10, 32), (1, 50, 32), (50, 1, 32)])
 def test_pixel_and_token_mlps_run_as_1x1_convs(shape, tmp_path):
-    """[1, H, W, C] and [1, L, C] inputs: both matmuls become 1x1 convs running our conv kernel; the same outputs
-    as ONNX Runtime."""
+    """[1, H, W, C], [1, L, C] and [L, 1, C] (as torch exports attention's projections) inputs: both matmuls become
+    1x1 convs running our conv kernel; the same outputs as ONNX Runtime."""
     cm = assert_matches_ort(_mlp_model(shape), tol=1e-5, dump_dir=str(tmp_path))
     changes = cm.report["passes"]["PointwiseMatmulsToConvs"]["changes"]
     assert [(c["k"], c["n"]) for c in changes] == [(32, 64), (64, 32)]

@@ -1,0 +1,35 @@
+"""schedules/f32_batch_matmul.py: matmuls of two computed tensors (attention) in a register-tiled kernel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import assert_matches_ort
+
+
+def _attention_model(a_shape, b_shape, seed=0):
+    """relu(x * s) @ relu(y * t): both operands computed, as attention's Q K^T and softmax(.) V are."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, a_shape[-1:]).astype(np.float32), "s"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, b_shape[-1:]).astype(np.float32), "t")]
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Relu", ["xs"], ["a"]),
+             helper.make_node("Mul", ["y", "t"], ["ys"]), helper.make_node("Relu", ["ys"], ["b"]),
+             helper.make_node("MatMul", ["a", "b"], ["z"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(a_shape)),
+                                       helper.make_tensor_value_info("y", 1, list(b_shape))],
+                          [helper.make_tensor_value_info("z", 1, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [
+    ((1, 4, 49, 24), (1, 4, 24, 49)),      # Q K^T: 4 heads, 7x7 tokens (odd rows and columns)
+    ((1, 4, 64, 64), (1, 4, 64, 24)),      # weights x V: a head width of 24 (vectors of 8)
+    ((2, 33, 16), (2, 16, 80)),            # two batches, rows not a multiple of the tile
+    ((20, 12), (12, 10)),                  # plain 2-D, 10 columns
+])
+def test_computed_matmuls_run_our_kernel(a_shape, b_shape):
+    cm = assert_matches_ort(_attention_model(a_shape, b_shape), tol=1e-5)
+    assert any(k.startswith("f32_batch_matmul_") for k in cm.report["kernels"]), cm.report["kernels"]
