@@ -7,10 +7,9 @@ and P broadcasts of a, P x NV FMAs. Tasks (batch x row tiles x column tiles) run
 """
 from __future__ import annotations
 
-from tvm import s_tir, te
+from tvm import te
 
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, kernel_block, \
-    tile_in_registers
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, tile_in_registers
 
 KIND = "batch_matmul"
 ROWS = 4          # rows of the register tile (at most; a divisor of M)
@@ -36,10 +35,9 @@ class BatchMatmul(ScheduleRule):
     kind = KIND
 
     def apply(self, func, spec, knobs=None):
-        sch = s_tir.Schedule(func)
-        block, _ = kernel_block(sch, KIND)
-        if block is None:
+        if (found := self.kernel(func)) is None:
             return None
+        sch, block, _ = found
         *batch, i, j, k = sch.get_loops(block)
         m, n = (int(sch.get(lp).extent) for lp in (i, j))
         lanes = best_divisor(n, spec.vector_lanes)

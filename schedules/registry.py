@@ -14,13 +14,14 @@ from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
 from schedules.f32_pool_nchwc import MeanHW, mean_hw
 from schedules import f32_resize2d_nchw as resize
+from schedules import f32_softmax as softmax
 from schedules.meta_schedule_trace import MetaScheduleTrace
 from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack_vnni
 
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
 # MetaScheduleTrace applies only to kernels a tuning database has a MetaSchedule trace for.
 CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), U8I8Conv2dNCHWc(), Conv2dWinogradNCHWc(), DwConv2dNCHWc(), MeanHW(),
-             Dense(), batch.BatchMatmul(), resize.Resize2dNCHW(), Fallback()]
+             Dense(), batch.BatchMatmul(), softmax.SoftmaxRows(), resize.Resize2dNCHW(), Fallback()]
 
 
 def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int | None) -> relax.Expr | None:
@@ -112,6 +113,17 @@ def _legalize_erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None
     return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
 
 
+def _legalize_softmax(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
+    """float32 softmax along the last axis of a static tensor: schedules/f32_softmax.py."""
+    x = call.args[0]
+    shape = _static_shape(x)
+    if shape is None or len(shape) < 2 or x.ty.dtype != "float32":
+        return None
+    if int(call.attrs.axis) % len(shape) != len(shape) - 1:
+        return None
+    return bb.call_te(softmax.softmax_rows, x, lanes, primfunc_name_hint="softmax")
+
+
 def _with_default(ours, op_name):
     """Use our kernel where it applies, else TVM's own legalization."""
     default = tvm.ir.Op.get(op_name).get_attr("FLegalize")
@@ -132,4 +144,5 @@ def cpu_legalize_map(lanes: int, winograd_min_channels: int | None = None) -> di
         "relax.matmul": _with_default(lambda bb, call: _legalize_matmul(bb, call, lanes), "relax.matmul"),
         "relax.image.resize2d": _with_default(_legalize_resize2d, "relax.image.resize2d"),
         "relax.erf": _with_default(_legalize_erf, "relax.erf"),
+        "relax.nn.softmax": _with_default(lambda bb, call: _legalize_softmax(bb, call, lanes), "relax.nn.softmax"),
     }

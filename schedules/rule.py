@@ -38,6 +38,12 @@ class ScheduleRule:
     def apply(self, func: tirx.PrimFunc, spec, knobs: dict | None = None) -> Scheduled | None:
         raise NotImplementedError
 
+    def kernel(self, func: tirx.PrimFunc):
+        """(a schedule of func, its block of this rule's kind, the block's annotations), or None without one."""
+        sch = s_tir.Schedule(func)
+        block, ann = kernel_block(sch, self.kind)
+        return None if block is None else (sch, block, ann)
+
 
 def task_key(func: tirx.PrimFunc) -> str:
     """A key of an unscheduled PrimFunc that is the same in every process: its structural hash.

@@ -1,4 +1,4 @@
-"""schedules/f32_batch_matmul.py: matmuls of two computed tensors (attention) in a register-tiled kernel."""
+"""schedules/f32_batch_matmul.py and f32_softmax.py: attention's matmuls of computed tensors and its softmax."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,3 +33,25 @@ def _attention_model(a_shape, b_shape, seed=0):
 def test_computed_matmuls_run_our_kernel(a_shape, b_shape):
     cm = assert_matches_ort(_attention_model(a_shape, b_shape), tol=1e-5)
     assert any(k.startswith("f32_batch_matmul_") for k in cm.report["kernels"]), cm.report["kernels"]
+
+
+def _softmax_model(shape, axis, scale=4.0):
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "k")]
+    nodes = [helper.make_node("Mul", ["x", "k"], ["xs"]), helper.make_node("Softmax", ["xs"], ["y"], axis=axis)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
+                          [helper.make_tensor_value_info("y", 1, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("shape,lanes", [((1, 4, 20, 784), 16), ((3, 196), 4), ((2, 5, 10), 2), ((6, 7), 1)])
+def test_softmax_over_the_last_axis_runs_in_rows(shape, lanes):
+    """Attention's softmax over the keys: row lengths with 16, 4, 2 and 1 lanes; ONNX Runtime's outputs."""
+    cm = assert_matches_ort(_softmax_model(shape, -1), tol=1e-5)
+    assert f"f32_softmax_rows_{lanes}" in cm.report["kernels"], cm.report["kernels"]
+
+
+def test_softmax_over_channels_keeps_tvms_kernel():
+    cm = assert_matches_ort(_softmax_model((1, 21, 8, 8), 1), tol=1e-5)
+    assert not any(k.startswith("f32_softmax") for k in cm.report["kernels"])
