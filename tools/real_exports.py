@@ -29,6 +29,8 @@ flattened maps are concatenated, SiLU throughout.
 on channel-last tensors).
 `torch-face`: a MobileFaceNet-style face embedder (random weights, 112x112): depthwise-separable bottlenecks with
 PReLU after every conv but the projections, a 7x7 global depthwise conv and a 128-wide embedding.
+`torch-vit`: a small hybrid of a conv stem and two transformer blocks (random weights, 224x224 -> 784 tokens of 96:
+LayerNorm, 4-head attention through torch's MultiheadAttention, a SiLU MLP), as mobile ViT hybrids are built.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -80,6 +82,8 @@ def export(out: str, only: str | None = None) -> None:
         _export_torch_yolo(out)
     if only in (None, "torch-face"):
         _export_torch_face(out)
+    if only in (None, "torch-vit"):
+        _export_torch_vit(out)
     if only in (None, "keras-quantized"):
         _export_keras_quantized(out)
 
@@ -266,6 +270,39 @@ def _export_torch_face(out: str) -> None:
             mod.weight.data.uniform_(0.05, 0.4)
     torch.onnx.export(m, torch.randn(1, 3, 112, 112), f"{out}/torch_mobilefacenet_prelu.onnx", opset_version=13,
                       dynamo=False, input_names=["input"], output_names=["embedding"])
+
+
+def _export_torch_vit(out: str) -> None:
+    """torch_conv_vit.onnx: a conv stem to 28x28x96, two pre-norm transformer blocks on its 784 tokens, 10 logits."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d=96, heads=4):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.att = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+
+        def forward(self, x):
+            y = self.ln1(x)
+            x = x + self.att(y, y, y, need_weights=False)[0]
+            return x + self.mlp(self.ln2(x))
+
+    class ConvViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.SiLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
+                                      nn.Conv2d(64, 96, 3, 2, 1), nn.SiLU())
+            self.blocks = nn.Sequential(Block(), Block())
+            self.head = nn.Linear(96, 10)
+
+        def forward(self, x):
+            tokens = self.stem(x).flatten(2).transpose(1, 2)
+            return self.head(self.blocks(tokens).mean(1))
+    torch.manual_seed(0)
+    torch.onnx.export(ConvViT().eval(), torch.randn(1, 3, 224, 224), f"{out}/torch_conv_vit.onnx", opset_version=17,
+                      dynamo=False, input_names=["input"], output_names=["logits"])
 
 
 FP16 = ["mobilenet_v2", "efficientnet_b0"]
@@ -485,7 +522,7 @@ def main() -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
                                            "torch-seg", "torch-unet", "torch-yolo", "torch-convnext",
-                                           "torch-face"],
+                                           "torch-face", "torch-vit"],
                    help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
