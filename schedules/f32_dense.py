@@ -7,10 +7,9 @@ panel while T accumulators of the output stay in registers. Knob: `n_vectors` (f
 from __future__ import annotations
 
 import numpy as np
-from tvm import s_tir, te
+from tvm import te
 
-from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, kernel_block, \
-    tile_in_registers
+from schedules.rule import KERNEL_ATTR, Scheduled, ScheduleRule, best_divisor, finish_tile, tile_in_registers
 
 KIND = "dense"
 
@@ -39,10 +38,9 @@ class Dense(ScheduleRule):
     kind = KIND
 
     def apply(self, func, spec, knobs=None):
-        sch = s_tir.Schedule(func)
-        block, ann = kernel_block(sch, KIND)
-        if block is None:
+        if (found := self.kernel(func)) is None:
             return None
+        sch, block, ann = found
         i, j, k = sch.get_loops(block)
         tile = int(ann["tile"])
         lanes = best_divisor(tile, spec.vector_lanes)

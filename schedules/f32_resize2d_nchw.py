@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import s_tir, te
 
-from schedules.rule import KERNEL_ATTR, MIN_PARALLEL, Scheduled, ScheduleRule, inline_epilogue, inline_producers, \
-    kernel_block
+from schedules.rule import KERNEL_ATTR, MIN_PARALLEL, Scheduled, ScheduleRule, inline_epilogue, inline_producers
 
 KIND = "resize2d_linear_nchw"
 MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
@@ -76,10 +75,9 @@ class Resize2dNCHW(ScheduleRule):
     kind = KIND
 
     def apply(self, func, spec, knobs=None):
-        sch = s_tir.Schedule(func)
-        block, _ = kernel_block(sch, KIND)
-        if block is None:
+        if (found := self.kernel(func)) is None:
             return None
+        sch, block, _ = found
         rows = sch.get_sblock("resize_w")
         inline_epilogue(sch, block)
         inline_producers(sch, rows)

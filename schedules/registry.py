@@ -82,6 +82,8 @@ def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> re
 
 
 def _static_shape(expr) -> list[int] | None:
+    """The tensor's shape where every dimension is a number, else None (as passes.rewriting.static_shape, which
+    schedules/ may not import)."""
     shape = getattr(expr.ty, "shape", None)
     if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
         return None
@@ -91,15 +93,14 @@ def _static_shape(expr) -> list[int] | None:
 def _legalize_resize2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
     """Bilinear resize of a static float32 NCHW or NCHW{b}c tensor: schedules/f32_resize2d_nchw.py (separable)."""
     a, x = call.attrs, call.args[0]
-    shapes = [getattr(t.ty, "shape", None) for t in (x, call)]
+    shapes = [_static_shape(t) for t in (x, call)]
     layout = str(a.layout)
     rank = 4 if layout == "NCHW" else 5 if re.fullmatch(r"NCHW\d+c", layout) else 0
     if not rank or str(a.method) != "linear" or x.ty.dtype != "float32" \
             or call.ty.dtype != "float32" or str(a.coordinate_transformation_mode) not in resize.MODES \
-            or not all(isinstance(s, relax.ShapeExpr) and len(s.values) == rank
-                       and all(isinstance(d, tvm.tirx.IntImm) for d in s.values) for s in shapes):
+            or any(s is None or len(s) != rank for s in shapes):
         return None
-    (ih, iw), (oh, ow) = ([int(d) for d in s.values[2:4]] for s in shapes)
+    (ih, iw), (oh, ow) = (s[2:4] for s in shapes)
     consts = [relax.const(t) for t in resize.tables((ih, iw), (oh, ow), str(a.coordinate_transformation_mode))]
     return bb.call_te(resize.resize2d_linear_nchw, x, *consts, primfunc_name_hint="resize2d")
 
