@@ -3,7 +3,7 @@
 Channel-last MLPs (ConvNeXt's blocks: Linear layers on [1, H, W, C] tensors; token MLPs and attention's
 projections on [1, L, C] or [L, 1, C]) reach Relax as `matmul(x, W)` with a constant [K, N] W and x of rank 3 or
 more (rank 2, a classifier's [1, K], is the fully connected kernel's). TVM computes those with its generic matmul
-on the fallback schedule (ConvNeXt-T ran about fifty times slower than ONNX Runtime, nearly all of it in them);
+on the fallback schedule (ConvNeXt-T at 0.02x ONNX Runtime's speed, benchmarks/REAL-EXPORTS-convnext-before.md);
 as a 1x1 conv they run the target's conv kernels, and the bias add, activation and scale after them fold and fuse
 as after any conv:
 

@@ -2,9 +2,9 @@
 
 Face models (MobileFaceNet, BlazeFace) put a PReLU after most convs. TVM's `nn.prelu` takes one slope per index
 of one axis, so it has no channel-blocked form: every PReLU went back to NCHW and ran TVM's own kernel on the
-fallback schedule (in a MobileFaceNet-style network, ad hoc, PReLUs and their layout transforms were half of its
-time). As max / min / multiply / add it stays blocked and fuses into the conv before it. Exact: one of the two
-terms is zero.
+fallback schedule (a MobileFaceNet-style network at 0.80x ONNX Runtime's speed, benchmarks/REAL-EXPORTS-face-before.md).
+As max / min / multiply / add it stays blocked and fuses into the conv before it. Exact: one of the two terms is
+zero.
 
     prelu(x, a, axis)                                    =>  max(x, 0) + a' * min(x, 0)   (a' along `axis`)
     reshape(prelu(reshape(x, [-1]), a_full, 0), shape)   =>  the same on x, where a_full repeats one slope vector

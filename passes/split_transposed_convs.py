@@ -5,8 +5,8 @@ A transposed conv with stride s scatters every input pixel into the output; alon
 (d = (r + p) // s, j counting those taps). So the outputs of one phase are an ordinary stride-1 conv of the
 input with those taps, flipped, and the transposed conv is s_h x s_w such convs (each Cin -> Cout on the input's
 grid) whose outputs interleave pixel by pixel: no multiply by an inserted zero, and the convs run the target's
-direct conv kernels. TVM's own transposed-conv kernel ran a segmentation decoder about a hundred times slower
-than ONNX Runtime (an ad-hoc run, found by a torch export with ConvTranspose upsampling).
+direct conv kernels. With TVM's own transposed-conv kernel a U-Net decoder ran at 0.05x ONNX Runtime's speed
+(benchmarks/REAL-EXPORTS-decoder-before.md; since: REAL-EXPORTS-decoder.md).
 
     conv2d_transpose(x, W, s, p)  =>  interleave_{ry, rx}( conv2d(x, flip(W[:, :, ty(ry)::s, tx(rx)::s])) )
 

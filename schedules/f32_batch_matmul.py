@@ -1,9 +1,9 @@
 """Matmuls of two computed tensors (attention's Q K^T and weights x V): a register tile of rows x vectors.
 
 out[..., i, j] = sum_k a[..., i, k] * b[..., k, j], the leading (batch) axes equal in both. TVM's own matmul ran
-these on the fallback schedule (a small attention network spent nearly all of its time there). Each task keeps
-P rows x NV vectors of `out` in registers and walks k: per k, NV vector loads of b's row k (contiguous along j)
-and P broadcasts of a, P x NV FMAs. Tasks (batch x row tiles x column tiles) run in parallel.
+these on the fallback schedule (benchmarks/REAL-EXPORTS-vit-before.md: a small attention network at 0.05x). Each
+task keeps P rows x NV vectors of `out` in registers and walks k: per k, NV vector loads of b's row k (contiguous
+along j) and P broadcasts of a, P x NV FMAs. Tasks (batch x row tiles x column tiles) run in parallel.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 out[r, j] = exp(x[r, j] - max_j x[r, :]) / sum_j exp(x[r, j] - max_j x[r, :]), topi's formula, with the two row
 reductions written as lanes-wide partial reductions (lane l takes columns l, l + lanes, ...) and then one over
 the lanes, so every pass over the row is vector arithmetic (exp is schedules/f32_exp_lowering.py's). Rows run in
-parallel; a row's exponentials stay in a buffer of its own. TVM's softmax on the fallback schedule took most
-of a small attention network's time once its matmuls were fast.
+parallel; a row's exponentials stay in a buffer of its own. TVM's softmax on the fallback schedule was the largest
+kernel of a small attention network once its matmuls were fast (an ad-hoc per-kernel profile).
 """
 from __future__ import annotations
 
