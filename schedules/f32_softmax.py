@@ -63,8 +63,10 @@ class SoftmaxRows(ScheduleRule):
             sch.vectorize(jl)
         _, jl = sch.split(j, [None, b])
         sch.vectorize(jl)
-        # NOTE: rows of odd length have one lane: the partial reductions are the whole ones, left scalar
-        partials = [sch.get_sblock(name) for name in ("softmax_maxpart", "softmax_sumpart")] if b > 1 else []
+        # NOTE: a row of one lane (odd length) or of one vector (one chunk): the partial reductions have a loop
+        # of extent 1, which compute_at drops; they are left as they are
+        partials = [sch.get_sblock(name) for name in ("softmax_maxpart", "softmax_sumpart")] \
+            if b > 1 and n // b > 1 else []
         for blk in partials:
             *_, lane, c = sch.get_loops(blk)
             sch.reorder(c, lane)

@@ -29,6 +29,8 @@ def _attention_model(a_shape, b_shape, seed=0):
     ((1, 4, 64, 64), (1, 4, 64, 24)),      # weights x V: a head width of 24 (vectors of 8)
     ((2, 33, 16), (2, 16, 80)),            # two batches, rows not a multiple of the tile
     ((20, 12), (12, 10)),                  # plain 2-D, 10 columns
+    ((1, 1, 8), (1, 8, 16)),               # one row
+    ((4, 8), (8, 1)),                      # one column
 ])
 def test_computed_matmuls_run_our_kernel(a_shape, b_shape):
     cm = assert_matches_ort(_attention_model(a_shape, b_shape), tol=1e-5)
@@ -45,9 +47,11 @@ def _softmax_model(shape, axis, scale=4.0):
     return m
 
 
-@pytest.mark.parametrize("shape,lanes", [((1, 4, 20, 784), 16), ((3, 196), 4), ((2, 5, 10), 2), ((6, 7), 1)])
+@pytest.mark.parametrize("shape,lanes", [((1, 4, 20, 784), 16), ((3, 196), 4), ((2, 5, 10), 2), ((6, 7), 1),
+                                         ((1, 16), 16)])
 def test_softmax_over_the_last_axis_runs_in_rows(shape, lanes):
-    """Attention's softmax over the keys: row lengths with 16, 4, 2 and 1 lanes; ONNX Runtime's outputs."""
+    """Attention's softmax over the keys: row lengths with 16, 4, 2 and 1 lanes, and a classifier's one row of one
+    vector; ONNX Runtime's outputs."""
     cm = assert_matches_ort(_softmax_model(shape, -1), tol=1e-5)
     assert f"f32_softmax_rows_{lanes}" in cm.report["kernels"], cm.report["kernels"]
 
