@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from schedules.rule import SCHEDULED_ATTR
+from schedules.rule import SCHEDULED_ATTR, static_shape   # NOTE: passes import static_shape from here
 
 rewriter = mutator  # decorate each concrete BindingRewriter subclass with this
 
@@ -40,14 +40,6 @@ def const(array: np.ndarray) -> relax.Expr:
 
 def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape.values]
-
-
-def static_shape(expr) -> list[int] | None:
-    """The tensor's shape where every dimension is a number, else None."""
-    shape = getattr(expr.ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return shape_of(expr)
 
 
 def per_channel_factors(product) -> list[tuple]:

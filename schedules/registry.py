@@ -16,6 +16,7 @@ from schedules.f32_pool_nchwc import MeanHW, mean_hw
 from schedules import f32_resize2d_nchw as resize
 from schedules import f32_softmax as softmax
 from schedules.meta_schedule_trace import MetaScheduleTrace
+from schedules.rule import static_shape
 from schedules.u8i8_conv2d_nchwc import U8I8Conv2dNCHWc, conv2d_u8i8_nchwc, pack_vnni
 
 # Tried in order on every fused PrimFunc; the first that applies wins. Fallback always applies.
@@ -74,26 +75,17 @@ def _legalize_matmul(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> re
         if int(wp.ty.shape.values[0]) * int(wp.ty.shape.values[2]) != n:
             out = bb.normalize(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         return out
-    shapes = [_static_shape(t) for t in (x, w)]
+    shapes = [static_shape(t) for t in (x, w)]
     if not isinstance(w, tvm.ir.Constant) and None not in shapes and batch.applies(*shapes) \
             and x.ty.dtype == w.ty.dtype == call.ty.dtype == "float32":
         return bb.call_te(batch.batch_matmul, x, w, primfunc_name_hint="batch_matmul")
     return None
 
 
-def _static_shape(expr) -> list[int] | None:
-    """The tensor's shape where every dimension is a number, else None (as passes.rewriting.static_shape, which
-    schedules/ may not import)."""
-    shape = getattr(expr.ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return [int(d) for d in shape.values]
-
-
 def _legalize_resize2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
     """Bilinear resize of a static float32 NCHW or NCHW{b}c tensor: schedules/f32_resize2d_nchw.py (separable)."""
     a, x = call.attrs, call.args[0]
-    shapes = [_static_shape(t) for t in (x, call)]
+    shapes = [static_shape(t) for t in (x, call)]
     layout = str(a.layout)
     rank = 4 if layout == "NCHW" else 5 if re.fullmatch(r"NCHW\d+c", layout) else 0
     if not rank or str(a.method) != "linear" or x.ty.dtype != "float32" \
@@ -117,7 +109,7 @@ def _legalize_erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None
 def _legalize_softmax(bb: relax.BlockBuilder, call: relax.Call, lanes: int) -> relax.Expr | None:
     """float32 softmax along the last axis of a static tensor: schedules/f32_softmax.py."""
     x = call.args[0]
-    shape = _static_shape(x)
+    shape = static_shape(x)
     if shape is None or len(shape) < 2 or x.ty.dtype != "float32":
         return None
     if int(call.attrs.axis) % len(shape) != len(shape) - 1:

@@ -7,11 +7,19 @@ import math
 from dataclasses import dataclass, field
 
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 
 KERNEL_ATTR = "shrinkc.kernel"
 SCHEDULED_ATTR = "shrinkc.scheduled"  # on a PrimFunc that is final: no rule schedules it again
 BUILDER_ATTR = "shrinkc.builder"      # on a kernel a pass built scheduled: how to rebuild it (schedules/handwritten.py)
+
+
+def static_shape(expr) -> list[int] | None:
+    """A Relax tensor's shape where every dimension is a number, else None (legalization and passes/ both ask)."""
+    shape = getattr(expr.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tirx.IntImm) for d in shape.values):
+        return None
+    return [int(d) for d in shape.values]
 
 
 @dataclass
