@@ -29,15 +29,16 @@ def softmax_rows(x: te.Tensor, lanes: int) -> te.Tensor:
     b = row_lanes(n, lanes)
     chunks = n // b
 
-    c1 = te.reduce_axis((0, chunks), "c1")
-    maxpart = te.compute((*rows, b), lambda *i: te.max(x[(*i[:-1], c1 * b + i[-1])], axis=c1), name="softmax_maxpart")
-    l1 = te.reduce_axis((0, b), "l1")
-    rmax = te.compute(tuple(rows), lambda *i: te.max(maxpart[(*i, l1)], axis=l1), name="softmax_max")
+    def row_reduce(reduce, src, name):
+        # lane l reduces columns l, l + b, ... (name + "part"), then the b lanes are reduced (name)
+        c = te.reduce_axis((0, chunks), "c")
+        part = te.compute((*rows, b), lambda *i: reduce(src[(*i[:-1], c * b + i[-1])], axis=c), name=name + "part")
+        lane = te.reduce_axis((0, b), "l")
+        return te.compute(tuple(rows), lambda *i: reduce(part[(*i, lane)], axis=lane), name=name)
+
+    rmax = row_reduce(te.max, x, "softmax_max")
     e = te.compute(shape, lambda *i: te.exp(x[i] - rmax[i[:-1]]), name="softmax_exp")
-    c2 = te.reduce_axis((0, chunks), "c2")
-    sumpart = te.compute((*rows, b), lambda *i: te.sum(e[(*i[:-1], c2 * b + i[-1])], axis=c2), name="softmax_sumpart")
-    l2 = te.reduce_axis((0, b), "l2")
-    rsum = te.compute(tuple(rows), lambda *i: te.sum(sumpart[(*i, l2)], axis=l2), name="softmax_sum")
+    rsum = row_reduce(te.sum, e, "softmax_sum")
     return te.compute(shape, lambda *i: e[i] / rsum[i[:-1]], name="softmax_norm", attrs={KERNEL_ATTR: KIND})
 
 
@@ -52,17 +53,13 @@ class SoftmaxRows(ScheduleRule):
         sch, block, _ = found
         *rows, j = sch.get_loops(block)
         row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-        names = ["softmax_sum", "softmax_sumpart", "softmax_exp", "softmax_max", "softmax_maxpart"]
-        for name in names:
+        for name in ("softmax_sum", "softmax_sumpart", "softmax_exp", "softmax_max", "softmax_maxpart"):
             sch.compute_at(sch.get_sblock(name), row)
         n = int(sch.get(j).extent)
         b = row_lanes(n, spec.vector_lanes)
-        for name in ("softmax_exp",):
-            *_, jj = sch.get_loops(sch.get_sblock(name))
-            _, jl = sch.split(jj, [None, b])
+        for blk in (sch.get_sblock("softmax_exp"), block):     # the two passes over a whole row
+            _, jl = sch.split(sch.get_loops(blk)[-1], [None, b])
             sch.vectorize(jl)
-        _, jl = sch.split(j, [None, b])
-        sch.vectorize(jl)
         # NOTE: a row of one lane (odd length) or of one vector (one chunk): the partial reductions have a loop
         # of extent 1, which compute_at drops; they are left as they are
         partials = [sch.get_sblock(name) for name in ("softmax_maxpart", "softmax_sumpart")] \
