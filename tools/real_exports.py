@@ -61,31 +61,11 @@ KERAS = {"mobilenet_v1": "MobileNet", "mobilenet_v2": "MobileNetV2", "mobilenet_
 
 
 def export(out: str, only: str | None = None) -> None:
+    """Every group of GROUPS (in its order) into `out`, or the group `only`."""
     os.makedirs(out, exist_ok=True)
-    if only in (None, "torch"):
-        _export_torch(out)
-    if only in (None, "torch-more"):
-        _export_torch(out, TORCHVISION_MORE, dynamo=False)
-    if only in (None, "torch-convnext"):
-        _export_torch(out, CONVNEXT, dynamo=False)
-    if only in (None, "keras"):
-        _export_keras(out)
-    if only in (None, "keras-sparse"):
-        _export_keras_sparse(out)
-    if only in (None, "torch-fp16"):
-        _export_torch_fp16(out)
-    if only in (None, "torch-seg"):
-        _export_torch_seg(out)
-    if only in (None, "torch-unet"):
-        _export_torch_unet(out)
-    if only in (None, "torch-yolo"):
-        _export_torch_yolo(out)
-    if only in (None, "torch-face"):
-        _export_torch_face(out)
-    if only in (None, "torch-vit"):
-        _export_torch_vit(out)
-    if only in (None, "keras-quantized"):
-        _export_keras_quantized(out)
+    for group, write in GROUPS.items():
+        if only in (None, group):
+            write(out)
 
 
 def _export_torch(out: str, names: list[str] = TORCHVISION, dynamo: bool = True) -> None:
@@ -515,15 +495,29 @@ def check(folder: str, out_md: str, rounds: int = 0) -> int:
     return 1 if failed else 0
 
 
+# export groups (`export --only GROUP`), written in this order by a plain `export`
+GROUPS = {
+    "torch": _export_torch,
+    "torch-more": lambda out: _export_torch(out, TORCHVISION_MORE, dynamo=False),
+    "torch-convnext": lambda out: _export_torch(out, CONVNEXT, dynamo=False),
+    "keras": _export_keras,
+    "keras-sparse": _export_keras_sparse,
+    "torch-fp16": _export_torch_fp16,
+    "torch-seg": _export_torch_seg,
+    "torch-unet": _export_torch_unet,
+    "torch-yolo": _export_torch_yolo,
+    "torch-face": _export_torch_face,
+    "torch-vit": _export_torch_vit,
+    "keras-quantized": _export_keras_quantized,
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
-    e.add_argument("--only", choices=["torch", "torch-more", "keras", "keras-sparse", "torch-fp16", "keras-quantized",
-                                           "torch-seg", "torch-unet", "torch-yolo", "torch-convnext",
-                                           "torch-face", "torch-vit"],
-                   help="one group of models")
+    e.add_argument("--only", choices=list(GROUPS), help="one group of models")
     sub.add_parser("prune").add_argument("folder")
     sub.add_parser("quantize").add_argument("folder")
     c = sub.add_parser("check")
