@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import assert_matches_ort
+from conftest import assert_matches_ort, onnx_model
 
 
 def _attention_model(a_shape, b_shape, seed=0):
@@ -40,11 +40,7 @@ def test_computed_matmuls_run_our_kernel(a_shape, b_shape):
 def _softmax_model(shape, axis, scale=4.0):
     inits = [numpy_helper.from_array(np.array(scale, np.float32), "k")]
     nodes = [helper.make_node("Mul", ["x", "k"], ["xs"]), helper.make_node("Softmax", ["xs"], ["y"], axis=axis)]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
-                          [helper.make_tensor_value_info("y", 1, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return onnx_model(nodes, list(shape), inits)
 
 
 @pytest.mark.parametrize("shape,lanes", [((1, 4, 20, 784), 16), ((3, 196), 4), ((2, 5, 10), 2), ((6, 7), 1),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import assert_matches_ort
+from conftest import assert_matches_ort, onnx_model
 
 
 def _mlp_model(shape, k=32, n=64, seed=0):
@@ -24,12 +24,7 @@ def _mlp_model(shape, k=32, n=64, seed=0):
              helper.make_node("Mul", ["g0", "half"], ["g"]),
              helper.make_node("MatMul", ["g", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["a2"]),
              helper.make_node("Mul", ["a2", "s"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, list(shape))],
-                          [helper.make_tensor_value_info("y", 1, None)],
-                          [numpy_helper.from_array(v.astype(np.float32), name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return onnx_model(nodes, list(shape), [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
 
 
 @pytest.mark.parametrize("shape", [(1, 12, 10, 32), (1, 50, 32), (50, 1, 32)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import assert_matches_ort
+from conftest import assert_matches_ort, onnx_model
 
 
 def _conv_prelu_model(slope_shape, seed=0):
@@ -17,12 +17,8 @@ def _conv_prelu_model(slope_shape, seed=0):
              "w2": rng.standard_normal((16, 24, 1, 1)) * 0.3}
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
              helper.make_node("PRelu", ["a", "slope"], ["p"]), helper.make_node("Conv", ["p", "w2"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 14, 14])],
-                          [helper.make_tensor_value_info("y", 1, None)],
-                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return onnx_model(nodes, [1, 3, 14, 14],
+                      [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
 
 
 def _rewritten(cm) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import assert_matches_ort
+from conftest import assert_matches_ort, onnx_model
 from passes.split_transposed_convs import conv_weights, phase_taps
 
 
@@ -76,12 +76,7 @@ def _model(cin, cout, h, w, k, stride, pads, out_pad=(0, 0), groups=1, dilation=
                               pads=list(pads), output_padding=list(out_pad), group=groups, dilations=[dilation] * 2),
              helper.make_node("Relu", ["t"], ["r"]),
              helper.make_node("Conv", ["r", "w1"], ["y"], kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, h, w])],
-                          [helper.make_tensor_value_info("y", 1, None)],
-                          [numpy_helper.from_array(v.astype(np.float32), n) for n, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    return m
+    return onnx_model(nodes, [1, 3, h, w], [numpy_helper.from_array(v.astype(np.float32), n) for n, v in inits.items()])
 
 
 def _splits(cm) -> list:
@@ -123,11 +118,7 @@ def test_convs_padded_on_one_side_build(k, pads):
     rng = np.random.default_rng(1)
     wt = numpy_helper.from_array((rng.standard_normal((32, 32, *k)) * 0.3).astype(np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(k), pads=list(pads))
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 32, 24, 24])],
-                          [helper.make_tensor_value_info("y", 1, None)], [wt])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 8
-    assert_matches_ort(m, tol=1e-5)
+    assert_matches_ort(onnx_model([node], [1, 32, 24, 24], [wt]), tol=1e-5)
 
 
 def test_tflite_transpose_convs_match_litert(tmp_path):
