@@ -28,6 +28,7 @@ from passes.prelu_as_min_max import PReluAsMinMax
 from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.skip_padding_taps import SkipPaddingTaps
+from passes.slice_one_pixel_resizes import SliceOnePixelResizes
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
 from passes.split_transposed_convs import SplitTransposedConvs
@@ -65,6 +66,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             ConvertConvsToNCHW(),   # NOTE: every later pass sees NCHW convs with OIHW weights
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
+            SliceOnePixelResizes(),  # NOTE: before FoldConstant, which legalizes them with TVM's (divides by zero)
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             QuantizeStepsInFloat(),  # NOTE: after weights' dequantize is folded; activations' steps go float

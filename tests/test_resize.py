@@ -36,7 +36,6 @@ def _model(in_hw, out_hw, mode="linear", ctm="half_pixel", channels=6, last=Fals
 SIZES = [((14, 14), (28, 28)), ((7, 9), (56, 72)), ((12, 10), (31, 17)), ((20, 24), (9, 10))]
 
 
-# NOTE: align_corners to one pixel is left out: TVM's own constant folding (cleanup phase) divides by out - 1 there
 @pytest.mark.parametrize("ctm,in_hw,out_hw",
                          [(c, i, o) for c in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
                           for i, o in SIZES] + [("half_pixel", (5, 6), (1, 1)), ("pytorch_half_pixel", (5, 6), (1, 1))])
@@ -47,6 +46,16 @@ def test_bilinear_resize_matches_onnxruntime(ctm, in_hw, out_hw, last):
     cm = assert_matches_ort(_model(in_hw, out_hw, ctm=ctm, last=last), tol=1e-5)
     kernel = KERNEL if last else KERNEL + "16c"
     assert any(k == kernel or k.startswith(kernel + "_") for k in cm.report["kernels"]), cm.report["kernels"]
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+@pytest.mark.parametrize("in_hw,out_hw", [((5, 6), (1, 1)), ((5, 6), (1, 8)), ((5, 6), (8, 1)), ((1, 6), (1, 9))])
+def test_align_corners_to_one_pixel(mode, in_hw, out_hw):
+    """align_corners to one pixel along an axis (x * (in - 1) / (out - 1) has no value there) compiles and gives
+    ONNX Runtime's outputs (the first pixel of that axis): passes/slice_one_pixel_resizes.py."""
+    for last in (False, True):
+        cm = assert_matches_ort(_model(in_hw, out_hw, mode=mode, ctm="align_corners", last=last), tol=1e-5)
+        assert cm.report["passes"]["SliceOnePixelResizes"]["counts"] == {"resize": 1}
 
 
 def test_other_resizes_keep_tvms_kernel():
