@@ -138,6 +138,100 @@ class _Pad(_tvm_onnx.Pad):
         return relax.op.nn.pad(inputs[0], width, "constant", float(value))
 
 
+def _legacy_upsample(bb, x, scales, attr, op: str) -> relax.Expr:
+    """Upsample (opsets 7-9) and Resize-10: output size floor(size x scale), input coordinate out / scale
+    (asymmetric); nearest rounds it down when enlarging and up when shrinking (what ONNX Runtime does, per axis:
+    tests/test_onnx_legacy_resize.py). TVM's Upsample read its scales from the attribute only and rounded to the
+    nearest pixel; its Resize had only opset 18's inputs."""
+    shape = [int(d) for d in x.ty.shape]
+    scales = [float(s) for s in scales]
+    if len(shape) != 4 or len(scales) != 4 or scales[:2] != [1.0, 1.0]:
+        raise ShrinkcError(f"{op} with scales {scales} of a {len(shape)}-D tensor is not supported",
+                           "scale only H and W of an NCHW tensor")
+    mode = attr.get("mode", b"nearest").decode("ascii")
+    if mode not in ("nearest", "linear"):
+        raise ShrinkcError(f"{op} mode '{mode}' is not supported", "use nearest or linear")
+    size = [int(d * s) for d, s in zip(shape[2:], scales[2:])]
+    exact = all(o == d * s for o, d, s in zip(size, shape[2:], scales[2:]))   # then in / out is 1 / scale
+    if exact and (mode == "linear" or (scales[2] >= 1) == (scales[3] >= 1)):
+        return relax.op.image.resize2d(x, relax.ShapeExpr(size), layout="NCHW",
+                                       method="nearest_neighbor" if mode == "nearest" else "linear",
+                                       coordinate_transformation_mode="asymmetric",
+                                       rounding_method=("floor" if scales[2] >= 1 else "ceil") if mode == "nearest"
+                                       else "round")
+    for axis in (2, 3):   # else each axis by its own table of source indices (and weights)
+        x = bb.normalize(_resample_axis(x, axis, shape[axis], size[axis - 2], scales[axis], mode))
+    return x
+
+
+def _resample_axis(x, axis: int, in_size: int, out_size: int, scale: float, mode: str) -> relax.Expr:
+    """x resampled along `axis` to out_size, output index i reading input coordinate i / scale."""
+    coord = np.arange(out_size, dtype=np.float32) / np.float32(scale)
+    if mode == "nearest":
+        index = np.floor(coord) if scale >= 1 else np.ceil(coord)
+        return relax.op.take(x, relax.const(np.clip(index, 0, in_size - 1).astype(np.int64)), axis=axis)
+    lo = np.clip(np.floor(coord), 0, in_size - 1)
+    hi = np.clip(lo + 1, 0, in_size - 1)
+    weight = np.clip(coord, 0, in_size - 1) - lo
+    along = [1, 1, 1, 1]
+    along[axis] = out_size
+    w_hi = relax.const(weight.reshape(along).astype(np.float32))
+    w_lo = relax.const((1 - weight).reshape(along).astype(np.float32))
+    return relax.op.add(relax.op.multiply(relax.op.take(x, relax.const(lo.astype(np.int64)), axis=axis), w_lo),
+                        relax.op.multiply(relax.op.take(x, relax.const(hi.astype(np.int64)), axis=axis), w_hi))
+
+
+def _constant_values(expr, params, what: str) -> list[float]:
+    value = _tvm_onnx.get_constant(expr, params)
+    if not isinstance(value, tvm.ir.GenericConst):
+        raise ShrinkcError(f"{what} computed at run time are not supported", "make them a constant of the model")
+    return value.value.numpy().reshape(-1).tolist()
+
+
+class _Upsample(_tvm_onnx.Upsample):
+    """Upsample of opsets 7 (scales attribute) and 9 (scales input)."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return _legacy_upsample(bb, inputs[0], attr["scales"], attr, "Upsample")
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        return _legacy_upsample(bb, inputs[0], _constant_values(inputs[1], params, "Upsample scales"), attr,
+                                "Upsample")
+
+
+class _Resize(_tvm_onnx.Resize):
+    """Resize-10 (X, scales) as Upsample; opsets 11-17 with TVM's converter (written for opset 18's inputs, the
+    same ones); opset 18's `axes` (scales or sizes for those axes only) widened to every axis first."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        return _legacy_upsample(bb, inputs[0], _constant_values(inputs[1], params, "Resize scales"), attr, "Resize")
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        return cls._impl_v18(bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v18(cls, bb, inputs, attr, params):
+        policy = attr.get("keep_aspect_ratio_policy", b"stretch").decode("ascii")
+        if policy != "stretch":
+            raise ShrinkcError(f"Resize keep_aspect_ratio_policy '{policy}' is not supported",
+                               "export the resize with explicit sizes (policy 'stretch')")
+        if "axes" in attr:
+            shape = [int(d) for d in inputs[0].ty.shape]
+            axes = [int(a) % len(shape) for a in attr.pop("axes")]
+            inputs = list(inputs)
+            for k, fill in ((2, [1.0] * len(shape)), (3, list(shape))):
+                if len(inputs) > k and inputs[k] is not None:
+                    full = list(fill)
+                    for a, v in zip(axes, _constant_values(inputs[k], params, "Resize scales or sizes")):
+                        full[a] = v
+                    inputs[k] = relax.const(np.array(full, np.float32 if k == 2 else np.int64))
+        return super()._impl_v18(bb, inputs, attr, params)
+
+
 def _pairwise(base):
     """Sum/Mean/Max/Min of tensors as a chain of binary ops (TVM stacks them into a 5-D tensor and
     reduces it: slower, and layout passes cannot see through it). All-constant inputs fold as before."""
@@ -157,6 +251,8 @@ def _convert_map():
     table = _ORIGINAL_CONVERT_MAP()
     table["Clip"] = _Clip
     table["Pad"] = _Pad
+    table["Upsample"] = _Upsample
+    table["Resize"] = _Resize
     for name in ("Sum", "Mean", "Max", "Min"):
         table[name] = _pairwise(table[name])
     return table
