@@ -19,8 +19,11 @@ class Comparison:
     ours: float
     ref: float
     ok: bool
+    shapes: tuple = ()     # (ours, reference) where the two outputs' shapes differ
 
     def line(self) -> str:
+        if self.shapes:
+            return f"{self.output}: shape {list(self.shapes[0])} vs reference {list(self.shapes[1])} -> MISMATCH"
         return (f"{self.output}: max abs err {self.max_abs_err:.3g} (relative {self.rel_err:.3g}) at {list(self.where)}: "
                 f"ours {self.ours:.6g} vs reference {self.ref:.6g} -> {'ok' if self.ok else 'MISMATCH'}")
 
@@ -65,7 +68,8 @@ def compare(names: list[str], ours: list[np.ndarray], refs: list[np.ndarray],
         a = np.asarray(a, np.float64)
         b = np.asarray(b, np.float64).reshape(a.shape) if np.asarray(b).size == a.size else np.asarray(b, np.float64)
         if a.shape != b.shape:
-            results.append(Comparison(name, float("inf"), float("inf"), (), float("nan"), float("nan"), False))
+            results.append(Comparison(name, float("inf"), float("inf"), (), float("nan"), float("nan"), False,
+                                      (a.shape, b.shape)))
             continue
         diff = np.abs(a - b)
         idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()

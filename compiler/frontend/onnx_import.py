@@ -99,7 +99,7 @@ def graph_inputs(model: onnx.ModelProto, pins: dict[str, list[int]], notes: list
 
 
 def _check_ops(model: onnx.ModelProto) -> None:
-    supported = _tvm_onnx._get_convert_map()
+    supported = _convert_map()
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             raise ShrinkcError(f"custom op '{node.domain}.{node.op_type}' (node '{node.name}') is not supported",
@@ -141,7 +141,7 @@ class _Pad(_tvm_onnx.Pad):
 def _legacy_upsample(bb, x, scales, attr, op: str) -> relax.Expr:
     """Upsample (opsets 7-9) and Resize-10: output size floor(size x scale), input coordinate out / scale
     (asymmetric); nearest rounds it down when enlarging and up when shrinking (what ONNX Runtime does, per axis:
-    tests/test_onnx_legacy_resize.py). TVM's Upsample read its scales from the attribute only and rounded to the
+    tests/test_onnx_legacy_ops.py). TVM's Upsample read its scales from the attribute only and rounded to the
     nearest pixel; its Resize had only opset 18's inputs."""
     shape = [int(d) for d in x.ty.shape]
     scales = [float(s) for s in scales]
@@ -232,6 +232,71 @@ class _Resize(_tvm_onnx.Resize):
         return super()._impl_v18(bb, inputs, attr, params)
 
 
+class _ConvTranspose(_tvm_onnx.ConvTranspose):
+    """ConvTranspose with `output_shape` (TVM's converter ignored it: the output had the natural size): the pads
+    (or, where the output is larger, the output padding) that give that size, split as the ONNX spec says (an odd
+    one at the start; at the end for SAME_UPPER), as ONNX Runtime does."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "output_shape" in attr:
+            shape = [int(d) for d in inputs[0].ty.shape]
+            out = [int(d) for d in attr.pop("output_shape")][-(len(shape) - 2):]
+            dims = len(out)
+            kernel = list(attr.get("kernel_shape", [int(d) for d in inputs[1].ty.shape][2:]))
+            strides, dilations = attr.get("strides", [1] * dims), attr.get("dilations", [1] * dims)
+            extra = list(attr.get("output_padding", [0] * dims))
+            upper = attr.pop("auto_pad", b"NOTSET") in (b"SAME_UPPER", "SAME_UPPER")
+            begin, end = [], []
+            for i in range(dims):
+                total = strides[i] * (shape[2 + i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1 - out[i]
+                if total < 0:
+                    extra[i] -= total
+                    if extra[i] >= strides[i]:
+                        raise ShrinkcError(f"ConvTranspose output_shape {out} is larger than its input, kernel and "
+                                           "strides can produce", "check the model's output_shape attribute")
+                total = max(total, 0)
+                begin.append(total // 2 if upper else total - total // 2)
+                end.append(total - begin[-1])
+            attr["pads"], attr["output_padding"] = begin + end, extra
+        return super()._impl_v1(bb, inputs, attr, params)
+
+
+class _Slice(_tvm_onnx.Slice):
+    """Slice of opsets 1-9 (starts, ends, axes as attributes) as the later form with constant inputs."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        consts = [relax.const(np.array(attr[k], np.int64)) if k in attr else None for k in ("starts", "ends", "axes")]
+        return cls._impl_v13(bb, [inputs[0], *consts, None], {}, params)
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        return cls._impl_v13(bb, inputs, attr, params)
+
+
+class _ImageScaler(_tvm_onnx.OnnxOpConverter):
+    """ImageScaler (opsets 1-9; tiny YOLOv2 starts with one): x * scale + bias[channel]."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        bias = np.array(attr.get("bias", [0.0]), np.float32).reshape([1, -1] + [1] * (len(x.ty.shape) - 2))
+        return relax.op.add(relax.op.multiply(x, relax.const(np.float32(attr.get("scale", 1.0)))), relax.const(bias))
+
+
+class _LpNormalization(_tvm_onnx.OnnxOpConverter):
+    """LpNormalization (p 1 or 2) along an axis: x / sum(|x|^p)^(1/p) (face-embedding models end with one)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, axis, p = inputs[0], int(attr.get("axis", -1)), int(attr.get("p", 2))
+        if p not in (1, 2):
+            raise ShrinkcError(f"LpNormalization with p={p} is not supported", "use p=1 or p=2")
+        norm = relax.op.sum(relax.op.abs(x) if p == 1 else relax.op.multiply(x, x), axis=[axis], keepdims=True)
+        return relax.op.divide(x, norm if p == 1 else relax.op.sqrt(norm))
+
+
 def _pairwise(base):
     """Sum/Mean/Max/Min of tensors as a chain of binary ops (TVM stacks them into a 5-D tensor and
     reduces it: slower, and layout passes cannot see through it). All-constant inputs fold as before."""
@@ -252,6 +317,10 @@ def _convert_map():
     table["Clip"] = _Clip
     table["Pad"] = _Pad
     table["Upsample"] = _Upsample
+    table["ConvTranspose"] = _ConvTranspose
+    table["Slice"] = _Slice
+    table["ImageScaler"] = _ImageScaler
+    table["LpNormalization"] = _LpNormalization
     table["Resize"] = _Resize
     for name in ("Sum", "Mean", "Max", "Min"):
         table[name] = _pairwise(table[name])

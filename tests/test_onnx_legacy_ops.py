@@ -1,5 +1,6 @@
-"""compiler/frontend/onnx_import.py: Upsample (opsets 7 and 9), Resize-10 and opset 18's Resize `axes`, against
-ONNX Runtime (models of the ONNX Model Zoo's era use them; TVM's importer failed or rounded differently)."""
+"""compiler/frontend/onnx_import.py: ops and attributes TVM's importer failed on or read differently (Upsample of
+opsets 7 and 9, Resize-10, opset 18's Resize `axes`, Slice-1's attributes, ImageScaler, LpNormalization,
+ConvTranspose's output_shape), against ONNX Runtime. Models of the ONNX Model Zoo's era use the older forms."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,3 +59,56 @@ def test_unsupported_upsample_is_one_clear_error():
     import compiler
     with pytest.raises(ShrinkcError, match=r"Upsample with scales \[1.0, 2.0, 2.0, 2.0\]"):
         compiler.compile_model(_model("Upsample", 9, [1, 2, 2, 2]))
+
+
+def _one_op_model(nodes, inits, opset, x_shape=(1, 3, 12, 10)):
+    """conv (8 channels) -> `nodes` (reading "a", writing "y")."""
+    rng = np.random.default_rng(opset)
+    w = numpy_helper.from_array((rng.standard_normal((8, x_shape[1], 3, 3)) * 0.4).astype(np.float32), "w0")
+    conv = helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=[3, 3], pads=[1] * 4)
+    model = onnx_model([conv, *nodes], list(x_shape), [w, *inits], opset=opset)
+    model.ir_version = 4 if opset < 11 else 8
+    return model
+
+
+def test_slice_with_attributes():
+    """Slice of opsets 1-9: starts / ends / axes are attributes (an end past the axis clamps)."""
+    node = helper.make_node("Slice", ["a"], ["y"], starts=[1, 2], ends=[5, 100], axes=[1, 3])
+    assert_matches_ort(_one_op_model([node], [], 9), tol=1e-6)
+
+
+def test_image_scaler():
+    """ImageScaler (opsets 1-9): x * scale + a bias per channel, on the model's input."""
+    node = helper.make_node("ImageScaler", ["x"], ["s"], scale=0.5, bias=[0.1, -0.2, 0.3])
+    conv = helper.make_node("Conv", ["s", "w0"], ["y"], kernel_shape=[3, 3])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w0")
+    model = onnx_model([node, conv], [1, 3, 8, 8], [w], opset=8)
+    model.ir_version = 4
+    assert_matches_ort(model, tol=1e-5)
+
+
+@pytest.mark.parametrize("p,axis", [(2, 1), (1, -1)])
+def test_lp_normalization(p, axis):
+    node = helper.make_node("LpNormalization", ["a"], ["y"], p=p, axis=axis)
+    assert_matches_ort(_one_op_model([node], [], 11), tol=1e-5)
+
+
+@pytest.mark.parametrize("attrs", [{"output_shape": [24, 20]}, {"output_shape": [25, 21]},
+                                   {"output_shape": [25, 23], "auto_pad": "SAME_UPPER"},
+                                   {"output_shape": [25, 21], "auto_pad": "SAME_LOWER"},
+                                   {"output_shape": [25, 21], "output_padding": [1, 1]},
+                                   {"output_shape": [27, 22]}])
+def test_conv_transpose_output_shape(attrs):
+    """output_shape picks the pads (an odd one at the start, at the end for SAME_UPPER), or an output padding
+    where it is larger than the natural 26 x 22."""
+    wt = numpy_helper.from_array((np.random.default_rng(1).standard_normal((8, 4, 4, 4)) * 0.2).astype(np.float32),
+                                 "wt")
+    node = helper.make_node("ConvTranspose", ["a", "wt"], ["y"], kernel_shape=[4, 4], strides=[2, 2], **attrs)
+    assert_matches_ort(_one_op_model([node], [wt], 11), tol=1e-5)
+
+
+def test_verify_names_a_shape_mismatch():
+    """Outputs of different shapes: the verify line says so, instead of an error of inf at []."""
+    from compiler import verify
+    (res,) = verify.compare(["y"], [np.zeros((1, 4, 24, 24))], [np.zeros((1, 4, 26, 26))])
+    assert not res.ok and res.line() == "y: shape [1, 4, 24, 24] vs reference [1, 4, 26, 26] -> MISMATCH"
