@@ -86,3 +86,26 @@ def test_resize_between_convs_runs_blocked(tmp_path):
     lowered = (tmp_path / "4_lower.py").read_text()
     calls = re.findall(r"R\.call_tir\(cls\.(\w+)", lowered)
     assert sum("layout_transform" in c for c in calls) == 2, calls
+
+
+def _tflite_resize(tmp_path, size, method, align_corners, half_pixel_centers):
+    """conv -> RESIZE_BILINEAR / RESIZE_NEAREST_NEIGHBOR (NHWC) -> conv, as a .tflite file."""
+    from zoo.tflite_writer import TfliteBuilder
+    b = TfliteBuilder(seed=1)
+    x = b.input([1, 12, 10, 3])
+    x = b.conv2d(x, (b.rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), np.zeros(16, np.float32))
+    x = b.resize(x, size, method, align_corners, half_pixel_centers)
+    b.output(b.conv2d(x, (b.rng.standard_normal((8, 3, 3, 16)) * 0.3).astype(np.float32), np.zeros(8, np.float32),
+                      name="c2"))
+    path = tmp_path / "resize.tflite"
+    path.write_bytes(b.finish())
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "nearest"])
+@pytest.mark.parametrize("align_corners,half_pixel_centers", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("size", [(17, 13), (6, 5)])
+def test_tflite_resizes_match_litert(tmp_path, method, align_corners, half_pixel_centers, size):
+    """TFLite's resizes with each coordinate option, enlarging and shrinking by fractional factors. Nearest with
+    align_corners rounds x.5 up, as TFLite does (TVM rounded it to even: (6, 5) reads 4.5)."""
+    assert_matches_ort(_tflite_resize(tmp_path, size, method, align_corners, half_pixel_centers), tol=1e-5)

@@ -248,3 +248,26 @@ def test_reshape_whose_shape_is_computed_from_a_dynamic_batch(tmp_path):
     assert info.outputs[0].shape == [1, 144]
     x = rng.standard_normal((1, 6, 6, 8)).astype(np.float32)
     np.testing.assert_allclose(run_tvm(mod, x), run_litert(path, x), rtol=1e-4, atol=1e-5)
+
+
+def test_segmentation_head_ops_match_litert(tmp_path):
+    """The ops of a MediaPipe-style segmentation / detection head (CONCATENATION, MAX_POOL_2D, AVERAGE_POOL_2D with
+    SAME padding, PAD, DEPTH_TO_SPACE, TANH) in one model, against LiteRT."""
+    from conftest import assert_matches_ort
+    b = TfliteBuilder(seed=2)
+    rng = b.rng
+
+    def conv(x, cout, name, stride=1):
+        w = (rng.standard_normal((cout, 3, 3, b.shape(x)[3])) * 0.15).astype(np.float32)
+        return b.conv2d(x, w, np.zeros(cout, np.float32), stride=stride, act="RELU", name=name)
+
+    x = conv(b.input([1, 16, 16, 3]), 16, "c1")
+    skip = b.pool(x, "avg", 3, 2, "SAME", name="avg")
+    y = b.pad(b.pool(conv(x, 16, "c2"), "max", 2, 2, "VALID", name="max"), [[0, 0], [1, 1], [1, 1], [0, 0]])
+    y = conv(y, 16, "c3")
+    y = b.concat([skip, b.pool(y, "max", 3, 1, "VALID", name="max2")])
+    y = b.depth_to_space(conv(y, 32, "c4"), 2)
+    b.output(b.tanh(conv(y, 4, "c5")))
+    path = tmp_path / "head.tflite"
+    path.write_bytes(b.finish())
+    assert_matches_ort(str(path), tol=1e-5)

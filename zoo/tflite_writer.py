@@ -280,6 +280,45 @@ class TfliteBuilder:
     def hard_swish(self, x: int, name: str = "hard_swish") -> int:
         return self._op(_Op.HARD_SWISH, [x], self.shape(x), name)
 
+    def resize(self, x: int, size: tuple[int, int], method: str = "bilinear", align_corners: bool = False,
+               half_pixel_centers: bool = False, name: str = "resize") -> int:
+        """RESIZE_BILINEAR or RESIZE_NEAREST_NEIGHBOR of an NHWC tensor to `size` (H, W)."""
+        n, _, _, c = self.shape(x)
+        st = self.const(np.array(size), f"{name}/size", "int32")
+        code, opt = ((_Op.RESIZE_BILINEAR, _Opt.ResizeBilinearOptions) if method == "bilinear"
+                     else (_Op.RESIZE_NEAREST_NEIGHBOR, _Opt.ResizeNearestNeighborOptions))
+        return self._op(code, [x, st], [n, *size, c], name, opt, AlignCorners=align_corners,
+                        HalfPixelCenters=half_pixel_centers)
+
+    def concat(self, xs: list[int], axis: int = 3, name: str = "concat") -> int:
+        shape = self.shape(xs[0])
+        shape[axis] = sum(self.shape(x)[axis] for x in xs)
+        return self._op(_Op.CONCATENATION, xs, shape, name, _Opt.ConcatenationOptions, Axis=axis,
+                        FusedActivationFunction=_ACTS["NONE"])
+
+    def pool(self, x: int, kind: str = "max", size: int = 2, stride: int = 2, padding: str = "VALID",
+             name: str = "pool") -> int:
+        """MAX_POOL_2D or AVERAGE_POOL_2D (NHWC)."""
+        n, h, w, c = self.shape(x)
+        code = _Op.MAX_POOL_2D if kind == "max" else _Op.AVERAGE_POOL_2D
+        return self._op(code, [x], [n, _out_size(h, size, stride, padding), _out_size(w, size, stride, padding), c],
+                        name, _Opt.Pool2DOptions, Padding=_PADS[padding], StrideW=stride, StrideH=stride,
+                        FilterWidth=size, FilterHeight=size, FusedActivationFunction=_ACTS["NONE"])
+
+    def pad(self, x: int, pads: list[list[int]], name: str = "pad") -> int:
+        """PAD with zeros; pads [[before, after]] per axis."""
+        pt = self.const(np.array(pads), f"{name}/paddings", "int32")
+        shape = [d + a + b for d, (a, b) in zip(self.shape(x), pads)]
+        return self._op(_Op.PAD, [x, pt], shape, name, _Opt.PadOptions)
+
+    def depth_to_space(self, x: int, block: int, name: str = "depth_to_space") -> int:
+        n, h, w, c = self.shape(x)
+        return self._op(_Op.DEPTH_TO_SPACE, [x], [n, h * block, w * block, c // (block * block)], name,
+                        _Opt.DepthToSpaceOptions, BlockSize=block)
+
+    def tanh(self, x: int, name: str = "tanh") -> int:
+        return self._op(_Op.TANH, [x], self.shape(x), name)
+
     def custom(self, x: int, code: str, name: str = "custom") -> int:
         """A CUSTOM op with the given name, output shaped like its input."""
         return self._op(code, [x], self.shape(x), name)

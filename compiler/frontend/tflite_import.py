@@ -444,6 +444,18 @@ class _Converter(_tvm_tflite.OperatorConverter):
             return relax.op.reshape(self.get_expr(ins[0].tensor_idx), shape)
         return super().convert_reshape(op)
 
+    def convert_resize_nearest_neighbor(self, op):
+        """TFLite rounds an align_corners source coordinate half away from zero (x.5 up: the coordinates are >= 0);
+        TVM's converter left the rounding to topi, which rounds x.5 to even: such output pixels read the wrong
+        row or column."""
+        out = super().convert_resize_nearest_neighbor(op)
+        a = out.attrs
+        if str(a.coordinate_transformation_mode) == "align_corners" and str(a.rounding_method) == "":
+            out = relax.op.image.resize2d(out.args[0], out.args[1], tuple(float(r) for r in a.roi), str(a.layout),
+                                          str(a.method), "align_corners", "round_prefer_ceil", a.cubic_alpha,
+                                          a.cubic_exclude, a.extrapolation_value, a.out_dtype)
+        return out
+
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
         self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
