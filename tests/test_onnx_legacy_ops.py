@@ -1,6 +1,6 @@
 """compiler/frontend/onnx_import.py: ops and attributes TVM's importer failed on or read differently (Upsample of
 opsets 7 and 9, Resize-10, opset 18's Resize `axes`, Slice-1's attributes, ImageScaler, LpNormalization,
-ConvTranspose's output_shape), against ONNX Runtime. Models of the ONNX Model Zoo's era use the older forms."""
+ConvTranspose's output_shape, MaxPool's SAME_LOWER), against ONNX Runtime. Models of the ONNX Model Zoo's era use the older forms."""
 from __future__ import annotations
 
 import numpy as np
@@ -105,6 +105,14 @@ def test_conv_transpose_output_shape(attrs):
                                  "wt")
     node = helper.make_node("ConvTranspose", ["a", "wt"], ["y"], kernel_shape=[4, 4], strides=[2, 2], **attrs)
     assert_matches_ort(_one_op_model([node], [wt], 11), tol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (3, 3)])
+def test_max_pool_same_lower(kernel, stride):
+    """auto_pad SAME_LOWER on odd and even sizes (15 x 14): ceil(size / stride) outputs, the odd pad first."""
+    node = helper.make_node("MaxPool", ["a"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2,
+                            auto_pad="SAME_LOWER")
+    assert_matches_ort(_one_op_model([node], [], 11, x_shape=(1, 3, 15, 14)), tol=1e-6)
 
 
 def test_verify_names_a_shape_mismatch():

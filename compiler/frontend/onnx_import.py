@@ -262,6 +262,23 @@ class _ConvTranspose(_tvm_onnx.ConvTranspose):
         return super()._impl_v1(bb, inputs, attr, params)
 
 
+class _MaxPool(_tvm_onnx.MaxPool):
+    """MaxPool with auto_pad SAME_LOWER: output ceil(size / stride) as for SAME_UPPER, the odd pad at the start (TVM's
+    converter took floor(size / stride): one row or column short on odd sizes)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if attr.get("auto_pad", b"NOTSET") in (b"SAME_LOWER", "SAME_LOWER"):
+            shape = [int(d) for d in inputs[0].ty.shape][2:]
+            kernel = list(attr["kernel_shape"])
+            strides, dilations = attr.get("strides", [1] * len(shape)), attr.get("dilations", [1] * len(shape))
+            total = [max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+                     for size, k, s, d in zip(shape, kernel, strides, dilations)]
+            attr["pads"] = [t - t // 2 for t in total] + [t // 2 for t in total]
+            attr["auto_pad"] = b"NOTSET"
+        return super()._impl_v1(bb, inputs, attr, params)
+
+
 class _Slice(_tvm_onnx.Slice):
     """Slice of opsets 1-9 (starts, ends, axes as attributes) as the later form with constant inputs."""
 
@@ -319,6 +336,7 @@ def _convert_map():
     table["Upsample"] = _Upsample
     table["ConvTranspose"] = _ConvTranspose
     table["Slice"] = _Slice
+    table["MaxPool"] = _MaxPool
     table["ImageScaler"] = _ImageScaler
     table["LpNormalization"] = _LpNormalization
     table["Resize"] = _Resize
