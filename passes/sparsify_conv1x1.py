@@ -32,8 +32,9 @@ BLOCK_MIN_FILL = 0.75       # a block shape is used when its blocks are at least
 BLOCK_TRY_FILL = 0.5        # ... or, where the cost interface measures, tried from this fill up
 
 
-def conv1x1_weights(value) -> np.ndarray | None:
-    """[Cout, Cin] weights of a batch-1 NCHW/OIHW 1x1 stride-1 groups-1 f32 conv with constant weights."""
+def conv1x1_weights(value, any_batch: bool = False) -> np.ndarray | None:
+    """[Cout, Cin] weights of a batch-1 (any_batch: any batch) NCHW/OIHW 1x1 stride-1 groups-1 f32 conv with
+    constant weights."""
     if op_name(value) != "relax.nn.conv2d":
         return None
     a = value.attrs
@@ -47,7 +48,8 @@ def conv1x1_weights(value) -> np.ndarray | None:
     wt = const_np(w)
     xs = x.ty.shape
     if wt.dtype != np.float32 or wt.shape[2:] != (1, 1) or xs is None or len(xs.values) != 4 \
-            or not all(isinstance(d, tvm.tirx.IntImm) for d in xs.values) or int(xs.values[0]) != 1:
+            or not all(isinstance(d, tvm.tirx.IntImm) for d in xs.values) or (int(xs.values[0]) != 1
+                                                                              and not any_batch):
         return None
     return wt[:, :, 0, 0]
 
@@ -213,12 +215,18 @@ class _Sparsifier(BindingRewriter):
             if plan["residual"] is not None:
                 plan["residual"] = self.visit_expr(plan["residual"])
             return self.emit_sparse(var, plan)
-        w = conv1x1_weights(value)
+        w = conv1x1_weights(value, any_batch=True)
         if w is None:
             return None
         zeros = 1.0 - np.count_nonzero(w) / w.size
         cout, cin = w.shape
         plan = epilogue_chain(self, var, cout)
+        batch = int(value.args[0].ty.shape.values[0])
+        if batch != 1:
+            if zeros >= self.sparse_min:
+                changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros but batch {batch}; the "
+                                                   "sparse CHW kernels serve batch 1 (compile with --input NAME:1x...)")
+            return None
         if zeros < self.sparse_min:
             changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")
             return None

@@ -87,6 +87,16 @@ def test_not_fired_when_too_dense_or_slower(sparsity, cost):
     assert ("< 67%" in why) if sparsity == 0.5 else ("dense" in why)
 
 
+def test_a_batched_model_stays_dense_and_says_why():
+    """The sparse CHW kernels serve batch 1: a mostly-zero 1x1 conv of a batch-2 input stays dense, with a skip
+    line naming the batch."""
+    model = single_conv_model(32, 32, 6, sparsity=0.85)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    mod, book = _sparsify(_cleaned(model))
+    assert "f32_spmm_chw" not in mod.script(show_meta=False)
+    assert "batch 2" in book["SparsifyConv1x1"]["skipped"][0]["why"]
+
+
 def test_measured_choice_records_speedup():
     _, book = _sparsify(_cleaned(single_conv_model(32, 32, 6, sparsity=0.9)), _FixedCost(dense=3e-6, sparse=1e-6))
     assert book["SparsifyConv1x1"]["changes"][0]["speedup"] == 3.0
