@@ -125,6 +125,7 @@ def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
         FoldGateIntoConvWeights(),   # NOTE: needs the blocked constant weights ConvertToBlockedLayout wrote
         # NOTE: after FoldGateIntoConvWeights: a conv whose weights a gate scales at run time stays float
         *([ComputeQuantizedConvsInInt8()] if spec.int8_dot == "avx512_vnni" else []),
+        relax.backend.DispatchSortScan(),   # NOTE: topk / sort / argsort / cumsum have no LegalizeOps rule
         relax.transform.LegalizeOps(registry.cpu_legalize_map(spec.vector_lanes,
                                                              spec.kernel_defaults.get("winograd_min_channels"))),
         relax.transform.AnnotateTIROpPattern(),
@@ -139,6 +140,7 @@ def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
 def _lower_gpu(spec: TargetSpec, opts: Options) -> list:
     from schedules.gpu_dlight import GPU_RULES
     return [
+        relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

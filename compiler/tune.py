@@ -105,7 +105,7 @@ def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool =
     only candidate beyond the default, when `meta_schedule`."""
     from tvm import tirx
     from schedules.handwritten import HANDWRITTEN, recipe
-    from schedules.rule import is_scheduled, task_key
+    from schedules.rule import is_library_call, is_scheduled, task_key
     rules = _rules(spec)
     mod = lowered_before_schedules(model, spec, inputs, options)
     sites = _call_sites(mod)
@@ -115,7 +115,8 @@ def extract_tasks(model, spec, inputs: dict | None = None, meta_schedule: bool =
             # NOTE: a kernel a pass emits already scheduled is tuned through the knobs it was built with
             # (schedules/handwritten.py), timed on the weights of its first call (sparse indices must be real)
             handwritten = recipe(func) is not None
-            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and not handwritten):
+            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and not handwritten) \
+                    or is_library_call(func):
                 continue
             key = task_key(func)
             uses, args = sites.get(gv, (0, []))

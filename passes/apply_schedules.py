@@ -7,7 +7,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes import changelog
 from schedules.handwritten import HANDWRITTEN, recipe
-from schedules.rule import SCHEDULED_ATTR, is_scheduled, task_key
+from schedules.rule import SCHEDULED_ATTR, is_library_call, is_scheduled, task_key
 from targets.errors import ShrinkcError
 
 NAME = "ApplySchedules"
@@ -44,7 +44,8 @@ class ApplySchedules:
         retune = {gv: knobs for gv, knobs in retune.items() if knobs}
         taken = {gv.name_hint for gv, f in mod.functions.items() if is_scheduled(f) and gv not in retune}
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and gv not in retune):
+            if not isinstance(func, tirx.PrimFunc) or (is_scheduled(func) and gv not in retune) \
+                    or is_library_call(func):
                 funcs[gv] = func
                 continue
             if gv in retune:

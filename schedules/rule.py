@@ -77,6 +77,13 @@ def is_scheduled(func) -> bool:
     return isinstance(func, tirx.PrimFunc) and func.attrs is not None and SCHEDULED_ATTR in func.attrs
 
 
+def is_library_call(func) -> bool:
+    """A PrimFunc whose one block calls a runtime library routine (te.extern: topi's CPU topk / sort / argsort):
+    no loop nest, nothing to schedule. Its block is not the usual "root"."""
+    body = func.body
+    return isinstance(body, s_tir.stmt.SBlockRealize) and body.block.name_hint != "root"
+
+
 def kernel_block(sch: s_tir.Schedule, kind: str):
     """The block annotated `shrinkc.kernel == kind`, with its annotations, or (None, None)."""
     for block_rv in sch.get_child_blocks(_root(sch)):

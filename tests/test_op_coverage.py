@@ -103,3 +103,29 @@ def test_shape_arithmetic_folds_to_constants():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_mix_matches_onnxruntime(name):
     assert_matches_ort(CASES[name], tol=1e-4)
+
+
+@pytest.mark.parametrize("largest", [1, 0])
+def test_topk_and_cumsum(largest):
+    """A classifier's TopK (values and int64 indices; TVM lowers it to a runtime library call that has no loop nest
+    to schedule) and a CumSum, against ONNX Runtime; tuning finds no task in the library call."""
+    from onnx import TensorProto
+
+    from compiler import tune
+    import targets
+    nodes = [conv("x", "w", "c"), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("TopK", ["f", "k"], ["v", "i"], largest=largest),
+             helper.make_node("CumSum", ["f", "axis"], ["s"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("v", 1, None),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, None),
+                           helper.make_tensor_value_info("s", 1, None)],
+                          [numpy_helper.from_array(_w(16, 3, 3, 3), "w"),
+                           numpy_helper.from_array(np.array([5], np.int64), "k"),
+                           numpy_helper.from_array(np.array(1, np.int64), "axis")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    assert_matches_ort(model, tol=1e-5)
+    tasks = tune.extract_tasks(model, targets.x86_host(), meta_schedule=False)
+    assert tasks and not any("topk" in t.name for t in tasks), [t.name for t in tasks]
