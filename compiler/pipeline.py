@@ -29,6 +29,7 @@ from passes.prune_activations import PruneActivations
 from passes.quantize_steps_in_float import QuantizeStepsInFloat
 from passes.skip_padding_taps import SkipPaddingTaps
 from passes.slice_one_pixel_resizes import SliceOnePixelResizes
+from passes.square_as_multiply import SquareAsMultiply
 from passes.sparsify_conv1x1 import SparsifyConv1x1
 from passes.sparsify_dense import SparsifyDense
 from passes.split_transposed_convs import SplitTransposedConvs
@@ -70,6 +71,7 @@ def phases(spec: TargetSpec, opts: Options) -> list[tuple[str, list]]:
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             QuantizeStepsInFloat(),  # NOTE: after weights' dequantize is folded; activations' steps go float
+            SquareAsMultiply(),
             PointwiseMatmulsToConvs(),   # NOTE: before CancelLayoutPermutes, which cancels the transposes it adds
             PReluAsMinMax(),         # NOTE: before CancelLayoutPermutes, which moves a TFLite PReLU's ops to NCHW
             CancelLayoutPermutes(),  # NOTE: the NHWC ops ConvertConvsToNCHW left between convs run NCHW

@@ -5,8 +5,9 @@ the ops after it (bias add, activation, residual add, mean) in NHWC:
   y = permute_dims(conv(..), [0, 2, 3, 1]); z = clip(y + b, 0, 6); x = permute_dims(z, [0, 3, 1, 2]); conv(x)
 Every such op then costs two full transposes, and the later passes (scale folding, sparse epilogues, CHW
 regions) never see a conv next to its bias and activation. This pass moves the first transpose below
-elementwise ops and spatial means (kept dims or not) whose other operands broadcast along channels only (constants of
-shape [C], [1, 1, 1, C] or scalars, turned into [1, C, 1, 1]; or other transposed tensors):
+elementwise ops, spatial means (kept dims or not) and reductions over channels with kept dims (a LayerNorm's mean and
+variance) whose other operands broadcast along channels only (constants of shape [C], [1, 1, 1, C] or scalars, turned
+into [1, C, 1, 1]; or other transposed tensors, a channel reduction's [N, H, W, 1] too):
   y' = conv(..) + b'; z' = clip(y', 0, 6)          (NCHW)
   z = permute_dims(z', [0, 2, 3, 1])                (kept for any NHWC reader; dropped when none is left)
 and a transpose back to NCHW of such a tensor becomes its NCHW source, x = z'.
@@ -18,7 +19,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.convert_to_blocked_layout import BINARY, UNARY
+from passes.convert_to_blocked_layout import BINARY, REDUCE, UNARY, UNPADDED
 from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter
 
 NAME = "CancelLayoutPermutes"
@@ -39,6 +40,12 @@ def _hw_mean(value) -> bool:
     """A mean over a 4-D NHWC tensor's H and W (axes 1 and 2), dims kept or not."""
     return op_name(value) == "relax.mean" and value.attrs.axis is not None and _rank(value.args[0]) == 4 \
         and sorted(int(a) % 4 for a in value.attrs.axis) == [1, 2]
+
+
+def _channel_reduce(value) -> bool:
+    """A reduction over a 4-D NHWC tensor's channels (axis 3), dims kept: a LayerNorm's mean and variance."""
+    return op_name(value) in REDUCE and value.attrs.axis is not None and _rank(value.args[0]) == 4 \
+        and [int(a) % 4 for a in value.attrs.axis] == [3] and bool(value.attrs.keepdims)
 
 
 def _channel_const(expr, channels: int) -> np.ndarray | None:
@@ -79,7 +86,7 @@ class _Permutes(BindingRewriter):
         if _rank(var) != 4 or not any(isinstance(a, relax.Var) and a in self.nchw for a in value.args):
             return None
         channels = int(var.ty.shape.values[3])
-        if name in UNARY or name in BINARY:
+        if name in UNARY or name in BINARY or name in UNPADDED:
             args = []
             for a in value.args:
                 if isinstance(a, relax.Var) and a in self.nchw:
@@ -93,6 +100,8 @@ class _Permutes(BindingRewriter):
             out = self.emit(relax.Call(value.op, args, value.attrs), var.name)
         elif _hw_mean(value) and value.attrs.keepdims:
             out = self.emit(relax.op.mean(self.nchw[value.args[0]], axis=[2, 3], keepdims=True), var.name)
+        elif _channel_reduce(value):
+            out = self.emit(REDUCE[name](self.nchw[value.args[0]], axis=[1], keepdims=True), var.name)
         else:
             return None
         self.pending = out

@@ -7,6 +7,10 @@ worth it where half-width vectors run at half rate (AVX-512 on Intel); so is a c
 fewer channels than fill vectors of 4 (a detector head's 2 or 6 scores). The pad channels hold
 finite junk: every conv weight reading them is zero, conversions back to NCHW drop them, and zero
 channels appended by a Pad mask them first.
+
+A reduction over the channels of a tensor without pad lanes (a LayerNorm's mean and variance) is one over its
+blocks and lanes: one value per pixel, [N, 1, H, W, 1] ("block 1"), which broadcasts against blocks of any size as
+it is; so does any one-channel tensor an op combines with a wider one (a spatial attention map).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ NAME = "ConvertToBlockedLayout"
 UNARY = {"relax.clip", "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.nn.silu", "relax.nn.gelu",
          "relax.exp", "relax.erf", "relax.negative", "relax.abs", "relax.nn.leakyrelu", "relax.round"}
 BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum"}
+# NaN on some finite inputs: blocked only where no lanes are padding (pad lanes hold junk a zero weight must cancel)
+UNPADDED = {"relax.sqrt", "relax.rsqrt", "relax.log", "relax.power"}
 REDUCE = {"relax.mean": relax.op.mean, "relax.sum": relax.op.sum, "relax.max": relax.op.max, "relax.min": relax.op.min}
 POOLS = {"relax.nn.max_pool2d": relax.op.nn.max_pool2d, "relax.nn.avg_pool2d": relax.op.nn.avg_pool2d}
 
@@ -103,9 +109,14 @@ class _Blocker(BindingRewriter):
             if v.size == 1:     # one value (a TFLite scale of shape [1]) broadcasts in any layout, as a scalar does
                 return x
             return const(block_const(v.reshape((1,) * (4 - v.ndim) + v.shape), b, channels, fill))
-        if self.layout.get(x, (0,))[0] == b:
-            return x
         if self.nchw_shape(x) in ([], [1], [1, 1, 1, 1]):   # a scalar broadcasts in any layout
+            return x
+        if channels > 1 and self.nchw_shape(x)[1:2] == [1]:
+            # one value per pixel (a channel reduction's, a spatial attention map): [N, 1, H, W, 1] broadcasts
+            # against blocks of any size (a one-channel tensor in a padded block would pair lane with lane)
+            return x if self.layout.get(x) == (1, 1) else self.emit(relax.op.expand_dims(self.to_nchw(x), [4]),
+                                                                    "per_pixel")
+        if self.layout.get(x, (0,))[0] == b:
             return x
         if (x, b) not in self.cache:
             src = self.to_nchw(x)
@@ -211,10 +222,11 @@ class _Blocker(BindingRewriter):
         args = list(value.args) if isinstance(value, relax.Call) else []
         blocked = [a for a in args if isinstance(a, relax.Var) and a in self.layout]
         tensors = [a for a in args if isinstance(a.ty, relax.TensorType)]
-        if blocked and name in UNARY and len(tensors) == 1:
+        if blocked and len(tensors) == 1 and (name in UNARY or name in UNPADDED and not self.padded(args[0])):
             return self.finish(var, relax.Call(value.op, args, value.attrs), *self.layout[args[0]])
-        if blocked and name in BINARY and self.binary_ok(var, value) and not self.scales_nchw(var, value):
-            b, channels = self.layout[blocked[0]]
+        if blocked and (name in BINARY or name in UNPADDED and not any(self.padded(a) for a in blocked)) \
+                and self.binary_ok(var, value) and not self.scales_nchw(var, value):
+            b, channels = self.layout[max(blocked, key=lambda a: self.layout[a][1])]   # not a per-pixel operand's
             new_args = [self.to_block(a, b, channels, 1.0 if name == "relax.divide" and i == 1 else 0.0)
                         for i, a in enumerate(args)]
             return self.finish(var, relax.Call(value.op, new_args, value.attrs), b, channels)
@@ -240,6 +252,11 @@ class _Blocker(BindingRewriter):
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):
             # NOTE: axes spelled positively: -1/-2 of the 5-D blocked tensor are its lanes and W
             return self.finish(var, REDUCE[name](args[0], axis=[2, 3], keepdims=True), *self.layout[args[0]])
+        if blocked and name in REDUCE and len(tensors) == 1 and self.channel_keepdims(var, value) \
+                and not self.padded(args[0]):
+            # over channels (a LayerNorm's mean and variance): over the blocks and their lanes, one value per pixel
+            # ([N, 1, H, W, 1], block 1), which broadcasts against blocked tensors as it is
+            return self.finish(var, REDUCE[name](args[0], axis=[1, 4], keepdims=True), 1, 1)
         if blocked and name in REDUCE and len(tensors) == 1 and self.whole_tensor(value, args[0]):
             # every element of a tensor without padding channels: the same value in any layout
             return relax.Call(value.op, args, value.attrs)
@@ -341,7 +358,8 @@ class _Blocker(BindingRewriter):
         return [int(d) for d in x.ty.shape.values]
 
     def binary_ok(self, var, value) -> bool:
-        """Operands are the output's shape or broadcast per channel; a divisor is not a padded tensor."""
+        """Operands are the output's shape or broadcast per channel or per pixel (one channel); a divisor is not a
+        padded tensor."""
         out = [int(d) for d in var.ty.shape.values]
         if len(out) != 4:
             return False
@@ -350,11 +368,18 @@ class _Blocker(BindingRewriter):
             if not shape or shape in ([1], [1, 1, 1, 1]):
                 continue  # scalars broadcast in any layout
             full = [1] * (4 - len(shape)) + shape
-            if full[1] != out[1] or full[0] != out[0] or any(f not in (1, o) for f, o in zip(full[2:], out[2:])):
+            if full[1] not in (1, out[1]) or full[0] != out[0] \
+                    or any(f not in (1, o) for f, o in zip(full[2:], out[2:])):
                 return False
-            if op_name(value) == "relax.divide" and i == 1 and not is_const(a) and self.pad:
+            if op_name(value) == "relax.divide" and i == 1 and not is_const(a) and self.pad and full[1] > 1 \
+                    and (a not in self.layout or self.padded(a)):
                 return False  # x / pad-junk could be inf or NaN, and 0 * NaN poisons the next conv
         return True
+
+    def padded(self, x) -> bool:
+        """A blocked tensor whose last block has lanes past its channels."""
+        b, channels = self.layout[x]
+        return ceil_to(channels, b) != channels
 
     def scales_nchw(self, var, value) -> bool:
         """An NCHW tensor of the output's shape times (plus, ...) blocked per-channel vectors (a squeeze-and-
@@ -370,6 +395,11 @@ class _Blocker(BindingRewriter):
         """A reduction over all axes, without keepdims, of a blocked tensor with no padding channels."""
         b, channels = self.layout[x]
         return value.attrs.axis is None and not bool(value.attrs.keepdims) and ceil_to(channels, b) == channels
+
+    @staticmethod
+    def channel_keepdims(var, value) -> bool:
+        axes = [int(x) % 4 for x in value.attrs.axis] if value.attrs.axis is not None else []
+        return axes == [1] and bool(value.attrs.keepdims) and len(var.ty.shape.values) == 4
 
     @staticmethod
     def spatial_keepdims(var, value) -> bool:

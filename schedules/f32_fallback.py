@@ -34,7 +34,7 @@ class Fallback(ScheduleRule):
         for block in top_blocks(sch):
             iters = sch.get(block).iter_vars
             try:
-                if whole_reduction(sch, block, spec.vector_lanes):
+                if whole_reduction(sch, block, spec.vector_lanes) or lane_reduction(sch, block, spec.vector_lanes):
                     continue
                 if all(int(iv.iter_type) == 0 for iv in iters):  # all data-parallel
                     if not in_write_order(sch, block, spec.vector_lanes) \
@@ -138,6 +138,34 @@ def whole_reduction(sch: s_tir.Schedule, block, lanes: int) -> bool:
     partial = sch.rfactor(sch.get_loops(block)[-1], 0)     # partial[j]: the innermost axis kept, the rest reduced
     sch.vectorize(sch.get_loops(partial)[-1])
     init = sch.decompose_reduction(partial, sch.get_loops(partial)[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return True
+
+
+def lane_reduction(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """A reduction over a channel-blocked tensor's channels per pixel (a LayerNorm's mean of NCHW{b}c: over the
+    blocks and, innermost, their b lanes, read contiguously): b partial results per pixel, each block added as
+    one vector, then the b lanes added (rfactor); the pixels fused and parallel; True when scheduled. (A plain
+    nest was one scalar dependency chain of C adds per pixel.)"""
+    b = sch.get(block)
+    kinds = [int(iv.iter_type) for iv in b.iter_vars]
+    loops = sch.get_loops(block)
+    spatial = kinds.count(0)
+    if len(b.writes) != 1 or len(b.reads) != 1 or len(loops) != len(kinds) or not spatial \
+            or kinds != [0] * spatial + [2] * (len(kinds) - spatial) or len(kinds) == spatial \
+            or int(sch.get(loops[-1]).extent) % lanes:
+        return False
+    last = b.reads[0].region[-1].min
+    if not (isinstance(last, tirx.Var) and last.same_as(b.iter_vars[-1].var)):
+        return False            # the innermost reduce loop is not the read buffer's innermost (contiguous) axis
+    pixels = sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0]
+    partial = sch.rfactor(sch.get_loops(block)[-1], len(b.writes[0].source.shape))
+    sch.compute_at(partial, pixels)        # the b partial sums of one pixel at a time
+    sch.parallel(pixels)
+    lane, *over = sch.get_loops(partial)[1:]
+    sch.reorder(*over, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(partial, over[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return True
 

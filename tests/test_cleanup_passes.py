@@ -253,3 +253,80 @@ def test_channel_slices_of_whole_blocks_stay_blocked(cout, cuts, blocked):
     out = ConvertToBlockedLayout(16, pad=True)(cleanup(import_onnx(model)[0]))
     assert (ops(out).count("relax.layout_transform") == 1) == blocked    # the output's (the stem reads NCHW)
     assert_matches_ort(model)
+
+
+def _layer_norm_model(channels: int, channels_last: bool, seed: int = 0):
+    """conv -> LayerNorm over channels -> 1x1 conv, the LayerNorm as exporters write it: ReduceMean, Sub, Pow 2,
+    ReduceMean, Add eps, Sqrt, Div, Mul, Add; channels_last: between transposes to NHWC and back (ConvNeXt's
+    torch.onnx export), else over axis 1 of the NCHW tensor."""
+    rng = np.random.default_rng(seed)
+    axis = [-1] if channels_last else [1]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=[3, 3], pads=[1] * 4)]
+    src = "a"
+    if channels_last:
+        nodes.append(helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]))
+        src = "t"
+    nodes += [helper.make_node("ReduceMean", [src], ["m"], axes=axis), helper.make_node("Sub", [src, "m"], ["d"]),
+              helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["v"], axes=axis),
+              helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+              helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+              helper.make_node("Add", ["ng", "b"], ["o"])]
+    if channels_last:
+        nodes.append(helper.make_node("Transpose", ["o"], ["oc"], perm=[0, 3, 1, 2]))
+    nodes.append(helper.make_node("Conv", ["oc" if channels_last else "o", "w1"], ["y"]))
+    vec = (channels,) if channels_last else (channels, 1, 1)
+    inits = {"w0": rng.standard_normal((channels, 3, 3, 3)) * 0.3, "w1": rng.standard_normal((8, channels, 1, 1)),
+             "two": np.array(2.0), "eps": np.array(1e-6), "g": rng.uniform(0.5, 1.5, vec),
+             "b": rng.standard_normal(vec) * 0.1}
+    return onnx_model(nodes, [1, 3, 10, 12], [numpy_helper.from_array(np.asarray(v, np.float32), k)
+                                               for k, v in inits.items()])
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_layer_norm_over_channels_stays_blocked(tmp_path, channels_last):
+    """The LayerNorm between two convs runs in the convs' blocked layout: its means over the channel blocks and
+    their lanes, one value per pixel broadcast against the blocks; no transpose and no layout transform but the
+    output's. With 24 channels (a padded block: pad lanes would enter the mean) it goes through NCHW. Both match
+    ONNX Runtime."""
+    import re
+    for channels in (32, 24):
+        cm = assert_matches_ort(_layer_norm_model(channels, channels_last), tol=1e-5, dump_dir=str(tmp_path))
+        calls = re.findall(r"R\.call_tir\(cls\.(\w+)", (tmp_path / "4_lower.py").read_text())
+        moved = sum("layout_transform" in c or "transpose" in c for c in calls)
+        assert (moved == 1) if channels == 32 else (moved > 1), (channels, calls)
+        assert cm.report["passes"]["SquareAsMultiply"]["counts"] == {"square": 1}
+
+
+def test_channel_mean_kernel_adds_whole_vectors():
+    """The mean over channels of NCHW16c (the fallback's lane_reduction): 16 partial sums per pixel, each block
+    added as one vector, then the lanes; the scheduled kernel has a vectorised loop inside a parallel one."""
+    from tvm import s_tir, te
+
+    from schedules.f32_fallback import lane_reduction
+    x = te.placeholder((1, 6, 5, 7, 16), "float32", name="x")
+    k1, k4 = te.reduce_axis((0, 6), "k1"), te.reduce_axis((0, 16), "k4")
+    red = te.compute((1, 1, 5, 7, 1), lambda a, b, h, w, c: te.sum(x[a, k1, h, w, k4], axis=[k1, k4]), name="red")
+    sch = s_tir.Schedule(te.create_prim_func([x, red]))
+    assert lane_reduction(sch, sch.get_sblock("red"), 16)
+    text = sch.mod.script()
+    assert "T.parallel(35)" in text and text.count("T.vectorized(16)") == 2, text
+    lib = tvm.compile(sch.mod, target="llvm")
+    data = np.random.default_rng(0).standard_normal((1, 6, 5, 7, 16)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 1, 5, 7, 1), np.float32))
+    lib(tvm.runtime.tensor(data), out)
+    np.testing.assert_allclose(out.numpy(), data.sum(axis=(1, 4), keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+def test_per_pixel_map_times_blocked_tensor():
+    """A spatial attention map (one channel: sigmoid of a 1-channel conv) times a 32-channel tensor, blocked: the
+    map's value per pixel multiplies every channel (a one-channel tensor in its padded block would have paired
+    lane with lane); matches ONNX Runtime."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["a", "wm"], ["m"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Sigmoid", ["m"], ["s"]), helper.make_node("Mul", ["a", "s"], ["g"]),
+             helper.make_node("Conv", ["g", "w1"], ["y"])]
+    inits = {"w0": rng.standard_normal((32, 3, 3, 3)), "wm": rng.standard_normal((1, 32, 3, 3)) * 0.2,
+             "w1": rng.standard_normal((8, 32, 1, 1))}
+    assert_matches_ort(onnx_model(nodes, [1, 3, 9, 11], [numpy_helper.from_array(np.asarray(v, np.float32), k)
+                                                          for k, v in inits.items()]), tol=1e-5)
