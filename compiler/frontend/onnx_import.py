@@ -201,6 +201,19 @@ class _Upsample(_tvm_onnx.Upsample):
                                 "Upsample")
 
 
+def _resize_shrinks(inputs, params) -> bool:
+    """Whether a Resize (opset 11+ inputs) makes some axis smaller (where antialiasing filters), or that is
+    unknown."""
+    shape = [int(d) for d in inputs[0].ty.shape]
+    try:
+        if len(inputs) > 3 and inputs[3] is not None:
+            sizes = _constant_values(inputs[3], params, "Resize sizes")
+            return any(o < d for o, d in zip(sizes, shape[len(shape) - len(sizes):]))
+        return any(f < 1 for f in _constant_values(inputs[2], params, "Resize scales"))
+    except ShrinkcError:
+        return True
+
+
 class _Resize(_tvm_onnx.Resize):
     """Resize-10 (X, scales) as Upsample; opsets 11-17 with TVM's converter (written for opset 18's inputs, the
     same ones); opset 18's `axes` (scales or sizes for those axes only) widened to every axis first."""
@@ -215,6 +228,10 @@ class _Resize(_tvm_onnx.Resize):
 
     @classmethod
     def _impl_v18(cls, bb, inputs, attr, params):
+        if int(attr.get("antialias", 0)) and _resize_shrinks(inputs, params):
+            raise ShrinkcError("Resize with antialias=1 that shrinks an axis is not supported (TVM's resize would "
+                               "ignore the filter and give other numbers)",
+                               "export the resize without antialiasing, or resize before the model")
         policy = attr.get("keep_aspect_ratio_policy", b"stretch").decode("ascii")
         if policy != "stretch":
             raise ShrinkcError(f"Resize keep_aspect_ratio_policy '{policy}' is not supported",
