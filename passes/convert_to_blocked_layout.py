@@ -224,9 +224,11 @@ class _Blocker(BindingRewriter):
         tensors = [a for a in args if isinstance(a.ty, relax.TensorType)]
         if blocked and len(tensors) == 1 and (name in UNARY or name in UNPADDED and not self.padded(args[0])):
             return self.finish(var, relax.Call(value.op, args, value.attrs), *self.layout[args[0]])
+        widest = max(blocked, key=lambda a: self.layout[a][1]) if blocked else None   # not a per-pixel operand
         if blocked and (name in BINARY or name in UNPADDED and not any(self.padded(a) for a in blocked)) \
-                and self.binary_ok(var, value) and not self.scales_nchw(var, value):
-            b, channels = self.layout[max(blocked, key=lambda a: self.layout[a][1])]   # not a per-pixel operand's
+                and self.binary_ok(var, value) and not self.scales_nchw(var, value) \
+                and self.layout[widest][1] == int(var.ty.shape.values[1]):
+            b, channels = self.layout[widest]
             new_args = [self.to_block(a, b, channels, 1.0 if name == "relax.divide" and i == 1 else 0.0)
                         for i, a in enumerate(args)]
             return self.finish(var, relax.Call(value.op, new_args, value.attrs), b, channels)
@@ -371,9 +373,12 @@ class _Blocker(BindingRewriter):
             if full[1] not in (1, out[1]) or full[0] != out[0] \
                     or any(f not in (1, o) for f, o in zip(full[2:], out[2:])):
                 return False
-            if op_name(value) == "relax.divide" and i == 1 and not is_const(a) and self.pad and full[1] > 1 \
-                    and (a not in self.layout or self.padded(a)):
-                return False  # x / pad-junk could be inf or NaN, and 0 * NaN poisons the next conv
+            if op_name(value) == "relax.divide" and i == 1 and not is_const(a) and self.pad \
+                    and (full[1] > 1 and (a not in self.layout or self.padded(a))
+                         or any(self.padded(v) for v in value.args if isinstance(v, relax.Var) and v in self.layout)):
+                # x / pad-junk, or pad-junk / a value per pixel that may be 0, could be inf or NaN, and 0 * NaN
+                # poisons the next conv: only where neither has pad lanes (a LayerNorm's)
+                return False
         return True
 
     def padded(self, x) -> bool:
