@@ -5,6 +5,7 @@ the TFLite converter (random weights: the graphs are what matters), each compile
                                                        # shrinkc's extras: use a separate venv)
     python tools/real_exports.py export --out DIR --only keras-sparse     # tensorflow-cpu only
     python tools/real_exports.py prune DIR            # shrinkc's venv: torch_*_pruned85.onnx from DIR's exports
+    python tools/real_exports.py prune DIR --names convnext_tiny conv_vit   # ... of other exports
     python tools/real_exports.py quantize DIR         # shrinkc's venv: torch_*_qdq.onnx from DIR's exports
     python tools/real_exports.py check DIR            # shrinkc's venv: compile --verify each model
     python tools/real_exports.py check DIR --time 10  # ... and time each library against the exporter's runtime
@@ -382,6 +383,8 @@ PRUNED = ["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0"]
 
 
 def prune(folder: str, zeros: float = 0.85, names: list[str] = PRUNED) -> None:
+    """torch_NAME_pruned85.onnx: DIR's torch_NAME.onnx with the smallest 85% of every 1x1 conv's, Gemm's and
+    constant 2-D MatMul operand's weights zero (magnitude pruning, stored dense)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -389,11 +392,11 @@ def prune(folder: str, zeros: float = 0.85, names: list[str] = PRUNED) -> None:
         model = onnx.load(os.path.join(folder, f"torch_{name}.onnx"))
         inits = {i.name: i for i in model.graph.initializer}
         for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm") or node.input[1] not in inits:
+            if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[1] not in inits:
                 continue
             w = numpy_helper.to_array(inits[node.input[1]]).copy()
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if node.op_type == "Conv" and (w.shape[2:] != (1, 1) or group != 1):
+            if (w.shape[2:] != (1, 1) or group != 1) if node.op_type == "Conv" else w.ndim != 2:
                 continue
             flat = w.reshape(-1)
             flat[np.argsort(np.abs(flat), kind="stable")[:round(zeros * flat.size)]] = 0
@@ -518,7 +521,9 @@ def main() -> None:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--only", choices=list(GROUPS), help="one group of models")
-    sub.add_parser("prune").add_argument("folder")
+    pr = sub.add_parser("prune")
+    pr.add_argument("folder")
+    pr.add_argument("--names", nargs="+", default=PRUNED, help="the torch_NAME.onnx models to prune")
     sub.add_parser("quantize").add_argument("folder")
     c = sub.add_parser("check")
     c.add_argument("folder")
@@ -529,7 +534,7 @@ def main() -> None:
     if args.cmd == "export":
         export(args.out, args.only)
     elif args.cmd == "prune":
-        prune(args.folder)
+        prune(args.folder, names=args.names)
     elif args.cmd == "quantize":
         quantize(args.folder)
     else:
