@@ -67,20 +67,22 @@ def test_real_export_matches_onnxruntime_slow(name):
 
 
 def test_prune_zeros_the_smallest_1x1_and_classifier_weights(tmp_path):
-    """tools/real_exports.py prune: exactly round(85%) of each 1x1 conv's and the classifier's weights, the
-    smallest in magnitude, become zero; kxk and depthwise convs are left as they were."""
+    """tools/real_exports.py prune: exactly round(85%) of each 1x1 conv's, the classifier's and a constant 2-D
+    MatMul operand's weights, the smallest in magnitude, become zero; kxk and depthwise convs are left as they
+    were."""
     import sys
     from onnx import helper
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import real_exports
     rng = np.random.default_rng(0)
     ws = {"stem": rng.standard_normal((8, 3, 3, 3)), "dw": rng.standard_normal((8, 1, 3, 3)),
-          "pw": rng.standard_normal((16, 8, 1, 1)), "fc": rng.standard_normal((10, 16))}
+          "pw": rng.standard_normal((16, 8, 1, 1)), "fc": rng.standard_normal((10, 16)),
+          "mm": rng.standard_normal((10, 6))}
     nodes = [helper.make_node("Conv", ["x", "stem"], ["a"], pads=[1] * 4),
              helper.make_node("Conv", ["a", "dw"], ["b"], pads=[1] * 4, group=8),
              helper.make_node("Conv", ["b", "pw"], ["c"]),
              helper.make_node("GlobalAveragePool", ["c"], ["d"]), helper.make_node("Flatten", ["d"], ["e"]),
-             helper.make_node("Gemm", ["e", "fc"], ["y"], transB=1)]
+             helper.make_node("Gemm", ["e", "fc"], ["f"], transB=1), helper.make_node("MatMul", ["f", "mm"], ["y"])]
     graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", 1, None)],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in ws.items()])
@@ -89,7 +91,7 @@ def test_prune_zeros_the_smallest_1x1_and_classifier_weights(tmp_path):
     out = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "torch_toy_pruned85.onnx").graph.initializer}
     for k in ("stem", "dw"):
         np.testing.assert_array_equal(out[k], ws[k].astype(np.float32))
-    for k in ("pw", "fc"):
+    for k in ("pw", "fc", "mm"):
         w, zero = ws[k].astype(np.float32), out[k] == 0
         assert zero.sum() == round(0.85 * w.size)
         assert np.abs(w[zero]).max() <= np.abs(w[~zero]).min()          # the smallest ones
