@@ -19,7 +19,8 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, rewrite_main, rewriter, static_shape
+from passes.rewriting import BindingRewriter, const, const_np, is_const, op_name, resize2d_like, rewrite_main, \
+    rewriter, static_shape
 
 NAME = "ConvertToBlockedLayout"
 
@@ -244,11 +245,7 @@ class _Blocker(BindingRewriter):
             # per pixel the same weights for every channel: blocked, it reads and writes whole channel vectors.
             # NOTE: a model's output stays NCHW (its input is converted, the smaller tensor when upsampling)
             b, channels = self.layout[args[0]]
-            a = value.attrs
-            call = relax.op.image.resize2d(args[0], args[1], tuple(float(r) for r in a.roi), f"NCHW{b}c", a.method,
-                                           a.coordinate_transformation_mode, a.rounding_method, a.cubic_alpha,
-                                           a.cubic_exclude, a.extrapolation_value, a.out_dtype)
-            return self.finish(var, call, b, channels)
+            return self.finish(var, resize2d_like(value, args[0], args[1], layout=f"NCHW{b}c"), b, channels)
         if blocked and name == "relax.nn.pad" and channel_pad(value) is not None:
             return self.finish(var, *self.pad_channels(args[0], channel_pad(value)))
         if blocked and name in REDUCE and len(tensors) == 1 and self.spatial_keepdims(var, value):

@@ -42,6 +42,17 @@ def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape.values]
 
 
+def resize2d_like(call: relax.Call, data, size=None, **changes) -> relax.Expr:
+    """A relax.image.resize2d with `call`'s attributes, on `data`, to `size` (call's own when None), with the
+    attributes named in `changes` (layout, rounding_method, ...) replaced."""
+    a = call.attrs
+    attrs = dict(roi=tuple(float(r) for r in a.roi), layout=str(a.layout), method=str(a.method),
+                 coordinate_transformation_mode=str(a.coordinate_transformation_mode),
+                 rounding_method=str(a.rounding_method), cubic_alpha=a.cubic_alpha, cubic_exclude=a.cubic_exclude,
+                 extrapolation_value=a.extrapolation_value, out_dtype=a.out_dtype)
+    return relax.op.image.resize2d(data, call.args[1] if size is None else size, **{**attrs, **changes})
+
+
 def per_channel_factors(product) -> list[tuple]:
     """The (x, gate) readings, either order, of a relax.multiply whose gate is a per-channel vector of x (a
     squeeze-and-excitation product): the gate's shape is x's with batch, H and W at 1, in NCHW or NCHW{b}c."""

@@ -1,8 +1,9 @@
 """SliceOnePixelResizes: an align_corners resize to one pixel along H or W takes that axis' first pixel.
 
 align_corners maps output index x to input coordinate x * (in - 1) / (out - 1), which has no value for out == 1;
-ONNX Runtime reads the first pixel (tests/test_resize.py). TVM's topi divides by out - 1 anyway, and since that is a constant zero the division fails while the op is legalized
-(already in phase 1's FoldConstant): the model did not compile (an internal-error line). Rewritten with ordinary
+ONNX Runtime reads the first pixel (tests/test_resize.py). TVM's topi divides by out - 1 anyway, and since that is
+a constant zero the division fails while the op is legalized (already in phase 1's FoldConstant): the model did
+not compile (an internal-error line). Rewritten with ordinary
 ops, exact for every method (nearest, linear, cubic all return the pixel at an integer coordinate):
 
     resize(x -> [1, 1])   =>  x[.., 0:1, 0:1]
@@ -19,7 +20,7 @@ import tvm
 from tvm import relax
 
 from passes import changelog
-from passes.rewriting import BindingRewriter, op_name, rewrite_main, rewriter, static_shape
+from passes.rewriting import BindingRewriter, op_name, resize2d_like, rewrite_main, rewriter, static_shape
 
 NAME = "SliceOnePixelResizes"
 
@@ -53,10 +54,7 @@ class _Rewrite(BindingRewriter):
         one = ones[0]
         pair = relax.op.concat([x, x], axis=one)
         size = [2 if axis == one else out[axis] for axis in (h, w)]
-        resized = relax.op.image.resize2d(pair, size, tuple(float(r) for r in a.roi), layout, a.method,
-                                          a.coordinate_transformation_mode, a.rounding_method, a.cubic_alpha,
-                                          a.cubic_exclude, a.extrapolation_value, a.out_dtype)
-        return first(resized, one)
+        return first(resize2d_like(value, pair, size), one)
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name=NAME)

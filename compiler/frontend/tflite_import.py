@@ -22,6 +22,7 @@ from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 from compiler.errors import ShrinkcError
 from compiler.frontend.dequantize import dequantize
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
+from passes.rewriting import resize2d_like
 
 HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
 _DTYPES = {TensorType.FLOAT32: "float32", TensorType.FLOAT16: "float16", TensorType.INT8: "int8",
@@ -451,9 +452,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
         out = super().convert_resize_nearest_neighbor(op)
         a = out.attrs
         if str(a.coordinate_transformation_mode) == "align_corners" and str(a.rounding_method) == "":
-            out = relax.op.image.resize2d(out.args[0], out.args[1], tuple(float(r) for r in a.roi), str(a.layout),
-                                          str(a.method), "align_corners", "round_prefer_ceil", a.cubic_alpha,
-                                          a.cubic_exclude, a.extrapolation_value, a.out_dtype)
+            out = resize2d_like(out, out.args[0], rounding_method="round_prefer_ceil")
         return out
 
     def convert_densify(self, op):
