@@ -86,13 +86,20 @@ def _export_torch(out: str, names: list[str] = TORCHVISION, dynamo: bool = True)
 
 
 def _torchvision_model(name: str):
-    import torch
     import torchvision
-    m = getattr(torchvision.models, name)(weights=None).eval()
-    for mod in m.modules():   # BN statistics that are not the identity, so folding is exercised
+    return _random_statistics(getattr(torchvision.models, name)(weights=None).eval())
+
+
+def _random_statistics(m):
+    """m with BN statistics that are not the identity, so folding is exercised, and PReLU slopes in [0.05, 0.4]
+    (drawn in module order)."""
+    import torch
+    for mod in m.modules():
         if isinstance(mod, torch.nn.BatchNorm2d):
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
+        if isinstance(mod, torch.nn.PReLU):
+            mod.weight.data.uniform_(0.05, 0.4)
     return m
 
 
@@ -148,11 +155,7 @@ def _export_torch_unet(out: str) -> None:
                 x = dec(torch.cat([up(x), skips.pop()], 1))
             return self.head(x)
     torch.manual_seed(0)
-    m = UNet().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
+    m = _random_statistics(UNet().eval())
     torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/torch_unet_mobilenet_v2.onnx", opset_version=13,
                       dynamo=False, input_names=["input"], output_names=["mask"])
 
@@ -213,11 +216,7 @@ def _export_torch_yolo(out: str) -> None:
             n5 = self.bottom_up[1](torch.cat([self.down[1](n4), x], 1))
             return torch.cat([h(t).flatten(2) for h, t in zip(self.heads, (p3, n4, n5))], 2)
     torch.manual_seed(0)
-    m = Detector().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
+    m = _random_statistics(Detector().eval())
     torch.onnx.export(m, torch.randn(1, 3, 320, 320), f"{out}/torch_yolo_c2f.onnx", opset_version=13, dynamo=False,
                       input_names=["images"], output_names=["boxes_and_scores"])
 
@@ -243,12 +242,7 @@ def _export_torch_face(out: str) -> None:
                       cbp(128, 128, 2, g=128), cbp(128, 128, k=1), Bottleneck(128), Bottleneck(128),
                       cbp(128, 256, 2, k=1), Bottleneck(256), cbp(256, 512, k=1),
                       nn.Conv2d(512, 512, 7, groups=512, bias=False), nn.Flatten(), nn.Linear(512, 128)).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-        if isinstance(mod, nn.PReLU):
-            mod.weight.data.uniform_(0.05, 0.4)
+    _random_statistics(m)
     torch.onnx.export(m, torch.randn(1, 3, 112, 112), f"{out}/torch_mobilefacenet_prelu.onnx", opset_version=13,
                       dynamo=False, input_names=["input"], output_names=["embedding"])
 
