@@ -69,6 +69,12 @@ def test_resize_antialias():
     assert_matches_ort(model([1, 1, 2, 1.5]), tol=1e-5)
     with pytest.raises(ShrinkcError, match="antialias=1 that shrinks"):
         compiler.compile_model(model([1, 1, 0.5, 1]))
+    # sizes for axes given W first: W 10 -> 9 shrinks (read against the axes, not the input's last dimensions)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Resize", ["a", "", "", "sizes"], ["y"], mode="linear", antialias=1, axes=[3, 2])]
+    sizes = numpy_helper.from_array(np.array([9, 20], np.int64), "sizes")
+    with pytest.raises(ShrinkcError, match="antialias=1 that shrinks"):
+        compiler.compile_model(onnx_model(nodes, [1, 3, 8, 10], [w1, sizes], opset=18))
 
 
 def test_unsupported_upsample_is_one_clear_error():

@@ -132,10 +132,6 @@ class _Resize(_tvm_onnx.Resize):
 
     @classmethod
     def _impl_v18(cls, bb, inputs, attr, params):
-        if int(attr.get("antialias", 0)) and _resize_shrinks(inputs, params):
-            raise ShrinkcError("Resize with antialias=1 that shrinks an axis is not supported (TVM's resize would "
-                               "ignore the filter and give other numbers)",
-                               "export the resize without antialiasing, or resize before the model")
         policy = attr.get("keep_aspect_ratio_policy", b"stretch").decode("ascii")
         if policy != "stretch":
             raise ShrinkcError(f"Resize keep_aspect_ratio_policy '{policy}' is not supported",
@@ -150,6 +146,10 @@ class _Resize(_tvm_onnx.Resize):
                     for a, v in zip(axes, _constant_values(inputs[k], params, "Resize scales or sizes")):
                         full[a] = v
                     inputs[k] = relax.const(np.array(full, np.float32 if k == 2 else np.int64))
+        if int(attr.get("antialias", 0)) and _resize_shrinks(inputs, params):
+            raise ShrinkcError("Resize with antialias=1 that shrinks an axis is not supported (TVM's resize would "
+                               "ignore the filter and give other numbers)",
+                               "export the resize without antialiasing, or resize before the model")
         return super()._impl_v18(bb, inputs, attr, params)
 
 
