@@ -271,3 +271,39 @@ def test_segmentation_head_ops_match_litert(tmp_path):
     path = tmp_path / "head.tflite"
     path.write_bytes(b.finish())
     assert_matches_ort(str(path), tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,kernel,stride,padding,act", [
+    ("uint8", 2, 2, "VALID", 0), ("uint8", 3, 1, "SAME", 3), ("int8", 4, 4, "VALID", 0), ("int8", 3, 2, "SAME", 1),
+], ids=["u8_2x2", "u8_3x3_same_relu6", "i8_4x4", "i8_3x3_same_relu"])
+def test_quantized_average_pool_rounds_as_litert(tmp_path, dtype, kernel, stride, padding, act):
+    """A quantized AVERAGE_POOL_2D (MobileNetV1 quant's global pool, a detector's pooled skip) equals LiteRT's
+    exactly: TFLite rounds each average to the nearest step; TVM's converter truncated it in int32, so about half the
+    pooled values were one step off (before, this test failed on every case)."""
+    from zoo.tflite_writer import _PADS, _Op, _Operator, _Opt
+    b = TfliteBuilder()
+    zero = 3 if dtype == "uint8" else -5
+
+    def tensor(name, shape):
+        t = b._tensor(name, shape, dtype)
+        b.tensors[t].quant = {"scale": np.array([0.05], np.float32), "zero": np.array([zero]), "axis": 0}
+        return t
+
+    x = tensor("input", [1, 13, 12, 16])
+    b.inputs.append(x)
+    size = [(n - kernel) // stride + 1 if padding == "VALID" else -(-n // stride) for n in (13, 12)]
+    y = b.output(tensor("pool", [1, *size, 16]))
+    b.ops.append(_Operator(_Op.AVERAGE_POOL_2D, [x], [y], _Opt.Pool2DOptions, dict(
+        Padding=_PADS[padding], StrideW=stride, StrideH=stride, FilterWidth=kernel, FilterHeight=kernel,
+        FusedActivationFunction=act)))
+    path = tmp_path / "pool.tflite"
+    path.write_bytes(b.finish())
+    info = np.iinfo(dtype)
+    xv = np.random.default_rng(kernel).integers(info.min, info.max + 1, (1, 13, 12, 16)).astype(dtype)
+    import compiler
+    got = compiler.compile_model(str(path)).run({"input": xv})[0]
+    interp = Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], xv)
+    interp.invoke()
+    np.testing.assert_array_equal(got, interp.get_tensor(interp.get_output_details()[0]["index"]))

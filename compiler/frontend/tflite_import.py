@@ -455,6 +455,13 @@ class _Converter(_tvm_tflite.OperatorConverter):
             out = resize2d_like(out, out.args[0], rounding_method="round_prefer_ceil")
         return out
 
+    def convert_pool2d(self, op, pool_type):
+        """TFLite averages quantized values to the nearest step, halves away from zero ((sum + n / 2) / n); TVM's
+        converter pools them in int32, whose division truncates: about half of the pooled values came out one step
+        too low (too high below zero). Averaged in float32 here and rounded as TFLite does."""
+        out = super().convert_pool2d(op, pool_type)
+        return _rounded_quantized_pool(out) if pool_type == "average" else out
+
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
         self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
@@ -467,6 +474,24 @@ class _Converter(_tvm_tflite.OperatorConverter):
             return relax.op.astype(self.get_expr(src.tensor_idx), "float32")
         self.set_prefetched_node(out.tensor_idx, np.asarray(self.get_tensor_value(src), np.float32))
         return None
+
+
+def _rounded_quantized_pool(expr):
+    """astype(avg_pool2d(astype(q, int32)), dt) (under the clip of a fused activation) with the average taken in
+    float32 and rounded half away from zero before the cast back; anything else as it is."""
+    if not isinstance(expr, relax.Call):
+        return expr
+    if expr.op.name == "relax.clip":
+        return relax.Call(expr.op, [_rounded_quantized_pool(expr.args[0]), *expr.args[1:]], expr.attrs)
+    pool = expr.args[0] if expr.op.name == "relax.astype" else None
+    if not (isinstance(pool, relax.Call) and pool.op.name == "relax.nn.avg_pool2d"
+            and isinstance(pool.args[0], relax.Call) and pool.args[0].op.name == "relax.astype"
+            and str(pool.args[0].attrs.dtype) == "int32"):
+        return expr
+    mean = relax.Call(pool.op, [relax.op.astype(pool.args[0].args[0], "float32")], pool.attrs)
+    half = relax.const(0.5, "float32")
+    rounded = relax.op.multiply(relax.op.sign(mean), relax.op.floor(relax.op.add(relax.op.abs(mean), half)))
+    return relax.op.astype(rounded, str(expr.attrs.dtype))
 
 
 def _sanitize(name: str) -> str:
