@@ -57,6 +57,43 @@ def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return q.astype(np.int8), step
 
 
+def offset_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(q int8 [O, I], step float64 [O], offset float64 [O], used bool [I]) with w == q * step[:, None] + offset[:, None]
+    on the used columns (those non-zero in some row; q is 0 on the others), or None if some row is on no such grid.
+    Asymmetric uint8 weights (TFLite's TF1 quantization, ONNX Runtime's QUInt8) are s * (Q - zero point): each row
+    spans at most 255 steps, but not around 0, so integer_grid finds no int8 grid for the rows that reach past 127
+    steps on one side; shifted by the row's own offset they fit [-128, 127]."""
+    w = w.astype(np.float64)
+    used = np.any(w != 0, axis=0)
+    wu = w[:, used]
+    if wu.size == 0:
+        return None
+    vmin, span = wu.min(axis=1), wu.max(axis=1) - wu.min(axis=1)
+    step = np.zeros(len(w))
+    todo = span > 0
+    for m in range(2 * WEIGHT_MAX + 1, 0, -1):
+        if not todo.any():
+            break
+        rows = np.flatnonzero(todo)
+        r = (wu[rows] - vmin[rows, None]) * (m / span[rows, None])
+        fit = np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE
+        step[rows[fit]] = span[rows[fit]] / m
+        todo[rows[fit]] = False
+    if todo.any():
+        return None
+    q = np.zeros(w.shape)
+    q[:, used] = np.rint(np.divide(wu - vmin[:, None], step[:, None], out=np.zeros_like(wu),
+                                   where=step[:, None] > 0)) - (WEIGHT_MAX + 1)
+    q[:, ~used] = 0
+    q[step == 0] = 0
+    return q.astype(np.int8), step, vmin + (WEIGHT_MAX + 1) * step, used
+
+
+def weight_grid(w: np.ndarray):
+    """integer_grid's (q, step), else offset_grid's (q, step, offset, used), else None."""
+    return integer_grid(w) or offset_grid(w)
+
+
 def _lanes_const(v: np.ndarray, dtype: str) -> relax.Expr:
     """A per-output-channel vector of a blocked conv's padded channels as [1, O/16, 1, 1, 16]."""
     return const(np.ascontiguousarray(v.astype(dtype).reshape(1, -1, 1, 1, LANES)))
@@ -69,6 +106,7 @@ class _Int8(BindingRewriter):
     def __init__(self, mod, func):
         super().__init__(mod, func)
         self.u8: dict = {}      # (A, lo) -> its uint8 copy
+        self.sums: dict = {}    # (uint8 copy, used channels, strides) -> its pixel_sums
 
     def whole_steps(self, x):
         """(A, s2, lo, z) when x = (A - z) * s2, A a whole number in [lo, lo + 255], else None. Static steps:
@@ -151,33 +189,58 @@ class _Int8(BindingRewriter):
             changelog.skip(NAME, var.name, "kept float: int8 convs are 1x1, ungrouped, unpadded so far")
             return None
         ob, _, _, cin, _ = wv.shape
-        grid = integer_grid(wv[:, 0, 0].transpose(0, 2, 1).reshape(ob * LANES, cin))
+        grid = weight_grid(wv[:, 0, 0].transpose(0, 2, 1).reshape(ob * LANES, cin))
         if grid is None:
             changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
             return None
-        changelog.record(NAME, "int8", var.name)
+        changelog.record(NAME, "int8" if len(grid) == 2 else "int8_offset", var.name)
         return self.int8_conv(grid, *step, a.strides)
 
     def int8_conv(self, grid, a, s2: float, lo: int, z, strides):
         """The float result of a 1x1 conv of (A - z) * s2 (A blocked NCHW16c, or a classifier's [1, K] or [1, K, 1, 1]
         read as [1, K/16, 1, 1, 16]) with the weights grid (q [O, I], step): conv_int32(uint8(A - lo), q),
-        + lo * sum q, as float, * s2 * step, - z * s2 * step * sum q."""
+        + lo * sum q, as float, * s2 * step, - z * s2 * sum w.
+        An offset grid (q, step, offset, used: w = q * step + offset on the used input channels) adds
+        s2 * offset * S, S = sum of A over the used channels at each output pixel (one int32 sum per pixel, shared
+        by every output channel)."""
         u = self.uint8(a, lo)
         if len(shape_of(u)) != 5:       # a classifier's [1, K] (or its [1, K, 1, 1] before a flatten)
             u = self.emit(relax.op.reshape(u, [1, int(np.prod(shape_of(u))) // LANES, 1, 1, LANES]))
-        q, wstep = grid
+        q, wstep = grid[:2]
         cout, cin = q.shape
         sum_q = q.astype(np.int64).sum(axis=1)
+        sum_w = wstep * sum_q
         qk = np.ascontiguousarray(q.reshape(cout // LANES, LANES, cin).transpose(0, 2, 1)[:, None, None])
         acc = self.emit(relax.op.nn.conv2d(u, const(qk), strides=strides, data_layout=f"NCHW{LANES}c",
                                            kernel_layout=f"OHWI{LANES}o", out_layout=f"NCHW{LANES}c",
                                            out_dtype="int32"), "conv_int8")
         acc = self.emit(relax.op.add(acc, _lanes_const(lo * sum_q, "int32")))
         y = relax.op.multiply(self.emit(relax.op.astype(acc, "float32")), _lanes_const(s2 * wstep, "float32"))
+        if len(grid) == 4:
+            offset, used = grid[2:]
+            sum_w = sum_w + offset * int(used.sum())
+            y = relax.op.add(self.emit(y), self.emit(relax.op.multiply(
+                self.emit(relax.op.astype(self.pixel_sums(u, lo, used, strides), "float32")),
+                _lanes_const(s2 * offset, "float32"))))
         if z is None:
             return y
-        sums = _lanes_const(-s2 * wstep * sum_q, "float32")
+        sums = _lanes_const(-s2 * sum_w, "float32")
         return relax.op.add(self.emit(y), self.emit(relax.op.multiply(z, sums)))
+
+    def pixel_sums(self, u, lo: int, used: np.ndarray, strides):
+        """[1, 1, H', W', 1] int32: sum over the used channels of uint8(A - lo) + lo, at the conv's output pixels."""
+        key = (u, used.tobytes(), tuple(int(v) for v in strides))
+        if key not in self.sums:
+            x = self.emit(relax.op.astype(u, "int32"))
+            if not used.all():      # NOTE: pad lanes of u hold junk (the clip keeps it in uint8): masked out
+                x = self.emit(relax.op.multiply(x, _lanes_const(used, "int32")))
+            s = self.emit(relax.op.sum(x, axis=[1, 4], keepdims=True))
+            if any(int(v) != 1 for v in strides):
+                shape = shape_of(s)
+                s = self.emit(relax.op.strided_slice(s, axes=[2, 3], begin=[0, 0], end=shape[2:4],
+                                                     strides=[int(v) for v in strides]))
+            self.sums[key] = self.emit(relax.op.add(s, relax.const(lo * int(used.sum()), "int32")), "pixel_sums")
+        return self.sums[key]
 
     def matmul(self, var, value):
         # matmul(multiply(A, s2), W [K, N])  =>  the same 1x1 int8 conv on one pixel: [1, K] as [1, K/16, 1, 1, 16]
@@ -193,7 +256,7 @@ class _Int8(BindingRewriter):
         if step is None or k % LANES:
             return None
         npad = -(-n // LANES) * LANES
-        grid = integer_grid(np.pad(wv.T, ((0, npad - n), (0, 0))))
+        grid = weight_grid(np.pad(wv.T, ((0, npad - n), (0, 0))))
         if grid is None:
             changelog.skip(NAME, var.name, "kept float: its weights are not an integer grid times a channel step")
             return None

@@ -12,7 +12,7 @@ import compiler
 import targets
 import zoo
 from passes import changelog
-from passes.compute_quantized_convs_in_int8 import ComputeQuantizedConvsInInt8, integer_grid
+from passes.compute_quantized_convs_in_int8 import ComputeQuantizedConvsInInt8, integer_grid, offset_grid
 from passes.convert_to_blocked_layout import pack_kernel
 
 HOST = targets.resolve(None)
@@ -39,6 +39,31 @@ def test_integer_grid_recovers_folded_int8_weights():
     w[7, 3] += 0.37 * step[7]                # one weight off the grid: not an int8 conv
     assert integer_grid(w) is None
     assert integer_grid(rng.standard_normal((4, 8)).astype(np.float32)) is None
+
+
+def uint8_weights(rng, cout: int, cin: int, zero: int) -> np.ndarray:
+    """[cout, cin] float weights s * (Q - zero), Q uint8, one scale for the tensor (TF1 / QUInt8 quantization); the
+    first row reaches Q = 255 and 0, so with zero = 100 it spans -100 .. 155 steps: on no int8 grid around 0."""
+    q = rng.integers(0, 256, (cout, cin))
+    q[0, :2] = [0, 255]
+    return ((q - zero) * np.float32(0.0123)).astype(np.float32)
+
+
+def test_offset_grid_recovers_uint8_weights():
+    """Asymmetric uint8 weights: integer_grid finds no grid, offset_grid gives int8 q, a step and an offset per row
+    with w == q * step + offset on the used columns; an all-zero column (a pad channel) stays out, q 0 there; a
+    weight off the grid: None."""
+    rng = np.random.default_rng(3)
+    w = uint8_weights(rng, 20, 40, 100)
+    w[4] = w[4, 0]                             # a constant row: step 0
+    w[:, 7] = 0                                # an unused input channel
+    assert integer_grid(w) is None
+    q, step, offset, used = offset_grid(w)
+    assert q.dtype == np.int8 and not used[7] and used.sum() == 39 and not q[:, 7].any() and step[4] == 0
+    np.testing.assert_allclose(q[:, used] * step[:, None] + offset[:, None], w[:, used], rtol=1e-5, atol=1e-7)
+    assert np.isclose(step[0], 0.0123, rtol=1e-5)     # the first row spans all 255 steps
+    w[2, 3] += 0.37 * 0.0123
+    assert offset_grid(w) is None
 
 
 def blocked_module(w: np.ndarray, h: int = 6, width: int = 5, lo: float = -128.0, hi: float = 127.0,
@@ -94,6 +119,29 @@ def test_int8_conv_equals_float_conv(cin, cout, h, w, lo, hi, stride, tflite_sca
     assert book.summary()["ComputeQuantizedConvsInInt8"]["counts"]["int8"] == 1
     x = rng.uniform(lo - 20, hi + 20, [int(d) for d in mod["main"].params[0].ty.shape.values]).astype(np.float32)
     x.reshape(-1)[:4] = [lo, hi, lo - 50, hi + 50]
+    want, got = compile_run(mod, x), compile_run(after, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_vnni
+@pytest.mark.parametrize("cin,cout,h,w,lo,hi,stride", [
+    (32, 16, 5, 4, 0, 255, 1),
+    (24, 40, 7, 7, -128, 127, 1),     # pad lanes in (their junk must stay out of the pixel sums) and out
+    (48, 32, 9, 9, -3, 127, 2),       # strided: the pixel sums at the conv's output pixels
+], ids=["uint8", "pad", "stride2"])
+def test_int8_conv_with_uint8_weights_equals_float_conv(cin, cout, h, w, lo, hi, stride):
+    """Asymmetric uint8 weights (before, such convs stayed float): the conv sums in int32 on the offset grid and adds
+    offset x the per-pixel sum of its input; the float conv's outputs."""
+    rng = np.random.default_rng(cin * cout)
+    wts = uint8_weights(rng, cout, cin, 100)
+    mod = blocked_module(wts, h, w, lo, hi, stride)
+    with changelog.collecting() as book:
+        after = ComputeQuantizedConvsInInt8()(mod)
+    (conv,) = conv_calls(after)
+    assert conv.args[0].ty.dtype == "uint8" and conv.ty.dtype == "int32"
+    assert book.summary()["ComputeQuantizedConvsInInt8"]["counts"]["int8_offset"] == 1
+    x = rng.uniform(lo - 20, hi + 20, [int(d) for d in mod["main"].params[0].ty.shape.values]).astype(np.float32)
+    x[:, -1] = 1000.0                   # pad lanes of the last block: junk far outside the step's range
     want, got = compile_run(mod, x), compile_run(after, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -198,6 +246,21 @@ def test_dynamically_quantized_model_int8(tmp_path):
     cm = compiler.compile_model(str(dyn), sparse="off")
     counts = cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"]
     assert counts["int8"] == 34 and counts["int8_matmul"] == 1
+    assert all(r.ok for r in cm.verify())
+
+
+@needs_vnni
+def test_tf1_uint8_tflite_int8_against_litert(tmp_path):
+    """A MobileNetV1 quantized as TF1 wrote it (uint8 everything, asymmetric per-tensor weights): its pointwise convs
+    sum in int32 on the offset grid (before, every one stayed float) and it verifies against LiteRT. (The classifier
+    reads the average pool, no quantize step: it stays float.)"""
+    from zoo.tflite_writer import uint8_mobilenet_v1_tflite
+    path = tmp_path / "tf1_uint8.tflite"
+    path.write_bytes(uint8_mobilenet_v1_tflite(0.5, 64, num_classes=10, num_layers=3, softmax=False))
+    cm = compiler.compile_model(str(path))
+    counts = cm.report["passes"]["ComputeQuantizedConvsInInt8"]["counts"]
+    assert counts.get("int8_offset", 0) + counts.get("int8", 0) == 3 and counts.get("int8_offset", 0) >= 2
+    assert cm.info.inputs[0].dtype == "uint8"
     assert all(r.ok for r in cm.verify())
 
 

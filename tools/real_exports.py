@@ -17,7 +17,8 @@ weights zeroed (unstructured), converted with the converter's own sparse encodin
 dynamic-range (`_dr`: tf.lite.Optimize.DEFAULT alone, int8 weights, float activations) and integer (`_int8`:
 with a representative dataset of random images, int8 weights and activations, float input and output).
 `quantize`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 exports through ONNX Runtime's static
-quantization (QDQ, int8 per-channel weights, int8 activations calibrated on random images).
+quantization (QDQ, int8 per-channel weights, int8 activations calibrated on random images; `_u8w`: uint8 weights with
+one zero point per tensor: weight_type QUInt8, per_channel False).
 `torch-seg`: torchvision's segmentation models on MobileNetV3-Large (LR-ASPP, DeepLabV3: dilated convs, bilinear
 Resize to the input size, 21 classes), their `out` map as the output.
 `torch-unet`: a U-Net-style segmentation network (random weights) whose decoder upsamples with ConvTranspose2d
@@ -32,6 +33,8 @@ on channel-last tensors).
 PReLU after every conv but the projections, a 7x7 global depthwise conv and a 128-wide embedding.
 `torch-vit`: a small hybrid of a conv stem and two transformer blocks (random weights, 224x224 -> 784 tokens of 96:
 LayerNorm, 4-head attention through torch's MultiheadAttention, a SiLU MLP), as mobile ViT hybrids are built.
+`tf1-uint8`: a MobileNetV1 quantized as TF1 wrote it (zoo.tflite_writer.uint8_mobilenet_v1_tflite), with and
+without its uint8 softmax.
 `torch-fp16`: torchvision MobileNetV2 / EfficientNet-B0 exported in half precision (`.half()`: float16 weights,
 input and output), as exported for GPUs or to halve a file.
 `prune`: the torch.onnx MobileNetV2 / V3-Large / EfficientNet-B0 / MnasNet exports with the 85% smallest
@@ -406,12 +409,15 @@ def quantize(folder: str, names: list[str] = QDQ) -> None:
     weights, int8 activations calibrated on 8 random images); torch_NAME_dyn.onnx: its dynamic quantization
     (quantize_dynamic's defaults: int8 weights, uint8 activations quantized at run time, ConvInteger);
     torch_NAME_qop.onnx: static quantization in the QOperator format (QLinearConv, com.microsoft QLinear* ops;
-    uint8 activations, int8 per-channel weights, 8 random images), skipped where ONNX Runtime's quantizer fails."""
+    uint8 activations, int8 per-channel weights, 8 random images), skipped where ONNX Runtime's quantizer fails;
+    torch_NAME_u8w.onnx: QDQ with uint8 activations and asymmetric uint8 weights, one scale per tensor (QUInt8,
+    per_channel False), 8 random images."""
     import numpy as np
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
     sys.path.insert(0, ROOT)
     from zoo.quantize_qdq import quantize_qdq
-    rng, qop_rng = np.random.default_rng(0), np.random.default_rng(1)    # the QDQ files as before the _qop ones
+    # the QDQ files as before the _qop ones, and those as before the _u8w ones
+    rng, qop_rng, u8w_rng = np.random.default_rng(0), np.random.default_rng(1), np.random.default_rng(2)
     for name in names:
         src = os.path.join(folder, f"torch_{name}.onnx")
         quantize_qdq(src, os.path.join(folder, f"torch_{name}_qdq.onnx"), (1, 3, 224, 224), 8, rng)
@@ -421,6 +427,8 @@ def quantize(folder: str, names: list[str] = QDQ) -> None:
                          quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8)
         except Exception as err:      # ONNX Runtime's own quantizer (EfficientNet-B0: a missing initializer)
             print(f"torch_{name}_qop.onnx: skipped, ONNX Runtime's quantizer failed: {type(err).__name__}: {err}")
+        quantize_qdq(src, os.path.join(folder, f"torch_{name}_u8w.onnx"), (1, 3, 224, 224), 8, u8w_rng,
+                     activation_type=QuantType.QUInt8, uint8_weights=True)
 
 
 def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:
@@ -493,6 +501,18 @@ def check(folder: str, out_md: str, rounds: int = 0) -> int:
 
 
 # export groups (`export --only GROUP`), written in this order by a plain `export`
+def _export_tf1_uint8(out: str) -> None:
+    """MobileNetV1 1.0 224 as TF1's quantization-aware training wrote it (uint8 everything, asymmetric per-tensor
+    weights; zoo.tflite_writer, random weights), with its uint8 softmax and without it (logits as the output)."""
+    sys.path.insert(0, ROOT)
+    from zoo.tflite_writer import uint8_mobilenet_v1_tflite
+    for suffix, softmax in (("", True), ("_logits", False)):
+        path = os.path.join(out, f"tf1_mobilenet_v1_uint8{suffix}.tflite")
+        with open(path, "wb") as f:
+            f.write(uint8_mobilenet_v1_tflite(softmax=softmax))
+        print(f"wrote {path}", flush=True)
+
+
 GROUPS = {
     "torch": _export_torch,
     "torch-more": lambda out: _export_torch(out, TORCHVISION_MORE, dynamo=False),
@@ -506,6 +526,7 @@ GROUPS = {
     "torch-face": _export_torch_face,
     "torch-vit": _export_torch_vit,
     "keras-quantized": _export_keras_quantized,
+    "tf1-uint8": _export_tf1_uint8,
 }
 
 

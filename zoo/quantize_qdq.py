@@ -5,10 +5,12 @@ import numpy as np
 
 
 def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.Generator,
-                 input_name: str = "input", quant_format=None, activation_type=None) -> None:
+                 input_name: str = "input", quant_format=None, activation_type=None, uint8_weights: bool = False) -> None:
     """dst: src with int8 per-channel weights and int8 activations as QuantizeLinear / DequantizeLinear pairs,
     calibrated on `images` standard-normal inputs of `shape` drawn from rng. quant_format / activation_type:
-    another of ONNX Runtime's formats (QuantFormat.QOperator: QLinearConv, ...) or activation type."""
+    another of ONNX Runtime's formats (QuantFormat.QOperator: QLinearConv, ...) or activation type.
+    uint8_weights: asymmetric uint8 weights, one scale and zero point per tensor (QuantType.QUInt8, per_channel
+    False)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
@@ -18,5 +20,6 @@ def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.G
         def get_next(self):
             return next(self.feeds, None)
 
-    quantize_static(src, dst, Images(), quant_format=quant_format or QuantFormat.QDQ, weight_type=QuantType.QInt8,
-                    activation_type=activation_type or QuantType.QInt8, per_channel=True)
+    quantize_static(src, dst, Images(), quant_format=quant_format or QuantFormat.QDQ,
+                    weight_type=QuantType.QUInt8 if uint8_weights else QuantType.QInt8,
+                    activation_type=activation_type or QuantType.QInt8, per_channel=not uint8_weights)

@@ -17,7 +17,7 @@ from zoo.mobilenet_v2 import _BLOCKS, make_divisible
 _ACTS = {"NONE": 0, "RELU": 1, "RELU6": 3}
 _PADS = {"SAME": 0, "VALID": 1}
 _TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32": TensorType.INT32,
-          "int8": TensorType.INT8}
+          "int8": TensorType.INT8, "uint8": TensorType.UINT8}
 _WEIGHTS = ("fp32", "fp16", "int8")
 _SPARSE_BLOCKS = {"csr": None, "block4x1": 4}  # block4x1: blocks of 4 output channels x 1
 _OPTION_NAMES = {v: k for k, v in vars(_Opt).items() if not k.startswith("_")}
@@ -77,7 +77,7 @@ class _Tensor:
     data: bytes | None = None
     sparsity: dict | None = None
     signature: list[int] | None = None
-    quant: dict | None = None          # int8: {"scale": per-channel scales, "axis": their axis}, zero points 0
+    quant: dict | None = None          # {"scale": per-channel scales, "axis": their axis, "zero": zero points (0)}
 
 
 @dataclass
@@ -340,7 +340,7 @@ class TfliteBuilder:
             quant = None
             if t.quant:
                 scale = b.CreateNumpyVector(np.asarray(t.quant["scale"], np.float32))
-                zero = _ints(b, np.zeros(len(t.quant["scale"])), np.int64)
+                zero = _ints(b, t.quant.get("zero", np.zeros(len(t.quant["scale"]))), np.int64)
                 quant = _table(b, "QuantizationParameters", Scale=scale, ZeroPoint=zero,
                                QuantizedDimension=t.quant["axis"])
             tensors.append(_table(b, "Tensor", Shape=_ints(b, t.shape), Type=_TYPES[t.dtype], Buffer=buf,
@@ -507,6 +507,73 @@ def mobilenet_v2_tflite(width: float = 0.35, resolution: int = 96, sparsity: flo
     w, bias = params(num_classes, 1, 1, head, True)
     x = b.fully_connected(x, w.reshape(num_classes, head), bias, sparse=fmt(num_classes), name="classifier")
     b.output(b.softmax(x, name="probs"))
+    return b.finish()
+
+
+def uint8_mobilenet_v1_tflite(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0,
+                              num_layers: int | None = None, softmax: bool = True) -> bytes:
+    """MobileNetV1 quantized as TF1's quantization-aware training wrote it (mobilenet_v1_1.0_224_quant.tflite):
+    uint8 input, activations and weights, each tensor with one scale and a zero point (weights asymmetric: their
+    own min / max over the tensor), int32 biases, ReLU6 fused (activations on [0, 6]), global average pool, a 1x1
+    conv classifier, reshape and a uint8 softmax (softmax False: the logits are the output). Random weights;
+    num_layers keeps the first depthwise-separable layers (for small tests)."""
+    b = TfliteBuilder(seed=seed)
+    rng = b.rng
+    relu6 = (6 / 255, 0)
+
+    def activation(name, shape, scale, zero):
+        t = b._tensor(name, shape, "uint8")
+        b.tensors[t].quant = {"scale": np.array([scale], np.float32), "zero": np.array([zero]), "axis": 0}
+        return t
+
+    def conv(x, x_scale, w, act_scale, name, stride=1, dw=False, act="RELU6", out=relu6, padding="SAME"):
+        n, h, wd, c = b.shape(x)
+        lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+        ws = (hi - lo) / 255
+        wz = int(round(-lo / ws))
+        wq = np.clip(np.round(w / ws) + wz, 0, 255).astype(np.uint8)
+        wt = b._tensor(f"{name}/weights_quant", w.shape, "uint8", data=wq.tobytes(),
+                       quant={"scale": np.array([ws], np.float32), "zero": np.array([wz]), "axis": 0})
+        cout = w.shape[3] if dw else w.shape[0]
+        bias = np.round(rng.standard_normal(cout) * 0.05 / (x_scale * ws)).astype(np.int32)
+        bt = b._tensor(f"{name}/bias", [cout], "int32", data=bias.tobytes(),
+                       quant={"scale": np.array([x_scale * ws], np.float32), "zero": np.zeros(1), "axis": 0})
+        y = activation(name, [n, _out_size(h, w.shape[1], stride, padding), _out_size(wd, w.shape[2], stride, padding),
+                              cout], *out)
+        code, opts = (_Op.DEPTHWISE_CONV_2D, _Opt.DepthwiseConv2DOptions) if dw else (_Op.CONV_2D, _Opt.Conv2DOptions)
+        extra = {"DepthMultiplier": 1} if dw else {}
+        b.ops.append(_Operator(code, [x, wt, bt], [y], opts, dict(
+            Padding=_PADS[padding], StrideW=stride, StrideH=stride, FusedActivationFunction=_ACTS[act],
+            DilationWFactor=1, DilationHFactor=1, **extra)))
+        return y
+
+    def he(o, kh, kw, i, fan):
+        return (rng.standard_normal((o, kh, kw, i)) * math.sqrt(2.0 / fan)).astype(np.float32)
+
+    x = activation("input", [1, resolution, resolution, 3], 1 / 128, 128)
+    b.inputs.append(x)
+    cin = int(32 * width)
+    x = conv(x, 1 / 128, he(cin, 3, 3, 3, 27), relu6, "Conv2d_0", stride=2)
+    layers = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+    for k, (c, stride) in enumerate(layers[:num_layers], 1):
+        x = conv(x, relu6[0], he(1, 3, 3, cin, 9), relu6, f"Conv2d_{k}_depthwise", stride=stride, dw=True)
+        cout = int(c * width)
+        x = conv(x, relu6[0], he(cout, 1, 1, cin, cin), relu6, f"Conv2d_{k}_pointwise")
+        cin = cout
+    n, h, w, _ = b.shape(x)
+    pool = activation("AvgPool_1a", [1, 1, 1, cin], *relu6)
+    b.ops.append(_Operator(_Op.AVERAGE_POOL_2D, [x], [pool], _Opt.Pool2DOptions, dict(
+        Padding=_PADS["VALID"], StrideW=w, StrideH=h, FilterWidth=w, FilterHeight=h, FusedActivationFunction=0)))
+    # NOTE: weights 8x He's: logits several units apart, as a trained classifier's, so the softmax is not flat
+    logits = conv(pool, relu6[0], 8 * he(num_classes, 1, 1, cin, cin), relu6, "Conv2d_1c_1x1", act="NONE",
+                  out=(0.1, 128))
+    flat = activation("Reshape", [1, num_classes], 0.1, 128)
+    b.ops.append(_Operator(_Op.RESHAPE, [logits, b.const(np.array([1, num_classes]), "shape", "int32")], [flat]))
+    if softmax:
+        probs = activation("Predictions", [1, num_classes], 1 / 256, 0)
+        b.ops.append(_Operator(_Op.SOFTMAX, [flat], [probs], _Opt.SoftmaxOptions, {"Beta": 1.0}))
+        flat = probs
+    b.output(flat)
     return b.finish()
 
 
