@@ -307,3 +307,66 @@ def test_quantized_average_pool_rounds_as_litert(tmp_path, dtype, kernel, stride
     interp.set_tensor(interp.get_input_details()[0]["index"], xv)
     interp.invoke()
     np.testing.assert_array_equal(got, interp.get_tensor(interp.get_output_details()[0]["index"]))
+
+
+def _quantized_op_model(kind: str, dtype: str) -> bytes:
+    """One quantized op on a [1, 9, 10, 16] input (scale 0.05, zero point 120 on uint8's scale), its output quantized
+    as TFLite requires for the op (the input's scale and zero point where it moves values)."""
+    from zoo.tflite_writer import _Op, _Operator, _Opt
+    b = TfliteBuilder()
+    shift = 0 if dtype == "uint8" else -128
+
+    def tensor(name, shape, scale=0.05, zero=120, data=None, dt=dtype):
+        return b._tensor(name, shape, dt, data=data, quant={"scale": np.array([scale], np.float32),
+                                                            "zero": np.array([zero + shift]), "axis": 0})
+
+    x = tensor("input", [1, 8, 10, 16])
+    b.inputs.append(x)
+    ints = lambda name, v: b._tensor(name, np.shape(v), "int32", data=np.asarray(v, np.int32).tobytes())  # noqa: E731
+    pads = [[0, 0], [1, 1], [2, 0], [0, 0]]
+    ops = {   # kind: (code, extra inputs, output shape, options type, options)
+        "pad": (_Op.PAD, [ints("pads", pads)], [1, 10, 12, 16], _Opt.PadOptions, {}),
+        "mirror_pad": (_Op.MIRROR_PAD, [ints("pads", pads)], [1, 10, 12, 16], _Opt.MirrorPadOptions, {"Mode": 0}),
+        "transpose": (_Op.TRANSPOSE, [ints("perm", [0, 3, 1, 2])], [1, 16, 8, 10], _Opt.TransposeOptions, {}),
+        "strided_slice": (_Op.STRIDED_SLICE, [ints("b", [0, 1, 0, 0]), ints("e", [1, 8, 10, 16]),
+                                              ints("s", [1, 2, 3, 1])], [1, 4, 4, 16], _Opt.StridedSliceOptions, {}),
+        "depth_to_space": (_Op.DEPTH_TO_SPACE, [], [1, 16, 20, 4], _Opt.DepthToSpaceOptions, {"BlockSize": 2}),
+        "space_to_depth": (_Op.SPACE_TO_DEPTH, [], [1, 4, 5, 64], _Opt.SpaceToDepthOptions, {"BlockSize": 2}),
+        "resize_nearest": (_Op.RESIZE_NEAREST_NEIGHBOR, [ints("size", [16, 20])], [1, 16, 20, 16],
+                           _Opt.ResizeNearestNeighborOptions, {}),
+        "prelu": (_Op.PRELU, [tensor("alpha", [1, 1, 16], 0.0113, 128,
+                                     (np.arange(0, 256, 16) + shift).astype(dtype).tobytes())], [1, 8, 10, 16], 0, {}),
+    }
+    code, extra, shape, opt, options = ops[kind]
+    # NOTE: PRELU's output step is not a simple fraction of the input's (0.05 / 0.04 would put a quarter of the
+    # values exactly half a step between two, which LiteRT rounds up and a float quantize step to even)
+    y = b.output(tensor("y", shape, 0.0437 if kind == "prelu" else 0.05, 100 if kind == "prelu" else 120))
+    b.ops.append(_Operator(code, [x] + extra, [y], opt, options))
+    return b.finish()
+
+
+@pytest.mark.parametrize("kind,dtype", [
+    ("pad", "int8"), ("mirror_pad", "uint8"), ("transpose", "uint8"), ("strided_slice", "int8"),
+    ("depth_to_space", "uint8"), ("space_to_depth", "int8"), ("resize_nearest", "int8"), ("prelu", "uint8"),
+    ("prelu", "int8"),
+])
+def test_quantized_ops_that_move_values_match_litert(tmp_path, kind, dtype):
+    """Integer-quantized PAD (filled with the zero point), MIRROR_PAD, TRANSPOSE, STRIDED_SLICE, DEPTH_TO_SPACE,
+    SPACE_TO_DEPTH, RESIZE_NEAREST_NEIGHBOR (which move the stored integers) and PRELU (computed dequantized): TVM's
+    converter refused each on an integer-quantized model. Equal to LiteRT (PRELU: within one step where float
+    rounding and LiteRT's fixed-point requantization part, on a few values)."""
+    path = tmp_path / f"{kind}.tflite"
+    path.write_bytes(_quantized_op_model(kind, dtype))
+    info = np.iinfo(dtype)
+    xv = np.random.default_rng(0).integers(info.min, info.max + 1, (1, 8, 10, 16)).astype(dtype)
+    import compiler
+    got = compiler.compile_model(str(path)).run({"input": xv})[0].astype(int)
+    interp = Interpreter(model_path=str(path))
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], xv)
+    interp.invoke()
+    want = interp.get_tensor(interp.get_output_details()[0]["index"]).astype(int)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= (1 if kind == "prelu" else 0)
+    if kind == "prelu":
+        assert (got != want).mean() < 0.02

@@ -361,6 +361,12 @@ def sparse_hints(path: str) -> dict[str, dict]:
 
 
 # ---- the converter -------------------------------------------------------------------------------
+_MOVING_QUANTIZED_OPS = frozenset({
+    "PAD", "PADV2", "MIRROR_PAD", "TRANSPOSE", "STRIDED_SLICE", "SLICE", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH",
+    "RESIZE_NEAREST_NEIGHBOR", "SQUEEZE", "EXPAND_DIMS", "SPLIT", "SPLIT_V", "PACK", "UNPACK", "GATHER", "TILE",
+    "BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND"})
+
+
 class _Converter(_tvm_tflite.OperatorConverter):
     """TVM's converter with our DENSIFY, fp16 DEQUANTIZE and dequantized int8 weights, named layers and errors naming
     the op."""
@@ -368,8 +374,12 @@ class _Converter(_tvm_tflite.OperatorConverter):
     raw: bytes = b""
     hybrid: dict = {}    # dynamic-range quantized weights by tensor index, dequantized (hybrid_weights)
     # SHAPE reads only the shape of its (quantized) input: Keras models with a dynamic batch reshape through
-    # SHAPE -> STRIDED_SLICE -> PACK, and integer-quantized ones were refused for it
-    _SUPPORTED_QUANTIZED_OPS = _tvm_tflite.OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"SHAPE"}
+    # SHAPE -> STRIDED_SLICE -> PACK, and integer-quantized ones were refused for it. The ops that move values
+    # (_MOVING_QUANTIZED_OPS) move the stored integers as TFLite's kernels do (which require the input's scale and
+    # zero point on the output; PAD fills with the zero point, as TVM's converter does); PRELU is computed on the
+    # dequantized values (convert_prelu). TVM refused all of them on integer-quantized models.
+    _SUPPORTED_QUANTIZED_OPS = _tvm_tflite.OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"SHAPE", "PRELU"} | \
+        _MOVING_QUANTIZED_OPS
 
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
@@ -461,6 +471,17 @@ class _Converter(_tvm_tflite.OperatorConverter):
         too low (too high below zero). Averaged in float32 here and rounded as TFLite does."""
         out = super().convert_pool2d(op, pool_type)
         return _rounded_quantized_pool(out) if pool_type == "average" else out
+
+    def convert_prelu(self, op):
+        """A quantized PReLU on its dequantized input and slopes, quantized to the output's step."""
+        if not self.is_quantized(op):
+            return super().convert_prelu(op)
+        (x, alpha), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        shape = _tvm_tflite.to_int_list(self.get_tensor_shape(x))
+        xf = self.dequantize(self.get_tensor_expr(x), x)
+        slope = relax.op.broadcast_to(self.dequantize(self.get_tensor_expr(alpha), alpha), shape)
+        neg = relax.op.multiply(relax.op.minimum(xf, relax.const(0.0, "float32")), slope)
+        return self.quantize(relax.op.add(relax.op.maximum(xf, relax.const(0.0, "float32")), neg), out)
 
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
