@@ -370,3 +370,19 @@ def test_quantized_ops_that_move_values_match_litert(tmp_path, kind, dtype):
     assert np.abs(got - want).max() <= (1 if kind == "prelu" else 0)
     if kind == "prelu":
         assert (got != want).mean() < 0.02
+
+
+def test_one_dimensional_conv_as_tflite_writes_it(tmp_path):
+    """A 1-D conv as the TFLite converter writes it, EXPAND_DIMS -> CONV_2D (1 x k) -> SQUEEZE, a negative axis too:
+    TVM's converter failed on every EXPAND_DIMS (it passed relax's expand_dims an argument it does not take)."""
+    from conftest import assert_matches_ort
+    b = TfliteBuilder(seed=3)
+    x = b.input([1, 32, 8])
+    y = b.expand_dims(x, 1)                                                  # [1, 1, 32, 8]
+    w = (b.rng.standard_normal((16, 1, 3, 8)) * 0.3).astype(np.float32)
+    y = b.squeeze(b.conv2d(y, w, np.zeros(16, np.float32), act="RELU", name="conv1d"), [1])   # [1, 32, 16]
+    y = b.squeeze(b.expand_dims(y, -1), [3])                                 # [1, 32, 16, 1] and back
+    b.output(y)
+    path = tmp_path / "conv1d.tflite"
+    path.write_bytes(b.finish())
+    assert_matches_ort(str(path), tol=1e-5)

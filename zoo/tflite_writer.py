@@ -319,6 +319,17 @@ class TfliteBuilder:
     def tanh(self, x: int, name: str = "tanh") -> int:
         return self._op(_Op.TANH, [x], self.shape(x), name)
 
+    def expand_dims(self, x: int, axis: int, name: str = "expand_dims") -> int:
+        """A unit axis inserted at `axis` (negative: from the end of the output), the axis a scalar int32 tensor."""
+        shape = self.shape(x)
+        shape.insert(axis + len(shape) + 1 if axis < 0 else axis, 1)
+        at = self._tensor(f"{name}/axis", [], "int32", data=np.int32(axis).tobytes())
+        return self._op(_Op.EXPAND_DIMS, [x, at], shape, name, _Opt.ExpandDimsOptions)
+
+    def squeeze(self, x: int, dims: list[int], name: str = "squeeze") -> int:
+        shape = [d for i, d in enumerate(self.shape(x)) if i not in dims]
+        return self._op(_Op.SQUEEZE, [x], shape, name, _Opt.SqueezeOptions, SqueezeDims=list(dims))
+
     def custom(self, x: int, code: str, name: str = "custom") -> int:
         """A CUSTOM op with the given name, output shaped like its input."""
         return self._op(code, [x], self.shape(x), name)

@@ -483,6 +483,14 @@ class _Converter(_tvm_tflite.OperatorConverter):
         neg = relax.op.multiply(relax.op.minimum(xf, relax.const(0.0, "float32")), slope)
         return self.quantize(relax.op.add(relax.op.maximum(xf, relax.const(0.0, "float32")), neg), out)
 
+    def convert_expand_dims(self, op):
+        """TVM's converter called relax's expand_dims with a third argument it does not take: every EXPAND_DIMS (a
+        1-D conv's TFLite form, EXPAND_DIMS -> CONV_2D -> SQUEEZE) failed to import."""
+        x, axis = self.get_input_tensors(op)
+        rank = len(_tvm_tflite.to_int_list(self.get_tensor_shape(x)))
+        axis = int(np.asarray(self.get_tensor_value(axis)).reshape(-1)[0])
+        return relax.op.expand_dims(self.get_tensor_expr(x), axis + rank + 1 if axis < 0 else axis)
+
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
         self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
