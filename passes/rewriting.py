@@ -35,7 +35,9 @@ def scalar_value(expr) -> float | None:
 
 
 def const(array: np.ndarray) -> relax.Expr:
-    return relax.const(np.ascontiguousarray(array))
+    # NOTE: the dtype named: without it relax.const makes an int64 array int32 (gather_nd then refuses its indices)
+    array = np.ascontiguousarray(array)
+    return relax.const(array, str(array.dtype))
 
 
 def shape_of(expr) -> list[int]:

@@ -386,3 +386,39 @@ def test_one_dimensional_conv_as_tflite_writes_it(tmp_path):
     path = tmp_path / "conv1d.tflite"
     path.write_bytes(b.finish())
     assert_matches_ort(str(path), tol=1e-5)
+
+
+def _tf_ops_model(kind: str) -> bytes:
+    from zoo.tflite_writer import _Op, _Opt
+    b = TfliteBuilder(seed=4)
+    rng = b.rng
+    ints = lambda name, v: b._tensor(name, np.shape(v), "int32", data=np.asarray(v, np.int32).tobytes())  # noqa: E731
+    if kind == "batch_matmul":     # a constant right operand (a transformer's projection), one adjoint
+        x = b.input([1, 6, 7, 8])
+        y = b._op(_Op.BATCH_MATMUL, [x, b.const(rng.standard_normal((1, 6, 5, 8)).astype(np.float32), "w")],
+                  [1, 6, 7, 5], "bmm", _Opt.BatchMatMulOptions, AdjX=False, AdjY=True)
+    elif kind == "gather_nd":      # int32 coordinates along the last axis
+        x = b.input([1, 6, 7, 8])
+        y = b._op(_Op.GATHER_ND, [x, ints("idx", [[0, 2], [0, 5], [0, 2]])], [3, 7, 8], "gather")
+    else:                          # a dilated conv as TF1's converter wrote it
+        x = b.input([1, 13, 11, 8])
+        s = b._op(_Op.SPACE_TO_BATCH_ND, [x, ints("block", [2, 2]), ints("pads", [[2, 3], [2, 3]])],
+                  [4, 9, 8, 8], "stb")
+        w = (rng.standard_normal((16, 3, 3, 8)) * 0.2).astype(np.float32)
+        c = b.conv2d(s, w, np.zeros(16, np.float32), padding="VALID", name="conv")          # [4, 7, 6, 16]
+        y = b._op(_Op.BATCH_TO_SPACE_ND, [c, ints("block2", [2, 2]), ints("crops", [[0, 1], [0, 1]])],
+                  [1, 13, 11, 16], "bts")
+    b.output(y)
+    return b.finish()
+
+
+@pytest.mark.parametrize("kind", ["batch_matmul", "gather_nd", "dilated_conv"])
+def test_tf_ops_tvm_converted_wrongly_match_litert(tmp_path, kind):
+    """BATCH_MATMUL with a constant operand (TVM's converter looked it up as a computed tensor and failed),
+    GATHER_ND (TVM moved the coordinates' axis first: wrong elements, reads past the data) and
+    SPACE_TO_BATCH_ND -> CONV_2D -> BATCH_TO_SPACE_ND (TF1's dilated conv; TVM called a missing packed function),
+    against LiteRT. All three failed before."""
+    from conftest import assert_matches_ort
+    path = tmp_path / f"{kind}.tflite"
+    path.write_bytes(_tf_ops_model(kind))
+    assert_matches_ort(str(path), tol=1e-5)

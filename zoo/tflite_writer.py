@@ -17,7 +17,7 @@ from zoo.mobilenet_v2 import _BLOCKS, make_divisible
 _ACTS = {"NONE": 0, "RELU": 1, "RELU6": 3}
 _PADS = {"SAME": 0, "VALID": 1}
 _TYPES = {"float32": TensorType.FLOAT32, "float16": TensorType.FLOAT16, "int32": TensorType.INT32,
-          "int8": TensorType.INT8, "uint8": TensorType.UINT8}
+          "int8": TensorType.INT8, "uint8": TensorType.UINT8, "bool": TensorType.BOOL}
 _WEIGHTS = ("fp32", "fp16", "int8")
 _SPARSE_BLOCKS = {"csr": None, "block4x1": 4}  # block4x1: blocks of 4 output channels x 1
 _OPTION_NAMES = {v: k for k, v in vars(_Opt).items() if not k.startswith("_")}

@@ -428,10 +428,16 @@ class _Converter(_tvm_tflite.OperatorConverter):
         return super().get_tensor_value(tensor_wrapper, is_sparse)
 
     def get_expr(self, input_tensor_idx):
-        """A prefetched constant (densified / dequantized weight) read as an expression by any op."""
-        if not self.has_expr(input_tensor_idx) and self.is_prefetched(input_tensor_idx):
-            value = self.get_prefetched_node(input_tensor_idx)
-            return self.exp_tab.new_const(value, dtype=str(value.dtype))
+        """A prefetched constant (densified / dequantized weight) or a constant tensor of the file read as an
+        expression by any op (TVM's BATCH_MATMUL converter, among others, read a constant operand this way and
+        failed on it)."""
+        if not self.has_expr(input_tensor_idx):
+            if self.is_prefetched(input_tensor_idx):
+                value = self.get_prefetched_node(input_tensor_idx)
+                return self.exp_tab.new_const(value, dtype=str(value.dtype))
+            (tensor,) = self.get_tensors([input_tensor_idx])
+            if tensor.buffer is not None and tensor.buffer.DataLength():
+                return self.get_tensor_expr(tensor)
         return super().get_expr(input_tensor_idx)
 
     def convert_fully_connected(self, op):
@@ -491,6 +497,43 @@ class _Converter(_tvm_tflite.OperatorConverter):
         axis = int(np.asarray(self.get_tensor_value(axis)).reshape(-1)[0])
         return relax.op.expand_dims(self.get_tensor_expr(x), axis + rank + 1 if axis < 0 else axis)
 
+    def convert_gather_nd(self, op):
+        """relax's gather_nd reads coordinates along the indices' last axis, as TFLite writes them; TVM's converter
+        moved that axis first (topi's order), so the output gathered the wrong elements, and past the data."""
+        (data, indices) = self.get_input_tensors(op)
+        return relax.op.gather_nd(self.get_tensor_expr(data), relax.op.astype(self.get_tensor_expr(indices), "int64"))
+
+    def convert_space_to_batch_nd(self, op):
+        """Zero-pad the M spatial axes, then move each block offset to the batch axis (TVM's converter called a
+        packed function that is not there). TF1's converter wrote dilated convs this way, around a plain conv."""
+        (x, block, pads), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        block = [int(v) for v in np.asarray(self.get_tensor_value(block)).reshape(-1)]
+        pads = np.asarray(self.get_tensor_value(pads)).reshape(-1, 2)
+        shape = _tvm_tflite.to_int_list(self.get_tensor_shape(x))
+        m = len(block)
+        expr = relax.op.nn.pad(self.get_tensor_expr(x), [0, 0, *[int(v) for v in pads.reshape(-1)],
+                                                           *[0, 0] * (len(shape) - 1 - m)], pad_value=_pad_zero(x))
+        padded = [shape[1 + i] + int(pads[i].sum()) for i in range(m)]
+        split = [shape[0]] + [d for i in range(m) for d in (padded[i] // block[i], block[i])] + shape[1 + m:]
+        order = [2 + 2 * i for i in range(m)] + [0] + [1 + 2 * i for i in range(m)] + list(range(1 + 2 * m, len(split)))
+        expr = relax.op.permute_dims(relax.op.reshape(expr, split), order)
+        return relax.op.reshape(expr, _tvm_tflite.to_int_list(self.get_tensor_shape(out)))
+
+    def convert_batch_to_space_nd(self, op):
+        """Move the batch's block offsets back into the M spatial axes, then crop (TVM's converter failed)."""
+        (x, block, crops), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        block = [int(v) for v in np.asarray(self.get_tensor_value(block)).reshape(-1)]
+        crops = np.asarray(self.get_tensor_value(crops)).reshape(-1, 2)
+        shape = _tvm_tflite.to_int_list(self.get_tensor_shape(x))
+        m, batch = len(block), shape[0] // int(np.prod(block))
+        rest = shape[1 + m:]
+        expr = relax.op.reshape(self.get_tensor_expr(x), [*block, batch, *shape[1:]])
+        order = [m] + [d for i in range(m) for d in (m + 1 + i, i)] + list(range(2 * m + 1, 2 * m + 1 + len(rest)))
+        full = [shape[1 + i] * block[i] for i in range(m)]
+        expr = relax.op.reshape(relax.op.permute_dims(expr, order), [batch, *full, *rest])
+        return relax.op.strided_slice(expr, axes=list(range(1, m + 1)), begin=[int(c) for c in crops[:, 0]],
+                                      end=[full[i] - int(crops[i, 1]) for i in range(m)])
+
     def convert_densify(self, op):
         (src,), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
         self.set_prefetched_node(out.tensor_idx, self.get_tensor_value(src))
@@ -503,6 +546,11 @@ class _Converter(_tvm_tflite.OperatorConverter):
             return relax.op.astype(self.get_expr(src.tensor_idx), "float32")
         self.set_prefetched_node(out.tensor_idx, np.asarray(self.get_tensor_value(src), np.float32))
         return None
+
+
+def _pad_zero(tensor) -> float:
+    """The value a zero pads with: 0, or a quantized tensor's zero point."""
+    return float(tensor.qnn_params["zero_point"].value.numpy()) if tensor.qnn_params else 0.0
 
 
 def _rounded_quantized_pool(expr):
