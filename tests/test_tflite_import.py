@@ -422,3 +422,21 @@ def test_tf_ops_tvm_converted_wrongly_match_litert(tmp_path, kind):
     path = tmp_path / f"{kind}.tflite"
     path.write_bytes(_tf_ops_model(kind))
     assert_matches_ort(str(path), tol=1e-5)
+
+
+def test_fully_connected_without_bias_and_squeeze_without_dims(tmp_path):
+    """A FULLY_CONNECTED with no bias (-1) and a fused ReLU on a 4-D input (its output flattened to [rows, units])
+    failed (the fused activation's call was reshaped before it had a type); a SQUEEZE without squeeze_dims failed
+    reading the absent list (TFLite drops every axis of size 1). Against LiteRT; both failed before."""
+    from conftest import assert_matches_ort
+    from zoo.tflite_writer import _Op, _Opt
+    b = TfliteBuilder(seed=5)
+    x = b.input([1, 1, 6, 8])
+    w = b.const((b.rng.standard_normal((5, 8)) * 0.3).astype(np.float32), "w")
+    y = b._op(_Op.FULLY_CONNECTED, [x, w, -1], [6, 5], "fc", _Opt.FullyConnectedOptions, FusedActivationFunction=1,
+              KeepNumDims=False)
+    y = b.reshape(y, [1, 6, 1, 5])
+    b.output(b._op(_Op.SQUEEZE, [y], [6, 5], "squeeze", _Opt.SqueezeOptions))
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(b.finish())
+    assert_matches_ort(str(path), tol=1e-5)

@@ -446,7 +446,8 @@ class _Converter(_tvm_tflite.OperatorConverter):
         opts = tflite.FullyConnectedOptions()
         opts.Init(op.BuiltinOptions().Bytes, op.BuiltinOptions().Pos)
         units = int(self.get_input_tensors(op)[1].tensor.Shape(0))
-        if not opts.KeepNumDims() and self.bb.normalize(out).ty.ndim not in (2, -1):
+        out = self.bb.normalize(out)   # NOTE: a fused activation's call has no type until normalized
+        if not opts.KeepNumDims() and out.ty.ndim not in (2, -1):
             out = relax.op.reshape(out, (-1, units))
         return out
 
@@ -496,6 +497,18 @@ class _Converter(_tvm_tflite.OperatorConverter):
         rank = len(_tvm_tflite.to_int_list(self.get_tensor_shape(x)))
         axis = int(np.asarray(self.get_tensor_value(axis)).reshape(-1)[0])
         return relax.op.expand_dims(self.get_tensor_expr(x), axis + rank + 1 if axis < 0 else axis)
+
+    def convert_squeeze(self, op):
+        """A SQUEEZE without squeeze_dims drops every axis of size 1 (TVM's converter failed reading the absent
+        list)."""
+        table = op.BuiltinOptions()
+        if table is not None:
+            opts = tflite.SqueezeOptions()
+            opts.Init(table.Bytes, table.Pos)
+            if opts.SqueezeDimsLength():
+                return super().convert_squeeze(op)
+        (x,) = self.get_input_tensors(op)
+        return relax.op.squeeze(self.get_tensor_expr(x))
 
     def convert_gather_nd(self, op):
         """relax's gather_nd reads coordinates along the indices' last axis, as TFLite writes them; TVM's converter
