@@ -336,11 +336,18 @@ def _quantized_op_model(kind: str, dtype: str) -> bytes:
                            _Opt.ResizeNearestNeighborOptions, {}),
         "prelu": (_Op.PRELU, [tensor("alpha", [1, 1, 16], 0.0113, 128,
                                      (np.arange(0, 256, 16) + shift).astype(dtype).tobytes())], [1, 8, 10, 16], 0, {}),
+        "gelu": (_Op.GELU, [], [1, 8, 10, 16], _Opt.GeluOptions, {}),
+        "l2_normalization": (_Op.L2_NORMALIZATION, [], [1, 8, 10, 16], _Opt.L2NormOptions, {}),
+        "batch_matmul": (_Op.BATCH_MATMUL, [tensor("b", [1, 8, 16, 5], 0.0071, 128, (np.random.default_rng(1).integers(
+            0, 256, (1, 8, 16, 5)) + shift).astype(dtype).tobytes())], [1, 8, 10, 5], _Opt.BatchMatMulOptions, {}),
     }
     code, extra, shape, opt, options = ops[kind]
-    # NOTE: PRELU's output step is not a simple fraction of the input's (0.05 / 0.04 would put a quarter of the
-    # values exactly half a step between two, which LiteRT rounds up and a float quantize step to even)
-    y = b.output(tensor("y", shape, 0.0437 if kind == "prelu" else 0.05, 100 if kind == "prelu" else 120))
+    # NOTE: the output steps of the ops that compute are not simple fractions of the input's (0.05 / 0.04 would
+    # put a quarter of PRELU's values exactly half a step between two, which LiteRT rounds up and a float quantize
+    # step to even); L2_NORMALIZATION's is the one TFLite requires (1 / 128, zero point 0)
+    out_step = {"prelu": (0.0437, 100), "gelu": (0.0437, 20), "l2_normalization": (1 / 128, 128),
+                "batch_matmul": (0.0913, 128)}.get(kind, (0.05, 120))
+    y = b.output(tensor("y", shape, *out_step))
     b.ops.append(_Operator(code, [x] + extra, [y], opt, options))
     return b.finish()
 
@@ -348,13 +355,14 @@ def _quantized_op_model(kind: str, dtype: str) -> bytes:
 @pytest.mark.parametrize("kind,dtype", [
     ("pad", "int8"), ("mirror_pad", "uint8"), ("transpose", "uint8"), ("strided_slice", "int8"),
     ("depth_to_space", "uint8"), ("space_to_depth", "int8"), ("resize_nearest", "int8"), ("prelu", "uint8"),
-    ("prelu", "int8"),
+    ("prelu", "int8"), ("gelu", "int8"), ("l2_normalization", "int8"), ("batch_matmul", "int8"),
 ])
-def test_quantized_ops_that_move_values_match_litert(tmp_path, kind, dtype):
+def test_quantized_ops_that_tvm_refused_match_litert(tmp_path, kind, dtype):
     """Integer-quantized PAD (filled with the zero point), MIRROR_PAD, TRANSPOSE, STRIDED_SLICE, DEPTH_TO_SPACE,
-    SPACE_TO_DEPTH, RESIZE_NEAREST_NEIGHBOR (which move the stored integers) and PRELU (computed dequantized): TVM's
-    converter refused each on an integer-quantized model. Equal to LiteRT (PRELU: within one step where float
-    rounding and LiteRT's fixed-point requantization part, on a few values)."""
+    SPACE_TO_DEPTH, RESIZE_NEAREST_NEIGHBOR (which move the stored integers) and PRELU, GELU, L2_NORMALIZATION,
+    BATCH_MATMUL (computed on the dequantized values): TVM's converter refused each on an integer-quantized model.
+    Equal to LiteRT (the computed ones: within one step on a few values, where float rounding and LiteRT's
+    fixed-point requantization or lookup tables part)."""
     path = tmp_path / f"{kind}.tflite"
     path.write_bytes(_quantized_op_model(kind, dtype))
     info = np.iinfo(dtype)
@@ -366,10 +374,10 @@ def test_quantized_ops_that_move_values_match_litert(tmp_path, kind, dtype):
     interp.set_tensor(interp.get_input_details()[0]["index"], xv)
     interp.invoke()
     want = interp.get_tensor(interp.get_output_details()[0]["index"]).astype(int)
+    computed = kind in ("prelu", "gelu", "l2_normalization", "batch_matmul")
     assert got.shape == want.shape
-    assert np.abs(got - want).max() <= (1 if kind == "prelu" else 0)
-    if kind == "prelu":
-        assert (got != want).mean() < 0.02
+    assert np.abs(got - want).max() <= (1 if computed else 0)
+    assert (got != want).mean() < (0.03 if computed else 1e-9)
 
 
 def test_one_dimensional_conv_as_tflite_writes_it(tmp_path):

@@ -365,6 +365,7 @@ _MOVING_QUANTIZED_OPS = frozenset({
     "PAD", "PADV2", "MIRROR_PAD", "TRANSPOSE", "STRIDED_SLICE", "SLICE", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH",
     "RESIZE_NEAREST_NEIGHBOR", "SQUEEZE", "EXPAND_DIMS", "SPLIT", "SPLIT_V", "PACK", "UNPACK", "GATHER", "TILE",
     "BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND"})
+_FLOAT_QUANTIZED_OPS = frozenset({"PRELU", "GELU", "ELU", "L2_NORMALIZATION", "BATCH_MATMUL"})
 
 
 class _Converter(_tvm_tflite.OperatorConverter):
@@ -376,10 +377,11 @@ class _Converter(_tvm_tflite.OperatorConverter):
     # SHAPE reads only the shape of its (quantized) input: Keras models with a dynamic batch reshape through
     # SHAPE -> STRIDED_SLICE -> PACK, and integer-quantized ones were refused for it. The ops that move values
     # (_MOVING_QUANTIZED_OPS) move the stored integers as TFLite's kernels do (which require the input's scale and
-    # zero point on the output; PAD fills with the zero point, as TVM's converter does); PRELU is computed on the
-    # dequantized values (convert_prelu). TVM refused all of them on integer-quantized models.
-    _SUPPORTED_QUANTIZED_OPS = _tvm_tflite.OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"SHAPE", "PRELU"} | \
-        _MOVING_QUANTIZED_OPS
+    # zero point on the output; PAD fills with the zero point, as TVM's converter does); _FLOAT_QUANTIZED_OPS are
+    # computed on the dequantized values (in_float). TVM refused all of them on integer-quantized models.
+    _SUPPORTED_QUANTIZED_OPS = _tvm_tflite.OperatorConverter._SUPPORTED_QUANTIZED_OPS | {"SHAPE"} | \
+        _MOVING_QUANTIZED_OPS | _FLOAT_QUANTIZED_OPS
+    floats: dict = {}    # while an op of _FLOAT_QUANTIZED_OPS converts: its quantized inputs' dequantized exprs
 
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
@@ -390,7 +392,8 @@ class _Converter(_tvm_tflite.OperatorConverter):
             outs = [int(i) for i in op.OutputsAsNumpy()] if op.OutputsLength() else []
             out_name = _name(self.subgraph, outs[0]) if outs else "?"
             try:
-                ret = convert(op=op)
+                ret = self.in_float(op, convert) if kind in _FLOAT_QUANTIZED_OPS and self.is_quantized(op) \
+                    else convert(op=op)
             except ShrinkcError:
                 raise
             except Exception as err:
@@ -409,10 +412,31 @@ class _Converter(_tvm_tflite.OperatorConverter):
             raise ShrinkcError(f"the model has ops shrinkc cannot import: {str(err).strip()}",
                                "convert the model with other builtin ops, or open an issue naming the op") from None
 
+    def in_float(self, op, convert):
+        """A quantized op converted as the float op on its dequantized inputs, then quantized to its output's step:
+        while `convert` runs, its quantized inputs and outputs read as float32 tensors (get_tensors) whose exprs are
+        the dequantized ones (get_expr, get_tensor_expr)."""
+        ins, (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        floats = {t.tensor_idx: self.bb.emit(self.dequantize(self.get_tensor_expr(t), t)) for t in ins
+                  if t.tensor_idx != -1 and t.qnn_params}
+        self.floats = {**floats, out.tensor_idx: None}
+        try:
+            result = convert(op=op)
+        finally:
+            self.floats = {}
+        return self.quantize(result, out)
+
     def get_tensors(self, tensors_idx_list):
-        """Dequantized weights read as float32 tensors without quantization: the op becomes a float op."""
+        """Dequantized weights (and, inside in_float, an op's quantized tensors) read as float32 tensors without
+        quantization: the op becomes a float op."""
         return [_tvm_tflite.TensorWrapper(w.tensor_idx, _FloatView(w.tensor), w.buffer, None)
-                if w.tensor_idx in self.hybrid else w for w in super().get_tensors(tensors_idx_list)]
+                if w.tensor_idx in self.hybrid or w.tensor_idx in self.floats else w
+                for w in super().get_tensors(tensors_idx_list)]
+
+    def get_tensor_expr(self, tensor, is_sparse=False):
+        if self.floats.get(tensor.tensor_idx) is not None:
+            return self.floats[tensor.tensor_idx]
+        return super().get_tensor_expr(tensor, is_sparse)
 
     def get_tensor_value(self, tensor_wrapper, is_sparse=False):
         idx, tensor = tensor_wrapper.tensor_idx, tensor_wrapper.tensor
@@ -430,7 +454,9 @@ class _Converter(_tvm_tflite.OperatorConverter):
     def get_expr(self, input_tensor_idx):
         """A prefetched constant (densified / dequantized weight) or a constant tensor of the file read as an
         expression by any op (TVM's BATCH_MATMUL converter, among others, read a constant operand this way and
-        failed on it)."""
+        failed on it); inside in_float, a quantized input's dequantized expr."""
+        if self.floats.get(input_tensor_idx) is not None:
+            return self.floats[input_tensor_idx]
         if not self.has_expr(input_tensor_idx):
             if self.is_prefetched(input_tensor_idx):
                 value = self.get_prefetched_node(input_tensor_idx)
@@ -478,17 +504,6 @@ class _Converter(_tvm_tflite.OperatorConverter):
         too low (too high below zero). Averaged in float32 here and rounded as TFLite does."""
         out = super().convert_pool2d(op, pool_type)
         return _rounded_quantized_pool(out) if pool_type == "average" else out
-
-    def convert_prelu(self, op):
-        """A quantized PReLU on its dequantized input and slopes, quantized to the output's step."""
-        if not self.is_quantized(op):
-            return super().convert_prelu(op)
-        (x, alpha), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
-        shape = _tvm_tflite.to_int_list(self.get_tensor_shape(x))
-        xf = self.dequantize(self.get_tensor_expr(x), x)
-        slope = relax.op.broadcast_to(self.dequantize(self.get_tensor_expr(alpha), alpha), shape)
-        neg = relax.op.multiply(relax.op.minimum(xf, relax.const(0.0, "float32")), slope)
-        return self.quantize(relax.op.add(relax.op.maximum(xf, relax.const(0.0, "float32")), neg), out)
 
     def convert_expand_dims(self, op):
         """TVM's converter called relax's expand_dims with a third argument it does not take: every EXPAND_DIMS (a
