@@ -428,7 +428,7 @@ def quantize(folder: str, names: list[str] = QDQ) -> None:
         except Exception as err:      # ONNX Runtime's own quantizer (EfficientNet-B0: a missing initializer)
             print(f"torch_{name}_qop.onnx: skipped, ONNX Runtime's quantizer failed: {type(err).__name__}: {err}")
         quantize_qdq(src, os.path.join(folder, f"torch_{name}_u8w.onnx"), (1, 3, 224, 224), 8, u8w_rng,
-                     activation_type=QuantType.QUInt8, uint8_weights=True)
+                     activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8, per_channel=False)
 
 
 def _time(path: str, lib: str, rounds: int) -> tuple[float, float]:

@@ -5,12 +5,12 @@ import numpy as np
 
 
 def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.Generator,
-                 input_name: str = "input", quant_format=None, activation_type=None, uint8_weights: bool = False) -> None:
+                 input_name: str = "input", quant_format=None, activation_type=None, weight_type=None,
+                 per_channel: bool = True) -> None:
     """dst: src with int8 per-channel weights and int8 activations as QuantizeLinear / DequantizeLinear pairs,
-    calibrated on `images` standard-normal inputs of `shape` drawn from rng. quant_format / activation_type:
-    another of ONNX Runtime's formats (QuantFormat.QOperator: QLinearConv, ...) or activation type.
-    uint8_weights: asymmetric uint8 weights, one scale and zero point per tensor (QuantType.QUInt8, per_channel
-    False)."""
+    calibrated on `images` standard-normal inputs of `shape` drawn from rng. quant_format / activation_type /
+    weight_type: another of ONNX Runtime's formats (QuantFormat.QOperator: QLinearConv, ...), activation or weight
+    type (QuantType.QUInt8: asymmetric uint8; QInt4); per_channel False: one scale and zero point per tensor."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Images(CalibrationDataReader):
@@ -21,5 +21,5 @@ def quantize_qdq(src: str, dst: str, shape: tuple, images: int, rng: np.random.G
             return next(self.feeds, None)
 
     quantize_static(src, dst, Images(), quant_format=quant_format or QuantFormat.QDQ,
-                    weight_type=QuantType.QUInt8 if uint8_weights else QuantType.QInt8,
-                    activation_type=activation_type or QuantType.QInt8, per_channel=not uint8_weights)
+                    weight_type=weight_type or QuantType.QInt8, activation_type=activation_type or QuantType.QInt8,
+                    per_channel=per_channel)
