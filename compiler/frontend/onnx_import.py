@@ -14,11 +14,11 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
 from compiler.errors import ShrinkcError
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
-from compiler.frontend.onnx_contrib_qdq import contrib_qdq_to_standard, has_contrib_qdq
 from compiler.frontend.onnx_float16 import has_float16, widen_float16
 from compiler.frontend.onnx_fold_shapes import fold_shape_subgraphs
 from compiler.frontend.onnx_integer_ops import has_integer_ops, integer_ops_in_float
 from compiler.frontend.onnx_ops import TVM_CONVERT_MAP, convert_map
+from compiler.frontend.onnx_qdq_types import has_unreadable_qdq, readable_qdq
 from compiler.frontend.onnx_qoperators import has_qoperators, qoperators_to_qdq
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
@@ -163,10 +163,10 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
         model = widen_float16(model)
         notes.append("a float16 model: computed in float32" + (", its float16 inputs and outputs kept" if borders
                                                                else " (its inputs and outputs are float32)"))
-    if has_contrib_qdq(model):
-        model, rewritten = contrib_qdq_to_standard(model)
-        notes.append(f"{rewritten} com.microsoft QuantizeLinear / DequantizeLinear op(s) (ONNX Runtime's, for int4 / "
-                     "int16 types) read as the standard ops, constant ones folded")
+    if has_unreadable_qdq(model):
+        model, rewritten = readable_qdq(model)
+        notes.append(f"{rewritten} com.microsoft or int4 QuantizeLinear / DequantizeLinear op(s) (ONNX Runtime's "
+                     "quantizer writes them for int4 / int16 types) read as standard ops, dequantized constants folded")
     if has_qoperators(model):
         model, rewritten = qoperators_to_qdq(model)
         if rewritten:
