@@ -88,8 +88,9 @@ class CompiledModel:
         ours = self.run(inputs)
         source = self._source_bytes if self._source_bytes is not None else self.info.path
         refs = verify.reference_outputs(self.info.source, source, inputs)
-        return verify.compare([t.name for t in self.info.outputs], ours, refs,
-                              max(tolerance, self.info.verify_tolerance))
+        names = [t.name for t in self.info.outputs]
+        ours, refs = verify.counted_rows(names, list(ours), list(refs), self.info.counted_by)
+        return verify.compare(names, ours, refs, max(tolerance, self.info.verify_tolerance))
 
 
 SPARSE_PASSES = ("SparsifyConv1x1", "SparsifyDense")   # the passes whose "sparse" changes are sparse layers

@@ -61,6 +61,17 @@ def _litert_outputs(interp, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
 
 
+def counted_rows(names: list[str], ours: list, refs: list, counted_by: dict[str, str]) -> tuple[list, list]:
+    """Both sides' outputs with those in `counted_by` cut to the rows the reference's count output names (the rest
+    is undefined there)."""
+    for name, count in counted_by.items():
+        if name in names and count in names:
+            n = int(np.asarray(refs[names.index(count)]).ravel()[0])
+            i = names.index(name)
+            ours[i], refs[i] = np.asarray(ours[i])[:, :n], np.asarray(refs[i])[:, :n]
+    return ours, refs
+
+
 def compare(names: list[str], ours: list[np.ndarray], refs: list[np.ndarray],
             tolerance: float = DEFAULT_TOLERANCE) -> list[Comparison]:
     results = []

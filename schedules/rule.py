@@ -79,9 +79,20 @@ def is_scheduled(func) -> bool:
 
 def is_library_call(func) -> bool:
     """A PrimFunc whose one block calls a runtime library routine (te.extern: topi's CPU topk / sort / argsort):
-    no loop nest, nothing to schedule. Its block is not the usual "root"."""
+    no loop nest, nothing to schedule. Its block is not the usual "root". Or one with a step written imperatively
+    (topi's vision kernels: non-maximum suppression, searchsorted, argsort calls): a block with no iteration
+    variables and no declared reads or writes. Nothing there for a schedule to move, and inlining a producer into
+    such a function loses the buffer its loops write in place (SSD's all_class_non_max_suppression failed to build:
+    "T_gather is used before its definition")."""
     body = func.body
-    return isinstance(body, s_tir.stmt.SBlockRealize) and body.block.name_hint != "root"
+    if isinstance(body, s_tir.stmt.SBlockRealize) and body.block.name_hint != "root":
+        return True
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = [sch.get(rv) for rv in sch.get_child_blocks(_root(sch))]
+    except Exception:   # NOTE: not a function of sblocks (a hand-written kernel): not a library call
+        return False
+    return any(not b.iter_vars and not b.reads and not b.writes for b in blocks)
 
 
 def kernel_block(sch: s_tir.Schedule, kind: str):

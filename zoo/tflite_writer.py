@@ -89,6 +89,7 @@ class _Operator:
     outputs: list[int]
     options_type: int = 0
     options: dict = field(default_factory=dict)   # the options table's fields, e.g. {"StrideW": 2}
+    custom_options: bytes | None = None          # a custom op's options (a flexbuffer)
 
 
 class TfliteBuilder:
@@ -334,6 +335,29 @@ class TfliteBuilder:
         """A CUSTOM op with the given name, output shaped like its input."""
         return self._op(code, [x], self.shape(x), name)
 
+    def detection_postprocess(self, boxes: int, scores: int, anchors: np.ndarray, max_detections: int = 10,
+                              **options) -> list[int]:
+        """TFLite_Detection_PostProcess (the custom op that ends an SSD detector): box encodings [1, N, 4] and class
+        scores [1, N, classes + 1] with anchors [N, 4] (y, x, h, w) -> boxes [1, M, 4], classes [1, M], scores
+        [1, M], count [1] (M = max_detections). `options` overrides the defaults below (TF's SSD configs')."""
+        from flatbuffers import flexbuffers
+        opts = {"max_detections": max_detections, "max_classes_per_detection": 1, "detections_per_class": 100,
+                "use_regular_nms": False, "nms_score_threshold": 0.3, "nms_iou_threshold": 0.6,
+                "num_classes": self.shape(scores)[2] - 1, "y_scale": 10.0, "x_scale": 10.0, "h_scale": 5.0,
+                "w_scale": 5.0, **options}
+        fb = flexbuffers.Builder()
+        with fb.Map():
+            for key, value in opts.items():
+                (fb.Bool if isinstance(value, bool) else fb.Int if isinstance(value, int) else fb.Float)(key, value)
+        m = opts["max_detections"] * opts["max_classes_per_detection"]
+        outs = [self._tensor(name, shape) for name, shape in (("detection_boxes", [1, m, 4]),
+                                                               ("detection_classes", [1, m]),
+                                                               ("detection_scores", [1, m]),
+                                                               ("num_detections", [1]))]
+        self.ops.append(_Operator("TFLite_Detection_PostProcess", [boxes, scores, self.const(anchors, "anchors")],
+                                  outs, custom_options=bytes(fb.Finish())))
+        return outs
+
     # ---- serialisation -------------------------------------------------------------------------
     def finish(self) -> bytes:
         """The model as TFLite flatbuffer bytes (file identifier TFL3, schema version 3)."""
@@ -364,9 +388,10 @@ class TfliteBuilder:
                 codes.append(op.code)
             fields = {k: _ints(b, v) if isinstance(v, list) else v for k, v in op.options.items()}
             opts = _table(b, _OPTION_NAMES[op.options_type], **fields) if op.options_type else None
+            custom = _bytes_vector(b, op.custom_options) if op.custom_options is not None else None
             ops.append(_table(b, "Operator", OpcodeIndex=codes.index(op.code), Inputs=_ints(b, op.inputs),
                               Outputs=_ints(b, op.outputs), BuiltinOptionsType=op.options_type,
-                              BuiltinOptions=opts))
+                              BuiltinOptions=opts, CustomOptions=custom))
         graph = _table(b, "SubGraph", Tensors=_offsets(b, "SubGraph", "Tensors", tensors),
                        Inputs=_ints(b, self.inputs), Outputs=_ints(b, outputs),
                        Operators=_offsets(b, "SubGraph", "Operators", ops), Name=b.CreateString("main"))

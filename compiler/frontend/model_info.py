@@ -28,6 +28,9 @@ class ModelInfo:
     outputs: list[TensorInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)    # what the import decided for the user (batch 1)
     verify_tolerance: float = 0.0   # --verify allows at least this relative difference from the source runtime
+    # outputs whose entries past the count another output holds are undefined in the source runtime (an SSD
+    # detector's boxes, classes and scores past its number of detections): output name -> count output name
+    counted_by: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -37,7 +40,7 @@ class ModelInfo:
         return ModelInfo(source=d["source"], path=d["path"],
                          inputs=[TensorInfo(**t) for t in d["inputs"]],
                          outputs=[TensorInfo(**t) for t in d["outputs"]], notes=d.get("notes", []),
-                         verify_tolerance=d.get("verify_tolerance", 0.0))
+                         verify_tolerance=d.get("verify_tolerance", 0.0), counted_by=d.get("counted_by", {}))
 
 
 def batch_one(name: str, dims: list) -> tuple[list, str | None]:

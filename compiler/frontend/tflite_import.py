@@ -104,13 +104,17 @@ def op_name(model: tflite.Model, op) -> str:
     return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
 
 
+# custom ops that TFLite's own op resolver registers and shrinkc converts: an SSD detector's box decoding and NMS
+_CUSTOM_OPS = ("TFLite_Detection_PostProcess",)
+
+
 def _check_custom_ops(model: tflite.Model, path: str) -> None:
     sg = model.Subgraphs(0)
     found: dict[str, str] = {}
     for i in range(sg.OperatorsLength()):
         op = sg.Operators(i)
         name = op_name(model, op)
-        if name.startswith("CUSTOM:"):
+        if name.startswith("CUSTOM:") and name[7:] not in _CUSTOM_OPS:
             out = _name(sg, op.Outputs(0)) if op.OutputsLength() else f"op {i}"
             found.setdefault(name[7:], out)
     if found:
@@ -374,6 +378,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
 
     raw: bytes = b""
     hybrid: dict = {}    # dynamic-range quantized weights by tensor index, dequantized (hybrid_weights)
+    counted: dict = {}   # ModelInfo.counted_by of the file
     # SHAPE reads only the shape of its (quantized) input: Keras models with a dynamic batch reshape through
     # SHAPE -> STRIDED_SLICE -> PACK, and integer-quantized ones were refused for it. The ops that move values
     # (_MOVING_QUANTIZED_OPS) move the stored integers as TFLite's kernels do (which require the input's scale and
@@ -525,6 +530,19 @@ class _Converter(_tvm_tflite.OperatorConverter):
         (x,) = self.get_input_tensors(op)
         return relax.op.squeeze(self.get_tensor_expr(x))
 
+    def convert_detection_postprocess(self, op):
+        """An SSD detector's TFLite_Detection_PostProcess, TVM's converter; it gives max_detections rows, so more than
+        one class per detection (max_detections x that many rows in TFLite) is refused. Its boxes, classes and
+        scores past the number of detections are undefined in LiteRT (zeros here): `counted` notes them for verify."""
+        opts = _tvm_tflite.FlexBufferDecoder(op.CustomOptionsAsNumpy().tobytes()).decode()
+        outs = [_name(self.subgraph, i) for i in op.OutputsAsNumpy()]
+        if int(opts.get("max_classes_per_detection", 1)) != 1:
+            raise ShrinkcError(f"TFLite_Detection_PostProcess (output '{outs[0]}') with max_classes_per_detection "
+                               f"{opts['max_classes_per_detection']} is not supported (only 1)",
+                               "convert the detector with max_classes_per_detection 1 (TF's SSD configs' default)")
+        self.counted.update({name: outs[3] for name in outs[:3]})
+        return super().convert_detection_postprocess(op)
+
     def convert_gather_nd(self, op):
         """relax's gather_nd reads coordinates along the indices' last axis, as TFLite writes them; TVM's converter
         moved that axis first (topi's order), so the output gathered the wrong elements, and past the data."""
@@ -626,7 +644,8 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
                      "steps, 1x1 convs reading them in int32 where the CPU has AVX-512 VNNI (a different summation "
                      "order moves single values by one int8 step, so --verify "
                      f"allows a relative difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
-    converter = type("_FileConverter", (_Converter,), {"raw": raw, "hybrid": hybrid})
+    counted: dict[str, str] = {}
+    converter = type("_FileConverter", (_Converter,), {"raw": raw, "hybrid": hybrid, "counted": counted})
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -651,4 +670,5 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
                                "shrinkc serves static shapes only; pin every input with --input")
         outputs.append(TensorInfo(name, [int(d) for d in ty.shape.values], str(ty.dtype)))
     return mod, ModelInfo("tflite", path, inputs, outputs, notes,
-                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if hybrid or quantized else 0.0)
+                          verify_tolerance=QUANTIZED_VERIFY_TOLERANCE if hybrid or quantized else 0.0,
+                          counted_by=counted)
