@@ -35,26 +35,36 @@ WEIGHT_MAX = 127        # int8 weights: [-128, 127]
 LANES = 16
 
 
+def _row_steps(x: np.ndarray, extent: np.ndarray, largest: int, top: int | None = None) -> np.ndarray | None:
+    """Per row of x [O, I]: extent / m for the largest m <= `largest` that puts the row's x * m / extent within
+    GRID_TOLERANCE of whole numbers (none above `top`, where given); 0 where extent is 0; None if a row fits no m."""
+    step = np.zeros(len(x))
+    todo = extent > 0
+    for m in range(largest, 0, -1):
+        if not todo.any():
+            break
+        rows = np.flatnonzero(todo)
+        r = x[rows] * (m / extent[rows, None])
+        fit = np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE
+        if top is not None:
+            fit &= np.rint(r).max(axis=1) <= top
+        step[rows[fit]] = extent[rows[fit]] / m
+        todo[rows[fit]] = False
+    return None if todo.any() else step
+
+
+def _whole(x: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """x / step rounded per row (0 on rows of step 0)."""
+    return np.rint(np.divide(x, step[:, None], out=np.zeros_like(x), where=step[:, None] > 0))
+
+
 def integer_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(q int8 [O, I], step float64 [O]) with w == q * step[:, None] for every row of w [O, I], each row's step its
     largest |w| / m for the largest m <= 128 that puts the row on the grid within [-128, 127]; None if some row is
     on none."""
     w = w.astype(np.float64)
-    vmax = np.abs(w).max(axis=1)
-    step = np.zeros(len(w))
-    todo = vmax > 0
-    for m in range(WEIGHT_MAX + 1, 0, -1):
-        if not todo.any():
-            break
-        rows = np.flatnonzero(todo)
-        r = w[rows] * (m / vmax[rows, None])
-        fit = (np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE) & (np.rint(r).max(axis=1) <= WEIGHT_MAX)
-        step[rows[fit]] = vmax[rows[fit]] / m
-        todo[rows[fit]] = False
-    if todo.any():
-        return None
-    q = np.rint(np.divide(w, step[:, None], out=np.zeros_like(w), where=step[:, None] > 0))
-    return q.astype(np.int8), step
+    step = _row_steps(w, np.abs(w).max(axis=1), WEIGHT_MAX + 1, top=WEIGHT_MAX)
+    return None if step is None else (_whole(w, step).astype(np.int8), step)
 
 
 def offset_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -68,23 +78,12 @@ def offset_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     wu = w[:, used]
     if wu.size == 0:
         return None
-    vmin, span = wu.min(axis=1), wu.max(axis=1) - wu.min(axis=1)
-    step = np.zeros(len(w))
-    todo = span > 0
-    for m in range(2 * WEIGHT_MAX + 1, 0, -1):
-        if not todo.any():
-            break
-        rows = np.flatnonzero(todo)
-        r = (wu[rows] - vmin[rows, None]) * (m / span[rows, None])
-        fit = np.abs(r - np.rint(r)).max(axis=1) <= GRID_TOLERANCE
-        step[rows[fit]] = span[rows[fit]] / m
-        todo[rows[fit]] = False
-    if todo.any():
+    vmin = wu.min(axis=1)
+    step = _row_steps(wu - vmin[:, None], wu.max(axis=1) - vmin, 2 * WEIGHT_MAX + 1)
+    if step is None:
         return None
     q = np.zeros(w.shape)
-    q[:, used] = np.rint(np.divide(wu - vmin[:, None], step[:, None], out=np.zeros_like(wu),
-                                   where=step[:, None] > 0)) - (WEIGHT_MAX + 1)
-    q[:, ~used] = 0
+    q[:, used] = _whole(wu - vmin[:, None], step) - (WEIGHT_MAX + 1)
     q[step == 0] = 0
     return q.astype(np.int8), step, vmin + (WEIGHT_MAX + 1) * step, used
 
