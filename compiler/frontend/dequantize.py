@@ -4,10 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def dequantize(values: np.ndarray, scale, zero, axis: int) -> np.ndarray:
-    """float32 (values - zero) * scale; scale and zero (None: 0) one value, or one per index of `axis`."""
+def dequantize(values: np.ndarray, scale, zero, axis: int, block: int = 0) -> np.ndarray:
+    """float32 (values - zero) * scale; scale and zero (None: 0) one value, or one per index of `axis`, or (block)
+    arrays of values' rank with one per `block` indices along `axis` (ONNX's blocked quantization)."""
     def along_axis(v) -> np.ndarray:
-        v = np.asarray(v, np.float32).reshape(-1)
+        v = np.asarray(v, np.float32)
+        if block and v.ndim == values.ndim:
+            return np.repeat(v, block, axis=axis).take(range(values.shape[axis]), axis=axis)
+        v = v.reshape(-1)
         shape = [1] * values.ndim
         if v.size > 1:
             shape[axis] = v.size

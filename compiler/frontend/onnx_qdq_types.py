@@ -10,10 +10,10 @@
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compiler.frontend.dequantize import dequantize
 from compiler.frontend.onnx_rewriting import constants, drop_unread_initializers
 
 DOMAIN = "com.microsoft"
@@ -31,22 +31,6 @@ def has_unreadable_qdq(model: onnx.ModelProto) -> bool:
                for n in model.graph.node)
 
 
-def _dequantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int, block: int) -> np.ndarray:
-    axis %= max(x.ndim, 1)
-    shape = [1] * x.ndim
-    if scale.size > 1:
-        if block:
-            scale = np.repeat(scale, block, axis=axis).take(range(x.shape[axis]), axis=axis)
-            zero = None if zero is None else np.repeat(zero, block, axis=axis).take(range(x.shape[axis]), axis=axis)
-            shape = list(x.shape)
-        else:
-            shape[axis] = -1
-    x = x.astype(np.float32)
-    if zero is not None:
-        x = x - zero.astype(np.float32).reshape(shape)
-    return (x * scale.astype(np.float32).reshape(shape)).astype(np.float32)
-
-
 def readable_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """(the model with standard Q / DQ and those constant dequantizes folded, how many nodes were rewritten)."""
     g = model.graph
@@ -61,8 +45,8 @@ def readable_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         attrs = {a.name: a.i for a in node.attribute}
         if node.op_type == "DequantizeLinear" and all(i in consts for i in node.input if i):
             zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-            value = _dequantized(consts[node.input[0]], consts[node.input[1]], zero, attrs.get("axis", 1),
-                                 attrs.get("block_size", 0))
+            value = dequantize(consts[node.input[0]], consts[node.input[1]], zero, attrs.get("axis", 1),
+                               attrs.get("block_size", 0))
             g.initializer.append(numpy_helper.from_array(value, node.output[0]))
             continue
         node.domain = ""
