@@ -63,6 +63,16 @@ def _unsupported_op(tmp_path):
     return save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path, "unsupported.onnx")
 
 
+def _external(tmp_path, keep_data: bool):
+    """A model whose weights an exporter wrote to a separate file (ONNX external data), that file kept or not."""
+    path = tmp_path / "external.onnx"
+    onnx.save_model(single_conv_model(8, 16, 8), path, save_as_external_data=True, location="external.onnx.data",
+                    size_threshold=0)
+    if not keep_data:
+        (tmp_path / "external.onnx.data").unlink()
+    return path
+
+
 def _dynamic(tmp_path, axis=2, name="height"):
     m = single_conv_model(8, 8, 8)
     m.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
@@ -75,6 +85,7 @@ def _dynamic(tmp_path, axis=2, name="height"):
     ("truncated", [], "not a readable ONNX model"),
     ("unsupported", [], "unsupported op 'Celu' (node 'celu_1')"),
     ("dynamic", [], "dynamic dimension 'height'"),
+    ("missing_external", [], "keeps its weights (tensor 'w') in 'external.onnx.data', which is not in"),
     ("unknown_target", ["--target", "vax"], "unknown target 'vax'"),
     ("missing_cc", ["--target", "rpi4", "--cc", "no-such-aarch64-g++"], "cross compiler 'no-such-aarch64-g++'"),
     ("bad_pin", ["--input", "x=1x8x8x8"], "cannot read --input"),
@@ -83,7 +94,7 @@ def _dynamic(tmp_path, axis=2, name="height"):
 def test_errors_are_one_line(case, extra, needle, small_mv2, tmp_path, capsys):
     model = {"missing": tmp_path / "nope.onnx", "not_a_model": _not_a_model(tmp_path),
              "truncated": _truncated(small_mv2, tmp_path), "unsupported": _unsupported_op(tmp_path),
-             "dynamic": _dynamic(tmp_path)}.get(case, small_mv2)
+             "dynamic": _dynamic(tmp_path), "missing_external": _external(tmp_path, False)}.get(case, small_mv2)
     out = tmp_path / "out.so"
     code, _, err = run_cli(["compile", model, "-o", out, *extra], capsys)
     assert code == 2
@@ -92,6 +103,11 @@ def test_errors_are_one_line(case, extra, needle, small_mv2, tmp_path, capsys):
     assert needle in lines[0] and "fix:" in lines[0]
     assert "Traceback" not in err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".so")]
+
+
+def test_weights_in_an_external_data_file_compile_and_verify(tmp_path, capsys):
+    code, out, err = run_cli(["compile", _external(tmp_path, True), "-o", tmp_path / "ext.so", "--verify"], capsys)
+    assert code == 0 and "-> ok" in out, err
 
 
 def test_dynamic_dimension_can_be_pinned(tmp_path, capsys):

@@ -24,6 +24,18 @@ from compiler.frontend.onnx_qoperators import has_qoperators, qoperators_to_qdq
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 
 
+def _check_external_data(model: onnx.ModelProto, path: str) -> None:
+    """The files a model keeps its weights in (ONNX external data: exporters write large models so) are there."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    here = os.path.dirname(os.path.abspath(path))
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if not os.path.isfile(os.path.join(here, location)):
+                raise ShrinkcError(f"'{path}' keeps its weights (tensor '{tensor.name}') in '{location}', which is "
+                                   f"not in {here}", f"copy '{location}' next to the model")
+
+
 def load_onnx(path: str) -> onnx.ModelProto:
     """Read and sanity-check an ONNX file, turning every failure into one clear error."""
     if not os.path.exists(path):
@@ -31,8 +43,12 @@ def load_onnx(path: str) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise ShrinkcError(f"model file '{path}' is empty", "re-export the model")
     try:
-        model = onnx.load(path, load_external_data=True)
-    except Exception as err:  # protobuf DecodeError, missing external data, ...
+        model = onnx.load(path, load_external_data=False)
+        _check_external_data(model, path)
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except ShrinkcError:
+        raise
+    except Exception as err:  # protobuf DecodeError, a truncated external data file, ...
         raise ShrinkcError(f"'{path}' is not a readable ONNX model ({type(err).__name__}: {err})",
                            "re-export the model; the file may be truncated or not ONNX") from None
     if model.ir_version < 3 or not model.graph.node or not model.graph.output:
