@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,10 @@ from targets.errors import ShrinkcError
 
 VERSION = "0.1.0"
 _BUILD_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+# TVM runtime routines that live in the wheel's libtvm_runtime_extra.so, not in libtvm_runtime.so (a board with the
+# runtime alone lacks them: its rpc_server needs --load-library, a deployment the library itself)
+EXTRA_RUNTIME_LIBRARY = "libtvm_runtime_extra.so"
+EXTRA_RUNTIME_PREFIXES = ("tvm.contrib.sort.", "tvm.contrib.random.")
 
 
 def _finalize_passes(spec: TargetSpec) -> tvm.transform.Pass:
@@ -55,6 +60,30 @@ def _tir_pipeline():
 
 
 compilation_pipeline.register_tir_pipeline("shrinkc", _tir_pipeline)
+
+
+def runtime_functions(mod: tvm.IRModule) -> list[str]:
+    """The TVM runtime routines (tvm.contrib.*) the lowered module calls by name: topi's CPU topk / sort / argsort
+    (te.extern, a library-call PrimFunc) or a Relax call of an extern function."""
+    from schedules.rule import is_library_call
+    names = set()
+    for func in mod.functions.values():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            if is_library_call(func):
+                names.update(re.findall(r'"(tvm\.contrib\.[\w.]+)"', func.script()))
+        elif isinstance(func, relax.Function):
+            def visit(expr):
+                if isinstance(expr, relax.ExternFunc) and str(expr.global_symbol).startswith("tvm.contrib."):
+                    names.add(str(expr.global_symbol))
+            relax.analysis.post_order_visit(func.body, visit)
+    return sorted(names)
+
+
+def runtime_needs(functions: list[str]) -> dict:
+    """OUT.json's "runtime": the routines the library calls by name and the TVM runtime libraries a board needs."""
+    extra = any(f.startswith(EXTRA_RUNTIME_PREFIXES) for f in functions)
+    return {"functions": list(functions),
+            "libraries": ["libtvm_runtime.so"] + ([EXTRA_RUNTIME_LIBRARY] if extra else [])}
 
 
 def vm_mode(spec: TargetSpec, profiling: bool = False) -> str:

@@ -73,6 +73,9 @@ def cmd_compile(args) -> int:
         ups = [r["speedup_vs_dense"] for r in sparse if r["speedup_vs_dense"] is not None]
         measured = f", {min(ups):.1f}-{max(ups):.1f}x faster than dense each" if ups else ""
         print(f"  sparse layers: {len(sparse)}{measured} (every one under 'sparse_layers' in {meta})")
+    needs = cm.metadata()["runtime"]
+    if len(needs["libraries"]) > 1:
+        print(f"  calls {', '.join(needs['functions'])}: a board running it needs {', '.join(needs['libraries'])}")
     if args.verify:
         if not cm.spec.runs_here():
             print(f"verify: skipped, a '{cm.spec.name}' library does not run on this machine "

@@ -61,6 +61,7 @@ class CompiledModel:
             "vm": self.report.get("vm", "bytecode"),
             "passes": self.report.get("passes", {}),
             "sparse_layers": sparse_layers(self.report.get("passes", {})),
+            "runtime": artifact.runtime_needs(self.report.get("runtime_functions", [])),
         }
 
     def export(self, path: str, report_path: str | None = None) -> tuple[str, str]:
@@ -155,7 +156,8 @@ def compile_model(model, target=None, *, inputs: dict | None = None, cc: str | N
     kernels = sorted({gv.name_hint for gv, f in mod.functions.items() if gv.name_hint.startswith(("f32_", "u8i8_"))})
     source_bytes = model.SerializeToString() if isinstance(model, onnx.ModelProto) else None
     return CompiledModel(executable, info, spec, {"passes": passes, "timings_s": timings, "kernels": kernels,
-                                                  "vm": artifact.vm_mode(spec, profiling)}, source_bytes)
+                                                  "vm": artifact.vm_mode(spec, profiling),
+                                                  "runtime_functions": artifact.runtime_functions(mod)}, source_bytes)
 
 
 def load(path: str) -> runtime.Runner:

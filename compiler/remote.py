@@ -128,11 +128,27 @@ def run_remote(args) -> int:
     return 0
 
 
+def check_runtime_functions(session, meta: dict) -> None:
+    """Every TVM runtime routine the library calls by name (OUT.json's "runtime") is on the board: one clear error
+    naming the first missing one and the library that has it, before anything is uploaded."""
+    from compiler import artifact
+    for function in meta.get("runtime", {}).get("functions", []):
+        try:
+            session.get_function(function)
+        except Exception:  # NOTE: a name the board lacks raises (AttributeError here, an RPC error from a board)
+            lib = artifact.EXTRA_RUNTIME_LIBRARY if function.startswith(artifact.EXTRA_RUNTIME_PREFIXES) else None
+            where = f" (in TVM's {lib})" if lib else ""
+            raise FarmError(f"the board lacks {function}{where}, which this library calls",
+                            f"start its rpc_server with --load-library /path/to/{lib or 'the library that has it'}"
+                            " (tools/farm.py's boards do)") from None
+
+
 def run_library(session, path: str, meta: dict, inputs: dict, repeat: int) -> tuple[list[np.ndarray], list[float]]:
     """Upload OUT.so, run `main` once on the inputs (outputs back as numpy) and time `repeat` runs."""
     import tvm
     from tvm import relax
     name = os.path.basename(path)
+    check_runtime_functions(session, meta)
     try:
         session.upload(path, name)
         lib = session.load_module(name)
@@ -143,9 +159,11 @@ def run_library(session, path: str, meta: dict, inputs: dict, repeat: int) -> tu
             if t["name"] not in inputs:
                 raise ShrinkcError(f"no data for input '{t['name']}'", f"pass --input {t['name']}=FILE.npy")
             args.append(tvm.runtime.tensor(np.asarray(inputs[t["name"]]).astype(t["dtype"]), dev))
-        out = vm["main"](*args)
-        outs = list(out) if not hasattr(out, "numpy") else [out]
-        outputs = [o.numpy() for o in outs]
+        # NOTE: through set_input / get_outputs, which fetch a tuple's fields one by one: a tuple a remote call returns
+        # comes back as an opaque reference (a model with several outputs failed: "not iterable")
+        vm.set_input("main", *args)
+        vm.invoke_stateful("main")
+        outputs = [o.numpy() for o in _fields(vm.get_outputs("main"))]
         timer = vm.time_evaluator("main", dev, number=1, repeat=repeat)
         times = [float(t) for t in timer(*args).results]
     except ShrinkcError:
@@ -155,6 +173,11 @@ def run_library(session, path: str, meta: dict, inputs: dict, repeat: int) -> tu
         raise FarmError(f"running '{name}' on the board failed: {first}",
                         "check that it was compiled for that board's target (shrinkc compile --target ...)") from None
     return outputs, times
+
+
+def _fields(value) -> list:
+    """A VM result's tensors in order (get_outputs gives nested tuples for tuples)."""
+    return [t for v in value for t in _fields(v)] if isinstance(value, tuple) else [value]
 
 
 class RemoteMeasurer:

@@ -45,6 +45,7 @@ def test_python_api_export_load_run(tmp_path):
     loaded = compiler.load(so).run(x)[0]
     np.testing.assert_allclose(direct, loaded, rtol=0, atol=0)
     assert direct.shape == (1, 5)
+    assert cm.metadata()["runtime"] == {"functions": [], "libraries": ["libtvm_runtime.so"]}   # no routine by name
 
 
 def test_compiled_vm_by_default_bytecode_for_profiling(tmp_path):

@@ -139,12 +139,40 @@ def test_host_server_runs_uploaded_library(tracker, tmp_path):
         want = run_tiny(tvm.runtime.load_module(str(lib)), tvm.cpu(), x, w)
         np.testing.assert_allclose(got, want, rtol=1e-6)
         np.testing.assert_allclose(got, np.maximum(x @ w, 0), rtol=1e-5, atol=1e-5)
+        # a model of several outputs (TopK's values and indices) through shrinkc's remote runner
+        import compiler
+        from compiler import remote
+        so, _ = compiler.compile_model(str(topk_model(tmp_path / "topk.onnx"))).export(str(tmp_path / "topk.so"))
+        meta = compiler.runtime.read_metadata(so)
+        feed = {"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+        session = farm.request_session("host-x86", tracker, timeout=20)
+        (values, indices), times = remote.run_library(session, so, meta, feed, 2)
+        want = compiler.load(so).run(feed)
+        np.testing.assert_array_equal(indices, want[1])
+        np.testing.assert_allclose(values, want[0], rtol=1e-6)
+        assert len(times) == 2
     finally:
         assert farm.server_stop("host-x86")
     # Stopping the group also ends rpc_server's popen_worker child, which would keep the port.
     assert not farm._group_members(rec["pid"])
     assert refuses(addr[1])
     assert "host-x86" not in farm.registered_keys(tracker)
+
+
+def test_a_board_without_the_routines_a_library_calls_is_named_before_upload(tmp_path):
+    """OUT.json's runtime functions are looked up on the board first: a missing one is one clear error naming it,
+    the library that has it and --load-library; nothing is uploaded."""
+    from tvm import rpc
+
+    from compiler import remote
+    session = rpc.LocalSession()
+    remote.check_runtime_functions(session, {"runtime": {"functions": ["tvm.contrib.sort.topk"]}})   # present here
+    remote.check_runtime_functions(session, {})                                                    # older OUT.json
+    missing = {"runtime": {"functions": ["tvm.contrib.sort.topk", "tvm.contrib.sort.not_on_this_board"]}}
+    with pytest.raises(remote.FarmError, match=r"lacks tvm\.contrib\.sort\.not_on_this_board \(in TVM's "
+                       r"libtvm_runtime_extra\.so\)") as err:
+        remote.run_library(session, str(tmp_path / "never_read.so"), missing, {}, 1)
+    assert "--load-library" in err.value.fix
 
 
 def test_busy_board_times_out_with_a_clear_error(tracker):
@@ -238,3 +266,20 @@ def test_board_prerequisites_name_the_binfmt_tool(monkeypatch, tmp_path):
     rule.write_text(":qemu-aarch64:M::\\x7fELF:\\xff\\xff\\xff\\xff:/usr/libexec/qemu-binfmt/aarch64-binfmt-P:OPF\n")
     monkeypatch.setattr(emu_board, "QEMU_BINFMT_LINE", rule)
     assert "update-binfmts" not in emu_board.missing_prerequisites()
+
+def topk_model(path: Path) -> Path:
+    """conv -> global average pool -> the 5 largest of 32 scores (values and int64 indices), saved at path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = (np.random.default_rng(0).standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("TopK", ["f", "k"], ["v", "i"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([5], np.int64), "k")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

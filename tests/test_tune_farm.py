@@ -18,7 +18,7 @@ import targets
 from compiler import tune
 from conftest import run_cli
 from targets.errors import ShrinkcError
-from test_farm import emu_board, farm, free_port, tracker  # noqa: F401 (tracker: a fixture)
+from test_farm import emu_board, farm, free_port, topk_model, tracker  # noqa: F401 (tracker: a fixture)
 from test_tune import tiny  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +86,21 @@ def test_tuning_on_the_emulated_board_and_the_library_that_runs_there(tracker, t
         board, here = np.load(tmp_path / "board.npz"), np.load(tmp_path / "x86.npz")
         for name in here.files:
             np.testing.assert_allclose(board[name], here[name], rtol=1e-4, atol=1e-4)
+        # a classifier's TopK calls TVM's sort routine by name, which the board has from libtvm_runtime_extra.so
+        topk = topk_model(tmp_path / "topk.onnx")
+        for out, target in ((tmp_path / "topk_rpi4.so", "rpi4"), (tmp_path / "topk_x86.so", None)):
+            code, text, err = run_cli(["compile", topk, "-o", out] + (["--target", target] if target else []), capsys)
+            assert code == 0 and "calls tvm.contrib.sort.topk" in text, err
+        code, out, err = run_cli(["run", tmp_path / "topk_rpi4.so", "--rpc-tracker", tracker, "--rpc-key",
+                                  farm.BOARD_KEY, "--save", tmp_path / "topk_board.npz", "--repeat", "1"], capsys)
+        assert code == 0, err
+        assert run_cli(["run", tmp_path / "topk_x86.so", "--save", tmp_path / "topk_x86.npz"], capsys)[0] == 0
+        board, here = np.load(tmp_path / "topk_board.npz"), np.load(tmp_path / "topk_x86.npz")
+        np.testing.assert_array_equal(board["i"], here["i"])
+        np.testing.assert_allclose(board["v"], here["v"], rtol=1e-4, atol=1e-5)
     finally:
         assert farm.board_stop(farm.BOARD_KEY)
+
 
 
 def test_board_killed_mid_job_another_board_finishes(tracker, small_mv2, tmp_path):  # noqa: F811
