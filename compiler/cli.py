@@ -73,6 +73,10 @@ def cmd_compile(args) -> int:
         ups = [r["speedup_vs_dense"] for r in sparse if r["speedup_vs_dense"] is not None]
         measured = f", {min(ups):.1f}-{max(ups):.1f}x faster than dense each" if ups else ""
         print(f"  sparse layers: {len(sparse)}{measured} (every one under 'sparse_layers' in {meta})")
+    from passes.sparsify_conv1x1 import BATCH_ONE
+    batch = [k for k in cm.report["passes"].get("SparsifyConv1x1", {}).get("skipped", []) if BATCH_ONE in k["why"]]
+    if batch:
+        print(f"  {len(batch)} mostly-zero 1x1 convs run dense: {batch[0]['why'].split('skipped: ')[-1]}")
     needs = cm.metadata()["runtime"]
     if len(needs["libraries"]) > 1:
         print(f"  calls {', '.join(needs['functions'])}: a board running it needs {', '.join(needs['libraries'])}")

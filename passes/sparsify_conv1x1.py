@@ -32,6 +32,11 @@ BLOCK_MIN_FILL = 0.75       # a block shape is used when its blocks are at least
 BLOCK_TRY_FILL = 0.5        # ... or, where the cost interface measures, tried from this fill up
 
 
+# why a mostly-zero 1x1 conv of a batch > 1 stays dense, and what to do (the CLI repeats it once per model)
+BATCH_ONE = ("the sparse CHW kernels serve batch 1 (export the model with batch 1, or with a dynamic batch, which "
+             "shrinkc compiles as 1)")
+
+
 def conv1x1_weights(value, any_batch: bool = False) -> np.ndarray | None:
     """[Cout, Cin] weights of a batch-1 (any_batch: any batch) NCHW/OIHW 1x1 stride-1 groups-1 f32 conv with
     constant weights."""
@@ -224,8 +229,8 @@ class _Sparsifier(BindingRewriter):
         batch = int(value.args[0].ty.shape.values[0])
         if batch != 1:
             if zeros >= self.sparse_min:
-                changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros but batch {batch}; the "
-                                                   "sparse CHW kernels serve batch 1 (compile with --input NAME:1x...)")
+                changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros but batch {batch}; "
+                                                   f"{BATCH_ONE}")
             return None
         if zeros < self.sparse_min:
             changelog.skip(NAME, plan["name"], f"sparse 1x1 skipped: {zeros:.0%} zeros < {self.sparse_min:.0%}")

@@ -87,14 +87,29 @@ def test_not_fired_when_too_dense_or_slower(sparsity, cost):
     assert ("< 67%" in why) if sparsity == 0.5 else ("dense" in why)
 
 
-def test_a_batched_model_stays_dense_and_says_why():
+def test_a_batched_model_stays_dense_and_says_why(tmp_path, capsys):
     """The sparse CHW kernels serve batch 1: a mostly-zero 1x1 conv of a batch-2 input stays dense, with a skip
-    line naming the batch."""
+    line naming the batch and what to export instead; `shrinkc compile` says so once, `shrinkc analyze` lists the
+    conv as dense with that reason (it used to leave the batched convs out of its table)."""
+    import onnx
+
+    from compiler.analyze import analyze
+    from passes.sparsify_conv1x1 import BATCH_ONE
+    from tests.conftest import run_cli
     model = single_conv_model(32, 32, 6, sparsity=0.85)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     mod, book = _sparsify(_cleaned(model))
     assert "f32_spmm_chw" not in mod.script(show_meta=False)
-    assert "batch 2" in book["SparsifyConv1x1"]["skipped"][0]["why"]
+    why = book["SparsifyConv1x1"]["skipped"][0]["why"]
+    assert "batch 2" in why and "export the model with batch 1" in why
+    path = tmp_path / "batch2.onnx"
+    onnx.save(model, path)
+    code, out, err = run_cli(["compile", path, "-o", tmp_path / "batch2.so"], capsys)
+    assert code == 0 and f"1 mostly-zero 1x1 convs run dense: 85% zeros but batch 2; {BATCH_ONE}" in out, err
+    convs = next(s for s in analyze(str(path), cost=_FixedCost(3e-4, 1e-4))["sections"]
+                 if s["title"].startswith("sparse 1x1"))
+    (row,) = [dict(zip(convs["columns"], r)) for r in convs["rows"]]
+    assert row["zeros"] == "85%" and row["decision"] == "dense" and "batch 2" in row["why"]
 
 
 def test_measured_choice_records_speedup():
