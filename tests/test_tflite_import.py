@@ -432,6 +432,39 @@ def test_tf_ops_tvm_converted_wrongly_match_litert(tmp_path, kind):
     assert_matches_ort(str(path), tol=1e-5)
 
 
+def _upsampling_model(custom: bool, k: int, stride: int, padding: str, weights: str = "fp32") -> bytes:
+    """conv -> a transposed conv with bias (MediaPipe's custom Convolution2DTransposeBias, or TRANSPOSE_CONV)."""
+    b = TfliteBuilder(weights=weights, seed=5)
+    x = b.input([1, 6, 7, 8])
+    y = b.conv2d(x, (b.rng.standard_normal((8, 3, 3, 8)) * 0.3).astype(np.float32),
+                 (b.rng.standard_normal(8) * 0.1).astype(np.float32), act="RELU")
+    w = (b.rng.standard_normal((5, k, k, 8)) * 0.3).astype(np.float32)
+    bias = b.rng.standard_normal(5).astype(np.float32)
+    b.output((b.transpose_conv_bias if custom else b.transpose_conv)(y, w, bias, stride=stride, padding=padding))
+    return b.finish()
+
+
+@pytest.mark.parametrize("k,stride,padding,weights", [(2, 2, "SAME", "fp32"), (3, 2, "SAME", "fp16"),
+                                                      (4, 2, "SAME", "fp32"), (3, 2, "VALID", "fp32"),
+                                                      (5, 3, "SAME", "fp32")])
+def test_mediapipe_transposed_conv_with_bias_matches_litert(tmp_path, k, stride, padding, weights):
+    """MediaPipe's segmentation models upsample with the custom op Convolution2DTransposeBias (refused before as a
+    custom op): against LiteRT running it (its XNNPACK delegate has it) and against LiteRT's TRANSPOSE_CONV with the
+    same weights and bias; fp16 weights through DEQUANTIZE as MediaPipe stores them."""
+    from conftest import assert_matches_ort
+
+    from compiler.verify import reference_outputs
+    custom, builtin = tmp_path / "custom.tflite", tmp_path / "builtin.tflite"
+    custom.write_bytes(_upsampling_model(True, k, stride, padding, weights))
+    builtin.write_bytes(_upsampling_model(False, k, stride, padding, weights))
+    info = assert_matches_ort(str(custom), tol=1e-5).info
+    x = {"input": np.random.default_rng(0).standard_normal((1, 6, 7, 8)).astype(np.float32)}
+    np.testing.assert_allclose(reference_outputs("tflite", str(custom), x)[0],
+                               reference_outputs("tflite", str(builtin), x)[0], rtol=1e-5, atol=1e-5)
+    assert info.outputs[0].shape[1:3] == ([6 * stride, 7 * stride] if padding == "SAME" else
+                                          [5 * stride + k, 6 * stride + k])
+
+
 def test_fully_connected_without_bias_and_squeeze_without_dims(tmp_path):
     """A FULLY_CONNECTED with no bias (-1) and a fused ReLU on a 4-D input (its output flattened to [rows, units])
     failed (the fused activation's call was reshaped before it had a type); a SQUEEZE without squeeze_dims failed

@@ -214,6 +214,19 @@ class TfliteBuilder:
         return self._op(_Op.TRANSPOSE_CONV, [shape, wt, x, bt], [n, oh, ow, cout], name, _Opt.TransposeConvOptions,
                         Padding=_PADS[padding], StrideW=stride, StrideH=stride)
 
+    def transpose_conv_bias(self, x: int, weight: np.ndarray, bias: np.ndarray, stride: int = 2,
+                            padding: str = "SAME", name: str = "upconv") -> int:
+        """MediaPipe's custom op Convolution2DTransposeBias: transpose_conv's computation, its inputs (input, OHWI
+        weights, bias) and its options the raw C struct {int32 padding (1 SAME, 2 VALID), stride_w, stride_h}."""
+        n, h, w, _ = self.shape(x)
+        cout, kh, kw, _ = weight.shape
+        oh, ow = (h * stride, w * stride) if padding == "SAME" else ((h - 1) * stride + kh, (w - 1) * stride + kw)
+        wt, bt = self.weight(weight, f"{name}/weights"), self.weight(bias, f"{name}/bias", quantize=False)
+        out = self._tensor(name, [n, oh, ow, cout])
+        options = np.array([1 if padding == "SAME" else 2, stride, stride], "<i4").tobytes()
+        self.ops.append(_Operator("Convolution2DTransposeBias", [x, wt, bt], [out], custom_options=options))
+        return out
+
     def prelu(self, x: int, slope: np.ndarray, name: str = "prelu") -> int:
         """PRELU with a constant slope broadcast against x (Keras: [1, 1, C], shared over H and W)."""
         st = self.const(slope.astype(np.float32), f"{name}/alpha")

@@ -104,8 +104,11 @@ def op_name(model: tflite.Model, op) -> str:
     return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
 
 
-# custom ops that TFLite's own op resolver registers and shrinkc converts: an SSD detector's box decoding and NMS
-_CUSTOM_OPS = ("TFLite_Detection_PostProcess",)
+# custom ops that shrinkc converts and LiteRT runs (the reference of --verify): an SSD detector's box decoding and NMS
+# (TFLite's own op resolver registers it), and MediaPipe's transposed conv with bias that its segmentation models
+# upsample with (LiteRT's XNNPACK delegate runs it)
+TRANSPOSE_CONV_BIAS = "Convolution2DTransposeBias"
+_CUSTOM_OPS = ("TFLite_Detection_PostProcess", TRANSPOSE_CONV_BIAS)
 
 
 def _check_custom_ops(model: tflite.Model, path: str) -> None:
@@ -390,7 +393,44 @@ class _Converter(_tvm_tflite.OperatorConverter):
 
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
+        self.convert_map[TRANSPOSE_CONV_BIAS] = self.convert_transpose_conv_bias
         self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
+
+    def get_op_code_str(self, op):
+        code = self.model.OperatorCodes(op.OpcodeIndex())
+        if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == BuiltinOperator.CUSTOM and \
+                code.CustomCode() == TRANSPOSE_CONV_BIAS.encode():
+            return TRANSPOSE_CONV_BIAS
+        return super().get_op_code_str(op)
+
+    def convert_transpose_conv_bias(self, op):
+        """MediaPipe's Convolution2DTransposeBias: TRANSPOSE_CONV's computation (padding as TFLite computes it from the
+        output size) plus a bias, with its inputs (input, OHWI weights, bias) and its options as the raw C struct
+        TfLiteTransposeConvParams (int32 padding: 1 SAME, 2 VALID; stride_w; stride_h). Float only."""
+        (x, w, b), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
+        if len(raw) < 12:
+            raise ShrinkcError(f"{TRANSPOSE_CONV_BIAS} (output '{_name(self.subgraph, out.tensor_idx)}') has "
+                               f"{len(raw)} bytes of options, not the 12 of its padding and strides",
+                               "re-export the model with MediaPipe's converter")
+        padding, stride_w, stride_h = (int(v) for v in np.frombuffer(raw[:12], "<i4"))
+        if padding not in (1, 2) or x.qnn_params or stride_w < 1 or stride_h < 1:
+            raise ShrinkcError(f"{TRANSPOSE_CONV_BIAS} (output '{_name(self.subgraph, out.tensor_idx)}') with padding "
+                               f"{padding}, strides {stride_h}x{stride_w}{' on quantized input' * bool(x.qnn_params)} "
+                               "is not supported", "only float SAME / VALID ones are")
+        _, oh, ow, _ = (int(d) for d in out.tensor.ShapeAsNumpy())
+        _, kh, kw, _ = (int(d) for d in w.tensor.ShapeAsNumpy())
+        pads = (0, 0, 0, 0)
+        if padding == 1:
+            (top, bottom), (left, right) = (_tvm_tflite.get_pad_value(oh, kh, stride_h),
+                                            _tvm_tflite.get_pad_value(ow, kw, stride_w))
+            pads = (top, left, bottom, right)
+        weight = np.transpose(np.asarray(self.get_tensor_value(w), np.float32), (3, 0, 1, 2))     # OHWI -> IOHW
+        y = relax.op.nn.conv2d_transpose(self.get_tensor_expr(x), self.exp_tab.new_const(weight, dtype="float32"),
+                                         strides=(stride_h, stride_w), padding=pads, data_layout="NHWC",
+                                         kernel_layout="IOHW", out_dtype="float32")
+        bias = np.asarray(self.get_tensor_value(b), np.float32).reshape(-1)
+        return relax.op.add(self.bb.emit(y), self.exp_tab.new_const(bias, dtype="float32"))
 
     def _named(self, kind: str, convert):
         def run(op):
