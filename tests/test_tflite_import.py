@@ -517,6 +517,19 @@ def test_ssd_detection_postprocess_matches_litert(tmp_path, options):
     assert all(r.ok for r in results), [r.line() for r in results]
 
 
+@pytest.mark.parametrize("regular_nms", [False, True])
+def test_uint8_ssd_detector_matches_litert(tmp_path, regular_nms):
+    """A TF1-style quantized SSD: uint8 heads, LOGISTIC and anchors feed TFLite_Detection_PostProcess, which reads
+    them quantized; boxes, classes, scores and count equal LiteRT's."""
+    from zoo.tflite_writer import uint8_ssd_tflite
+    path = tmp_path / "ssd_u8.tflite"
+    path.write_bytes(uint8_ssd_tflite(regular_nms))
+    import compiler
+    results = compiler.compile_model(str(path)).verify(tolerance=1e-5)
+    assert all(r.ok for r in results), [r.line() for r in results]
+    assert [r.output for r in results][-1] == "num_detections"
+
+
 def test_ssd_with_several_classes_per_detection_is_refused(tmp_path):
     path = tmp_path / "ssd2.tflite"
     path.write_bytes(_ssd_head(max_classes_per_detection=2))

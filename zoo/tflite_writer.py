@@ -559,6 +559,68 @@ def mobilenet_v2_tflite(width: float = 0.35, resolution: int = 96, sparsity: flo
     return b.finish()
 
 
+def _uint8_tensor(b: TfliteBuilder, name: str, shape, scale: float, zero: int) -> int:
+    """A uint8 activation tensor with one scale and zero point."""
+    t = b._tensor(name, shape, "uint8")
+    b.tensors[t].quant = {"scale": np.array([scale], np.float32), "zero": np.array([zero]), "axis": 0}
+    return t
+
+
+def _uint8_conv(b: TfliteBuilder, x: int, x_scale: float, w: np.ndarray, name: str, stride: int = 1, dw: bool = False,
+                act: str = "RELU6", out: tuple = (6 / 255, 0), padding: str = "SAME") -> int:
+    """A conv (OHWI weights) or depthwise conv (1HWC) as TF1's quantization-aware training wrote it: uint8 weights
+    asymmetric over the tensor's own min / max, an int32 bias (random, small), output quantized as `out`."""
+    rng = b.rng
+    n, h, wd, c = b.shape(x)
+    lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+    ws = (hi - lo) / 255
+    wz = int(round(-lo / ws))
+    wq = np.clip(np.round(w / ws) + wz, 0, 255).astype(np.uint8)
+    wt = b._tensor(f"{name}/weights_quant", w.shape, "uint8", data=wq.tobytes(),
+                   quant={"scale": np.array([ws], np.float32), "zero": np.array([wz]), "axis": 0})
+    cout = w.shape[3] if dw else w.shape[0]
+    bias = np.round(rng.standard_normal(cout) * 0.05 / (x_scale * ws)).astype(np.int32)
+    bt = b._tensor(f"{name}/bias", [cout], "int32", data=bias.tobytes(),
+                   quant={"scale": np.array([x_scale * ws], np.float32), "zero": np.zeros(1), "axis": 0})
+    y = _uint8_tensor(b, name, [n, _out_size(h, w.shape[1], stride, padding),
+                                _out_size(wd, w.shape[2], stride, padding), cout], *out)
+    code, opts = (_Op.DEPTHWISE_CONV_2D, _Opt.DepthwiseConv2DOptions) if dw else (_Op.CONV_2D, _Opt.Conv2DOptions)
+    extra = {"DepthMultiplier": 1} if dw else {}
+    b.ops.append(_Operator(code, [x, wt, bt], [y], opts, dict(
+        Padding=_PADS[padding], StrideW=stride, StrideH=stride, FusedActivationFunction=_ACTS[act],
+        DilationWFactor=1, DilationHFactor=1, **extra)))
+    return y
+
+
+def uint8_ssd_tflite(regular_nms: bool = False) -> bytes:
+    """A tiny SSD detector as TF1's quantized detection models end (ssd_mobilenet_v1_quantized): uint8 conv, box and
+    class heads over 8 x 8 anchors, uint8 reshapes and LOGISTIC, uint8-quantized anchors, and
+    TFLite_Detection_PostProcess reading them all quantized (it dequantizes them itself)."""
+    b = TfliteBuilder(seed=0)
+    rng = b.rng
+    x = _uint8_tensor(b, "input", [1, 16, 16, 3], 1 / 128, 128)
+    b.inputs.append(x)
+    c1 = _uint8_conv(b, x, 1 / 128, (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "c1", stride=2)
+    heads = []
+    for name, spread, out in (("box", 0.3, (0.05, 128)), ("cls", 0.5, (0.1, 128))):
+        head = _uint8_conv(b, c1, 6 / 255, (rng.standard_normal((4, 1, 1, 8)) * spread).astype(np.float32), name,
+                           act="NONE", out=out)
+        flat = _uint8_tensor(b, f"{name}/reshape", [1, 64, 4], *out)
+        b.ops.append(_Operator(_Op.RESHAPE, [head, b.const(np.array([1, 64, 4]), f"{name}/shape", "int32")], [flat]))
+        heads.append(flat)
+    scores = _uint8_tensor(b, "scores", [1, 64, 4], 1 / 256, 0)
+    b.ops.append(_Operator(_Op.LOGISTIC, [heads[1]], [scores]))
+    yy, xx = np.meshgrid((np.arange(8) + 0.5) / 8, (np.arange(8) + 0.5) / 8, indexing="ij")
+    anchors = np.stack([yy.ravel(), xx.ravel(), np.full(64, 0.2), np.full(64, 0.2)], 1)
+    b.detection_postprocess(heads[0], scores, anchors, use_regular_nms=regular_nms, num_classes=3)
+    a = next(t for t in b.tensors if t.name == "anchors")
+    a.dtype, a.data = "uint8", np.round(anchors * 255).astype(np.uint8).tobytes()
+    a.quant = {"scale": np.array([1 / 255], np.float32), "zero": np.array([0]), "axis": 0}
+    for out in b.ops[-1].outputs:
+        b.output(out)
+    return b.finish()
+
+
 def uint8_mobilenet_v1_tflite(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0,
                               num_layers: int | None = None, softmax: bool = True) -> bytes:
     """MobileNetV1 quantized as TF1's quantization-aware training wrote it (mobilenet_v1_1.0_224_quant.tflite):
@@ -571,30 +633,10 @@ def uint8_mobilenet_v1_tflite(width: float = 1.0, resolution: int = 224, num_cla
     relu6 = (6 / 255, 0)
 
     def activation(name, shape, scale, zero):
-        t = b._tensor(name, shape, "uint8")
-        b.tensors[t].quant = {"scale": np.array([scale], np.float32), "zero": np.array([zero]), "axis": 0}
-        return t
+        return _uint8_tensor(b, name, shape, scale, zero)
 
     def conv(x, x_scale, w, act_scale, name, stride=1, dw=False, act="RELU6", out=relu6, padding="SAME"):
-        n, h, wd, c = b.shape(x)
-        lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
-        ws = (hi - lo) / 255
-        wz = int(round(-lo / ws))
-        wq = np.clip(np.round(w / ws) + wz, 0, 255).astype(np.uint8)
-        wt = b._tensor(f"{name}/weights_quant", w.shape, "uint8", data=wq.tobytes(),
-                       quant={"scale": np.array([ws], np.float32), "zero": np.array([wz]), "axis": 0})
-        cout = w.shape[3] if dw else w.shape[0]
-        bias = np.round(rng.standard_normal(cout) * 0.05 / (x_scale * ws)).astype(np.int32)
-        bt = b._tensor(f"{name}/bias", [cout], "int32", data=bias.tobytes(),
-                       quant={"scale": np.array([x_scale * ws], np.float32), "zero": np.zeros(1), "axis": 0})
-        y = activation(name, [n, _out_size(h, w.shape[1], stride, padding), _out_size(wd, w.shape[2], stride, padding),
-                              cout], *out)
-        code, opts = (_Op.DEPTHWISE_CONV_2D, _Opt.DepthwiseConv2DOptions) if dw else (_Op.CONV_2D, _Opt.Conv2DOptions)
-        extra = {"DepthMultiplier": 1} if dw else {}
-        b.ops.append(_Operator(code, [x, wt, bt], [y], opts, dict(
-            Padding=_PADS[padding], StrideW=stride, StrideH=stride, FusedActivationFunction=_ACTS[act],
-            DilationWFactor=1, DilationHFactor=1, **extra)))
-        return y
+        return _uint8_conv(b, x, x_scale, w, name, stride, dw, act, out, padding)
 
     def he(o, kh, kw, i, fan):
         return (rng.standard_normal((o, kh, kw, i)) * math.sqrt(2.0 / fan)).astype(np.float32)
