@@ -79,11 +79,13 @@ def runtime_functions(mod: tvm.IRModule) -> list[str]:
     return sorted(names)
 
 
-def runtime_needs(functions: list[str]) -> dict:
-    """OUT.json's "runtime": the routines the library calls by name and the TVM runtime libraries a board needs."""
+def runtime_needs(functions: list[str], spec: TargetSpec) -> dict:
+    """OUT.json's "runtime": the routines the library calls by name and the TVM runtime libraries a board needs (a
+    CUDA library's kernels load through the wheel's libtvm_runtime_cuda.so)."""
     extra = any(f.startswith(EXTRA_RUNTIME_PREFIXES) for f in functions)
     return {"functions": list(functions),
-            "libraries": ["libtvm_runtime.so"] + ([EXTRA_RUNTIME_LIBRARY] if extra else [])}
+            "libraries": ["libtvm_runtime.so"] + ["libtvm_runtime_cuda.so"] * spec.is_gpu
+            + [EXTRA_RUNTIME_LIBRARY] * extra}
 
 
 def vm_mode(spec: TargetSpec, profiling: bool = False) -> str:

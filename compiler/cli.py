@@ -78,7 +78,7 @@ def cmd_compile(args) -> int:
     if batch:
         print(f"  {len(batch)} mostly-zero 1x1 convs run dense: {batch[0]['why'].split('skipped: ')[-1]}")
     needs = cm.metadata()["runtime"]
-    if len(needs["libraries"]) > 1:
+    if needs["functions"]:
         print(f"  calls {', '.join(needs['functions'])}: a board running it needs {', '.join(needs['libraries'])}")
     if args.verify:
         if not cm.spec.runs_here():

@@ -61,7 +61,7 @@ class CompiledModel:
             "vm": self.report.get("vm", "bytecode"),
             "passes": self.report.get("passes", {}),
             "sparse_layers": sparse_layers(self.report.get("passes", {})),
-            "runtime": artifact.runtime_needs(self.report.get("runtime_functions", [])),
+            "runtime": artifact.runtime_needs(self.report.get("runtime_functions", []), self.spec),
         }
 
     def export(self, path: str, report_path: str | None = None) -> tuple[str, str]:

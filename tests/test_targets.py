@@ -187,6 +187,16 @@ def test_cuda_export_carries_compiled_kernels(target, sm, tiny, tmp_path):
     assert set(fmap) <= elf_functions(cubins[0])   # every kernel the host launches is in the cubin
     assert {arch for kind, arch, _ in entries if kind == FATBIN_PTX} == {sm}   # PTX for newer GPUs
     assert all(arch == sm for _, arch, _ in entries)
+    assert cm.metadata()["runtime"]["libraries"] == ["libtvm_runtime.so", "libtvm_runtime_cuda.so"]
+
+
+def test_the_runtime_libraries_a_board_needs_follow_target_and_routines():
+    """OUT.json's runtime libraries: the runtime alone; its CUDA part for a CUDA library (whose kernels load through
+    it); the extra part for a library that calls TVM's sort routines by name."""
+    from compiler import artifact
+    assert artifact.runtime_needs([], targets.resolve("rpi4")) == {"functions": [], "libraries": ["libtvm_runtime.so"]}
+    assert artifact.runtime_needs(["tvm.contrib.sort.argsort"], targets.resolve("cuda"))["libraries"] == [
+        "libtvm_runtime.so", "libtvm_runtime_cuda.so", "libtvm_runtime_extra.so"]
 
 
 def test_library_bin_round_trips(tiny):
