@@ -465,6 +465,42 @@ def test_mediapipe_transposed_conv_with_bias_matches_litert(tmp_path, k, stride,
                                           [5 * stride + k, 6 * stride + k])
 
 
+def _argmax_pool_model(k: int = 2, h: int = 8, padding: str = "VALID") -> bytes:
+    """conv + ReLU (windows of equal zeros: ties) -> MaxPoolingWithArgmax2D -> conv -> MaxUnpooling2D at the pooling's
+    indices (MediaPipe's hair segmentation encoder / decoder pattern); the indices are an output too."""
+    b = TfliteBuilder(seed=3)
+    x = b.input([1, h, h + 2, 8])
+    y = b.conv2d(x, (b.rng.standard_normal((8, 3, 3, 8)) * 0.3).astype(np.float32), np.zeros(8, np.float32), act="RELU")
+    values, indices = b.max_pool_argmax(y, k, padding)
+    d = b.conv2d(values, (b.rng.standard_normal((8, 3, 3, 8)) * 0.3).astype(np.float32), np.zeros(8, np.float32))
+    b.output(b.max_unpool(d, indices, k))
+    b.output(indices)
+    return b.finish()
+
+
+@pytest.mark.parametrize("k,h,padding", [(2, 8, "VALID"), (3, 9, "VALID"), (2, 9, "VALID"), (2, 8, "SAME")])
+def test_mediapipe_argmax_pooling_and_unpooling_match_litert(tmp_path, k, h, padding):
+    """MediaPipe's MaxPoolingWithArgmax2D / MaxUnpooling2D (refused before as custom ops) against LiteRT running them
+    (XNNPACK delegate): the unpooled decoder output, and the indices themselves, bit for bit (LiteRT stores the
+    window position x * kh + y, the first maximum on ties, as int32 bits in a float32 tensor)."""
+    from conftest import assert_matches_ort
+    path = tmp_path / "argmax.tflite"
+    path.write_bytes(_argmax_pool_model(k, h, padding))
+    results = assert_matches_ort(str(path), tol=1e-5).verify(tolerance=1e-5)
+    assert results[1].output.endswith("indices") and results[1].max_abs_err == 0
+
+
+def test_mediapipe_pooling_that_litert_cannot_run_is_refused(tmp_path):
+    from zoo.tflite_writer import _Operator, _pool_params
+    b = TfliteBuilder(seed=3)
+    x = b.input([1, 9, 9, 4])
+    v, i = b._tensor("pool", [1, 5, 5, 4]), b._tensor("pool/indices", [1, 5, 5, 4])
+    b.ops.append(_Operator("MaxPoolingWithArgmax2D", [x], [v, i], custom_options=_pool_params(2, "SAME")))
+    b.output(v)
+    expect_error(write(tmp_path, "pool_same.tflite", b.finish()), "MaxPoolingWithArgmax2D (output 'pool')",
+                 "padding 1")
+
+
 def test_fully_connected_without_bias_and_squeeze_without_dims(tmp_path):
     """A FULLY_CONNECTED with no bias (-1) and a fused ReLU on a 4-D input (its output flattened to [rows, units])
     failed (the fused activation's call was reshaped before it had a type); a SQUEEZE without squeeze_dims failed

@@ -227,6 +227,23 @@ class TfliteBuilder:
         self.ops.append(_Operator("Convolution2DTransposeBias", [x, wt, bt], [out], custom_options=options))
         return out
 
+    def max_pool_argmax(self, x: int, k: int = 2, padding: str = "VALID", name: str = "pool") -> tuple[int, int]:
+        """MediaPipe's custom op MaxPoolingWithArgmax2D, a k x k window of stride k: (maxima, where each was; float32)
+        with its options the raw C struct TfLitePoolParams {int32 padding (1 SAME, 2 VALID), stride_w, stride_h,
+        filter_w, filter_h, activation, computed padding x 4}."""
+        n, h, w, c = self.shape(x)
+        oh, ow = (-(-h // k), -(-w // k)) if padding == "SAME" else (h // k, w // k)
+        out = [self._tensor(name, [n, oh, ow, c]), self._tensor(f"{name}/indices", [n, oh, ow, c])]
+        self.ops.append(_Operator("MaxPoolingWithArgmax2D", [x], out, custom_options=_pool_params(k, padding)))
+        return out[0], out[1]
+
+    def max_unpool(self, x: int, indices: int, k: int = 2, name: str = "unpool") -> int:
+        """MediaPipe's custom op MaxUnpooling2D: x back at the window positions `indices` name (k x k, stride k)."""
+        n, h, w, c = self.shape(x)
+        out = self._tensor(name, [n, h * k, w * k, c])
+        self.ops.append(_Operator("MaxUnpooling2D", [x, indices], [out], custom_options=_pool_params(k, "VALID")))
+        return out
+
     def prelu(self, x: int, slope: np.ndarray, name: str = "prelu") -> int:
         """PRELU with a constant slope broadcast against x (Keras: [1, 1, C], shared over H and W)."""
         st = self.const(slope.astype(np.float32), f"{name}/alpha")
@@ -420,6 +437,11 @@ class TfliteBuilder:
                        Buffers=_offsets(b, "Model", "Buffers", buffers))
         b.Finish(model, file_identifier=b"TFL3")
         return bytes(b.Output())
+
+
+def _pool_params(k: int, padding: str) -> bytes:
+    """TfLitePoolParams as MediaPipe's pooling ops read their options: a k x k window of stride k, no activation."""
+    return np.array([1 if padding == "SAME" else 2, k, k, k, k, 0, 0, 0, 0, 0], "<i4").tobytes()
 
 
 def _out_size(size: int, k: int, stride: int, padding: str) -> int:

@@ -16,7 +16,7 @@ from tflite.BuiltinOperator import BuiltinOperator
 from tflite.DimensionType import DimensionType
 from tflite.SparseIndexVector import SparseIndexVector
 from tflite.TensorType import TensorType
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 
 from compiler.errors import ShrinkcError
@@ -108,7 +108,11 @@ def op_name(model: tflite.Model, op) -> str:
 # (TFLite's own op resolver registers it), and MediaPipe's transposed conv with bias that its segmentation models
 # upsample with (LiteRT's XNNPACK delegate runs it)
 TRANSPOSE_CONV_BIAS = "Convolution2DTransposeBias"
-_CUSTOM_OPS = ("TFLite_Detection_PostProcess", TRANSPOSE_CONV_BIAS)
+# and MediaPipe's max pooling that also gives where each maximum was, and the unpooling that puts values back there
+# (its hair segmentation model's encoder and decoder; LiteRT's XNNPACK delegate runs both, windows as large as their
+# stride, no padding)
+MAX_POOL_ARGMAX, MAX_UNPOOL = "MaxPoolingWithArgmax2D", "MaxUnpooling2D"
+_CUSTOM_OPS = ("TFLite_Detection_PostProcess", TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL)
 
 
 def _check_custom_ops(model: tflite.Model, path: str) -> None:
@@ -394,14 +398,72 @@ class _Converter(_tvm_tflite.OperatorConverter):
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
         self.convert_map[TRANSPOSE_CONV_BIAS] = self.convert_transpose_conv_bias
+        self.convert_map[MAX_POOL_ARGMAX] = self.convert_max_pool_argmax
+        self.convert_map[MAX_UNPOOL] = self.convert_max_unpool
         self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
 
     def get_op_code_str(self, op):
         code = self.model.OperatorCodes(op.OpcodeIndex())
         if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == BuiltinOperator.CUSTOM and \
-                code.CustomCode() == TRANSPOSE_CONV_BIAS.encode():
-            return TRANSPOSE_CONV_BIAS
+                (code.CustomCode() or b"").decode() in (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL):
+            return code.CustomCode().decode()
         return super().get_op_code_str(op)
+
+    def _window(self, op) -> tuple[int, int]:
+        """A MediaPipe pooling op's window (kh, kw) from its options, the raw C struct TfLitePoolParams (int32 padding:
+        1 SAME, 2 VALID; stride_w, stride_h, filter_w, filter_h, activation): windows as large as their stride and
+        no activation, as LiteRT runs them; the pooling SAME too where the plane is whole windows (then it equals
+        VALID)."""
+        x, out = self.get_input_tensors(op)[0], _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
+        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
+        if len(raw) < 24:
+            raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') has {len(raw)} bytes of options, not the "
+                               "24 of its padding, strides, window and activation",
+                               "re-export the model with MediaPipe's converter")
+        padding, sw, sh, fw, fh, act = (int(v) for v in np.frombuffer(raw[:24], "<i4"))
+        _, h, w, _ = (int(d) for d in x.tensor.ShapeAsNumpy())
+        whole = padding == 2 or (padding == 1 and op_name(self.model, op) == "CUSTOM:" + MAX_POOL_ARGMAX
+                                 and min(fh, fw) >= 1 and not h % fh and not w % fw)
+        if (fh, fw) != (sh, sw) or act or min(fh, fw) < 1 or not whole:
+            raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') with a {fh}x{fw} window, stride "
+                               f"{sh}x{sw}, padding {padding} and activation {act} is not supported",
+                               "only windows as large as their stride, without padding or activation, are")
+        return fh, fw
+
+    def convert_max_pool_argmax(self, op):
+        """MediaPipe's MaxPoolingWithArgmax2D: the window maxima, and where in its window each was, as LiteRT's
+        XNNPACK delegate writes it: the position x * kh + y (column after column), the first on ties, its int32 bits
+        stored in the float32 output."""
+        kh, kw = self._window(op)
+        (x,) = self.get_input_tensors(op)
+        n, h, w, c = (int(d) for d in x.tensor.ShapeAsNumpy())
+        oh, ow = h // kh, w // kw
+        e = relax.op.strided_slice(self.get_tensor_expr(x), axes=[1, 2], begin=[0, 0], end=[oh * kh, ow * kw])
+        win = relax.op.permute_dims(relax.op.reshape(e, [n, oh, kh, ow, kw, c]), [0, 1, 3, 4, 2, 5])
+        win = self.bb.emit(relax.op.reshape(win, [n, oh, ow, kw * kh, c]))        # window positions x * kh + y
+        where = relax.op.astype(relax.op.argmax(win, axis=3), "int32")          # the first maximum
+        bits = self.bb.emit_te(lambda a: te.compute(a.shape, lambda *i: tirx.reinterpret("float32", a(*i)),
+                                                    name="index_bits"), self.bb.emit(where))
+        return relax.Tuple([relax.op.max(win, axis=3), bits])
+
+    def convert_max_unpool(self, op):
+        """MediaPipe's MaxUnpooling2D: each value back at the position in its window that the indices (as
+        MaxPoolingWithArgmax2D writes them) name, zeros elsewhere."""
+        kh, kw = self._window(op)
+        (v, idx), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        n, oh, ow, c = (int(d) for d in v.tensor.ShapeAsNumpy())
+        if [int(d) for d in out.tensor.ShapeAsNumpy()] != [n, oh * kh, ow * kw, c]:
+            raise ShrinkcError(f"{MAX_UNPOOL} (output '{_name(self.subgraph, out.tensor_idx)}') to "
+                               f"{list(out.tensor.ShapeAsNumpy())} is not its input's {kh}x{kw} windows",
+                               "only outputs of whole windows are supported")
+        where = self.bb.emit_te(lambda a: te.compute(a.shape, lambda *i: tirx.reinterpret("int32", a(*i)),
+                                                     name="index_of_bits"), self.get_tensor_expr(idx))
+        slots = self.exp_tab.new_const(np.arange(kw * kh, dtype=np.int32).reshape(1, 1, 1, -1, 1), dtype="int32")
+        hit = relax.op.equal(relax.op.expand_dims(where, 3), slots)                 # [n, oh, ow, kw * kh, c]
+        spread = relax.op.where(hit, relax.op.expand_dims(self.get_tensor_expr(v), 3),
+                                relax.const(0.0, "float32"))
+        spread = relax.op.permute_dims(relax.op.reshape(spread, [n, oh, ow, kw, kh, c]), [0, 1, 4, 2, 3, 5])
+        return relax.op.reshape(spread, [n, oh * kh, ow * kw, c])
 
     def convert_transpose_conv_bias(self, op):
         """MediaPipe's Convolution2DTransposeBias: TRANSPOSE_CONV's computation (padding as TFLite computes it from the
