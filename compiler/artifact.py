@@ -21,8 +21,8 @@ from targets.errors import ShrinkcError
 
 VERSION = "0.1.0"
 _BUILD_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
-# TVM runtime routines that live in the wheel's libtvm_runtime_extra.so, not in libtvm_runtime.so (a board with the
-# runtime alone lacks them: its rpc_server needs --load-library, a deployment the library itself)
+# TVM runtime routines that live in the wheel's libtvm_runtime_extra.so, not in libtvm_runtime.so: a board with the
+# runtime alone lacks them (its rpc_server needs --load-library of that library, a deployment the library itself)
 EXTRA_RUNTIME_LIBRARY = "libtvm_runtime_extra.so"
 EXTRA_RUNTIME_PREFIXES = ("tvm.contrib.sort.", "tvm.contrib.random.")
 

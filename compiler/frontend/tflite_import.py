@@ -430,6 +430,11 @@ class _Converter(_tvm_tflite.OperatorConverter):
                                "only windows as large as their stride, without padding or activation, are")
         return fh, fw
 
+    def _bits_as(self, expr, dtype: str):
+        """expr's 32-bit values read as dtype, bit for bit (the argmax indices' int32 bits in a float32 tensor)."""
+        return self.bb.emit_te(lambda a: te.compute(a.shape, lambda *i: tirx.reinterpret(dtype, a(*i)),
+                                                    name=f"bits_as_{dtype}"), expr)
+
     def convert_max_pool_argmax(self, op):
         """MediaPipe's MaxPoolingWithArgmax2D: the window maxima, and where in its window each was, as LiteRT's
         XNNPACK delegate writes it: the position x * kh + y (column after column), the first on ties, its int32 bits
@@ -442,9 +447,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
         win = relax.op.permute_dims(relax.op.reshape(e, [n, oh, kh, ow, kw, c]), [0, 1, 3, 4, 2, 5])
         win = self.bb.emit(relax.op.reshape(win, [n, oh, ow, kw * kh, c]))        # window positions x * kh + y
         where = relax.op.astype(relax.op.argmax(win, axis=3), "int32")          # the first maximum
-        bits = self.bb.emit_te(lambda a: te.compute(a.shape, lambda *i: tirx.reinterpret("float32", a(*i)),
-                                                    name="index_bits"), self.bb.emit(where))
-        return relax.Tuple([relax.op.max(win, axis=3), bits])
+        return relax.Tuple([relax.op.max(win, axis=3), self._bits_as(self.bb.emit(where), "float32")])
 
     def convert_max_unpool(self, op):
         """MediaPipe's MaxUnpooling2D: each value back at the position in its window that the indices (as
@@ -456,8 +459,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
             raise ShrinkcError(f"{MAX_UNPOOL} (output '{_name(self.subgraph, out.tensor_idx)}') to "
                                f"{list(out.tensor.ShapeAsNumpy())} is not its input's {kh}x{kw} windows",
                                "only outputs of whole windows are supported")
-        where = self.bb.emit_te(lambda a: te.compute(a.shape, lambda *i: tirx.reinterpret("int32", a(*i)),
-                                                     name="index_of_bits"), self.get_tensor_expr(idx))
+        where = self._bits_as(self.get_tensor_expr(idx), "int32")
         slots = self.exp_tab.new_const(np.arange(kw * kh, dtype=np.int32).reshape(1, 1, 1, -1, 1), dtype="int32")
         hit = relax.op.equal(relax.op.expand_dims(where, 3), slots)                 # [n, oh, ow, kw * kh, c]
         spread = relax.op.where(hit, relax.op.expand_dims(self.get_tensor_expr(v), 3),
