@@ -267,6 +267,7 @@ def test_board_prerequisites_name_the_binfmt_tool(monkeypatch, tmp_path):
     monkeypatch.setattr(emu_board, "QEMU_BINFMT_LINE", rule)
     assert "update-binfmts" not in emu_board.missing_prerequisites()
 
+
 def topk_model(path: Path) -> Path:
     """conv -> global average pool -> the 5 largest of 32 scores (values and int64 indices), saved at path."""
     import onnx

@@ -90,33 +90,34 @@ def test_tuning_on_the_emulated_board_and_the_library_that_runs_there(tracker, t
         for name in here.files:
             np.testing.assert_allclose(board[name], here[name], rtol=1e-4, atol=1e-4)
         # a classifier's TopK calls TVM's sort routine by name, which the board has from libtvm_runtime_extra.so
-        topk = topk_model(tmp_path / "topk.onnx")
-        for out, target in ((tmp_path / "topk_rpi4.so", "rpi4"), (tmp_path / "topk_x86.so", None)):
-            code, text, err = run_cli(["compile", topk, "-o", out] + (["--target", target] if target else []), capsys)
-            assert code == 0 and "calls tvm.contrib.sort.topk" in text, err
-        code, out, err = run_cli(["run", tmp_path / "topk_rpi4.so", "--rpc-tracker", tracker, "--rpc-key",
-                                  farm.BOARD_KEY, "--save", tmp_path / "topk_board.npz", "--repeat", "1"], capsys)
-        assert code == 0, err
-        assert run_cli(["run", tmp_path / "topk_x86.so", "--save", tmp_path / "topk_x86.npz"], capsys)[0] == 0
-        board, here = np.load(tmp_path / "topk_board.npz"), np.load(tmp_path / "topk_x86.npz")
+        board, here, texts = on_board_and_here(topk_model(tmp_path / "topk.onnx"), tracker, tmp_path, capsys)
+        assert "calls tvm.contrib.sort.topk" in texts["rpi4"]
         np.testing.assert_array_equal(board["i"], here["i"])
         np.testing.assert_allclose(board["v"], here["v"], rtol=1e-4, atol=1e-5)
         # an 85%-sparse MobileNetV2 cross-compiled for rpi4: its NEON spmm and CHW kernels on the board, equal to x86's
+        # (x86 keeps sparse only where measured faster, which a host busy with qemu may not show: either is fine)
         sparse = tmp_path / "sparse85.onnx"
         onnx.save(mobilenet_v2(width=0.35, resolution=64, num_classes=10, sparsity=0.85), sparse)
-        for out, target in ((tmp_path / "sparse_rpi4.so", "rpi4"), (tmp_path / "sparse_x86.so", None)):
-            code, text, err = run_cli(["compile", sparse, "-o", out] + (["--target", target] if target else []), capsys)
-            # (x86 keeps sparse only where measured faster, which a host busy with qemu may not show: either is fine)
-            assert code == 0 and (target is None or "sparse layers: 34" in text), (text, err)
-        code, out, err = run_cli(["run", tmp_path / "sparse_rpi4.so", "--rpc-tracker", tracker, "--rpc-key",
-                                  farm.BOARD_KEY, "--save", tmp_path / "sparse_board.npz", "--repeat", "1"], capsys)
-        assert code == 0, err
-        assert run_cli(["run", tmp_path / "sparse_x86.so", "--save", tmp_path / "sparse_x86.npz"], capsys)[0] == 0
-        board, here = np.load(tmp_path / "sparse_board.npz"), np.load(tmp_path / "sparse_x86.npz")
+        board, here, texts = on_board_and_here(sparse, tracker, tmp_path, capsys)
+        assert "sparse layers: 34" in texts["rpi4"]
         np.testing.assert_allclose(board["classifier"], here["classifier"], rtol=1e-4, atol=1e-5)
     finally:
         assert farm.board_stop(farm.BOARD_KEY)
 
+
+def on_board_and_here(model: Path, tracker_addr: str, tmp_path: Path, capsys) -> tuple:
+    """`model` compiled for rpi4 and run on the emulated board, and compiled and run here: (the board's outputs,
+    ours here, {target: compile's stdout})."""
+    stem, texts = model.stem, {}
+    for target in ("rpi4", "x86"):
+        code, texts[target], err = run_cli(["compile", model, "-o", tmp_path / f"{stem}_{target}.so", "--target",
+                                            target], capsys)
+        assert code == 0, err
+    code, _, err = run_cli(["run", tmp_path / f"{stem}_rpi4.so", "--rpc-tracker", tracker_addr, "--rpc-key",
+                            farm.BOARD_KEY, "--save", tmp_path / f"{stem}_board.npz", "--repeat", "1"], capsys)
+    assert code == 0, err
+    assert run_cli(["run", tmp_path / f"{stem}_x86.so", "--save", tmp_path / f"{stem}_here.npz"], capsys)[0] == 0
+    return np.load(tmp_path / f"{stem}_board.npz"), np.load(tmp_path / f"{stem}_here.npz"), texts
 
 
 def test_board_killed_mid_job_another_board_finishes(tracker, small_mv2, tmp_path):  # noqa: F811
