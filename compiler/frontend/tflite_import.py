@@ -112,7 +112,8 @@ TRANSPOSE_CONV_BIAS = "Convolution2DTransposeBias"
 # (its hair segmentation model's encoder and decoder; LiteRT's XNNPACK delegate runs both, windows as large as their
 # stride, no padding)
 MAX_POOL_ARGMAX, MAX_UNPOOL = "MaxPoolingWithArgmax2D", "MaxUnpooling2D"
-_CUSTOM_OPS = ("TFLite_Detection_PostProcess", TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL)
+_MEDIAPIPE_OPS = (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL)    # converted by _Converter, by these names
+_CUSTOM_OPS = ("TFLite_Detection_PostProcess",) + _MEDIAPIPE_OPS
 
 
 def _check_custom_ops(model: tflite.Model, path: str) -> None:
@@ -397,17 +398,26 @@ class _Converter(_tvm_tflite.OperatorConverter):
 
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
-        self.convert_map[TRANSPOSE_CONV_BIAS] = self.convert_transpose_conv_bias
-        self.convert_map[MAX_POOL_ARGMAX] = self.convert_max_pool_argmax
-        self.convert_map[MAX_UNPOOL] = self.convert_max_unpool
+        self.convert_map.update(zip(_MEDIAPIPE_OPS, (self.convert_transpose_conv_bias, self.convert_max_pool_argmax,
+                                                     self.convert_max_unpool)))
         self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
 
     def get_op_code_str(self, op):
         code = self.model.OperatorCodes(op.OpcodeIndex())
         if max(code.BuiltinCode(), code.DeprecatedBuiltinCode()) == BuiltinOperator.CUSTOM and \
-                (code.CustomCode() or b"").decode() in (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL):
+                (code.CustomCode() or b"").decode() in _MEDIAPIPE_OPS:
             return code.CustomCode().decode()
         return super().get_op_code_str(op)
+
+    def _struct_options(self, op, count: int, what: str) -> list[int]:
+        """The first `count` int32 fields of a MediaPipe op's options, which it stores as the raw C struct of its
+        parameters (`what` names them for the error)."""
+        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
+        if len(raw) < 4 * count:
+            out = _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
+            raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') has {len(raw)} bytes of options, not the "
+                               f"{4 * count} of its {what}", "re-export the model with MediaPipe's converter")
+        return [int(v) for v in np.frombuffer(raw[:4 * count], "<i4")]
 
     def _window(self, op) -> tuple[int, int]:
         """A MediaPipe pooling op's window (kh, kw) from its options, the raw C struct TfLitePoolParams (int32 padding:
@@ -415,14 +425,9 @@ class _Converter(_tvm_tflite.OperatorConverter):
         no activation, as LiteRT runs them; the pooling SAME too where the plane is whole windows (then it equals
         VALID)."""
         x, out = self.get_input_tensors(op)[0], _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
-        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
-        if len(raw) < 24:
-            raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') has {len(raw)} bytes of options, not the "
-                               "24 of its padding, strides, window and activation",
-                               "re-export the model with MediaPipe's converter")
-        padding, sw, sh, fw, fh, act = (int(v) for v in np.frombuffer(raw[:24], "<i4"))
+        padding, sw, sh, fw, fh, act = self._struct_options(op, 6, "padding, strides, window and activation")
         _, h, w, _ = (int(d) for d in x.tensor.ShapeAsNumpy())
-        whole = padding == 2 or (padding == 1 and op_name(self.model, op) == "CUSTOM:" + MAX_POOL_ARGMAX
+        whole = padding == 2 or (padding == 1 and self.get_op_code_str(op) == MAX_POOL_ARGMAX
                                  and min(fh, fw) >= 1 and not h % fh and not w % fw)
         if (fh, fw) != (sh, sw) or act or min(fh, fw) < 1 or not whole:
             raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') with a {fh}x{fw} window, stride "
@@ -472,12 +477,7 @@ class _Converter(_tvm_tflite.OperatorConverter):
         output size) plus a bias, with its inputs (input, OHWI weights, bias) and its options as the raw C struct
         TfLiteTransposeConvParams (int32 padding: 1 SAME, 2 VALID; stride_w; stride_h). Float only."""
         (x, w, b), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
-        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
-        if len(raw) < 12:
-            raise ShrinkcError(f"{TRANSPOSE_CONV_BIAS} (output '{_name(self.subgraph, out.tensor_idx)}') has "
-                               f"{len(raw)} bytes of options, not the 12 of its padding and strides",
-                               "re-export the model with MediaPipe's converter")
-        padding, stride_w, stride_h = (int(v) for v in np.frombuffer(raw[:12], "<i4"))
+        padding, stride_w, stride_h = self._struct_options(op, 3, "padding and strides")
         if padding not in (1, 2) or x.qnn_params or stride_w < 1 or stride_h < 1:
             raise ShrinkcError(f"{TRANSPOSE_CONV_BIAS} (output '{_name(self.subgraph, out.tensor_idx)}') with padding "
                                f"{padding}, strides {stride_h}x{stride_w}{' on quantized input' * bool(x.qnn_params)} "
