@@ -365,11 +365,12 @@ class TfliteBuilder:
         """A CUSTOM op with the given name, output shaped like its input."""
         return self._op(code, [x], self.shape(x), name)
 
-    def detection_postprocess(self, boxes: int, scores: int, anchors: np.ndarray, max_detections: int = 10,
+    def detection_postprocess(self, boxes: int, scores: int, anchors: np.ndarray | int, max_detections: int = 10,
                               **options) -> list[int]:
         """TFLite_Detection_PostProcess (the custom op that ends an SSD detector): box encodings [1, N, 4] and class
-        scores [1, N, classes + 1] with anchors [N, 4] (y, x, h, w) -> boxes [1, M, 4], classes [1, M], scores
-        [1, M], count [1] (M = max_detections). `options` overrides the defaults below (TF's SSD configs')."""
+        scores [1, N, classes + 1] with anchors [N, 4] (y, x, h, w; float32 values, or a tensor made already) ->
+        boxes [1, M, 4], classes [1, M], scores [1, M], count [1] (M = max_detections). `options` overrides the
+        defaults below (TF's SSD configs')."""
         from flatbuffers import flexbuffers
         opts = {"max_detections": max_detections, "max_classes_per_detection": 1, "detections_per_class": 100,
                 "use_regular_nms": False, "nms_score_threshold": 0.3, "nms_iou_threshold": 0.6,
@@ -384,8 +385,9 @@ class TfliteBuilder:
                                                                ("detection_classes", [1, m]),
                                                                ("detection_scores", [1, m]),
                                                                ("num_detections", [1]))]
-        self.ops.append(_Operator("TFLite_Detection_PostProcess", [boxes, scores, self.const(anchors, "anchors")],
-                                  outs, custom_options=bytes(fb.Finish())))
+        anchors = anchors if isinstance(anchors, int) else self.const(anchors, "anchors")
+        self.ops.append(_Operator("TFLite_Detection_PostProcess", [boxes, scores, anchors], outs,
+                                  custom_options=bytes(fb.Finish())))
         return outs
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -634,11 +636,9 @@ def uint8_ssd_tflite(regular_nms: bool = False) -> bytes:
     b.ops.append(_Operator(_Op.LOGISTIC, [heads[1]], [scores]))
     yy, xx = np.meshgrid((np.arange(8) + 0.5) / 8, (np.arange(8) + 0.5) / 8, indexing="ij")
     anchors = np.stack([yy.ravel(), xx.ravel(), np.full(64, 0.2), np.full(64, 0.2)], 1)
-    b.detection_postprocess(heads[0], scores, anchors, use_regular_nms=regular_nms, num_classes=3)
-    a = next(t for t in b.tensors if t.name == "anchors")
-    a.dtype, a.data = "uint8", np.round(anchors * 255).astype(np.uint8).tobytes()
-    a.quant = {"scale": np.array([1 / 255], np.float32), "zero": np.array([0]), "axis": 0}
-    for out in b.ops[-1].outputs:
+    anchors_q = b._tensor("anchors", [64, 4], "uint8", data=np.round(anchors * 255).astype(np.uint8).tobytes(),
+                          quant={"scale": np.array([1 / 255], np.float32), "zero": np.array([0]), "axis": 0})
+    for out in b.detection_postprocess(heads[0], scores, anchors_q, use_regular_nms=regular_nms, num_classes=3):
         b.output(out)
     return b.finish()
 
@@ -654,36 +654,30 @@ def uint8_mobilenet_v1_tflite(width: float = 1.0, resolution: int = 224, num_cla
     rng = b.rng
     relu6 = (6 / 255, 0)
 
-    def activation(name, shape, scale, zero):
-        return _uint8_tensor(b, name, shape, scale, zero)
-
-    def conv(x, x_scale, w, act_scale, name, stride=1, dw=False, act="RELU6", out=relu6, padding="SAME"):
-        return _uint8_conv(b, x, x_scale, w, name, stride, dw, act, out, padding)
-
     def he(o, kh, kw, i, fan):
         return (rng.standard_normal((o, kh, kw, i)) * math.sqrt(2.0 / fan)).astype(np.float32)
 
-    x = activation("input", [1, resolution, resolution, 3], 1 / 128, 128)
+    x = _uint8_tensor(b, "input", [1, resolution, resolution, 3], 1 / 128, 128)
     b.inputs.append(x)
     cin = int(32 * width)
-    x = conv(x, 1 / 128, he(cin, 3, 3, 3, 27), relu6, "Conv2d_0", stride=2)
+    x = _uint8_conv(b, x, 1 / 128, he(cin, 3, 3, 3, 27), "Conv2d_0", stride=2)
     layers = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
     for k, (c, stride) in enumerate(layers[:num_layers], 1):
-        x = conv(x, relu6[0], he(1, 3, 3, cin, 9), relu6, f"Conv2d_{k}_depthwise", stride=stride, dw=True)
+        x = _uint8_conv(b, x, relu6[0], he(1, 3, 3, cin, 9), f"Conv2d_{k}_depthwise", stride=stride, dw=True)
         cout = int(c * width)
-        x = conv(x, relu6[0], he(cout, 1, 1, cin, cin), relu6, f"Conv2d_{k}_pointwise")
+        x = _uint8_conv(b, x, relu6[0], he(cout, 1, 1, cin, cin), f"Conv2d_{k}_pointwise")
         cin = cout
     n, h, w, _ = b.shape(x)
-    pool = activation("AvgPool_1a", [1, 1, 1, cin], *relu6)
+    pool = _uint8_tensor(b, "AvgPool_1a", [1, 1, 1, cin], *relu6)
     b.ops.append(_Operator(_Op.AVERAGE_POOL_2D, [x], [pool], _Opt.Pool2DOptions, dict(
         Padding=_PADS["VALID"], StrideW=w, StrideH=h, FilterWidth=w, FilterHeight=h, FusedActivationFunction=0)))
     # NOTE: weights 8x He's: logits several units apart, as a trained classifier's, so the softmax is not flat
-    logits = conv(pool, relu6[0], 8 * he(num_classes, 1, 1, cin, cin), relu6, "Conv2d_1c_1x1", act="NONE",
-                  out=(0.1, 128))
-    flat = activation("Reshape", [1, num_classes], 0.1, 128)
+    logits = _uint8_conv(b, pool, relu6[0], 8 * he(num_classes, 1, 1, cin, cin), "Conv2d_1c_1x1", act="NONE",
+                         out=(0.1, 128))
+    flat = _uint8_tensor(b, "Reshape", [1, num_classes], 0.1, 128)
     b.ops.append(_Operator(_Op.RESHAPE, [logits, b.const(np.array([1, num_classes]), "shape", "int32")], [flat]))
     if softmax:
-        probs = activation("Predictions", [1, num_classes], 1 / 256, 0)
+        probs = _uint8_tensor(b, "Predictions", [1, num_classes], 1 / 256, 0)
         b.ops.append(_Operator(_Op.SOFTMAX, [flat], [probs], _Opt.SoftmaxOptions, {"Beta": 1.0}))
         flat = probs
     b.output(flat)
