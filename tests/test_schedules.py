@@ -535,3 +535,30 @@ def test_importing_the_compiler_leaves_tvms_tensor_intrinsic_package_alone():
     code = "import sys, compiler; print(sorted(m for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_macro_kernels_build_without_reading_the_stack_source(monkeypatch):
+    """TVMScript looked up the parser of every T.macro call with inspect.getouterframes, which reads a source line per
+    stack frame: from a pass (hundreds of frames deep) each spmm kernel took a second or more to build, most of a
+    sparse model's compile. schedules finds the parser by walking the frames; the kernel is the same."""
+    import inspect
+    import sys
+
+    import tvm
+
+    from schedules.f32_spmm_chw import spmm_chw
+    read, outer = [], inspect.getouterframes
+
+    def spy(frame, context=1):     # who asks for the stack with its source lines
+        read.append(sys._getframe(1).f_code.co_name)
+        return outer(frame, context)
+
+    monkeypatch.setattr(inspect, "getouterframes", spy)
+
+    def deep(n):      # a stack as deep as a pass's
+        return deep(n - 1) if n else spmm_chw(24, 48, 7, 7, 1, 60, clip=(0.0, 6.0), pixel_tile=64, lanes=16)
+
+    func = deep(200)
+    monkeypatch.undo()
+    assert read and "_find_parser_def" not in read, read     # prim_func reads the stack once; macro calls do not
+    tvm.ir.assert_structural_equal(func, spmm_chw(24, 48, 7, 7, 1, 60, clip=(0.0, 6.0), pixel_tile=64, lanes=16))
