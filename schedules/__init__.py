@@ -12,7 +12,7 @@ if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
 
 # TVMScript finds the parser a T.macro call belongs to with inspect.getouterframes, which reads a source line for
 # every frame on the stack: each macro call inside a kernel built from a pass (a stack hundreds of frames deep)
-# took a tenth of a second, most of a sparse model's compile time (the spmm kernels call macros ~20 times each).
+# took tens of milliseconds, most of a sparse model's compile time (an spmm kernel makes ~17 macro calls).
 # The same search, the first frame out whose globals hold the parser, walked without reading any source:
 from tvm.script.parser.core.parser import ScriptMacro as _ScriptMacro  # noqa: E402
 

@@ -539,7 +539,7 @@ def test_importing_the_compiler_leaves_tvms_tensor_intrinsic_package_alone():
 
 def test_macro_kernels_build_without_reading_the_stack_source(monkeypatch):
     """TVMScript looked up the parser of every T.macro call with inspect.getouterframes, which reads a source line per
-    stack frame: from a pass (hundreds of frames deep) each spmm kernel took a second or more to build, most of a
+    stack frame: from a pass (hundreds of frames deep) each spmm kernel took about half a second to build, most of a
     sparse model's compile. schedules finds the parser by walking the frames; the kernel is the same."""
     import inspect
     import sys
