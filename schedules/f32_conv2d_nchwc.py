@@ -182,7 +182,11 @@ class Conv2dNCHWc(ScheduleRule):
         # loop": 1x2 and 2x1 kernels padded on one side)
         top, left, bottom, right = info.get("pad", (0, 0, 0, 0))
         copy = copy or (info.get("stride", 1) == 1 and (top, left) != (bottom, right))
-        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": True,
+        # the input channels of a block unrolled under the unrolled taps: on 5x5 kernels (merged EfficientNet-Lite
+        # blocks) that is 25 x 16 x pixels x channel blocks FMAs, which LLVM took 2-4 s to build per kernel; as a loop
+        # they built in 0.5-0.7 s and ran 1-2% faster (Zen 4, 1 thread, 5x5 convs 40-192 channels at 7x7-28x28,
+        # interleaved; 3x3 ran and built the same either way)
+        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": info.get("kh", 1) < 5,
                 **d.get(KIND, {})}
 
     def knob_space(self, func, spec):
