@@ -185,8 +185,9 @@ class Conv2dNCHWc(ScheduleRule):
         # the input channels of a block unrolled under the unrolled taps: on 5x5 kernels (merged EfficientNet-Lite
         # blocks) that is 25 x 16 x pixels x channel blocks FMAs, which LLVM took 2-4 s to build per kernel; as a loop
         # they built in 0.5-0.7 s and ran 1-2% faster (Zen 4, 1 thread, 5x5 convs 40-192 channels at 7x7-28x28,
-        # interleaved; 3x3 ran and built the same either way)
-        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": info.get("kh", 1) < 5,
+        # interleaved; 3x3 ran and built the same either way). Other kernel sizes keep the unrolling (not measured)
+        taps = info.get("kh", 1) * info.get("kw", info.get("kh", 1))
+        return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": taps != 25,
                 **d.get(KIND, {})}
 
     def knob_space(self, func, spec):
@@ -206,7 +207,8 @@ class Conv2dNCHWc(ScheduleRule):
             return None
         n, ob, y, x, o, kh, kw, ci = sch.get_loops(conv)
         _, cob, oh, ow, bo = (int(sch.get(lp).extent) for lp in (n, ob, y, x, o))
-        info = {"bo": bo, "cob": cob, "oh": oh, "ow": ow, "kh": ann["kh"], "stride": ann["stride"], "pad": ann["pad"]}
+        info = {"bo": bo, "cob": cob, "oh": oh, "ow": ow, "kh": ann["kh"], "kw": ann["kw"], "stride": ann["stride"],
+                "pad": ann["pad"]}
         k = {**self.default_knobs(info, spec), **(knobs or {})}
         if k["inline_pad"]:
             inline_producers(sch, conv)

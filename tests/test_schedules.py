@@ -145,10 +145,10 @@ def test_avx512_default_tile_is_one_channel_block():
     knobs = Conv2dNCHWc().default_knobs({"oh": 7, "ow": 7, "cob": 20, "bo": 16, "kh": 1, "stride": 1}, spec)
     assert (knobs["pixel_tile"], knobs["oc_blocks"]) == (7, 1)
     # 5x5 convs (merged EfficientNet-Lite blocks) loop over a block's input channels: unrolled under the 25 taps
-    # LLVM took seconds to build each and they ran no faster; 3x3 convs unroll them
-    for kh, unrolled in ((5, False), (3, True)):
-        info = {"oh": 14, "ow": 14, "cob": 5, "bo": 16, "kh": kh, "stride": 1}
-        assert Conv2dNCHWc().default_knobs(info, spec)["unroll_ci"] is unrolled, kh
+    # LLVM took seconds to build each and they ran no faster; other sizes unroll them
+    for kh, kw, unrolled in ((5, 5, False), (3, 3, True), (5, 1, True), (7, 7, True)):
+        info = {"oh": 14, "ow": 14, "cob": 5, "bo": 16, "kh": kh, "kw": kw, "stride": 1}
+        assert Conv2dNCHWc().default_knobs(info, spec)["unroll_ci"] is unrolled, (kh, kw)
     arm = targets.resolve("rpi4")
     assert "max_oc_blocks" not in arm.kernel_defaults
     # Zen 5 (full-width AVX-512, chosen from `shrinkc tune` there): 1x1 convs 2 blocks, no input-channel
