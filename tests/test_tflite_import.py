@@ -491,11 +491,8 @@ def test_mediapipe_argmax_pooling_and_unpooling_match_litert(tmp_path, k, h, pad
 
 
 def test_mediapipe_pooling_that_litert_cannot_run_is_refused(tmp_path):
-    from zoo.tflite_writer import _Operator, _pool_params
     b = TfliteBuilder(seed=3)
-    x = b.input([1, 9, 9, 4])
-    v, i = b._tensor("pool", [1, 5, 5, 4]), b._tensor("pool/indices", [1, 5, 5, 4])
-    b.ops.append(_Operator("MaxPoolingWithArgmax2D", [x], [v, i], custom_options=_pool_params(2, "SAME")))
+    v, _ = b.max_pool_argmax(b.input([1, 9, 9, 4]), 2, "SAME")     # SAME on a plane of partial windows
     b.output(v)
     expect_error(write(tmp_path, "pool_same.tflite", b.finish()), "MaxPoolingWithArgmax2D (output 'pool')",
                  "padding 1")
