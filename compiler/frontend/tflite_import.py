@@ -425,12 +425,13 @@ class _Converter(_tvm_tflite.OperatorConverter):
         no activation, as LiteRT runs them; the pooling SAME too where the plane is whole windows (then it equals
         VALID)."""
         x, out = self.get_input_tensors(op)[0], _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
+        what = self.get_op_code_str(op)
         padding, sw, sh, fw, fh, act = self._struct_options(op, 6, "padding, strides, window and activation")
         _, h, w, _ = (int(d) for d in x.tensor.ShapeAsNumpy())
-        whole = padding == 2 or (padding == 1 and self.get_op_code_str(op) == MAX_POOL_ARGMAX
+        whole = padding == 2 or (padding == 1 and what == MAX_POOL_ARGMAX
                                  and min(fh, fw) >= 1 and not h % fh and not w % fw)
         if (fh, fw) != (sh, sw) or act or min(fh, fw) < 1 or not whole:
-            raise ShrinkcError(f"{self.get_op_code_str(op)} (output '{out}') with a {fh}x{fw} window, stride "
+            raise ShrinkcError(f"{what} (output '{out}') with a {fh}x{fw} window, stride "
                                f"{sh}x{sw}, padding {padding} and activation {act} is not supported",
                                "only windows as large as their stride, without padding or activation, are")
         return fh, fw
