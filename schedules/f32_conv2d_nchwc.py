@@ -184,8 +184,9 @@ class Conv2dNCHWc(ScheduleRule):
         copy = copy or (info.get("stride", 1) == 1 and (top, left) != (bottom, right))
         # the input channels of a block unrolled under the unrolled taps: on 5x5 kernels (merged EfficientNet-Lite
         # blocks) that is 25 x 16 x pixels x channel blocks FMAs, which LLVM took 2-4 s to build per kernel; as a loop
-        # they built in 0.5-0.7 s and ran 1-2% faster (Zen 4, 1 thread, 5x5 convs 40-192 channels at 7x7-28x28,
-        # interleaved; 3x3 ran and built the same either way). Other kernel sizes keep the unrolling (not measured)
+        # they built in 0.5-0.7 s and ran no slower (ad-hoc interleaved timings, Zen 4, 1 thread, 5x5 convs of 40-192
+        # channels at 7x7-28x28; 3x3 ran and built the same either way). Other kernel sizes keep the unrolling (not
+        # measured)
         taps = info.get("kh", 1) * info.get("kw", info.get("kh", 1))
         return {"pixel_tile": p, "oc_blocks": ob, "inline_pad": not copy, "unroll_ci": taps != 25,
                 **d.get(KIND, {})}
