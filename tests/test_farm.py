@@ -198,6 +198,26 @@ def test_a_process_that_exits_while_we_look_is_not_running():
     assert states and all(s in "RSD" for s in states)        # this test's own threads run or sleep
 
 
+def test_a_start_that_fails_stops_what_its_leader_left_running(tmp_path, monkeypatch):
+    """The emulated board once failed at start ("exited at start") while its group kept running and kept the
+    rootfs mounts busy: the check that a group is ours (a TVM command line) failed, so nothing was stopped.
+    A group this interpreter started is stopped whatever its members' command lines say."""
+    monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))
+    left = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+    rec = farm._spawn("leaves-a-child", [sys.executable, "-c", left])
+    farm._CHILDREN[rec["pid"]].wait(timeout=30)
+    assert farm._group_members(rec["pid"])  # the child sleeps on after its leader exited
+    with pytest.raises(farm.FarmError, match="exited at start"):
+        farm._wait("a test process", rec, lambda: False, timeout=30)
+    assert not farm._group_members(rec["pid"])
+
+
+def test_a_server_that_fails_to_register_says_whether_the_tracker_answers(tracker, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))  # the tracker's record stays in the fixture's folder
+    with pytest.raises(farm.FarmError, match=f"(?s)exited at start.*bye.*The tracker at {tracker} still answers"):
+        farm._start_server("server-never", "never", tracker, [sys.executable, "-c", "print('bye')"], timeout=30)
+
+
 def test_unknown_key_names_what_is_registered(tracker):
     with pytest.raises(farm.FarmError, match=r"no board registered as 'nope' .*registered: none") as err:
         farm.request_session("nope", tracker, timeout=2)

@@ -116,7 +116,18 @@ def _stop(name: str, timeout: float = 10.0) -> bool:
     if not rec:
         return False
     pgid, ran = rec["pid"], _alive(rec)
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)) if ran else ():
+    # A group this interpreter started is ours even when _alive cannot tell (its leader gone, what is left
+    # unrecognised): while any member runs, Linux does not hand its PGID to another process.
+    if ran or (pgid in _CHILDREN and _group_members(pgid)):
+        _kill_group(pgid, timeout)
+    if (child := _CHILDREN.pop(pgid, None)) is not None:
+        child.poll()
+    return ran
+
+
+def _kill_group(pgid: int, timeout: float) -> None:
+    """SIGTERM the group, SIGKILL what is left after `timeout` seconds."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -126,9 +137,6 @@ def _stop(name: str, timeout: float = 10.0) -> bool:
             time.sleep(0.1)
         if not _group_members(pgid):
             break
-    if (child := _CHILDREN.pop(pgid, None)) is not None:
-        child.poll()
-    return ran
 
 
 def _log_tail(rec: dict, lines: int = 8) -> str:
@@ -211,7 +219,11 @@ def _start_server(name: str, key: str, tracker: str, argv: list[str], timeout: f
         return rec
     before = registered_keys(tracker).get(key, 0)  # fails clearly now if the tracker is down
     rec = _spawn(name, argv, env=env, key=key, tracker=tracker)
-    _wait(f"RPC server {key!r}", rec, lambda: registered_keys(tracker).get(key, 0) > before, timeout)
+    try:
+        _wait(f"RPC server {key!r}", rec, lambda: registered_keys(tracker).get(key, 0) > before, timeout)
+    except FarmError as err:  # say whether the tracker it was to register with is still there
+        state = "still answers" if _answers(tracker) else "no longer answers (see the tracker's log)"
+        raise FarmError(f"{err.what}\nThe tracker at {tracker} {state}.", err.fix) from None
     return rec
 
 
