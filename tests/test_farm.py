@@ -199,16 +199,30 @@ def test_a_process_that_exits_while_we_look_is_not_running():
 
 
 def test_a_start_that_fails_stops_what_its_leader_left_running(tmp_path, monkeypatch):
-    """The emulated board once failed at start ("exited at start") while its group kept running and kept the
-    rootfs mounts busy: the check that a group is ours (a TVM command line) failed, so nothing was stopped.
-    A group this interpreter started is stopped whatever its members' command lines say."""
+    """The emulated board once failed at start while its group kept running and kept the rootfs mounts busy: the
+    check that a group is ours (a TVM command line) failed, so nothing was stopped. A group this interpreter
+    started is stopped whatever its members' command lines say."""
     monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))
     left = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
     rec = farm._spawn("leaves-a-child", [sys.executable, "-c", left])
     farm._CHILDREN[rec["pid"]].wait(timeout=30)
     assert farm._group_members(rec["pid"])  # the child sleeps on after its leader exited
-    with pytest.raises(farm.FarmError, match="exited at start"):
-        farm._wait("a test process", rec, lambda: False, timeout=30)
+    with pytest.raises(farm.FarmError, match="not ready after 2 s"):
+        farm._wait("a test process", rec, lambda: False, timeout=2)
+    assert not farm._group_members(rec["pid"])
+
+
+def test_a_start_is_judged_by_its_group_not_its_command_line(tmp_path, monkeypatch):
+    """The emulated board's start was called dead ("exited at start", empty log) when the first look found its
+    process inside exec (chroot becoming qemu: an empty command line, so not recognisably TVM's). A group this
+    interpreter started runs while any member runs; here one whose command line never names TVM."""
+    monkeypatch.setenv("SHRINKC_FARM_DIR", str(tmp_path))
+    rec = farm._spawn("plain", [sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.time()
+    try:
+        farm._wait("a plain process", rec, lambda: time.time() - t0 > 1.0, timeout=30)
+    finally:
+        farm._stop("plain")
     assert not farm._group_members(rec["pid"])
 
 

@@ -97,6 +97,15 @@ def _alive(rec: dict | None) -> bool:
     return bool(rec) and any(ours(pid) for pid in _group_members(rec["pid"]))
 
 
+def _running(rec: dict) -> bool:
+    """The record's group still runs. A group this interpreter started counts while any member runs, whatever its
+    command line: a process in the middle of exec shows an empty one (the board's chroot turning into qemu did, and
+    its start was once called dead)."""
+    if rec["pid"] in _CHILDREN:
+        return bool(_group_members(rec["pid"]))
+    return _alive(rec)
+
+
 def _spawn(name: str, argv: list[str], env: dict | None = None, **extra) -> dict:
     """Start argv as the leader of a new process group (setsid), logging to NAME.log."""
     log = state_dir() / f"{name}.log"
@@ -149,7 +158,7 @@ def _wait(what: str, rec: dict, ready, timeout: float) -> None:
     deadline = time.time() + timeout
     try:
         while not ready():
-            if not _alive(rec):
+            if not _running(rec):
                 raise FarmError(f"{what} exited at start; its log ({rec['log']}) ends:\n{_log_tail(rec)}",
                                 "fix what the log says and start it again")
             if time.time() > deadline:
