@@ -13,7 +13,8 @@ from compiler.errors import ShrinkcError
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE
 from compiler.frontend.tflite_import import HINTS_ATTR, import_tflite, sparse_hints
 from tests.conftest import tflite_layers_model
-from zoo.tflite_writer import TfliteBuilder, custom_op_tflite, mobilenet_v2_tflite
+from zoo.tflite_writer import (GEOMETRY_V1_MATRIX as V1_MATRIX, GEOMETRY_V2_MATRIX as V2_MATRIX, TfliteBuilder,
+                               custom_op_tflite, mediapipe_geometry_tflite, mobilenet_v2_tflite)
 
 SMALL = dict(num_blocks=4, resolution=32, num_classes=16)
 VARIANTS = {"plain": {}, "fp16": dict(weights="fp16"), "csr": dict(sparsity=0.8),
@@ -569,3 +570,118 @@ def test_ssd_with_several_classes_per_detection_is_refused(tmp_path):
     import compiler
     with pytest.raises(ShrinkcError, match="max_classes_per_detection 2"):
         compiler.compile_model(str(path))
+
+
+# ---- MediaPipe's geometry ops: LiteRT cannot run them, so the reference is numpy, written from MediaPipe's CPU kernels
+def _ref_matrix_v2(lm: np.ndarray, o: dict) -> np.ndarray:
+    p = lm.reshape(-1, 3).astype(np.float64)
+    left, right = p[o["left_rotation_idx"]], p[o["right_rotation_idx"]]
+    r = o["target_rotation_radians"] - np.arctan2(right[1] - left[1], right[0] - left[0])
+    idx = list(o["subset_idxs"]) + ([o["subset_idxs"][-1]] if len(o["subset_idxs"]) % 2 else [])
+    rot = np.array([[np.cos(r), -np.sin(r)], [np.sin(r), np.cos(r)]])
+    q = p[idx, :2] @ rot.T
+    hi, lo = q.max(0), q.min(0)
+    cx, cy = np.array([[np.cos(-r), -np.sin(-r)], [np.sin(-r), np.cos(-r)]]) @ ((hi + lo) / 2)
+    t = np.eye(4)
+    for m in ([[1, 0, 0, cx], [0, 1, 0, cy], [0, 0, 1, 0], [0, 0, 0, 1]],
+              [[np.cos(-r), -np.sin(-r), 0, 0], [np.sin(-r), np.cos(-r), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+              np.diag([o["scale_x"] * (hi - lo)[0] / o["output_width"],
+                       o["scale_y"] * (hi - lo)[1] / o["output_height"], 1, 1]),
+              [[1, 0, 0, -o["output_width"] / 2], [0, 1, 0, -o["output_height"] / 2], [0, 0, 1, 0], [0, 0, 0, 1]]):
+        t = t @ np.asarray(m, np.float64)
+    return t.reshape(1, 4, 4)
+
+
+def _ref_matrix_v1(lm: np.ndarray, o: dict) -> np.ndarray:
+    p = lm.reshape(-1, 3).astype(np.float64)
+    left, right = p[o["left_rotation_idx"]], p[o["right_rotation_idx"]]
+    a = -np.arctan((right[1] - left[1]) / (right[0] - left[0]))
+    idx = list(o["subset"]) + ([o["subset"][-1]] if len(o["subset"]) % 2 else [])
+    q = p[idx, :2] @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]).T
+    hi, lo, rng = np.maximum(q.max(0), -1e5), np.minimum(q.min(0), 1e5), o["landmarks_range"]
+    box = (hi - lo) * o["bbox_size_multiplier"]
+    mid = (hi + lo) / 2
+    rm = np.array([[np.cos(-a), -np.sin(-a)], [np.sin(-a), np.cos(-a)]]) @ mid
+    (ih, iw), (oh, ow) = o["input_hw"], o["output_hw"]
+    itm = np.array([[(iw - 1) / 2, 0, (iw - 1) / 2], [0, (ih - 1) / 2, (ih - 1) / 2], [0, 0, 1]]) \
+        @ np.array([[np.cos(-a), -np.sin(-a), rm[0] / rng * 2 - 1], [np.sin(-a), np.cos(-a), rm[1] / rng * 2 - 1],
+                    [0, 0, 1]]) \
+        @ np.diag([box[0] / rng, box[1] / rng, 1]) @ np.array([[2 / (ow - 1), 0, -1], [0, 2 / (oh - 1), -1], [0, 0, 1]])
+    out = np.zeros((4, 4))
+    out[0], out[1] = [itm[0, 0], itm[0, 1], 0, itm[0, 2]], [itm[1, 0], itm[1, 1], 0, itm[1, 2]]
+    out[2], out[3] = [itm[2, 0], itm[2, 1], itm[2, 2], 0], [0, 0, 0, 1]
+    return out.reshape(1, 4, 4)
+
+
+def _ref_warp(x: np.ndarray, m: np.ndarray, oh: int, ow: int, version: int) -> np.ndarray:
+    _, h, w, c = x.shape
+    xt, yt = m.reshape(-1)[0:4].astype(np.float64).copy(), m.reshape(-1)[4:8].astype(np.float64).copy()
+    if version == 2:
+        xt[3] += xt[0] * 0.5 + xt[1] * 0.5 - 0.5
+        yt[3] += yt[0] * 0.5 + yt[1] * 0.5 - 0.5
+    out = np.zeros((1, oh, ow, c))
+    for oy in range(oh):
+        for ox in range(ow):
+            tx, ty = xt[0] * ox + xt[1] * oy + xt[3], yt[0] * ox + yt[1] * oy + yt[3]
+            if tx < 0 or tx > w - 1 or ty < 0 or ty > h - 1:
+                continue
+            fx, fy = int(np.floor(tx)), int(np.floor(ty))
+
+            def at(yy, xx):
+                return x[0, yy, xx] if 0 <= yy < h and 0 <= xx < w else np.zeros(c)
+            rc, lc = tx - fx, ty - fy
+            upper = (1 - rc) * at(fy, fx) + rc * at(fy, fx + 1)
+            lower = (1 - rc) * at(fy + 1, fx) + rc * at(fy + 1, fx + 1)
+            out[0, oy, ox] = lc * lower + (1 - lc) * upper
+    return out
+
+
+def _ref_landmarks(lm: np.ndarray, m: np.ndarray, dims: int, scale: float = 1.0) -> np.ndarray:
+    f = m.reshape(-1).astype(np.float64)
+    p = lm.reshape(-1, dims).astype(np.float64).copy()
+    x, y = p[:, 0].copy(), p[:, 1].copy()
+    p[:, 0], p[:, 1] = f[0] * x + f[1] * y + f[3] * scale, f[4] * x + f[5] * y + f[7] * scale
+    return p.reshape(lm.shape)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mediapipe_geometry_ops_match_their_kernels(tmp_path, version):
+    """Landmarks2TransformMatrix, TransformTensorBilinear and TransformLandmarks (refused before as custom ops), both
+    versions of each, compiled by shrinkc against numpy written from MediaPipe's CPU kernels (LiteRT has none of
+    them); landmarks that put the crop partly off the feature map, so the zero outside is tested too."""
+    import compiler
+    path = write(tmp_path, f"geometry_v{version}.tflite", mediapipe_geometry_tflite(version))
+    cm = compiler.compile_model(path)
+    rng = np.random.default_rng(7)
+    lm = (rng.uniform(2, 14, (8, 3)) * [1, 1, 0.1]).astype(np.float32)
+    inputs = {"landmarks": lm.reshape([1, 8, 3] if version == 2 else [1, 1, 1, 24]),
+              "features": rng.standard_normal((1, 16, 18, 5)).astype(np.float32),
+              "crop_landmarks": rng.uniform(0, 12, (1, 6, 3) if version == 2 else (1, 1, 6, 3)).astype(np.float32)}
+    matrix, crop, mapped = cm.run(inputs)
+    want = _ref_matrix_v2(lm, V2_MATRIX) if version == 2 else _ref_matrix_v1(lm, V1_MATRIX)
+    np.testing.assert_allclose(matrix, want, rtol=1e-4, atol=1e-4)
+    ref_crop = _ref_warp(inputs["features"], matrix, 10, 12, version)
+    assert 0 < np.count_nonzero(ref_crop.any(axis=3)) < 120          # part of the crop falls off the map
+    np.testing.assert_allclose(crop, ref_crop, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mapped, _ref_landmarks(inputs["crop_landmarks"], matrix, 3, 0.5 if version == 1 else 1),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ShrinkcError, match="LiteRT cannot run the custom op 'Landmarks2TransformMatrix'") as err:
+        cm.verify(inputs)
+    assert "without --verify" in err.value.fix
+
+
+def test_mediapipe_geometry_op_of_another_version_or_without_options_is_refused(tmp_path):
+    b = TfliteBuilder(seed=4)
+    lm = b.input([1, 8, 3], "landmarks")
+    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 3, V2_MATRIX, "matrix"))
+    expect_error(write(tmp_path, "v3.tflite", b.finish()), "Landmarks2TransformMatrix (output 'matrix') version 3")
+    b = TfliteBuilder(seed=4)
+    lm = b.input([1, 8, 3], "landmarks")
+    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 2,
+                                  {k: v for k, v in V2_MATRIX.items() if k != "scale_x"}, "matrix"))
+    expect_error(write(tmp_path, "noscale.tflite", b.finish()), "lacks the option(s) scale_x")
+    b = TfliteBuilder(seed=4)
+    lm = b.input([1, 8, 3], "landmarks")
+    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 2, {**V2_MATRIX, "subset_idxs": [0, 9]},
+                                  "matrix"))
+    expect_error(write(tmp_path, "far.tflite", b.finish()), "names landmarks [1, 4, 0, 9] of 8")

@@ -20,6 +20,7 @@ from compiler import tune
 from conftest import run_cli
 from targets.errors import ShrinkcError
 from zoo.mobilenet_v2 import mobilenet_v2
+from zoo.tflite_writer import mediapipe_geometry_tflite
 from test_farm import emu_board, farm, free_port, topk_model, tracker  # noqa: F401 (tracker: a fixture)
 from test_tune import tiny  # noqa: F401 (a fixture)
 
@@ -101,6 +102,12 @@ def test_tuning_on_the_emulated_board_and_the_library_that_runs_there(tracker, t
         board, here, texts = on_board_and_here(sparse, tracker, tmp_path, capsys)
         assert "sparse layers: 34" in texts["rpi4"]
         np.testing.assert_allclose(board["classifier"], here["classifier"], rtol=1e-4, atol=1e-5)
+        # MediaPipe's geometry ops: the board's libm (atanf, cosf, sinf) and the bilinear warp, equal to x86's
+        geometry = tmp_path / "geometry.tflite"
+        geometry.write_bytes(mediapipe_geometry_tflite(2))
+        board, here, _ = on_board_and_here(geometry, tracker, tmp_path, capsys)
+        for name in here.files:
+            np.testing.assert_allclose(board[name], here[name], rtol=1e-4, atol=1e-4)
     finally:
         assert farm.board_stop(farm.BOARD_KEY)
 

@@ -90,6 +90,7 @@ class _Operator:
     options_type: int = 0
     options: dict = field(default_factory=dict)   # the options table's fields, e.g. {"StrideW": 2}
     custom_options: bytes | None = None          # a custom op's options (a flexbuffer)
+    version: int = 1                             # its op code's version
 
 
 class TfliteBuilder:
@@ -365,6 +366,24 @@ class TfliteBuilder:
         """A CUSTOM op with the given name, output shaped like its input."""
         return self._op(code, [x], self.shape(x), name)
 
+    def mediapipe_geometry(self, code: str, inputs: list[int], shape: list[int], version: int, options: dict,
+                           name: str) -> int:
+        """One of MediaPipe's geometry custom ops (Landmarks2TransformMatrix, TransformTensorBilinear,
+        TransformLandmarks) of the given op code version, its options a flexbuffer map (ints, floats, strings, and
+        lists of ints as typed vectors), its output shaped `shape`."""
+        from flatbuffers import flexbuffers
+        fb = flexbuffers.Builder()
+        with fb.Map():
+            for key, value in options.items():
+                if isinstance(value, (list, tuple)):
+                    fb.TypedVectorFromElements(key, [int(v) for v in value])
+                else:
+                    put = fb.String if isinstance(value, str) else fb.Int if isinstance(value, int) else fb.Float
+                    put(key, value)
+        out = self._tensor(name, shape)
+        self.ops.append(_Operator(code, inputs, [out], custom_options=bytes(fb.Finish()), version=version))
+        return out
+
     def detection_postprocess(self, boxes: int, scores: int, anchors: np.ndarray | int, max_detections: int = 10,
                               **options) -> list[int]:
         """TFLite_Detection_PostProcess (the custom op that ends an SSD detector): box encodings [1, N, 4] and class
@@ -413,25 +432,25 @@ class TfliteBuilder:
             tensors.append(_table(b, "Tensor", Shape=_ints(b, t.shape), Type=_TYPES[t.dtype], Buffer=buf,
                                   Name=b.CreateString(t.name), Sparsity=sparsity, ShapeSignature=sig,
                                   Quantization=quant))
-        codes: list[int | str] = []
+        codes: list[tuple[int | str, int]] = []
         ops = []
         for op in self.ops:
-            if op.code not in codes:
-                codes.append(op.code)
+            if (op.code, op.version) not in codes:
+                codes.append((op.code, op.version))
             fields = {k: _ints(b, v) if isinstance(v, list) else v for k, v in op.options.items()}
             opts = _table(b, _OPTION_NAMES[op.options_type], **fields) if op.options_type else None
             custom = _bytes_vector(b, op.custom_options) if op.custom_options is not None else None
-            ops.append(_table(b, "Operator", OpcodeIndex=codes.index(op.code), Inputs=_ints(b, op.inputs),
+            ops.append(_table(b, "Operator", OpcodeIndex=codes.index((op.code, op.version)), Inputs=_ints(b, op.inputs),
                               Outputs=_ints(b, op.outputs), BuiltinOptionsType=op.options_type,
                               BuiltinOptions=opts, CustomOptions=custom))
         graph = _table(b, "SubGraph", Tensors=_offsets(b, "SubGraph", "Tensors", tensors),
                        Inputs=_ints(b, self.inputs), Outputs=_ints(b, outputs),
                        Operators=_offsets(b, "SubGraph", "Operators", ops), Name=b.CreateString("main"))
         code_tables = []
-        for code in codes:
+        for code, version in codes:
             builtin, custom = (_Op.CUSTOM, b.CreateString(code)) if isinstance(code, str) else (code, None)
             code_tables.append(_table(b, "OperatorCode", DeprecatedBuiltinCode=min(builtin, 127),
-                                      BuiltinCode=builtin, CustomCode=custom, Version=1))
+                                      BuiltinCode=builtin, CustomCode=custom, Version=version))
         model = _table(b, "Model", Version=3,
                        OperatorCodes=_offsets(b, "Model", "OperatorCodes", code_tables),
                        Subgraphs=_offsets(b, "Model", "Subgraphs", [graph]),
@@ -681,6 +700,31 @@ def uint8_mobilenet_v1_tflite(width: float = 1.0, resolution: int = 224, num_cla
         b.ops.append(_Operator(_Op.SOFTMAX, [flat], [probs], _Opt.SoftmaxOptions, {"Beta": 1.0}))
         flat = probs
     b.output(flat)
+    return b.finish()
+
+
+# the options of mediapipe_geometry_tflite's Landmarks2TransformMatrix, versions 2 and 1
+GEOMETRY_V2_MATRIX = dict(left_rotation_idx=1, right_rotation_idx=4, target_rotation_radians=0.3,
+                          subset_idxs=[0, 2, 3, 5, 6], output_width=12, output_height=10, scale_x=1.5, scale_y=1.25)
+GEOMETRY_V1_MATRIX = dict(input_hw=[16, 18], output_hw=[12, 10], dimensions=3, landmarks_range=20,
+                          bbox_size_multiplier=1.5, left_rotation_idx=1, right_rotation_idx=4, subset=[0, 2, 3, 5, 6])
+
+
+def mediapipe_geometry_tflite(version: int = 2) -> bytes:
+    """MediaPipe's attention face mesh pattern, its geometry custom ops of op code `version` (1 or 2): a transform
+    matrix from landmarks [1, 8, 3] (v1: [1, 1, 1, 24]), a feature map [1, 16, 18, 5] warped by it to a 10 x 12 crop,
+    and landmarks found in the crop [1, 6, 3] (v1: [1, 1, 6, 3], scale 0.5) mapped back by it; all three outputs."""
+    b = TfliteBuilder(seed=4)
+    lm = b.input([1, 8, 3] if version == 2 else [1, 1, 1, 24], "landmarks")
+    feat = b.input([1, 16, 18, 5], "features")
+    crop_lm = b.input([1, 6, 3] if version == 2 else [1, 1, 6, 3], "crop_landmarks")
+    matrix = b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], version,
+                                  GEOMETRY_V2_MATRIX if version == 2 else GEOMETRY_V1_MATRIX, "matrix")
+    b.output(matrix)
+    b.output(b.mediapipe_geometry("TransformTensorBilinear", [feat, matrix], [1, 10, 12, 5], version,
+                                  {"mode": "bilinear", "output_size": [10, 12]} if version == 1 else {}, "crop"))
+    b.output(b.mediapipe_geometry("TransformLandmarks", [crop_lm, matrix], b.shape(crop_lm), version,
+                                  {"dimensions": 3, "scale": 0.5} if version == 1 else {}, "mapped"))
     return b.finish()
 
 

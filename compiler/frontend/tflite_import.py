@@ -20,6 +20,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.tflite import tflite_frontend as _tvm_tflite
 
 from compiler.errors import ShrinkcError
+from compiler.frontend import tflite_mediapipe_geometry as geometry
 from compiler.frontend.dequantize import dequantize
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
 from passes.rewriting import resize2d_like
@@ -112,7 +113,12 @@ TRANSPOSE_CONV_BIAS = "Convolution2DTransposeBias"
 # (its hair segmentation model's encoder and decoder; LiteRT's XNNPACK delegate runs both, windows as large as their
 # stride, no padding)
 MAX_POOL_ARGMAX, MAX_UNPOOL = "MaxPoolingWithArgmax2D", "MaxUnpooling2D"
-_MEDIAPIPE_OPS = (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL)    # converted by _Converter, by these names
+# and the geometry ops of MediaPipe's attention face mesh (tflite_mediapipe_geometry; LiteRT cannot run these, so
+# --verify cannot check them)
+LANDMARKS_TO_MATRIX, TRANSFORM_TENSOR, TRANSFORM_LANDMARKS = \
+    "Landmarks2TransformMatrix", "TransformTensorBilinear", "TransformLandmarks"
+_MEDIAPIPE_OPS = (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL, LANDMARKS_TO_MATRIX, TRANSFORM_TENSOR,
+                  TRANSFORM_LANDMARKS)    # converted by _Converter, by these names
 _CUSTOM_OPS = ("TFLite_Detection_PostProcess",) + _MEDIAPIPE_OPS
 
 
@@ -399,7 +405,8 @@ class _Converter(_tvm_tflite.OperatorConverter):
     def __init__(self, model, subgraph, exp_tab, ctx, conversion_state=None):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
         self.convert_map.update(zip(_MEDIAPIPE_OPS, (self.convert_transpose_conv_bias, self.convert_max_pool_argmax,
-                                                     self.convert_max_unpool)))
+                                                     self.convert_max_unpool, self.convert_landmarks_to_matrix,
+                                                     self.convert_transform_tensor, self.convert_transform_landmarks)))
         self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
 
     def get_op_code_str(self, op):
@@ -496,6 +503,72 @@ class _Converter(_tvm_tflite.OperatorConverter):
                                          kernel_layout="IOHW", out_dtype="float32")
         bias = np.asarray(self.get_tensor_value(b), np.float32).reshape(-1)
         return relax.op.add(self.bb.emit(y), self.exp_tab.new_const(bias, dtype="float32"))
+
+    def _geometry_options(self, op, versions: dict[int, tuple[str, ...]]) -> tuple[int, dict]:
+        """A MediaPipe geometry op's version (its op code's) and options (a flexbuffer map), with the keys that
+        version needs; one clear error for another version or a missing key."""
+        from flatbuffers import flexbuffers
+        what, out = self.get_op_code_str(op), _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
+        version = int(self.model.OperatorCodes(op.OpcodeIndex()).Version())
+        if version not in versions:
+            raise ShrinkcError(f"{what} (output '{out}') version {version} is not supported",
+                               f"versions {' and '.join(map(str, versions))} are (MediaPipe's)")
+        raw = op.CustomOptionsAsNumpy().tobytes() if op.CustomOptionsLength() else b""
+        try:
+            opts = flexbuffers.Loads(raw) if raw else {}
+        except Exception:    # NOTE: flexbuffers raises bare errors (IndexError, struct.error) on bad bytes
+            opts = None
+        missing = [k for k in versions[version] if not isinstance(opts, dict) or k not in opts]
+        if missing:
+            raise ShrinkcError(f"{what} (output '{out}') version {version} lacks the option(s) {', '.join(missing)}",
+                               "re-export the model with MediaPipe's converter")
+        return version, opts
+
+    def convert_landmarks_to_matrix(self, op):
+        """MediaPipe's Landmarks2TransformMatrix: landmarks (x, y, z) -> the [1, 4, 4] matrix of a crop around them."""
+        version, opts = self._geometry_options(op, {
+            1: ("input_hw", "output_hw", "landmarks_range", "bbox_size_multiplier", "left_rotation_idx",
+                "right_rotation_idx", "subset"),
+            2: ("left_rotation_idx", "right_rotation_idx", "target_rotation_radians", "subset_idxs", "output_width",
+                "output_height", "scale_x", "scale_y")})
+        (x,) = self.get_input_tensors(op)
+        count = int(np.prod(x.tensor.ShapeAsNumpy())) // 3
+        subset = list(opts["subset" if version == 1 else "subset_idxs"])
+        used = [opts["left_rotation_idx"], opts["right_rotation_idx"]] + subset
+        if not subset or min(used) < 0 or max(used) >= count:
+            raise ShrinkcError(f"{LANDMARKS_TO_MATRIX} (output '{_name(self.subgraph, int(op.OutputsAsNumpy()[0]))}')"
+                               f" names landmarks {used} of {count}", "the indices must name landmarks of its input")
+        build = geometry.landmarks_to_transform_matrix_v1 if version == 1 else \
+            geometry.landmarks_to_transform_matrix_v2
+        return build(self.bb, self.get_tensor_expr(x), count, opts)
+
+    def convert_transform_tensor(self, op):
+        """MediaPipe's TransformTensorBilinear: a [1, H, W, C] float tensor warped by a [1, 4, 4] matrix to the output's
+        size, bilinear."""
+        version, opts = self._geometry_options(op, {1: (), 2: ()})
+        (x, m), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        shape, out_shape = [int(d) for d in x.tensor.ShapeAsNumpy()], [int(d) for d in out.tensor.ShapeAsNumpy()]
+        if opts.get("mode", "bilinear") != "bilinear" or len(shape) != 4 or shape[0] != 1 or x.qnn_params or \
+                len(out_shape) != 4 or out_shape[3] != shape[3]:
+            raise ShrinkcError(f"{TRANSFORM_TENSOR} (output '{_name(self.subgraph, out.tensor_idx)}') of {shape} to "
+                               f"{out_shape}, mode {opts.get('mode')!r}, is not supported",
+                               "only float [1, H, W, C] tensors, bilinear, are")
+        return geometry.transform_tensor_bilinear(self.bb, self.get_tensor_expr(x), self.get_tensor_expr(m), shape,
+                                                  (out_shape[1], out_shape[2]), version)
+
+    def convert_transform_landmarks(self, op):
+        """MediaPipe's TransformLandmarks: landmarks' (x, y) mapped by a [1, 4, 4] matrix, z kept."""
+        version, opts = self._geometry_options(op, {1: (), 2: ()})
+        (lm, m) = self.get_input_tensors(op)
+        shape = [int(d) for d in lm.tensor.ShapeAsNumpy()]
+        dims = int(opts.get("dimensions", 3)) if version == 1 else shape[-1]
+        scale = float(opts.get("scale", 1.0)) if version == 1 else 1.0
+        if dims not in (2, 3) or shape[-1] % dims or len(shape) != (4 if version == 1 else 3) or scale == 0:
+            raise ShrinkcError(f"{TRANSFORM_LANDMARKS} (output '{_name(self.subgraph, int(op.OutputsAsNumpy()[0]))}')"
+                               f" version {version} on {shape} with dimensions {dims}, scale {scale} is not supported",
+                               "landmarks of 2 or 3 values each, [1, H, W, k * dims] (version 1) or [1, N, dims]")
+        return geometry.transform_landmarks(self.bb, self.get_tensor_expr(lm), self.get_tensor_expr(m), shape, dims,
+                                            scale)
 
     def _named(self, kind: str, convert):
         def run(op):
