@@ -685,3 +685,8 @@ def test_mediapipe_geometry_op_of_another_version_or_without_options_is_refused(
     b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 2, {**V2_MATRIX, "subset_idxs": [0, 9]},
                                   "matrix"))
     expect_error(write(tmp_path, "far.tflite", b.finish()), "names landmarks [1, 4, 0, 9] of 8")
+    b = TfliteBuilder(seed=4)
+    lm = b.input([1, 8, 3], "landmarks")
+    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 2, {**V2_MATRIX, "output_width": 0},
+                                  "matrix"))
+    expect_error(write(tmp_path, "zero.tflite", b.finish()), "version 2 has options", "'output_width': 0")

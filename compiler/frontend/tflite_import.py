@@ -535,9 +535,17 @@ class _Converter(_tvm_tflite.OperatorConverter):
         count = int(np.prod(x.tensor.ShapeAsNumpy())) // 3
         subset = list(opts["subset" if version == 1 else "subset_idxs"])
         used = [opts["left_rotation_idx"], opts["right_rotation_idx"]] + subset
+        out = _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
         if not subset or min(used) < 0 or max(used) >= count:
-            raise ShrinkcError(f"{LANDMARKS_TO_MATRIX} (output '{_name(self.subgraph, int(op.OutputsAsNumpy()[0]))}')"
-                               f" names landmarks {used} of {count}", "the indices must name landmarks of its input")
+            raise ShrinkcError(f"{LANDMARKS_TO_MATRIX} (output '{out}') names landmarks {used} of {count}",
+                               "the indices must name landmarks of its input")
+        # what MediaPipe's kernel refuses at run time, refused here
+        sizes = [*opts["input_hw"], *opts["output_hw"], opts["landmarks_range"], opts["bbox_size_multiplier"]] \
+            if version == 1 else [opts["output_width"], opts["output_height"], opts["scale_x"], opts["scale_y"]]
+        if min(sizes) <= 0 or (version == 1 and opts.get("dimensions", 3) != 3):
+            raise ShrinkcError(f"{LANDMARKS_TO_MATRIX} (output '{out}') version {version} has options "
+                               f"{ {k: v for k, v in opts.items() if not isinstance(v, list)} } that MediaPipe's "
+                               "kernel refuses", "sizes, range and scales must be positive, dimensions 3")
         build = geometry.landmarks_to_transform_matrix_v1 if version == 1 else \
             geometry.landmarks_to_transform_matrix_v2
         return build(self.bb, self.get_tensor_expr(x), count, opts)
