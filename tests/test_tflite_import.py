@@ -690,3 +690,39 @@ def test_mediapipe_geometry_op_of_another_version_or_without_options_is_refused(
     b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [lm], [1, 4, 4], 2, {**V2_MATRIX, "output_width": 0},
                                   "matrix"))
     expect_error(write(tmp_path, "zero.tflite", b.finish()), "version 2 has options", "'output_width': 0")
+
+
+def _ref_resample(x: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    b, h, w, c = x.shape
+    out = np.zeros(x.shape)
+    for n in range(b):
+        for yy in range(h):
+            for xx in range(w):
+                px, py = float(warp[n, yy, xx, 0]), float(warp[n, yy, xx, 1])
+                if not (px > -1 and py > -1 and px < w and py < h):
+                    continue
+                fx, fy = int(np.floor(px)), int(np.floor(py))
+                dx, dy = fx + 1 - px, fy + 1 - py
+
+                def at(r, q):
+                    return x[n, r, q] if 0 <= r < h and 0 <= q < w else np.zeros(c)
+                out[n, yy, xx] = dx * dy * at(fy, fx) + (1 - dx) * (1 - dy) * at(fy + 1, fx + 1) \
+                    + dx * (1 - dy) * at(fy + 1, fx) + (1 - dx) * dy * at(fy, fx + 1)
+    return out
+
+
+def test_mediapipe_resampler_matches_its_kernel(tmp_path):
+    """MediaPipe's Resampler (TF Addons' resampler; refused before as a custom op) against numpy written from its CPU
+    kernel: points inside, on the border strip (-1, 0) and past the map."""
+    import compiler
+    b = TfliteBuilder(seed=4)
+    x, warp = b.input([2, 6, 7, 3], "image"), b.input([2, 6, 7, 2], "warp")
+    b.output(b.mediapipe_geometry("Resampler", [x, warp], [2, 6, 7, 3], 1, {}, "resampled"))
+    cm = compiler.compile_model(write(tmp_path, "resampler.tflite", b.finish()))
+    rng = np.random.default_rng(3)
+    inputs = {"image": rng.standard_normal((2, 6, 7, 3)).astype(np.float32),
+              "warp": rng.uniform(-2, 8, (2, 6, 7, 2)).astype(np.float32)}
+    (got,) = cm.run(inputs)
+    want = _ref_resample(inputs["image"], inputs["warp"])
+    assert 0 < np.count_nonzero(want.any(axis=3)) < 84
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

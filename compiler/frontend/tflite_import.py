@@ -113,12 +113,12 @@ TRANSPOSE_CONV_BIAS = "Convolution2DTransposeBias"
 # (its hair segmentation model's encoder and decoder; LiteRT's XNNPACK delegate runs both, windows as large as their
 # stride, no padding)
 MAX_POOL_ARGMAX, MAX_UNPOOL = "MaxPoolingWithArgmax2D", "MaxUnpooling2D"
-# and the geometry ops of MediaPipe's attention face mesh (tflite_mediapipe_geometry; LiteRT cannot run these, so
-# --verify cannot check them)
-LANDMARKS_TO_MATRIX, TRANSFORM_TENSOR, TRANSFORM_LANDMARKS = \
-    "Landmarks2TransformMatrix", "TransformTensorBilinear", "TransformLandmarks"
+# and the geometry ops of MediaPipe's attention face mesh and its resampler (tflite_mediapipe_geometry; LiteRT cannot
+# run these, so --verify cannot check them)
+LANDMARKS_TO_MATRIX, TRANSFORM_TENSOR, TRANSFORM_LANDMARKS, RESAMPLER = \
+    "Landmarks2TransformMatrix", "TransformTensorBilinear", "TransformLandmarks", "Resampler"
 _MEDIAPIPE_OPS = (TRANSPOSE_CONV_BIAS, MAX_POOL_ARGMAX, MAX_UNPOOL, LANDMARKS_TO_MATRIX, TRANSFORM_TENSOR,
-                  TRANSFORM_LANDMARKS)    # converted by _Converter, by these names
+                  TRANSFORM_LANDMARKS, RESAMPLER)    # converted by _Converter, by these names
 _CUSTOM_OPS = ("TFLite_Detection_PostProcess",) + _MEDIAPIPE_OPS
 
 
@@ -406,7 +406,8 @@ class _Converter(_tvm_tflite.OperatorConverter):
         super().__init__(model, subgraph, exp_tab, ctx, conversion_state)
         self.convert_map.update(zip(_MEDIAPIPE_OPS, (self.convert_transpose_conv_bias, self.convert_max_pool_argmax,
                                                      self.convert_max_unpool, self.convert_landmarks_to_matrix,
-                                                     self.convert_transform_tensor, self.convert_transform_landmarks)))
+                                                     self.convert_transform_tensor, self.convert_transform_landmarks,
+                                                     self.convert_resampler)))
         self.convert_map = {k: self._named(k, f) for k, f in self.convert_map.items()}
 
     def get_op_code_str(self, op):
@@ -577,6 +578,16 @@ class _Converter(_tvm_tflite.OperatorConverter):
                                "landmarks of 2 or 3 values each, [1, H, W, k * dims] (version 1) or [1, N, dims]")
         return geometry.transform_landmarks(self.bb, self.get_tensor_expr(lm), self.get_tensor_expr(m), shape, dims,
                                             scale)
+
+    def convert_resampler(self, op):
+        """MediaPipe's Resampler: a [B, H, W, C] float tensor sampled at the points of a [B, H, W, 2] warp."""
+        self._geometry_options(op, {1: ()})
+        (x, warp), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        shape, warp_shape = [int(d) for d in x.tensor.ShapeAsNumpy()], [int(d) for d in warp.tensor.ShapeAsNumpy()]
+        if len(shape) != 4 or warp_shape != shape[:3] + [2] or x.qnn_params:
+            raise ShrinkcError(f"{RESAMPLER} (output '{_name(self.subgraph, out.tensor_idx)}') of {shape} at a warp of "
+                               f"{warp_shape} is not supported", "only float [B, H, W, C] with a [B, H, W, 2] warp")
+        return geometry.resampler(self.bb, self.get_tensor_expr(x), self.get_tensor_expr(warp), shape)
 
     def _named(self, kind: str, convert):
         def run(op):

@@ -1,7 +1,7 @@
 """MediaPipe's geometry custom ops as Relax: the crop-and-warp ops of its attention face mesh (a transform matrix from
-landmarks, a bilinear warp of a feature map by it, landmarks mapped back by it).
+landmarks, a bilinear warp of a feature map by it, landmarks mapped back by it), and its resampler.
 
-Written from the semantics of MediaPipe's CPU kernels (mediapipe/util/tflite/operations/*.cc), each op in its two
+Written from the semantics of MediaPipe's CPU kernels (mediapipe/util/tflite/operations/*.cc), each op in its
 versions (the op code's version picks one):
 - Landmarks2TransformMatrix: landmarks (x, y, z triples, read flat) -> a [1, 4, 4] matrix. v1 rotates by -atan of the
   slope between two landmarks and maps output pixels to input pixels (`itm`); v2 rotates to a target angle and maps an
@@ -9,6 +9,8 @@ versions (the op code's version picks one):
 - TransformTensorBilinear: x [1, H, W, C] sampled at (the matrix's first two rows) . (out_x, out_y, 0, 1), bilinear
   over the four neighbours (zero outside), zero where the point falls off [0, W-1] x [0, H-1]; v2 samples at pixel
   centres (a half-pixel shift on both sides).
+- Resampler (TF Addons' resampler): x [B, H, W, C] sampled at the (x, y) of warp [B, H, W, 2] for each output
+  pixel, bilinear with zero outside, zero where the point is not inside (-1, W) x (-1, H).
 - TransformLandmarks: each landmark's (x, y) replaced by the matrix's first two rows . (x, y, 0, 1) (v1: the
   translation column times `scale`), z kept; v1 landmarks [1, H, W, k * dims], v2 [1, N, dims].
 The matrices here are small products of scalars: entries are Python floats where known when compiling, [1] tensors
@@ -191,6 +193,30 @@ def transform_tensor_bilinear(bb, x: relax.Expr, matrix: relax.Expr, x_shape: li
             return tirx.if_then_else(inside, lower * lower_v + (1.0 - lower) * upper_v, tirx.const(0.0, F32))
         return te.compute((1, oh, ow, c), at, name="transform_tensor_bilinear")
     return bb.emit_te(warp, x, flat)
+
+
+def resampler(bb, x: relax.Expr, warp: relax.Expr, shape: list[int]) -> relax.Expr:
+    """x [B, H, W, C] sampled at warp [B, H, W, 2] (module docstring), summed in MediaPipe's order."""
+    _, h, w, _ = shape
+
+    def sample(data, where):
+        def at(n, y, x_, ch):
+            wx, wy = where(n, y, x_, 0), where(n, y, x_, 1)
+            inside = tirx.all(wx > -1.0, wy > -1.0, wx < float(w), wy < float(h))
+            fx = tirx.floor(tirx.max(tirx.min(wx, float(w)), -1.0))
+            fy = tirx.floor(tirx.max(tirx.min(wy, float(h)), -1.0))
+            ix, iy = fx.astype("int32"), fy.astype("int32")
+            dx, dy = fx + 1.0 - wx, fy + 1.0 - wy
+
+            def read(yy, xx):
+                ok = tirx.all(yy >= 0, xx >= 0, yy < h, xx < w)
+                value = data(n, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0), ch)
+                return tirx.if_then_else(ok, value, tirx.const(0.0, F32))
+            total = dx * dy * read(iy, ix) + (1.0 - dx) * (1.0 - dy) * read(iy + 1, ix + 1) \
+                + dx * (1.0 - dy) * read(iy + 1, ix) + (1.0 - dx) * dy * read(iy, ix + 1)
+            return tirx.if_then_else(inside, total, tirx.const(0.0, F32))
+        return te.compute(tuple(shape), at, name="resampler")
+    return bb.emit_te(sample, x, warp)
 
 
 def transform_landmarks(bb, landmarks: relax.Expr, matrix: relax.Expr, shape: list[int], dims: int,
