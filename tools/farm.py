@@ -124,10 +124,10 @@ def _stop(name: str, timeout: float = 10.0) -> bool:
     (state_dir() / f"{name}.json").unlink(missing_ok=True)
     if not rec:
         return False
-    pgid, ran = rec["pid"], _alive(rec)
-    # A group this interpreter started is ours even when _alive cannot tell (its leader gone, what is left
-    # unrecognised): while any member runs, Linux does not hand its PGID to another process.
-    if ran or (pgid in _CHILDREN and _group_members(pgid)):
+    # NOTE: a group this interpreter started is ours even where _alive cannot tell (its leader gone, what is left
+    # unrecognised): while any member runs, Linux does not hand its PGID to another process
+    pgid, ran = rec["pid"], _running(rec)
+    if ran:
         _kill_group(pgid, timeout)
     if (child := _CHILDREN.pop(pgid, None)) is not None:
         child.poll()
