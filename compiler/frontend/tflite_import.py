@@ -505,9 +505,9 @@ class _Converter(_tvm_tflite.OperatorConverter):
         bias = np.asarray(self.get_tensor_value(b), np.float32).reshape(-1)
         return relax.op.add(self.bb.emit(y), self.exp_tab.new_const(bias, dtype="float32"))
 
-    def _geometry_options(self, op, versions: dict[int, tuple[str, ...]]) -> tuple[int, dict]:
-        """A MediaPipe geometry op's version (its op code's) and options (a flexbuffer map), with the keys that
-        version needs; one clear error for another version or a missing key."""
+    def _geometry_options(self, op, versions: dict[int, tuple[str, ...]]) -> tuple[int, dict, str]:
+        """A MediaPipe geometry op's version (its op code's), options (a flexbuffer map, with the keys that version
+        needs) and output name; one clear error for another version or a missing key."""
         from flatbuffers import flexbuffers
         what, out = self.get_op_code_str(op), _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
         version = int(self.model.OperatorCodes(op.OpcodeIndex()).Version())
@@ -523,11 +523,11 @@ class _Converter(_tvm_tflite.OperatorConverter):
         if missing:
             raise ShrinkcError(f"{what} (output '{out}') version {version} lacks the option(s) {', '.join(missing)}",
                                "re-export the model with MediaPipe's converter")
-        return version, opts
+        return version, opts, out
 
     def convert_landmarks_to_matrix(self, op):
         """MediaPipe's Landmarks2TransformMatrix: landmarks (x, y, z) -> the [1, 4, 4] matrix of a crop around them."""
-        version, opts = self._geometry_options(op, {
+        version, opts, out = self._geometry_options(op, {
             1: ("input_hw", "output_hw", "landmarks_range", "bbox_size_multiplier", "left_rotation_idx",
                 "right_rotation_idx", "subset"),
             2: ("left_rotation_idx", "right_rotation_idx", "target_rotation_radians", "subset_idxs", "output_width",
@@ -536,7 +536,6 @@ class _Converter(_tvm_tflite.OperatorConverter):
         count = int(np.prod(x.tensor.ShapeAsNumpy())) // 3
         subset = list(opts["subset" if version == 1 else "subset_idxs"])
         used = [opts["left_rotation_idx"], opts["right_rotation_idx"]] + subset
-        out = _name(self.subgraph, int(op.OutputsAsNumpy()[0]))
         if not subset or min(used) < 0 or max(used) >= count:
             raise ShrinkcError(f"{LANDMARKS_TO_MATRIX} (output '{out}') names landmarks {used} of {count}",
                                "the indices must name landmarks of its input")
@@ -554,12 +553,12 @@ class _Converter(_tvm_tflite.OperatorConverter):
     def convert_transform_tensor(self, op):
         """MediaPipe's TransformTensorBilinear: a [1, H, W, C] float tensor warped by a [1, 4, 4] matrix to the output's
         size, bilinear."""
-        version, opts = self._geometry_options(op, {1: (), 2: ()})
-        (x, m), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
-        shape, out_shape = [int(d) for d in x.tensor.ShapeAsNumpy()], [int(d) for d in out.tensor.ShapeAsNumpy()]
+        version, opts, out = self._geometry_options(op, {1: (), 2: ()})
+        (x, m), (y,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        shape, out_shape = [int(d) for d in x.tensor.ShapeAsNumpy()], [int(d) for d in y.tensor.ShapeAsNumpy()]
         if opts.get("mode", "bilinear") != "bilinear" or len(shape) != 4 or shape[0] != 1 or x.qnn_params or \
                 len(out_shape) != 4 or out_shape[3] != shape[3]:
-            raise ShrinkcError(f"{TRANSFORM_TENSOR} (output '{_name(self.subgraph, out.tensor_idx)}') of {shape} to "
+            raise ShrinkcError(f"{TRANSFORM_TENSOR} (output '{out}') of {shape} to "
                                f"{out_shape}, mode {opts.get('mode')!r}, is not supported",
                                "only float [1, H, W, C] tensors, bilinear, are")
         return geometry.transform_tensor_bilinear(self.bb, self.get_tensor_expr(x), self.get_tensor_expr(m), shape,
@@ -567,25 +566,25 @@ class _Converter(_tvm_tflite.OperatorConverter):
 
     def convert_transform_landmarks(self, op):
         """MediaPipe's TransformLandmarks: landmarks' (x, y) mapped by a [1, 4, 4] matrix, z kept."""
-        version, opts = self._geometry_options(op, {1: (), 2: ()})
+        version, opts, out = self._geometry_options(op, {1: (), 2: ()})
         (lm, m) = self.get_input_tensors(op)
         shape = [int(d) for d in lm.tensor.ShapeAsNumpy()]
         dims = int(opts.get("dimensions", 3)) if version == 1 else shape[-1]
         scale = float(opts.get("scale", 1.0)) if version == 1 else 1.0
         if dims not in (2, 3) or shape[-1] % dims or len(shape) != (4 if version == 1 else 3) or scale == 0:
-            raise ShrinkcError(f"{TRANSFORM_LANDMARKS} (output '{_name(self.subgraph, int(op.OutputsAsNumpy()[0]))}')"
-                               f" version {version} on {shape} with dimensions {dims}, scale {scale} is not supported",
+            raise ShrinkcError(f"{TRANSFORM_LANDMARKS} (output '{out}') version {version} on {shape} with dimensions "
+                               f"{dims}, scale {scale} is not supported",
                                "landmarks of 2 or 3 values each, [1, H, W, k * dims] (version 1) or [1, N, dims]")
         return geometry.transform_landmarks(self.bb, self.get_tensor_expr(lm), self.get_tensor_expr(m), shape, dims,
                                             scale)
 
     def convert_resampler(self, op):
         """MediaPipe's Resampler: a [B, H, W, C] float tensor sampled at the points of a [B, H, W, 2] warp."""
-        self._geometry_options(op, {1: ()})
-        (x, warp), (out,) = self.get_input_tensors(op), self.get_output_tensors(op)
+        _, _, out = self._geometry_options(op, {1: ()})
+        x, warp = self.get_input_tensors(op)
         shape, warp_shape = [int(d) for d in x.tensor.ShapeAsNumpy()], [int(d) for d in warp.tensor.ShapeAsNumpy()]
         if len(shape) != 4 or warp_shape != shape[:3] + [2] or x.qnn_params:
-            raise ShrinkcError(f"{RESAMPLER} (output '{_name(self.subgraph, out.tensor_idx)}') of {shape} at a warp of "
+            raise ShrinkcError(f"{RESAMPLER} (output '{out}') of {shape} at a warp of "
                                f"{warp_shape} is not supported", "only float [B, H, W, C] with a [B, H, W, 2] warp")
         return geometry.resampler(self.bb, self.get_tensor_expr(x), self.get_tensor_expr(warp), shape)
 
