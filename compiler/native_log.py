@@ -1,4 +1,5 @@
-"""Silence TVM's native per-constant 'Scope Saving/Loaded' warnings while keeping other native messages."""
+"""Silence TVM's native noise (per-constant 'Scope Saving/Loaded' warnings, a failed import's half-built BlockBuilder)
+while keeping other native messages."""
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,14 @@ import tempfile
 _NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
 
 
-@contextlib.contextmanager
 def quiet_scope_warnings():
     """Redirect fd 2 around a native call; re-print what it wrote, minus the per-constant noise."""
+    return quiet_native_warnings(_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_native_warnings(noise: tuple[str, ...]):
+    """Redirect fd 2 around a native call; re-print what it wrote, minus the lines holding any of `noise`."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -28,5 +34,5 @@ def quiet_scope_warnings():
             os.close(saved)
             tmp.seek(0)
             for line in tmp.read().decode(errors="replace").splitlines():
-                if not any(n in line for n in _NOISE):
+                if not any(n in line for n in noise):
                     print(line, file=sys.stderr)

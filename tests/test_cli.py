@@ -171,3 +171,24 @@ def test_internal_error_names_the_pass_and_the_way_around_it(tmp_path, capsys, m
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "in pass Boom (phase shrink)" in lines[0]
     assert "number of dimensions" in lines[0] and "--shrink off" in lines[0]
+
+
+def test_a_tflite_op_refused_while_converting_is_one_line_to_the_end(tmp_path):
+    """An op refused halfway through TFLite conversion left TVM's half-built BlockBuilder in the error's frames; its
+    destruction at exit printed a native 'BlockBuilder destroyed with remaining blocks!' after the one-line error.
+    A separate process, as a user runs it, so that the interpreter's exit is part of what is checked."""
+    import subprocess
+    import sys
+
+    from zoo.tflite_writer import GEOMETRY_V2_MATRIX, TfliteBuilder
+    b = TfliteBuilder(seed=4)
+    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [b.input([1, 8, 3], "landmarks")], [1, 4, 4], 3,
+                                  GEOMETRY_V2_MATRIX, "matrix"))
+    model = tmp_path / "v3.tflite"
+    model.write_bytes(b.finish())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(model), "-o", str(tmp_path / "v3.so")],
+                          cwd=root, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "version 3 is not supported" in lines[0], proc.stderr
