@@ -3,6 +3,7 @@ while keeping other native messages."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -36,3 +37,13 @@ def quiet_native_warnings(noise: tuple[str, ...]):
             for line in tmp.read().decode(errors="replace").splitlines():
                 if not any(n in line for n in noise):
                     print(line, file=sys.stderr)
+
+
+def released(err: Exception) -> Exception:
+    """err without the frames it was raised through: an importer's hold its half-built BlockBuilder, whose
+    destruction (at exit, after the one-line error) printed TVM's native 'BlockBuilder destroyed with remaining
+    blocks!'. The frames go now, that warning dropped."""
+    with quiet_native_warnings(("BlockBuilder destroyed with remaining blocks",)):
+        err.__traceback__ = err.__context__ = err.__cause__ = None    # NOTE: frames freed by refcount go here,
+        gc.collect()                                                   # those in cycles here
+    return err

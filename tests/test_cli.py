@@ -173,22 +173,35 @@ def test_internal_error_names_the_pass_and_the_way_around_it(tmp_path, capsys, m
     assert "number of dimensions" in lines[0] and "--shrink off" in lines[0]
 
 
-def test_a_tflite_op_refused_while_converting_is_one_line_to_the_end(tmp_path):
-    """An op refused halfway through TFLite conversion left TVM's half-built BlockBuilder in the error's frames; its
+def _refused_while_converting(tmp_path, kind: str):
+    """A model whose import fails halfway through conversion: a Landmarks2TransformMatrix of an unknown version
+    (.tflite), a Reshape to a shape computed at run time (.onnx)."""
+    if kind == "tflite":
+        from zoo.tflite_writer import GEOMETRY_V2_MATRIX, TfliteBuilder
+        b = TfliteBuilder(seed=4)
+        b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [b.input([1, 8, 3], "landmarks")], [1, 4, 4], 3,
+                                      GEOMETRY_V2_MATRIX, "matrix"))
+        (tmp_path / "refused.tflite").write_bytes(b.finish())
+        return tmp_path / "refused.tflite", "version 3 is not supported"
+    x, k = (helper.make_tensor_value_info(n, t, s) for n, t, s in (("x", onnx.TensorProto.FLOAT, [1, 8]),
+                                                                   ("k", onnx.TensorProto.INT64, [1])))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "k"], ["y"])],
+                              "g", [x, k], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "refused.onnx")
+    return tmp_path / "refused.onnx", "cannot import op 'Reshape'"
+
+
+@pytest.mark.parametrize("kind", ["tflite", "onnx"])
+def test_an_op_refused_while_converting_is_one_line_to_the_end(tmp_path, kind):
+    """An op refused halfway through conversion left TVM's half-built BlockBuilder in the error's frames; its
     destruction at exit printed a native 'BlockBuilder destroyed with remaining blocks!' after the one-line error.
     A separate process, as a user runs it, so that the interpreter's exit is part of what is checked."""
     import subprocess
     import sys
-
-    from zoo.tflite_writer import GEOMETRY_V2_MATRIX, TfliteBuilder
-    b = TfliteBuilder(seed=4)
-    b.output(b.mediapipe_geometry("Landmarks2TransformMatrix", [b.input([1, 8, 3], "landmarks")], [1, 4, 4], 3,
-                                  GEOMETRY_V2_MATRIX, "matrix"))
-    model = tmp_path / "v3.tflite"
-    model.write_bytes(b.finish())
+    model, needle = _refused_while_converting(tmp_path, kind)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(model), "-o", str(tmp_path / "v3.so")],
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(model), "-o", str(tmp_path / "r.so")],
                           cwd=root, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "version 3 is not supported" in lines[0], proc.stderr
+    assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -20,6 +20,7 @@ from compiler.frontend.onnx_integer_ops import has_integer_ops, integer_ops_in_f
 from compiler.frontend.onnx_ops import TVM_CONVERT_MAP, convert_map
 from compiler.frontend.onnx_qdq_types import has_unreadable_qdq, readable_qdq
 from compiler.frontend.onnx_qoperators import has_qoperators, qoperators_to_qdq
+from compiler.native_log import released
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 
@@ -206,10 +207,16 @@ def import_onnx(source: "str | onnx.ModelProto", pins: dict[str, list[int]] | No
                      f"difference of {QUANTIZED_VERIFY_TOLERANCE:g})")
     shape_dict = {t.name: t.shape for t in inputs}
     dtype_dict = {t.name: t.dtype for t in inputs}
-    with _patched_importer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        mod = _tvm_onnx.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
-                                  keep_params_in_input=False)
+    failure = None
+    try:
+        with _patched_importer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            mod = _tvm_onnx.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                                      keep_params_in_input=False)
+    except ShrinkcError as err:
+        failure = err
+    if failure is not None:
+        raise released(failure) from None
     ret = mod["main"].ret_ty
     fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
     outputs = []

@@ -3,7 +3,6 @@ weights TVM trips on."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from compiler.errors import ShrinkcError
 from compiler.frontend import tflite_mediapipe_geometry as geometry
 from compiler.frontend.dequantize import dequantize
 from compiler.frontend.model_info import QUANTIZED_VERIFY_TOLERANCE, ModelInfo, TensorInfo, batch_one
-from compiler.native_log import quiet_native_warnings
+from compiler.native_log import released
 from passes.rewriting import resize2d_like
 
 HINTS_ATTR = "shrinkc_sparse_hints"   # IRModule attribute: {weight tensor name: JSON of its sparse layout}
@@ -820,16 +819,6 @@ def _sanitize(name: str) -> str:
     return s if s and not s[0].isdigit() else "n_" + s
 
 
-def _released(err: ShrinkcError) -> ShrinkcError:
-    """err without the converter's frames: they hold its half-built BlockBuilder, whose destruction (at exit, after
-    the one-line error) printed TVM's native warning 'BlockBuilder destroyed with remaining blocks!'; it goes now,
-    that warning dropped."""
-    err.__traceback__ = err.__context__ = err.__cause__ = None
-    with quiet_native_warnings(("BlockBuilder destroyed with remaining blocks",)):
-        gc.collect()
-    return err
-
-
 def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[tvm.IRModule, ModelInfo]:
     """.tflite file -> (Relax module with weights as float32 constants, the model's signature).
 
@@ -866,7 +855,7 @@ def import_tflite(path: str, pins: dict[str, list[int]] | None = None) -> tuple[
         msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         failure = ShrinkcError(f"cannot import '{path}': {msg[:200]}", "open an issue with the model attached")
     if failure is not None:
-        raise _released(failure) from None
+        raise released(failure) from None
     if hints:
         mod = mod.with_attr(HINTS_ATTR, {k: json.dumps(v) for k, v in hints.items()})
     sg = model.Subgraphs(0)
