@@ -369,8 +369,8 @@ class TfliteBuilder:
     def mediapipe_geometry(self, code: str, inputs: list[int], shape: list[int], version: int, options: dict,
                            name: str) -> int:
         """One of MediaPipe's geometry custom ops (Landmarks2TransformMatrix, TransformTensorBilinear,
-        TransformLandmarks) of the given op code version, its options a flexbuffer map (ints, floats, strings, and
-        lists of ints as typed vectors), its output shaped `shape`."""
+        TransformLandmarks, Resampler) of the given op code version, its options a flexbuffer map (ints, floats,
+        strings, and lists of ints as typed vectors), its output shaped `shape`."""
         from flatbuffers import flexbuffers
         fb = flexbuffers.Builder()
         with fb.Map():
