@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ShrinkcError as err:
         if debug:
+            print(getattr(err, "dropped_traceback", ""), end="", file=sys.stderr)   # native_log.released's
             traceback.print_exc()
         print(f"shrinkc: error: {err}", file=sys.stderr)
         return 2

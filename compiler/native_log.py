@@ -7,6 +7,7 @@ import gc
 import os
 import sys
 import tempfile
+import traceback
 
 _NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
 
@@ -42,7 +43,9 @@ def quiet_native_warnings(noise: tuple[str, ...]):
 def released(err: Exception) -> Exception:
     """err without the frames it was raised through: an importer's hold its half-built BlockBuilder, whose
     destruction (at exit, after the one-line error) printed TVM's native 'BlockBuilder destroyed with remaining
-    blocks!'. The frames go now, that warning dropped."""
+    blocks!'. The frames go now, that warning dropped; their traceback stays as text in `err.dropped_traceback`
+    (what --debug prints)."""
+    err.dropped_traceback = "".join(traceback.format_exception(err))
     with quiet_native_warnings(("BlockBuilder destroyed with remaining blocks",)):
         err.__traceback__ = err.__context__ = err.__cause__ = None    # NOTE: frames freed by refcount go here,
         gc.collect()                                                   # those in cycles here

@@ -205,3 +205,14 @@ def test_an_op_refused_while_converting_is_one_line_to_the_end(tmp_path, kind):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_debug_shows_the_converter_frames_an_import_error_dropped(tmp_path, capsys):
+    """An import error drops its frames (native_log.released) to free TVM's BlockBuilder; --debug still shows the
+    traceback down into the converter that refused, and without --debug nothing of it shows."""
+    model, needle = _refused_while_converting(tmp_path, "tflite")
+    code, _, err = run_cli(["compile", model, "-o", tmp_path / "r.so", "--debug"], capsys)
+    assert code == 2 and "in convert_landmarks_to_matrix" in err and "in _geometry_options" in err
+    assert err.strip().splitlines()[-1].startswith("shrinkc: error: ") and needle in err
+    code, _, err = run_cli(["compile", model, "-o", tmp_path / "r.so"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
