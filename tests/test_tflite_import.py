@@ -726,3 +726,19 @@ def test_mediapipe_resampler_matches_its_kernel(tmp_path):
     want = _ref_resample(inputs["image"], inputs["warp"])
     assert 0 < np.count_nonzero(want.any(axis=3)) < 84
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version,shape,options", [(1, [1, 2, 3, 4], {"dimensions": 2, "scale": 2.0}),
+                                                   (2, [1, 5, 2], {})])
+def test_mediapipe_transform_landmarks_of_two_values_each(tmp_path, version, shape, options):
+    """TransformLandmarks on (x, y) landmarks: version 1 with two landmarks per position and a scaled translation,
+    version 2 with [1, N, 2]; the matrix a model input."""
+    import compiler
+    b = TfliteBuilder(seed=1)
+    lm, m = b.input(shape, "lm"), b.input([1, 4, 4], "m")
+    b.output(b.mediapipe_geometry("TransformLandmarks", [lm, m], shape, version, options, "mapped"))
+    cm = compiler.compile_model(write(tmp_path, "landmarks2.tflite", b.finish()))
+    rng = np.random.default_rng(0)
+    x, matrix = rng.standard_normal(shape).astype(np.float32), rng.standard_normal((1, 4, 4)).astype(np.float32)
+    (got,) = cm.run({"lm": x, "m": matrix})
+    np.testing.assert_allclose(got, _ref_landmarks(x, matrix, 2, options.get("scale", 1.0)), rtol=1e-5, atol=1e-5)
