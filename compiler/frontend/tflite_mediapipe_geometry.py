@@ -121,7 +121,7 @@ def landmarks_to_transform_matrix_v1(bb, landmarks: relax.Expr, count: int, opts
              [0.0, bb.emit(relax.op.divide(box_y, _c(rng))), 0.0], [0.0, 0.0, 1.0]]
     shift_x = bb.emit(relax.op.subtract(relax.op.multiply(relax.op.divide(rmid_x, _c(rng)), _c(2.0)), _c(1.0)))
     shift_y = bb.emit(relax.op.subtract(relax.op.multiply(relax.op.divide(rmid_y, _c(rng)), _c(2.0)), _c(1.0)))
-    rotation = [[cn, bb.emit(relax.op.negative(sn)), shift_x], [sn, cn, shift_y], [0.0, 0.0, 1.0]]
+    rotation = [[cn, sa, shift_x], [sn, cn, shift_y], [0.0, 0.0, 1.0]]    # sa = -sin(-alpha)
     (ih, iw), (oh, ow) = opts["input_hw"], opts["output_hw"]
     to_relative = [[2.0 / (ow - 1.0), 0.0, -1.0], [0.0, 2.0 / (oh - 1.0), -1.0], [0.0, 0.0, 1.0]]
     to_absolute = [[(iw - 1.0) / 2.0, 0.0, (iw - 1.0) / 2.0], [0.0, (ih - 1.0) / 2.0, (ih - 1.0) / 2.0],
@@ -161,6 +161,20 @@ def landmarks_to_transform_matrix_v2(bb, landmarks: relax.Expr, count: int, opts
     return _as_matrix(bb, _matmul(_matmul(_matmul(shift, rotation), scale), shift2))
 
 
+def _floor_index(v, size: int):
+    """floor(v) as a float and an int32, v clamped to [-1, size] first (outside that the point reads only zeros, and
+    a huge float would not cast)."""
+    f = tirx.floor(tirx.max(tirx.min(v, float(size)), -1.0))
+    return f, f.astype("int32")
+
+
+def _read_or_zero(data, n, y, x, ch, h: int, w: int):
+    """data[n, y, x, ch] of an [N, h, w, C] tensor, 0 where (y, x) is off the map (the index clamped, never read)."""
+    ok = tirx.all(y >= 0, x >= 0, y < h, x < w)
+    value = data(n, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(x, w - 1), 0), ch)
+    return tirx.if_then_else(ok, value, tirx.const(0.0, F32))
+
+
 def transform_tensor_bilinear(bb, x: relax.Expr, matrix: relax.Expr, x_shape: list[int], out_hw: tuple[int, int],
                               version: int) -> relax.Expr:
     """x [1, H, W, C] warped by the matrix's first two rows to [1, OH, OW, C] (module docstring)."""
@@ -179,14 +193,10 @@ def transform_tensor_bilinear(bb, x: relax.Expr, matrix: relax.Expr, x_shape: li
             tx = m(0) * fx + m(1) * fy + m(2) * 0.0 + x3
             ty = m(4) * fx + m(5) * fy + m(6) * 0.0 + y3
             inside = tirx.all(tx >= 0.0, tx <= float(w - 1), ty >= 0.0, ty <= float(h - 1))
-            x0 = tirx.floor(tirx.max(tirx.min(tx, float(w)), -1.0))
-            y0 = tirx.floor(tirx.max(tirx.min(ty, float(h)), -1.0))
-            ix, iy = x0.astype("int32"), y0.astype("int32")
+            (x0, ix), (y0, iy) = _floor_index(tx, w), _floor_index(ty, h)
 
             def read(yy, xx):
-                ok = tirx.all(yy >= 0, xx >= 0, yy < h, xx < w)
-                value = data(n, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0), ch)
-                return tirx.if_then_else(ok, value, tirx.const(0.0, F32))
+                return _read_or_zero(data, n, yy, xx, ch, h, w)
             right, lower = tx - x0, ty - y0
             upper_v = (1.0 - right) * read(iy, ix) + right * read(iy, ix + 1)
             lower_v = (1.0 - right) * read(iy + 1, ix) + right * read(iy + 1, ix + 1)
@@ -203,15 +213,11 @@ def resampler(bb, x: relax.Expr, warp: relax.Expr, shape: list[int]) -> relax.Ex
         def at(n, y, x_, ch):
             wx, wy = where(n, y, x_, 0), where(n, y, x_, 1)
             inside = tirx.all(wx > -1.0, wy > -1.0, wx < float(w), wy < float(h))
-            fx = tirx.floor(tirx.max(tirx.min(wx, float(w)), -1.0))
-            fy = tirx.floor(tirx.max(tirx.min(wy, float(h)), -1.0))
-            ix, iy = fx.astype("int32"), fy.astype("int32")
+            (fx, ix), (fy, iy) = _floor_index(wx, w), _floor_index(wy, h)
             dx, dy = fx + 1.0 - wx, fy + 1.0 - wy
 
             def read(yy, xx):
-                ok = tirx.all(yy >= 0, xx >= 0, yy < h, xx < w)
-                value = data(n, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0), ch)
-                return tirx.if_then_else(ok, value, tirx.const(0.0, F32))
+                return _read_or_zero(data, n, yy, xx, ch, h, w)
             total = dx * dy * read(iy, ix) + (1.0 - dx) * (1.0 - dy) * read(iy + 1, ix + 1) \
                 + dx * (1.0 - dy) * read(iy + 1, ix) + (1.0 - dx) * dy * read(iy, ix + 1)
             return tirx.if_then_else(inside, total, tirx.const(0.0, F32))
