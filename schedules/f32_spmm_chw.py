@@ -33,9 +33,10 @@ INT16_MAX_COLUMNS = 32768      # int16 column indices when the input channel cou
 CHUNK_TASKS = 4                # chunked kernels: at least this many parallel tasks (pixel tiles x output-block groups)
 
 
-def kernel_name(pixel_tile: int, block: int, k_chunk: int | None = None) -> str:
-    """f32_spmm_chw_64x1, or f32_spmm_chw_64x1_k128 walking its input channels in chunks of 128."""
-    return f"f32_spmm_chw_{pixel_tile}x{block}" + (f"_k{k_chunk}" if k_chunk else "")
+def kernel_name(pixel_tile: int, block: int, k_chunk: int | None = None, tile_tasks: bool = False) -> str:
+    """f32_spmm_chw_64x1; f32_spmm_chw_64x1_k128 walking its input channels in chunks of 128;
+    f32_spmm_chw_64x1_bytile with one task per pixel tile (tile_tasks)."""
+    return f"f32_spmm_chw_{pixel_tile}x{block}" + (f"_k{k_chunk}" if k_chunk else "") + ("_bytile" if tile_tasks and not k_chunk else "")
 
 
 def index_dtype(columns: int) -> str:
@@ -90,7 +91,11 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     of up to `kernel_defaults["spmm_chunk_tiles"]` pixel tiles (default 1), and name the pixel tile of chunked
     layers (`spmm_chunk_pixels`, chunked_pixel_tile): on Zen 4 the 14x14 project convs with 384-576 input
     channels ran faster in tiles of 64 pixels and chunks of 192 channels than in tiles of 128 and chunks of
-    104, or unchunked; the 28x28 and 56x56 ones not chunked (ad-hoc interleaved single-kernel timings)."""
+    104, or unchunked; the 28x28 and 56x56 ones not chunked (ad-hoc interleaved single-kernel timings).
+    A one-tile layer with more input channels than a chunk but fewer than two takes two halves, and a target
+    may let the partial sums take more than 4 shares (`spmm_chunk_sums`): on Zen 4, 85% zeros, 320 -> 1280 at
+    7x7 (ReLU6) ran 1.14-1.17x faster at 1 and 2 threads in two chunks of 160 than unchunked (chunks of 112:
+    1.13x, 80: 1.04x; ad-hoc interleaved single-kernel timings)."""
     budget = spec.kernel_defaults.get("spmm_chunk_bytes")
     if not budget:
         return None
@@ -100,7 +105,11 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
         return None
     tile_bytes = max(nv + (ns > 0) for _, _, nv, ns in runs) * lanes * 4   # whole vectors: the lines its loads touch
     chunk = budget // tile_bytes // 8 * 8
-    if chunk < 16 or cin < 2 * chunk or cout * tile_bytes > 4 * budget:
+    halves = len(runs) == 1 and runs[0][1] == 1 and chunk < cin < 2 * chunk
+    if halves:
+        chunk = -(-cin // 16) * 8     # one tile: two halves (rounded up to 8) rather than a chunk and a part
+    sums = spec.kernel_defaults.get("spmm_chunk_sums", 4)
+    if chunk < 16 or (cin < 2 * chunk and not halves) or cout * tile_bytes > sums * budget:
         return None
     return chunk
 
@@ -143,6 +152,22 @@ def default_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> in
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
+def default_tile_tasks(cin: int, cout: int, pixels: int, block: int, spec, k_chunk: int | None = None) -> bool:
+    """Whether a layer's tasks are whole pixel tiles, each walking every output block (tile_tasks), rather than
+    one (output block, pixel tile) each: for unchunked expand convs (more output than input channels: a few
+    non-zeros per output channel, so the work around each block's loop weighs most) on planes of at least two
+    tiles, two so that two threads share them. On Zen 4, 85% zeros, MobileNetV2's expand shapes 16->96 @ 112x112
+    to 96->576 @ 14x14 ran 1.09-1.20x faster at 1 thread and 1.04-1.13x at 2 (ad-hoc interleaved single-kernel
+    timings); its project convs only 1.03-1.07x at 1 thread and -4% to +5% at 2 (seven tiles on 28x28 do not
+    share evenly), so they keep one task per block. Splitting the blocks of a tile over two or more tasks lost
+    the gain."""
+    if k_chunk:
+        return False
+    lanes = spec.vector_lanes
+    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
+    return cout > cin and sum(count for _, count, _, _ in runs) >= 2
+
+
 CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), HSWISH or SILU, for passes that fuse the kernel with its consumer
 
 
@@ -150,7 +175,8 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
              pixel_tile: int = 32, lanes: int = 16, col_dtype: str = "int32",
              name: str | None = None, in_plane: int | None = None, scale: bool = False,
              k_chunk: int | None = None, out_plane: int | None = None,
-             res_plane: int | None = None, clip2=None, res_channels: int | None = None) -> tvm.tirx.PrimFunc:
+             res_plane: int | None = None, clip2=None, res_channels: int | None = None,
+             tile_tasks: bool = False) -> tvm.tirx.PrimFunc:
     """The scheduled kernel (marked `shrinkc.scheduled`, so ApplySchedules leaves it alone).
 
     Parameters in order: x [1,cin,h,w], row_ptr, col (col_dtype), val, bias [cout], (scale [1,cin,1,1]),
@@ -165,7 +191,8 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     per chunk of k_chunk input channels (whose pixel tile then stays in L1 across the blocks), keeping
     partial sums in `out` in between and applying the epilogue after the last chunk.
     out_plane / res_plane: out / the residual are [1, cout, plane] likewise (PadChannelPlanes: this kernel's
-    readers take padded planes too), their pixels past h * w never written or read."""
+    readers take padded planes too), their pixels past h * w never written or read.
+    tile_tasks (unchunked only): one task per pixel tile, walking every output block (default_tile_tasks)."""
     pixels = h * w
     x_shape, x_row = planes_shape(cin, h, w, in_plane), in_plane or pixels
     lanes = min(lanes, pixel_tile)
@@ -175,9 +202,11 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
     nb = cout // block
     nnzb = max(1, nnzb)
     chunks = -(-cin // k_chunk) if k_chunk else 1
-    # tasks are (pixel tile x group of output blocks): unchunked one block each; chunked at least CHUNK_TASKS
-    # tasks to share out
+    # tasks are (pixel tile x group of output blocks): unchunked one block each, or (tile_tasks) all of them;
+    # chunked at least CHUNK_TASKS tasks to share out
     groups = next((g for g in range(-(-CHUNK_TASKS // ntiles), nb + 1) if nb % g == 0), nb) if k_chunk else nb
+    if tile_tasks and not k_chunk:
+        groups = 1
     gsz = nb // groups
     def act(value):      # the epilogue's activation, the one the CHW kernels apply (chw_rows.clipped)
         return value if clip is None else clipped(value, clip, 0)
@@ -334,7 +363,7 @@ def spmm_chw(cin: int, cout: int, h: int, w: int, block: int, nnzb: int, *, clip
         def func(x4: x_t, rp: rp_t, col: col_t, val: val_t, bias: vec_t, o4: T.Buffer(o_shape, "float32")):
             main(x4, rp, col, val, bias, bias, o4, o4)
 
-    name = name or kernel_name(pixel_tile, block, k_chunk)
+    name = name or kernel_name(pixel_tile, block, k_chunk, tile_tasks)
     func = func.with_attr("global_symbol", name).with_attr(SCHEDULED_ATTR, 1)
     if clip is None:
         return func

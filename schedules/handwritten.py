@@ -36,17 +36,31 @@ def _spmm_chw(a: dict, k: dict) -> tirx.PrimFunc:
     return f32_spmm_chw.spmm_chw(
         a["cin"], a["cout"], a["h"], a["w"], a["block"], a["nnzb"], clip=a["clip"], residual=a["residual"],
         pixel_tile=k["pixel_tile"], lanes=a["lanes"], col_dtype=a["col_dtype"],
-        name=f32_spmm_chw.kernel_name(k["pixel_tile"], a["block"], a.get("k_chunk")), in_plane=a["in_plane"],
-        scale=a.get("scale", False), k_chunk=a.get("k_chunk"), out_plane=a.get("out_plane"),
-        res_plane=a.get("res_plane"), clip2=a.get("clip2"), res_channels=a.get("res_channels")
+        name=f32_spmm_chw.kernel_name(k["pixel_tile"], a["block"], a.get("k_chunk"), k.get("tile_tasks", False)),
+        in_plane=a["in_plane"], scale=a.get("scale", False), k_chunk=a.get("k_chunk"), out_plane=a.get("out_plane"),
+        res_plane=a.get("res_plane"), clip2=a.get("clip2"), res_channels=a.get("res_channels"),
+        tile_tasks=k.get("tile_tasks", False)
     ).with_attr("op_pattern", 8)
+
+
+def _spmm_chw_defaults(a: dict, spec) -> dict:
+    pixels, chunked = a["h"] * a["w"], a.get("k_chunk")
+    tile = (f32_spmm_chw.chunked_pixel_tile if chunked else f32_spmm_chw.default_pixel_tile)(
+        pixels, a["block"], spec, a["cin"], a["cout"])
+    knobs = {"pixel_tile": tile}
+    if f32_spmm_chw.default_tile_tasks(a["cin"], a["cout"], pixels, a["block"], spec, chunked):
+        knobs["tile_tasks"] = True    # NOTE: only where set, so other layers' knobs stay those of tuning databases
+    return _target("spmm_chw", spec, knobs)
 
 
 def _spmm_chw_space(a: dict, spec) -> list[dict]:
     lanes, pixels = a["lanes"], a["h"] * a["w"]
     whole = -(-pixels // lanes) * lanes
-    return [{"pixel_tile": lanes * v} for v in (1, 2, 4, 8, 16) if lanes * v <= max(lanes, whole)
-            and lanes * v <= f32_spmm_chw.MAX_PIXEL_TILE]
+    tiles = [lanes * v for v in (1, 2, 4, 8, 16) if lanes * v <= max(lanes, whole)
+             and lanes * v <= f32_spmm_chw.MAX_PIXEL_TILE]
+    # one task per pixel tile: unchunked layers of two or more tiles
+    return [{"pixel_tile": t} for t in tiles] + [{"pixel_tile": t, "tile_tasks": True} for t in tiles
+                                                 if not a.get("k_chunk") and -(-pixels // t) >= 2]
 
 
 def _dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:
@@ -97,12 +111,7 @@ def _target(kind: str, spec, knobs: dict) -> dict:
 
 
 BUILDERS = {
-    "spmm_chw": Builder(
-        _spmm_chw,
-        lambda a, spec: _target("spmm_chw", spec, {
-            "pixel_tile": (f32_spmm_chw.chunked_pixel_tile if a.get("k_chunk") else f32_spmm_chw.default_pixel_tile)(
-                a["h"] * a["w"], a["block"], spec, a["cin"], a["cout"])}),
-        _spmm_chw_space),
+    "spmm_chw": Builder(_spmm_chw, _spmm_chw_defaults, _spmm_chw_space),
     "dwconv2d_chw": Builder(
         _dwconv2d_chw,
         lambda a, spec: _target("dwconv2d_chw", spec, {"rows": chw_rows.ROWS}),

@@ -128,6 +128,8 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         defaults["spmm_chunk_bytes"] = 49152
         defaults["spmm_chunk_tiles"] = 4
         defaults["spmm_chunk_pixels"] = 64
+        # partial sums of up to 8 shares: 320 -> 1280 at 7x7 in two chunks of 160 (default_k_chunk's timings)
+        defaults["spmm_chunk_sums"] = 8
     if mcpu == "znver5":
         # Zen 5 runs 512-bit FMAs at full width, two a cycle (Zen 4 splits each in two halves). `shrinkc tune` on
         # a Zen 5 host (benchmarks/RESULTS-tune.md, its run with the Zen 4 defaults: 1.15x) picked 2 channel

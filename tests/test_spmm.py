@@ -15,7 +15,7 @@ from schedules.chw_rows import HSWISH, RowConv, aligned_plane, pixel_runs
 from schedules.f32_conv2d_dwconv2d_chw import conv2d_dwconv2d_chw
 from schedules.f32_dwconv2d_chw import dwconv2d_chw
 from schedules.f32_spmm_chw import block_fill, chunked_pixel_tile, decode_bsr, default_k_chunk, default_pixel_tile, \
-    encode_bsr, spmm_chw
+    default_tile_tasks, encode_bsr, spmm_chw
 from schedules.f32_spmm_dwconv2d_chw import spmm_dwconv2d_chw, split_input
 
 SPEC = targets.x86_host()
@@ -280,9 +280,53 @@ def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block,tile,hw,res_channels", [(1, 128, (28, 28), None), (2, 32, (9, 9), None),
+                                                       (4, 16, (5, 7), 12), (8, 64, (14, 14), None), (1, 16, (2, 8), None)])
+def test_spmm_tile_tasks_match_numpy(block, tile, hw, res_channels):
+    """tile_tasks (one task per pixel tile, walking every output block): tiles in one, two and three runs (a
+    partial vector), an empty output block, ReLU6 and a residual, one with fewer channels than the output."""
+    rng = np.random.default_rng(block * tile)
+    (h, w), cin, cout = hw, 11, 8 * block
+    wt = _weights(rng, cout, cin, 0.85, block)
+    wt[:block] = 0
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    res = rng.standard_normal((1, res_channels or cout, h, w)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    rp, col, val = encode_bsr(wt, block)
+    func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
+                    lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), res_channels=res_channels, tile_tasks=True)
+    assert str(func.attrs["global_symbol"]).endswith("_bytile")
+    out = _run(func, [x, rp, col, val, bias, res], (1, cout, h, w))
+    ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w)
+    ref[:, :res.shape[1]] += res
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tile_tasks_for_unchunked_expand_convs_of_two_or_more_tiles():
+    """default_tile_tasks: MobileNetV2's expand shapes on 14x14 planes and up, not its project convs, not a 7x7
+    plane (one tile), not a chunked layer; the built-in kernel takes the knob (and its name says so)."""
+    from schedules import handwritten
+    zen4 = dataclasses.replace(SPEC, vector_lanes=16, vector_registers=32, kernel_defaults={})
+    for cin, cout, pixels in ((16, 96, 12544), (24, 144, 3136), (32, 192, 784), (64, 384, 196), (96, 576, 196)):
+        assert default_tile_tasks(cin, cout, pixels, 1, zen4)
+    for cin, cout, pixels in ((96, 24, 3136), (192, 32, 784), (192, 64, 196), (160, 960, 49), (320, 1280, 49)):
+        assert not default_tile_tasks(cin, cout, pixels, 1, zen4)
+    assert not default_tile_tasks(64, 384, 196, 1, zen4, k_chunk=32)
+    args = {"cin": 32, "cout": 192, "h": 28, "w": 28, "block": 1, "nnzb": 900, "clip": [0.0, 6.0],
+            "residual": False, "lanes": 16, "col_dtype": "int16", "in_plane": None}
+    knobs = handwritten.BUILDERS["spmm_chw"].defaults(args, zen4)
+    assert knobs == {"pixel_tile": 128, "tile_tasks": True}
+    assert str(handwritten.BUILDERS["spmm_chw"].build(args, knobs).attrs["global_symbol"]) == \
+        "f32_spmm_chw_128x1_bytile"
+    space = handwritten.BUILDERS["spmm_chw"].space(args, zen4)
+    assert knobs in space and {"pixel_tile": 128} in space
+    assert "tile_tasks" not in handwritten.BUILDERS["spmm_chw"].defaults({**args, "cin": 192, "cout": 32}, zen4)
+
+
 @pytest.mark.parametrize("hw,tile", [((7, 7), 16), ((14, 14), 64), ((5, 7), 32), ((28, 28), 64)])
 @pytest.mark.parametrize("guard", ["before", "after"])
-def test_spmm_stays_inside_its_buffers(hw, tile, guard):
+@pytest.mark.parametrize("tile_tasks", [False, True])
+def test_spmm_stays_inside_its_buffers(hw, tile, guard, tile_tasks):
     """The sparse kernel's pixel tails, with the input, residual and output each against an inaccessible page."""
     rng = np.random.default_rng(hw[0] * tile)
     cin, cout, block = 24, 16, 2
@@ -293,7 +337,7 @@ def test_spmm_stays_inside_its_buffers(hw, tile, guard):
     bias = rng.standard_normal(cout).astype(np.float32)
     rp, col, val = encode_bsr(wt, block)
     func = spmm_chw(cin, cout, h, w, block, len(col), clip=(0.0, 6.0), residual=True, pixel_tile=tile,
-                    lanes=SPEC.vector_lanes, col_dtype=str(col.dtype))
+                    lanes=SPEC.vector_lanes, col_dtype=str(col.dtype), tile_tasks=tile_tasks)
     out = _run_guarded(func, [x, rp, col, val, bias, res], {0, 5}, (1, cout, h, w), guard)
     ref = np.clip(wt @ x.reshape(cin, -1) + bias[:, None], 0, 6).reshape(1, cout, h, w) + res
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -399,6 +443,13 @@ def test_k_chunk_only_where_the_target_names_an_l1_share():
     assert default_k_chunk(960, 320, 49, 1, zen4) == 192
     assert default_k_chunk(192, 64, 196, 1, zen4) is None
     assert default_k_chunk(192, 32, 784, 1, zen4) is None         # 13 tiles of 64
+    assert default_k_chunk(320, 1280, 49, 1, zen4) is None        # partial sums 320 KiB > 4 x 48 KiB
+    zen4_sums = dataclasses.replace(zen4, kernel_defaults={**zen4.kernel_defaults, "spmm_chunk_sums": 8})
+    assert default_k_chunk(320, 1280, 49, 1, zen4_sums) == 160    # one tile: two halves, not 192 + 128
+    assert default_k_chunk(200, 64, 49, 1, zen4_sums) == 104      # halves rounded up to 8
+    assert default_k_chunk(960, 320, 49, 1, zen4_sums) == 192     # five whole chunks, as before
+    assert default_k_chunk(320, 64, 196, 1, zen4_sums) is None    # four tiles: one chunk and a part stays whole
+    assert default_k_chunk(160, 960, 49, 1, zen4_sums) is None    # within one chunk
     assert chunked_pixel_tile(196, 1, zen4, 576, 96) == 64 and chunked_pixel_tile(9, 1, zen4, 576, 96) == 16
     assert chunked_pixel_tile(196, 1, two, 576, 96) == default_pixel_tile(196, 1, two, 576, 96)
 
