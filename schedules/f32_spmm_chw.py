@@ -36,7 +36,8 @@ CHUNK_TASKS = 4                # chunked kernels: at least this many parallel ta
 def kernel_name(pixel_tile: int, block: int, k_chunk: int | None = None, tile_tasks: bool = False) -> str:
     """f32_spmm_chw_64x1; f32_spmm_chw_64x1_k128 walking its input channels in chunks of 128;
     f32_spmm_chw_64x1_bytile with one task per pixel tile (tile_tasks)."""
-    return f"f32_spmm_chw_{pixel_tile}x{block}" + (f"_k{k_chunk}" if k_chunk else "") + ("_bytile" if tile_tasks and not k_chunk else "")
+    by_tile = "_bytile" if tile_tasks and not k_chunk else ""
+    return f"f32_spmm_chw_{pixel_tile}x{block}" + (f"_k{k_chunk}" if k_chunk else "") + by_tile
 
 
 def index_dtype(columns: int) -> str:
@@ -154,14 +155,15 @@ def default_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> in
 
 def default_tile_tasks(cin: int, cout: int, pixels: int, block: int, spec, k_chunk: int | None = None) -> bool:
     """Whether a layer's tasks are whole pixel tiles, each walking every output block (tile_tasks), rather than
-    one (output block, pixel tile) each: for unchunked expand convs (more output than input channels: a few
-    non-zeros per output channel, so the work around each block's loop weighs most) on planes of at least two
-    tiles, two so that two threads share them. On Zen 4, 85% zeros, MobileNetV2's expand shapes 16->96 @ 112x112
-    to 96->576 @ 14x14 ran 1.09-1.20x faster at 1 thread and 1.04-1.13x at 2 (ad-hoc interleaved single-kernel
-    timings); its project convs only 1.03-1.07x at 1 thread and -4% to +5% at 2 (seven tiles on 28x28 do not
-    share evenly), so they keep one task per block. Splitting the blocks of a tile over two or more tasks lost
-    the gain."""
-    if k_chunk:
+    one (output block, pixel tile) each: on a target that names it (`kernel_defaults["spmm_tile_tasks"]`, Zen 4:
+    where it was measured; elsewhere a knob that `shrinkc tune` may pick), for unchunked expand convs (more output
+    than input channels: a few non-zeros per output channel, so the work around each block's loop weighs most) on
+    planes of at least two tiles, two so that two threads share them. On Zen 4, 85% zeros, MobileNetV2's expand
+    shapes 16->96 @ 112x112 to 96->576 @ 14x14 ran 1.09-1.20x faster at 1 thread and 1.04-1.13x at 2 (ad-hoc
+    interleaved single-kernel timings); its project convs only 1.03-1.07x at 1 thread and -4% to +5% at 2 (seven
+    tiles on 28x28 do not share evenly), so they keep one task per block. Splitting the blocks of a tile over two
+    or more tasks lost the gain."""
+    if k_chunk or not spec.kernel_defaults.get("spmm_tile_tasks"):
         return False
     lanes = spec.vector_lanes
     runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)

@@ -130,6 +130,8 @@ def x86_kernel_defaults(isa: str, mcpu: str = "") -> dict:
         defaults["spmm_chunk_pixels"] = 64
         # partial sums of up to 8 shares: 320 -> 1280 at 7x7 in two chunks of 160 (default_k_chunk's timings)
         defaults["spmm_chunk_sums"] = 8
+        # sparse expand convs on planes of two or more pixel tiles: one task per tile (default_tile_tasks' timings)
+        defaults["spmm_tile_tasks"] = True
     if mcpu == "znver5":
         # Zen 5 runs 512-bit FMAs at full width, two a cycle (Zen 4 splits each in two halves). `shrinkc tune` on
         # a Zen 5 host (benchmarks/RESULTS-tune.md, its run with the Zen 4 defaults: 1.15x) picked 2 channel

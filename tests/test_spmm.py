@@ -281,7 +281,8 @@ def test_dwconv_chw_stays_inside_its_buffers(c, h, w, k, s, pads, guard):
 
 
 @pytest.mark.parametrize("block,tile,hw,res_channels", [(1, 128, (28, 28), None), (2, 32, (9, 9), None),
-                                                       (4, 16, (5, 7), 12), (8, 64, (14, 14), None), (1, 16, (2, 8), None)])
+                                                       (4, 16, (5, 7), 12), (8, 64, (14, 14), None),
+                                                       (1, 16, (2, 8), None)])
 def test_spmm_tile_tasks_match_numpy(block, tile, hw, res_channels):
     """tile_tasks (one task per pixel tile, walking every output block): tiles in one, two and three runs (a
     partial vector), an empty output block, ReLU6 and a residual, one with fewer channels than the output."""
@@ -303,10 +304,11 @@ def test_spmm_tile_tasks_match_numpy(block, tile, hw, res_channels):
 
 
 def test_tile_tasks_for_unchunked_expand_convs_of_two_or_more_tiles():
-    """default_tile_tasks: MobileNetV2's expand shapes on 14x14 planes and up, not its project convs, not a 7x7
-    plane (one tile), not a chunked layer; the built-in kernel takes the knob (and its name says so)."""
+    """default_tile_tasks, on a target that names it: MobileNetV2's expand shapes on 14x14 planes and up, not its
+    project convs, not a 7x7 plane (one tile), not a chunked layer; the built-in kernel takes the knob (and its
+    name says so). A target that does not name it keeps one task per block, and may tune the knob."""
     from schedules import handwritten
-    zen4 = dataclasses.replace(SPEC, vector_lanes=16, vector_registers=32, kernel_defaults={})
+    zen4 = dataclasses.replace(SPEC, vector_lanes=16, vector_registers=32, kernel_defaults={"spmm_tile_tasks": True})
     for cin, cout, pixels in ((16, 96, 12544), (24, 144, 3136), (32, 192, 784), (64, 384, 196), (96, 576, 196)):
         assert default_tile_tasks(cin, cout, pixels, 1, zen4)
     for cin, cout, pixels in ((96, 24, 3136), (192, 32, 784), (192, 64, 196), (160, 960, 49), (320, 1280, 49)):
@@ -321,6 +323,10 @@ def test_tile_tasks_for_unchunked_expand_convs_of_two_or_more_tiles():
     space = handwritten.BUILDERS["spmm_chw"].space(args, zen4)
     assert knobs in space and {"pixel_tile": 128} in space
     assert "tile_tasks" not in handwritten.BUILDERS["spmm_chw"].defaults({**args, "cin": 192, "cout": 32}, zen4)
+    other = dataclasses.replace(zen4, kernel_defaults={})
+    assert not default_tile_tasks(32, 192, 784, 1, other)
+    assert handwritten.BUILDERS["spmm_chw"].defaults(args, other) == {"pixel_tile": 128}
+    assert knobs in handwritten.BUILDERS["spmm_chw"].space(args, other)
 
 
 @pytest.mark.parametrize("hw,tile", [((7, 7), 16), ((14, 14), 64), ((5, 7), 32), ((28, 28), 64)])
