@@ -454,7 +454,7 @@ def test_k_chunk_only_where_the_target_names_an_l1_share():
     assert default_k_chunk(320, 1280, 49, 1, zen4_sums) == 160    # one tile: two halves, not 192 + 128
     assert default_k_chunk(200, 64, 49, 1, zen4_sums) == 104      # halves rounded up to 8
     assert default_k_chunk(960, 320, 49, 1, zen4_sums) == 192     # five whole chunks, as before
-    assert default_k_chunk(320, 64, 196, 1, zen4_sums) is None    # four tiles: one chunk and a part stays whole
+    assert default_k_chunk(320, 64, 196, 1, zen4_sums) is None    # four tiles: no halves, and not two whole chunks
     assert default_k_chunk(160, 960, 49, 1, zen4_sums) is None    # within one chunk
     assert chunked_pixel_tile(196, 1, zen4, 576, 96) == 64 and chunked_pixel_tile(9, 1, zen4, 576, 96) == 16
     assert chunked_pixel_tile(196, 1, two, 576, 96) == default_pixel_tile(196, 1, two, 576, 96)
