@@ -41,7 +41,7 @@ def quiet_native_warnings(noise: tuple[str, ...]):
 
 
 def released(err: Exception) -> Exception:
-    """err without the frames it was raised through: an importer's hold its half-built BlockBuilder, whose
+    """err without the frames it was raised through: an importer's frames hold its half-built BlockBuilder, whose
     destruction (at exit, after the one-line error) printed TVM's native 'BlockBuilder destroyed with remaining
     blocks!'. The frames go now, that warning dropped; their traceback stays as text in `err.dropped_traceback`
     (what --debug prints)."""

@@ -35,8 +35,7 @@ class Builder:
 def _spmm_chw(a: dict, k: dict) -> tirx.PrimFunc:
     return f32_spmm_chw.spmm_chw(
         a["cin"], a["cout"], a["h"], a["w"], a["block"], a["nnzb"], clip=a["clip"], residual=a["residual"],
-        pixel_tile=k["pixel_tile"], lanes=a["lanes"], col_dtype=a["col_dtype"],
-        name=f32_spmm_chw.kernel_name(k["pixel_tile"], a["block"], a.get("k_chunk"), k.get("tile_tasks", False)),
+        pixel_tile=k["pixel_tile"], lanes=a["lanes"], col_dtype=a["col_dtype"],     # named by f32_spmm_chw.kernel_name
         in_plane=a["in_plane"], scale=a.get("scale", False), k_chunk=a.get("k_chunk"), out_plane=a.get("out_plane"),
         res_plane=a.get("res_plane"), clip2=a.get("clip2"), res_channels=a.get("res_channels"),
         tile_tasks=k.get("tile_tasks", False)
