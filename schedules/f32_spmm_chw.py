@@ -95,8 +95,8 @@ def default_k_chunk(cin: int, cout: int, pixels: int, block: int, spec) -> int |
     104, or unchunked; the 28x28 and 56x56 ones not chunked (ad-hoc interleaved single-kernel timings).
     A one-tile layer with more input channels than a chunk but fewer than two takes two halves, and a target
     may let the partial sums take more than 4 shares (`spmm_chunk_sums`): on Zen 4, 85% zeros, 320 -> 1280 at
-    7x7 (ReLU6) ran 1.14-1.17x faster at 1 and 2 threads in two chunks of 160 than unchunked (chunks of 112:
-    1.13x, 80: 1.04x; ad-hoc interleaved single-kernel timings)."""
+    7x7 (ReLU6) ran clearly faster at 1 and 2 threads in two chunks of 160 than unchunked, and a little faster
+    than in chunks of 112 or 80 (ad-hoc interleaved single-kernel timings)."""
     budget = spec.kernel_defaults.get("spmm_chunk_bytes")
     if not budget:
         return None
@@ -159,10 +159,11 @@ def default_tile_tasks(cin: int, cout: int, pixels: int, block: int, spec, k_chu
     where it was measured; elsewhere a knob that `shrinkc tune` may pick), for unchunked expand convs (more output
     than input channels: a few non-zeros per output channel, so the work around each block's loop weighs most) on
     planes of at least two tiles, two so that two threads share them. On Zen 4, 85% zeros, MobileNetV2's expand
-    shapes 16->96 @ 112x112 to 96->576 @ 14x14 ran 1.09-1.20x faster at 1 thread and 1.04-1.13x at 2 (ad-hoc
-    interleaved single-kernel timings); its project convs only 1.03-1.07x at 1 thread and -4% to +5% at 2 (seven
+    shapes 16->96 @ 112x112 to 96->576 @ 14x14 ran clearly faster at 1 thread and faster at 2 (ad-hoc interleaved
+    single-kernel timings); its project convs only a little faster at 1 thread and faster or slower at 2 (seven
     tiles on 28x28 do not share evenly), so they keep one task per block. Splitting the blocks of a tile over two
-    or more tasks lost the gain."""
+    or more tasks lost the gain. The per-layer page (benchmarks/RESULTS-sparse-layers.md) has the measured
+    figures."""
     if k_chunk or not spec.kernel_defaults.get("spmm_tile_tasks"):
         return False
     lanes = spec.vector_lanes
