@@ -4,7 +4,7 @@
   python tools/bench.py sparse   [--sparsities 70,80,85,90,95] [--blocks 1,4] [--threads 1,2]  (tools/bench_sparse.py)
   python tools/bench.py tune     [--minutes 30] [--variant-minutes 10] [--variants dense,sparse,merged]
   python tools/bench.py shrink   [--cases mobilenet_v2_1.4-dsf,...] [--threads 1,2] [--rounds 30] [--resolution R]
-  python tools/bench.py shrink-auto [--epochs 15] [--max-drop 0.01] [--threads 1,2] [--rounds 50]
+  python tools/bench.py shrink-auto [--epochs 15] [--max-drop 0.01] [--threads 1,2] [--rounds 50] [--linear-blocks K]
   python tools/bench.py bound    [--model F.onnx] [--rounds 50]  (tools/bench_bound.py: the FMA-peak floor)
 
 1 thread: both runtimes in this process, interleaved run by run after warm-up. More threads: each

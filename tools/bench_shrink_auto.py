@@ -22,6 +22,7 @@ import benchlib
 import train_digits
 
 MODES = ("auto", "merge")
+BURST_PROCESSES = 200   # runs per burst when each library runs in its own process (2+ threads)
 
 
 def compile_cli(onnx_path: str, mode: str, calib: str, max_drop: float, work: str) -> tuple[str, dict]:
@@ -71,7 +72,10 @@ def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, wo
     np.savez(npz, **inputs)
     out = {}
     for n in threads:
-        burst = 10 if n == 1 else 20
+        # NOTE: at 2 threads bursts of 20 runs (about 2 ms of this model) read two identical libraries far apart
+        # (auto removed nothing); a guess: each burst starts by waking a stopped process's thread pool, a large
+        # share of so short a burst. Bursts of 200 runs
+        burst = 10 if n == 1 else BURST_PROCESSES
         if n == 1:
             fns = benchlib.library_calls(sos, inputs)
             times = benchlib.interleave(fns, rounds, burst=burst)
@@ -92,15 +96,28 @@ def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, wo
     return out
 
 
+def finetuned(info: dict) -> str:
+    """How train_digits' DepthShrinker-style fine-tuning went, for the page's model line ('' without it)."""
+    if not info["linear_blocks"]:
+        return ""
+    return (f"then DepthShrinker-style fine-tuning with blocks "
+            f"{', '.join(f'_blocks_blocks_{i}' for i in info['linear_blocks'])} (the least needed by training-split "
+            f"loss) trained without their activations, with a penalty (weight {info['range_weight']}) on their "
+            "ReLU6 inputs' distance from [0, 6], every ReLU6 kept in the export, shrinkc not told which blocks; ")
+
+
 def results_md(command: str, info: dict, max_drop: float, measured: list[dict], calib_agreement, ev: dict,
                times: dict, merged: dict) -> str:
     removed = [m["layer"] for m in measured if m["removed"]]
-    lines = ["## `--shrink auto` on a trained CNN (`tools/bench.py shrink-auto`)", "",
+    title = "a CNN fine-tuned the DepthShrinker way" if info["linear_blocks"] else "a trained CNN"
+    lines = [f"## `--shrink auto` on {title} (`tools/bench.py shrink-auto`)", "",
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- model: tools/train_digits.py, {len(info['blocks'])} inverted residual blocks (ReLU6, expansion "
              f"{info['expansion']}), scikit-learn "
-             f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs on 1 thread in "
-             f"{info['train_s']} s, linearity penalty {info['linearity']}, exported with torch.onnx (BN folded); "
+             f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs"
+             f"{' + %d fine-tuning epochs' % info['finetune_epochs'] if info['linear_blocks'] else ''} on 1 thread in "
+             f"{info['train_s']} s, linearity penalty {info['linearity']}, {finetuned(info)}exported with torch.onnx "
+             "(BN folded); "
              f"trained on {info['train_samples']} images; calibration = {info['calib_samples']} other images "
              f"(not trained on), evaluation = the {info['test_samples']} held-out images",
              f"- `--shrink auto --max-drop {max_drop}` removed {len(removed)} of {len(measured)} blocks: "
@@ -113,8 +130,8 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
              f"| shrinkc --shrink merge | {ev['merge']['accuracy']:.4f} | {ev['merge']['agreement']:.4f} |",
              f"| shrinkc --shrink auto | {ev['auto']['accuracy']:.4f} | **{ev['auto']['agreement']:.4f}** |", "",
              "Speed-up = median over rounds of (merge-only median / auto median in that round), 1 thread: both "
-             "libraries in this process, bursts of 10 interleaved; 2 threads: each in its own process, bursts of 20 "
-             "alternating; 'of medians' = ratio of the overall medians.", "",
+             "libraries in this process, bursts of 10 interleaved; 2 threads: each in its own process, bursts of "
+             f"{BURST_PROCESSES} alternating; 'of medians' = ratio of the overall medians.", "",
              "| threads | auto median (ms) | merge-only median (ms) | speed-up (merge / auto) | of medians |",
              "|---|---|---|---|---|"]
     for n, t in times.items():
@@ -128,7 +145,8 @@ def results_md(command: str, info: dict, max_drop: float, measured: list[dict], 
 
 def cmd_shrink_auto(args) -> None:
     work = args.work or tempfile.mkdtemp(prefix="shrinkc-bench-auto-")
-    info = train_digits.train(work, args.epochs, args.resolution, args.seed, args.linearity, args.expansion)
+    info = train_digits.train(work, args.epochs, args.resolution, args.seed, args.linearity, args.expansion,
+                              args.linear_blocks, args.finetune_epochs, args.range_weight)
     print(f"trained in {info['train_s']} s, held-out accuracy {info['torch_test_accuracy']:.4f}", flush=True)
     sos, reports = {}, {}
     for mode in MODES:
@@ -148,7 +166,8 @@ def cmd_shrink_auto(args) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     out = os.path.join(args.out_dir, args.out)
     command = "python tools/bench.py " + " ".join(sys.argv[1:])
-    bench_shrink.write_section(out, "shrink-auto", results_md(command, info, args.max_drop, measured,
+    section = "shrink-auto-finetuned" if args.linear_blocks else "shrink-auto"
+    bench_shrink.write_section(out, section, results_md(command, info, args.max_drop, measured,
                                                               calib_agreement, ev, times, merged))
     print(f"wrote {out}")
 
@@ -161,6 +180,11 @@ def add_parser(sub, root: str) -> None:
     p.add_argument("--linearity", type=float, default=0.0,
                    help="weight of train_digits' ReLU6 linearity penalty (0: plain training)")
     p.add_argument("--expansion", type=int, default=train_digits.EXPANSION, help="expansion factor of every block")
+    p.add_argument("--linear-blocks", type=int, default=0,
+                   help="train_digits' DepthShrinker-style fine-tuning of this many blocks without their "
+                        "activations (0: none); the page gets its own section")
+    p.add_argument("--finetune-epochs", type=int, default=60)
+    p.add_argument("--range-weight", type=float, default=5.0)
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=50)
