@@ -1,7 +1,7 @@
 """Train a small MobileNetV2-style CNN on scikit-learn's digits and export it to ONNX with torch.onnx.
 
   python tools/train_digits.py OUT_DIR [--epochs 15] [--resolution 16] [--seed 0] [--linearity W] [--expansion 6]
-                                       [--linear-blocks K [--finetune-epochs 10] [--range-weight 1.0]]
+                                       [--linear-blocks K [--finetune-epochs 60] [--range-weight 5.0]]
 
 The digits data set (1797 grey 8x8 images, 10 classes) ships inside scikit-learn. Images are
 scaled to [0, 1] and enlarged to `resolution` (nearest neighbour), then split once, stratified,
