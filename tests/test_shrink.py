@@ -264,6 +264,11 @@ def test_bench_shrink_auto_report_from_a_compile_report():
     assert "removed 1 of 2 blocks: b1" in md and "| shrinkc --shrink auto | 0.8000 | **0.9500** |" in md
     assert "| 1 | 1.0000 | 1.0000 | **1.05x** | 1.00x |" in md     # the paired speed-up, then the medians' ratio
     assert "calibration = 4 other images (not trained on)" in md
+    assert "on a trained CNN" in md and "fine-tun" not in md   # train.json without fine-tuning (or older ones)
+    tuned = dict(info, linear_blocks=[0, 1], finetune_epochs=3, range_weight=5.0)
+    md = auto.results_md("cmd", tuned, 0.01, measured, agreement, ev, {}, {"auto": 1, "merge": 0})
+    assert "on a CNN fine-tuned the DepthShrinker way" in md and "1 epochs + 3 fine-tuning epochs" in md
+    assert "blocks _blocks_blocks_0, _blocks_blocks_1 (the least needed" in md and "penalty (weight 5.0)" in md
 
 
 # --- fitted removal: each removed activation becomes the per-channel affine map closest to it on calibration data ---

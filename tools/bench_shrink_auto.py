@@ -74,7 +74,7 @@ def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, wo
     for n in threads:
         # NOTE: at 2 threads bursts of 20 runs (about 2 ms of this model) read two identical libraries far apart
         # (auto removed nothing); a guess: each burst starts by waking a stopped process's thread pool, a large
-        # share of so short a burst. Bursts of 200 runs
+        # share of so short a burst. Bursts of 200 runs make it a small share
         burst = 10 if n == 1 else BURST_PROCESSES
         if n == 1:
             fns = benchlib.library_calls(sos, inputs)
@@ -98,7 +98,7 @@ def time_libraries(sos: dict, x: np.ndarray, threads: list[int], rounds: int, wo
 
 def finetuned(info: dict) -> str:
     """How train_digits' DepthShrinker-style fine-tuning went, for the page's model line ('' without it)."""
-    if not info["linear_blocks"]:
+    if not info.get("linear_blocks"):   # absent from train.json files written before the option
         return ""
     return (f"then DepthShrinker-style fine-tuning with blocks "
             f"{', '.join(f'_blocks_blocks_{i}' for i in info['linear_blocks'])} (the least needed by training-split "
@@ -109,13 +109,14 @@ def finetuned(info: dict) -> str:
 def results_md(command: str, info: dict, max_drop: float, measured: list[dict], calib_agreement, ev: dict,
                times: dict, merged: dict) -> str:
     removed = [m["layer"] for m in measured if m["removed"]]
-    title = "a CNN fine-tuned the DepthShrinker way" if info["linear_blocks"] else "a trained CNN"
+    title = "a CNN fine-tuned the DepthShrinker way" if info.get("linear_blocks") else "a trained CNN"
+    more_epochs = f" + {info['finetune_epochs']} fine-tuning epochs" if info.get("linear_blocks") else ""
     lines = [f"## `--shrink auto` on {title} (`tools/bench.py shrink-auto`)", "",
              f"- date: {datetime.date.today()}", f"- machine: {benchlib.machine()}", f"- command: `{command}`",
              f"- model: tools/train_digits.py, {len(info['blocks'])} inverted residual blocks (ReLU6, expansion "
              f"{info['expansion']}), scikit-learn "
              f"digits enlarged to {info['resolution']}x{info['resolution']}, {info['epochs']} epochs"
-             f"{' + %d fine-tuning epochs' % info['finetune_epochs'] if info['linear_blocks'] else ''} on 1 thread in "
+             f"{more_epochs} on 1 thread in "
              f"{info['train_s']} s, linearity penalty {info['linearity']}, {finetuned(info)}exported with torch.onnx "
              "(BN folded); "
              f"trained on {info['train_samples']} images; calibration = {info['calib_samples']} other images "
