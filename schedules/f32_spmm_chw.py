@@ -153,7 +153,12 @@ def default_pixel_tile(pixels: int, block: int, spec, cin: int, cout: int) -> in
     return max(lanes, min(tile, -(-pixels // lanes) * lanes))
 
 
-def default_tile_tasks(cin: int, cout: int, pixels: int, block: int, spec, k_chunk: int | None = None) -> bool:
+def tile_count(pixels: int, pixel_tile: int) -> int:
+    """How many tiles a plane splits into (pixel_runs' count, for a tile of whole vectors)."""
+    return -(-pixels // pixel_tile)
+
+
+def default_tile_tasks(cin: int, cout: int, pixels: int, pixel_tile: int, spec, k_chunk: int | None = None) -> bool:
     """Whether a layer's tasks are whole pixel tiles, each walking every output block (tile_tasks), rather than
     one (output block, pixel tile) each: on a target that names it (`kernel_defaults["spmm_tile_tasks"]`, Zen 4:
     where it was measured; elsewhere a knob that `shrinkc tune` may pick), for unchunked expand convs (more output
@@ -166,9 +171,7 @@ def default_tile_tasks(cin: int, cout: int, pixels: int, block: int, spec, k_chu
     figures."""
     if k_chunk or not spec.kernel_defaults.get("spmm_tile_tasks"):
         return False
-    lanes = spec.vector_lanes
-    runs = pixel_runs(pixels, default_pixel_tile(pixels, block, spec, cin, cout) // lanes, lanes)
-    return cout > cin and sum(count for _, count, _, _ in runs) >= 2
+    return cout > cin and tile_count(pixels, pixel_tile) >= 2
 
 
 CLIP_ATTR = "shrinkc.clip"    # the epilogue's (lo, hi), HSWISH or SILU, for passes that fuse the kernel with its consumer

@@ -47,7 +47,7 @@ def _spmm_chw_defaults(a: dict, spec) -> dict:
     tile = (f32_spmm_chw.chunked_pixel_tile if chunked else f32_spmm_chw.default_pixel_tile)(
         pixels, a["block"], spec, a["cin"], a["cout"])
     knobs = {"pixel_tile": tile}
-    if f32_spmm_chw.default_tile_tasks(a["cin"], a["cout"], pixels, a["block"], spec, chunked):
+    if f32_spmm_chw.default_tile_tasks(a["cin"], a["cout"], pixels, tile, spec, chunked):
         knobs["tile_tasks"] = True    # NOTE: only where set, so other layers' knobs stay those of tuning databases
     return _target("spmm_chw", spec, knobs)
 
@@ -59,7 +59,7 @@ def _spmm_chw_space(a: dict, spec) -> list[dict]:
              and lanes * v <= f32_spmm_chw.MAX_PIXEL_TILE]
     # one task per pixel tile: unchunked layers of two or more tiles
     return [{"pixel_tile": t} for t in tiles] + [{"pixel_tile": t, "tile_tasks": True} for t in tiles
-                                                 if not a.get("k_chunk") and -(-pixels // t) >= 2]
+                                                 if not a.get("k_chunk") and f32_spmm_chw.tile_count(pixels, t) >= 2]
 
 
 def _dwconv2d_chw(a: dict, k: dict) -> tirx.PrimFunc:

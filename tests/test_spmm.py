@@ -310,10 +310,10 @@ def test_tile_tasks_for_unchunked_expand_convs_of_two_or_more_tiles():
     from schedules import handwritten
     zen4 = dataclasses.replace(SPEC, vector_lanes=16, vector_registers=32, kernel_defaults={"spmm_tile_tasks": True})
     for cin, cout, pixels in ((16, 96, 12544), (24, 144, 3136), (32, 192, 784), (64, 384, 196), (96, 576, 196)):
-        assert default_tile_tasks(cin, cout, pixels, 1, zen4)
+        assert default_tile_tasks(cin, cout, pixels, default_pixel_tile(pixels, 1, zen4, cin, cout), zen4)
     for cin, cout, pixels in ((96, 24, 3136), (192, 32, 784), (192, 64, 196), (160, 960, 49), (320, 1280, 49)):
-        assert not default_tile_tasks(cin, cout, pixels, 1, zen4)
-    assert not default_tile_tasks(64, 384, 196, 1, zen4, k_chunk=32)
+        assert not default_tile_tasks(cin, cout, pixels, default_pixel_tile(pixels, 1, zen4, cin, cout), zen4)
+    assert not default_tile_tasks(64, 384, 196, default_pixel_tile(196, 1, zen4, 64, 384), zen4, k_chunk=32)
     args = {"cin": 32, "cout": 192, "h": 28, "w": 28, "block": 1, "nnzb": 900, "clip": [0.0, 6.0],
             "residual": False, "lanes": 16, "col_dtype": "int16", "in_plane": None}
     knobs = handwritten.BUILDERS["spmm_chw"].defaults(args, zen4)
@@ -324,7 +324,7 @@ def test_tile_tasks_for_unchunked_expand_convs_of_two_or_more_tiles():
     assert knobs in space and {"pixel_tile": 128} in space
     assert "tile_tasks" not in handwritten.BUILDERS["spmm_chw"].defaults({**args, "cin": 192, "cout": 32}, zen4)
     other = dataclasses.replace(zen4, kernel_defaults={})
-    assert not default_tile_tasks(32, 192, 784, 1, other)
+    assert not default_tile_tasks(32, 192, 784, 128, other)
     assert handwritten.BUILDERS["spmm_chw"].defaults(args, other) == {"pixel_tile": 128}
     assert knobs in handwritten.BUILDERS["spmm_chw"].space(args, other)
 
