@@ -13,6 +13,7 @@ from passes import changelog
 from passes.apply_schedules import ApplySchedules
 from passes.cancel_layout_permutes import CancelLayoutPermutes
 from passes.convert_convs_to_nchw import ConvertConvsToNCHW
+from passes.compute_convs_by_winograd import ComputeConvsByWinograd
 from passes.compute_quantized_convs_in_int8 import ComputeQuantizedConvsInInt8
 from passes.convert_to_blocked_layout import ConvertToBlockedLayout
 from passes.fold_constants_numpy import FoldConstantsNumpy
@@ -127,9 +128,9 @@ def _lower_cpu(spec: TargetSpec, opts: Options) -> list:
         FoldGateIntoConvWeights(),   # NOTE: needs the blocked constant weights ConvertToBlockedLayout wrote
         # NOTE: after FoldGateIntoConvWeights: a conv whose weights a gate scales at run time stays float
         *([ComputeQuantizedConvsInInt8()] if spec.int8_dot == "avx512_vnni" else []),
+        ComputeConvsByWinograd(spec.kernel_defaults.get("winograd_min_channels")),
         relax.backend.DispatchSortScan(),   # NOTE: topk / sort / argsort / cumsum have no LegalizeOps rule
-        relax.transform.LegalizeOps(registry.cpu_legalize_map(spec.vector_lanes,
-                                                             spec.kernel_defaults.get("winograd_min_channels"))),
+        relax.transform.LegalizeOps(registry.cpu_legalize_map(spec.vector_lanes)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

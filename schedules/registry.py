@@ -8,7 +8,7 @@ from tvm import relax, topi
 
 from schedules import f32_batch_matmul as batch
 from schedules.f32_conv2d_nchwc import Conv2dNCHWc, conv2d_nchwc
-from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc, conv2d_winograd_nchwc, transform_weights
+from schedules.f32_conv2d_winograd_nchwc import Conv2dWinogradNCHWc
 from schedules.f32_dense import Dense, dense, pack_weights
 from schedules.f32_dwconv2d_nchwc import DwConv2dNCHWc, dwconv2d_nchwc
 from schedules.f32_fallback import Fallback
@@ -25,7 +25,7 @@ CPU_RULES = [MetaScheduleTrace(), Conv2dNCHWc(), U8I8Conv2dNCHWc(), Conv2dWinogr
              Dense(), batch.BatchMatmul(), softmax.SoftmaxRows(), resize.Resize2dNCHW(), Fallback()]
 
 
-def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int | None) -> relax.Expr | None:
+def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
     a = call.attrs
     if call.args[0].ty.dtype == "uint8" and call.ty.dtype == "int32":   # passes/compute_quantized_convs_in_int8.py
         u = relax.const(pack_vnni(call.args[1].value.numpy()))
@@ -34,26 +34,12 @@ def _legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call, winograd_min: int
             and len(str(a.out_layout)) > 4 and call.ty.dtype == "float32":
         groups = int(a.groups)
         args = dict(strides=a.strides, padding=a.padding, dilation=a.dilation)
-        if groups == 1 and _winograd_applies(call, winograd_min):
-            u = relax.const(transform_weights(call.args[1].value.numpy()))
-            return bb.call_te(conv2d_winograd_nchwc, call.args[0], u, padding=a.padding, primfunc_name_hint="conv2d")
         if groups == 1 or int(call.args[1].ty.shape.values[3]) > 1:    # dense, or groups of whole channel blocks
             return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, groups=groups,
                               primfunc_name_hint="conv2d")
         if str(a.data_layout) == str(a.out_layout):
             return bb.call_te(dwconv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="dwconv2d")
     return None
-
-
-def _winograd_applies(call: relax.Call, min_channels: int | None) -> bool:
-    """A 3x3 stride-1 conv with a constant kernel, blocked input and >= `min_channels` in and out
-    (below that the transforms' memory traffic outweighs the saved multiplies); None: never."""
-    a, (x, w) = call.attrs, call.args
-    if min_channels is None or not isinstance(w, tvm.ir.Constant) or len(x.ty.shape.values) != 5:
-        return False
-    cob, kh, kw, cin, bo = (int(v) for v in w.ty.shape.values)
-    return (kh, kw) == (3, 3) and all(int(s) == 1 for s in a.strides) and all(int(d) == 1 for d in a.dilation) \
-        and min(cin, cob * bo) >= min_channels
 
 
 def _legalize_mean(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
@@ -127,12 +113,11 @@ def _with_default(ours, op_name):
     return legalize
 
 
-def cpu_legalize_map(lanes: int, winograd_min_channels: int | None = None) -> dict:
-    """`winograd_min_channels`: 3x3 stride-1 convs with at least this many channels in and out use
-    Winograd F(2x2, 3x3) (a target's `kernel_defaults["winograd_min_channels"]`); None: never."""
+def cpu_legalize_map(lanes: int) -> dict:
+    """Our kernels for the ops they serve (convs that passes/compute_convs_by_winograd.py made Winograd kernels
+    are calls of those already)."""
     return {
-        "relax.nn.conv2d": _with_default(lambda bb, call: _legalize_conv2d(bb, call, winograd_min_channels),
-                                         "relax.nn.conv2d"),
+        "relax.nn.conv2d": _with_default(_legalize_conv2d, "relax.nn.conv2d"),
         "relax.mean": _with_default(_legalize_mean, "relax.mean"),
         "relax.matmul": _with_default(lambda bb, call: _legalize_matmul(bb, call, lanes), "relax.matmul"),
         "relax.image.resize2d": _with_default(_legalize_resize2d, "relax.image.resize2d"),

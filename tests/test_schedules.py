@@ -211,17 +211,30 @@ def _compile_with(model, **defaults):
         del targets.NAMED["_winograd_test"]
 
 
-def test_winograd_transforms_compute_a_correlation():
-    """F(2, 3) in one dimension: A^T [(G g) * (B^T d)] is the valid correlation of 4 inputs with 3 taps,
-    and transform_weights applies G on both kernel axes."""
-    from schedules.f32_conv2d_winograd_nchwc import AT, BT, G, transform_weights
+@pytest.mark.parametrize("side", [3, 5])
+def test_winograd_transforms_compute_a_correlation(side):
+    """F(2, 3) and F(4, 5) in one dimension: A^T [(G g) * (B^T d)] is the valid correlation of m + r - 1 inputs
+    with r taps, and transform_weights applies G on both kernel axes."""
+    from schedules.f32_conv2d_winograd_nchwc import TRANSFORMS, transform_weights
+    f = TRANSFORMS[side]
     rng = np.random.default_rng(0)
-    d, g = rng.standard_normal(4), rng.standard_normal(3)
-    np.testing.assert_allclose(AT @ ((G @ g) * (BT @ d)), np.correlate(d, g, "valid"), rtol=1e-12)
-    k = rng.standard_normal((2, 3, 3, 5, 16))
+    d, g = rng.standard_normal(f.n), rng.standard_normal(side)
+    np.testing.assert_allclose(f.at @ ((f.g @ g) * (f.bt @ d)), np.correlate(d, g, "valid"), rtol=1e-12)
+    k = rng.standard_normal((2, side, side, 5, 16))
     u = transform_weights(k)
-    assert u.shape == (4, 4, 2, 5, 16)
-    np.testing.assert_allclose(u[:, :, 1, 3, 7], G @ k[1, :, :, 3, 7] @ G.T, rtol=1e-6)
+    assert u.shape == (f.n, f.n, 2, 5, 16)
+    np.testing.assert_allclose(u[:, :, 1, 3, 7], f.g @ k[1, :, :, 3, 7] @ f.g.T, rtol=1e-6)
+
+
+def test_cook_toom_gives_lavin_f2_3():
+    """The generator's F(2, 3) from points 0, +-1 computes what the literal matrices do (up to the sign of the
+    point at infinity, which cancels)."""
+    from schedules.f32_conv2d_winograd_nchwc import F2_3, cook_toom
+    f = cook_toom(2, 3, (0, 1, -1))
+    np.testing.assert_array_equal(f.g, F2_3.g)
+    np.testing.assert_array_equal(np.abs(f.bt), np.abs(F2_3.bt))
+    d, g = np.random.default_rng(1).standard_normal(4), np.random.default_rng(2).standard_normal(3)
+    np.testing.assert_allclose(f.at @ ((f.g @ g) * (f.bt @ d)), F2_3.at @ ((F2_3.g @ g) * (F2_3.bt @ d)), rtol=1e-12)
 
 
 # channels: at the 16 threshold, not multiples of 16, wide; outputs: odd (a half tile at the border),
@@ -242,10 +255,29 @@ def test_winograd_residual_and_knobs():
     assert "f32_conv3x3_winograd2x2_nchw16c_2x32" in cm.report["kernels"], cm.report["kernels"]
 
 
-@pytest.mark.parametrize("cin,cout,k,stride", [(16, 48, 3, 1), (32, 32, 3, 2), (32, 32, 5, 1), (32, 32, 1, 1)])
+# 5x5: outputs of 1 (one tile, mostly padding), odd (part of a 4x4 tile), 4k; channels at the threshold, not
+# multiples of 16, wide; no activation, so F(4x4, 5x5) applies (ComputeConvsByWinograd)
+@pytest.mark.parametrize("cin,cout,h,pad", [(16, 16, 7, 2), (24, 40, 9, 2), (48, 32, 16, 2), (32, 48, 10, 0),
+                                            (40, 24, 13, 3), (16, 32, 5, 0), (112, 112, 14, 2)])
+def test_winograd_conv5x5(cin, cout, h, pad):
+    cm = _compile_with(single_conv_model(cin, cout, h, k=5, pad=pad, act=None), winograd_min_channels=16)
+    assert all(r.ok for r in cm.verify(tolerance=1e-4)), [r.line() for r in cm.verify(tolerance=1e-4)]
+    assert any(k.startswith("f32_conv5x5_winograd4x4_") for k in cm.report["kernels"]), cm.report["kernels"]
+
+
+def test_winograd_conv5x5_residual_and_knobs():
+    """A residual add stays linear (F(4x4, 5x5) applies) and fuses into the output transform; a tuned tile verifies."""
+    cm = _compile_with(single_conv_model(32, 32, 11, k=5, residual=True, act=None), winograd_min_channels=16,
+                       conv2d_winograd_nchwc={"pixel_tile": 3, "oc_blocks": 2})
+    assert all(r.ok for r in cm.verify(tolerance=1e-4))
+    assert "f32_conv5x5_winograd4x4_nchw16c_3x32" in cm.report["kernels"], cm.report["kernels"]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride", [(16, 48, 3, 1), (32, 32, 3, 2), (32, 32, 5, 2), (32, 32, 1, 1),
+                                               (16, 48, 5, 1)])
 def test_winograd_does_not_fire(cin, cout, k, stride):
-    """Too few channels (16 in, 32 needed), stride 2, 5x5 and 1x1 convs keep the direct kernel."""
-    cm = _compile_with(single_conv_model(cin, cout, 12, k=k, stride=stride), winograd_min_channels=32)
+    """Too few channels (16 in, 32 needed), stride 2 and 1x1 convs keep the direct kernel."""
+    cm = _compile_with(single_conv_model(cin, cout, 12, k=k, stride=stride, act=None), winograd_min_channels=32)
     assert not any("winograd" in name for name in cm.report["kernels"]), cm.report["kernels"]
     assert any(name.startswith(f"f32_conv{k}x{k}_nchw") for name in cm.report["kernels"]), cm.report["kernels"]
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
