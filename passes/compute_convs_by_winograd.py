@@ -6,18 +6,17 @@ conv2d_5x5(x, W)  =>  call_tir(conv2d_winograd_nchwc, x, U)     F(4x4, 5x5): 64 
 Applies to float32 blocked (NCHW{b}c / OHWI{b}o) convs with constant weights, groups 1, stride 1, no dilation and
 at least the target's `kernel_defaults["winograd_min_channels"]` channels in and out (schedules/
 f32_conv2d_winograd_nchwc.py; the bias, residual and activation fuse into its output transform later, as for
-any conv). On x86 with AVX-512 a 5x5 conv of 40 to 224 channels ran 3-4x faster than the direct kernel in an
-ad-hoc timing; the merged 5x5 convs of DepthShrinker blocks (EfficientNet-Lite) are such convs.
+any conv). The merged 5x5 convs of DepthShrinker blocks (EfficientNet-Lite) are such convs.
 
 Accuracy. A Winograd result's rounding error scales with the sizes of the products it sums (|W| |x|), not with
 the output's own size. F(2x2, 3x3)'s transforms are additions of +-1 terms: about twice a direct conv's error,
-kept for every such conv. F(4x4, 5x5)'s transforms have entries up to 10.5 and 1/8: its error was about 1e-5 of
-the output's peak on single convs of 40-224 channels; but where an activation clips the output (a ReLU6 after a
-conv whose sums reach +-75 with unit weights) the error measured against the clipped peak of 6 reached 2.4e-4,
-past the 1e-4 every lossless rewrite keeps. So F(4x4, 5x5) is used only where the conv's output reaches no
-clipping: every reader, through additions and multiplications (bias, residual, scale), is a linear op (a conv, a
-matmul, a pooling mean, a concat, a reshape) or the function's result. Other 5x5 convs keep the direct kernel,
-with the reason in the log.
+kept for every such conv. F(4x4, 5x5)'s transforms have entries up to 10.5 and 1/8: its error was about 1e-5
+of the output's peak on single convs of 40-224 channels (one-off checks); but where an activation clips the
+output (a ReLU6 after a conv whose sums reach +-75 with unit weights) the error measured against the clipped
+peak of 6 reached 2.4e-4, past the 1e-4 every lossless rewrite keeps. So F(4x4, 5x5) is used only where the
+conv's output reaches no clipping: every reader, through additions and multiplications (bias, residual,
+scale), slices and reshapes, is a linear op (a conv, a matmul, a pooling mean, a concat) or the function's
+result. Other 5x5 convs keep the direct kernel, with the reason in the log.
 NOTE: after ConvertToBlockedLayout (the weights are blocked constants) and before LegalizeOps, which would
 otherwise make every conv a direct one.
 """
