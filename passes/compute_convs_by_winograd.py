@@ -4,9 +4,10 @@ conv2d_3x3(x, W)  =>  call_tir(conv2d_winograd_nchwc, x, U)     U = G W G^T, F(2
 conv2d_5x5(x, W)  =>  call_tir(conv2d_winograd_nchwc, x, U)     F(4x4, 5x5): 64 multiplies per 16 outputs, not 400
 
 Applies to float32 blocked (NCHW{b}c / OHWI{b}o) convs with constant weights, groups 1, stride 1, no dilation and
-at least the target's `kernel_defaults["winograd_min_channels"]` channels in and out (schedules/
+at least the target's `kernel_defaults["winograd_min_channels"]` channels in and out (below that the
+transforms' memory traffic outweighs the saved multiplies; None: no Winograd). The kernel: schedules/
 f32_conv2d_winograd_nchwc.py; the bias, residual and activation fuse into its output transform later, as for
-any conv). The merged 5x5 convs of DepthShrinker blocks (EfficientNet-Lite) are such convs.
+any conv. The merged 5x5 convs of DepthShrinker blocks (EfficientNet-Lite) are such convs.
 
 Accuracy. A Winograd result's rounding error scales with the sizes of the products it sums (|W| |x|), not with
 the output's own size. F(2x2, 3x3)'s transforms are additions of +-1 terms: about twice a direct conv's error,

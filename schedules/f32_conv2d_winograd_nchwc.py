@@ -87,6 +87,7 @@ F4_5 = cook_toom(4, 5, (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)))
 TRANSFORMS = {3: F2_3, 5: F4_5}         # by kernel side
 BY_TILE = {t.n: t for t in TRANSFORMS.values()}   # by input tile side (the transformed kernel's first axis)
 
+
 def transform_weights(kernel: np.ndarray) -> np.ndarray:
     """OHWI{b}o kernel [cob, R, R, cin, bo] -> U [A, A, cob, cin, bo] = G g G^T per (o, i), in float64."""
     g = TRANSFORMS[kernel.shape[1]].g
@@ -127,7 +128,9 @@ def conv2d_winograd_nchwc(data: te.Tensor, u: te.Tensor, padding) -> te.Tensor:
     # pad to whole tiles: the last tile of an odd-sized output reads one more row / column of zeros
     src = padded(data, [top, left, bottom + nty * M - oh, right + ntx * M - ow])
 
-    # B^T d B in two passes, the rows (B^T d) first: A^2 (nonzeros of a row of B^T) terms per tile, not A^4
+    # B^T d B in two passes, the rows (B^T d) first: one expression per position of the tile, each a sum of
+    # A terms (written as one expression of A^2 terms, F(4x4, 5x5)'s unrolled kernel did not finish compiling
+    # within minutes)
     rows = te.compute((n, cib, nty, ntx, a_, a_, bi), lambda b, c, ty, tx, py, j, ci: _pick(
         py, [_combine(BT[k], lambda i: src[b, c, ty * M + i, tx * M + j, ci]) for k in range(a_)]),
         name="winograd_in_rows")
