@@ -120,6 +120,22 @@ def assert_matches_ort(model, target=None, tol=1e-4, **options):
     return cm
 
 
+def compile_with_kernel_defaults(model, **defaults):
+    """Compile for this machine's target with `defaults` added to its kernel defaults (registered under a
+    temporary name, removed after)."""
+    import dataclasses
+
+    import compiler
+    import targets
+    spec = targets.resolve(None)
+    targets.NAMED["_test_defaults"] = lambda: dataclasses.replace(
+        spec, kernel_defaults={**spec.kernel_defaults, **defaults})
+    try:
+        return compiler.compile_model(model, "_test_defaults")
+    finally:
+        del targets.NAMED["_test_defaults"]
+
+
 def run_cli(argv, capsys):
     """Run `shrinkc ARGV` in-process; returns (exit code, stdout, stderr)."""
     from compiler.cli import main

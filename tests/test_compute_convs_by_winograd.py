@@ -2,26 +2,16 @@
 ONNX Runtime within 1e-4 (numerical). The kernels themselves: tests/test_schedules.py."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-import compiler
-import targets
-from conftest import onnx_model, single_conv_model
+from conftest import compile_with_kernel_defaults, onnx_model, single_conv_model
 
 
 def _compile(model):
     """Compile for this machine with Winograd from 16 channels (x86 AVX-512's default; other hosts lack it)."""
-    spec = targets.resolve(None)
-    targets.NAMED["_winograd_pass"] = lambda: dataclasses.replace(
-        spec, kernel_defaults={**spec.kernel_defaults, "winograd_min_channels": 16})
-    try:
-        cm = compiler.compile_model(model, "_winograd_pass")
-    finally:
-        del targets.NAMED["_winograd_pass"]
+    cm = compile_with_kernel_defaults(model, winograd_min_channels=16)
     assert all(r.ok for r in cm.verify(tolerance=1e-4)), [r.line() for r in cm.verify(tolerance=1e-4)]
     return cm, cm.report["passes"]["ComputeConvsByWinograd"]
 

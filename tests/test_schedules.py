@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import compiler
-from conftest import assert_matches_ort, single_conv_model
+from conftest import assert_matches_ort, compile_with_kernel_defaults, single_conv_model
 
 
 def _check(model, kernel_prefix: str, tiles: str = "target"):
@@ -193,24 +193,6 @@ def test_padded_copy_is_a_target_default():
     assert Conv2dNCHWc().default_knobs(info, avx512)["inline_pad"] is True
 
 
-def _with_defaults(name: str, **defaults):
-    """Register this machine's target with extra kernel defaults under `name` (tests remove it)."""
-    import dataclasses
-
-    import targets
-    spec = targets.resolve(None)
-    targets.NAMED[name] = lambda: dataclasses.replace(spec, kernel_defaults={**spec.kernel_defaults, **defaults})
-
-
-def _compile_with(model, **defaults):
-    _with_defaults("_winograd_test", **defaults)
-    try:
-        return compiler.compile_model(model, "_winograd_test")
-    finally:
-        import targets
-        del targets.NAMED["_winograd_test"]
-
-
 @pytest.mark.parametrize("side", [3, 5])
 def test_winograd_transforms_compute_a_correlation(side):
     """F(2, 3) and F(4, 5) in one dimension: A^T [(G g) * (B^T d)] is the valid correlation of m + r - 1 inputs
@@ -242,15 +224,16 @@ def test_cook_toom_gives_lavin_f2_3():
 @pytest.mark.parametrize("cin,cout,h,pad", [(16, 16, 7, 1), (24, 40, 9, 1), (48, 32, 14, 1), (32, 48, 10, 0),
                                             (40, 24, 13, 2), (16, 32, 3, 0), (64, 96, 6, 1)])
 def test_winograd_conv3x3(cin, cout, h, pad):
-    cm = _compile_with(single_conv_model(cin, cout, h, k=3, pad=pad, act="relu6"), winograd_min_channels=16)
+    model = single_conv_model(cin, cout, h, k=3, pad=pad, act="relu6")
+    cm = compile_with_kernel_defaults(model, winograd_min_channels=16)
     assert all(r.ok for r in cm.verify(tolerance=1e-4)), [r.line() for r in cm.verify(tolerance=1e-4)]
     assert any("_winograd2x2_" in k for k in cm.report["kernels"]), cm.report["kernels"]
 
 
 def test_winograd_residual_and_knobs():
     """The residual add fuses into the output transform; a tuned tile (4 tiles x 2 blocks) still verifies."""
-    cm = _compile_with(single_conv_model(32, 32, 11, k=3, residual=True), winograd_min_channels=16,
-                       conv2d_winograd_nchwc={"pixel_tile": 2, "oc_blocks": 2})
+    cm = compile_with_kernel_defaults(single_conv_model(32, 32, 11, k=3, residual=True), winograd_min_channels=16,
+                                      conv2d_winograd_nchwc={"pixel_tile": 2, "oc_blocks": 2})
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
     assert "f32_conv3x3_winograd2x2_nchw16c_2x32" in cm.report["kernels"], cm.report["kernels"]
 
@@ -260,15 +243,16 @@ def test_winograd_residual_and_knobs():
 @pytest.mark.parametrize("cin,cout,h,pad", [(16, 16, 7, 2), (24, 40, 9, 2), (48, 32, 16, 2), (32, 48, 10, 0),
                                             (40, 24, 13, 3), (16, 32, 5, 0), (112, 112, 14, 2)])
 def test_winograd_conv5x5(cin, cout, h, pad):
-    cm = _compile_with(single_conv_model(cin, cout, h, k=5, pad=pad, act=None), winograd_min_channels=16)
+    cm = compile_with_kernel_defaults(single_conv_model(cin, cout, h, k=5, pad=pad, act=None), winograd_min_channels=16)
     assert all(r.ok for r in cm.verify(tolerance=1e-4)), [r.line() for r in cm.verify(tolerance=1e-4)]
     assert any(k.startswith("f32_conv5x5_winograd4x4_") for k in cm.report["kernels"]), cm.report["kernels"]
 
 
 def test_winograd_conv5x5_residual_and_knobs():
     """A residual add stays linear (F(4x4, 5x5) applies) and fuses into the output transform; a tuned tile verifies."""
-    cm = _compile_with(single_conv_model(32, 32, 11, k=5, residual=True, act=None), winograd_min_channels=16,
-                       conv2d_winograd_nchwc={"pixel_tile": 3, "oc_blocks": 2})
+    model = single_conv_model(32, 32, 11, k=5, residual=True, act=None)
+    cm = compile_with_kernel_defaults(model, winograd_min_channels=16,
+                                      conv2d_winograd_nchwc={"pixel_tile": 3, "oc_blocks": 2})
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
     assert "f32_conv5x5_winograd4x4_nchw16c_3x32" in cm.report["kernels"], cm.report["kernels"]
 
@@ -277,7 +261,8 @@ def test_winograd_conv5x5_residual_and_knobs():
                                                (16, 48, 5, 1)])
 def test_winograd_does_not_fire(cin, cout, k, stride):
     """Too few channels (16 in, 32 needed), stride 2 and 1x1 convs keep the direct kernel."""
-    cm = _compile_with(single_conv_model(cin, cout, 12, k=k, stride=stride, act=None), winograd_min_channels=32)
+    model = single_conv_model(cin, cout, 12, k=k, stride=stride, act=None)
+    cm = compile_with_kernel_defaults(model, winograd_min_channels=32)
     assert not any("winograd" in name for name in cm.report["kernels"]), cm.report["kernels"]
     assert any(name.startswith(f"f32_conv{k}x{k}_nchw") for name in cm.report["kernels"]), cm.report["kernels"]
     assert all(r.ok for r in cm.verify(tolerance=1e-4))
