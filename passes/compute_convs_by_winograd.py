@@ -52,12 +52,11 @@ class _Rewrite(BindingRewriter):
             return None
         x, w = value.args
         kside = shape_of(w)[1]
-        if kside in CLIP_SENSITIVE and (reader := self._bending_reader(var)):
-            m = TRANSFORMS[kside].m
-            changelog.skip(NAME, layer_name(value, x), f"F({m}x{m}, {kside}x{kside}) not used: the output reaches "
-                           f"{reader}, which could leave its rounding error above 1e-4 of what it passes on")
-            return None
         f = TRANSFORMS[kside]
+        if kside in CLIP_SENSITIVE and (reader := self._bending_reader(var)):
+            changelog.skip(NAME, layer_name(value, x), f"F({f.m}x{f.m}, {kside}x{kside}) not used: the output "
+                           f"reaches {reader}, which could leave its rounding error above 1e-4 of what it passes on")
+            return None
         changelog.record(NAME, f"winograd{f.m}x{f.m}", layer_name(value, x))
         u = relax.const(transform_weights(w.value.numpy()))
         return self.builder_.call_te(conv2d_winograd_nchwc, x, u, padding=value.attrs.padding,

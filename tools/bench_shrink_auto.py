@@ -184,8 +184,8 @@ def add_parser(sub, root: str) -> None:
     p.add_argument("--linear-blocks", type=int, default=0,
                    help="train_digits' DepthShrinker-style fine-tuning of this many blocks without their "
                         "activations (0: none); the page gets its own section")
-    p.add_argument("--finetune-epochs", type=int, default=60)
-    p.add_argument("--range-weight", type=float, default=5.0)
+    p.add_argument("--finetune-epochs", type=int, default=train_digits.FINETUNE_EPOCHS)
+    p.add_argument("--range-weight", type=float, default=train_digits.RANGE_WEIGHT)
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=50)

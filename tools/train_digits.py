@@ -34,6 +34,8 @@ import numpy as np
 # at 4 the merged dense 3x3 conv needs more FLOPs than the block, and the cost declines merging it)
 BLOCKS = [(16, 1), (16, 1), (24, 2), (24, 1), (24, 1), (32, 2), (32, 1), (32, 1)]
 EXPANSION = 6
+FINETUNE_EPOCHS = 60   # --linear-blocks: fine-tuning epochs without the chosen blocks' activations
+RANGE_WEIGHT = 5.0     # --linear-blocks: weight of their ReLU6 inputs' distance from [0, 6]
 STEM, HEAD, CLASSES = 16, 64, 10
 TEST_SHARE = 0.3
 CALIB_SHARE = 0.15   # of the whole set, taken from what is not held out
@@ -159,8 +161,8 @@ def least_needed_blocks(net, xt, yt, count: int) -> tuple[list[int], list[float]
 
 
 def train(out_dir: str, epochs: int = 15, resolution: int = 16, seed: int = 0, linearity: float = 0.0,
-          expansion: int = EXPANSION, linear_blocks: int = 0, finetune_epochs: int = 60,
-          range_weight: float = 5.0) -> dict:
+          expansion: int = EXPANSION, linear_blocks: int = 0, finetune_epochs: int = FINETUNE_EPOCHS,
+          range_weight: float = RANGE_WEIGHT) -> dict:
     """Train, export, save the splits; returns what train.json holds (accuracy, time, paths).
 
     `linear_blocks` > 0 adds DepthShrinker's fine-tuning: after the first `epochs`, the blocks whose activations
@@ -244,8 +246,8 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=EXPANSION, help="expansion factor of every block")
     parser.add_argument("--linear-blocks", type=int, default=0,
                         help="fine-tune this many blocks without their activations (DepthShrinker), 0: none")
-    parser.add_argument("--finetune-epochs", type=int, default=60)
-    parser.add_argument("--range-weight", type=float, default=5.0,
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    parser.add_argument("--range-weight", type=float, default=RANGE_WEIGHT,
                         help="weight of the fine-tuned blocks' distance from ReLU6's identity range")
     args = parser.parse_args()
     info = train(args.out_dir, args.epochs, args.resolution, args.seed, args.linearity, args.expansion,
